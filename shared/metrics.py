@@ -1,0 +1,147 @@
+"""Prometheus metrics, multiprocess-safe: worker processes write to PROMETHEUS_MULTIPROC_DIR,
+one exporter per host serves them all, plus queue depth read from the broker at scrape time.
+
+The exporter also answers /healthz (alive) and /readyz (the database and broker answer).
+"""
+
+from __future__ import annotations
+
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+DURATION_BUCKETS_MS = (5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000, 30000, 60000, 600000, 900000)
+
+
+class _Metrics:
+    """Created on first use, after PROMETHEUS_MULTIPROC_DIR is set by the process that starts workers."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        labels = ["queue_name", "actor_name"]
+        self.messages = prom.Counter("dramatiq_messages_total", "The total number of messages processed.", labels)
+        self.errors = prom.Counter("dramatiq_message_errors_total", "The total number of errored messages.", labels)
+        self.retries = prom.Counter("dramatiq_message_retries_total", "The total number of retried messages.", labels)
+        self.rejects = prom.Counter("dramatiq_message_rejects_total", "The total number of dead-lettered messages.", labels)
+        self.inprogress = prom.Gauge("dramatiq_messages_inprogress", "The number of messages in progress.", labels,
+                                     multiprocess_mode="livesum")
+        self.duration = prom.Histogram("dramatiq_message_duration_milliseconds", "The time spent processing messages.",
+                                       labels, buckets=DURATION_BUCKETS_MS)
+        self.jobs = prom.Counter("fleet_jobs_total", "Jobs finished, by outcome (succeeded, retried, deferred, dead).",
+                                 ["queue", "actor", "outcome"])
+        self.job_seconds = prom.Histogram("fleet_job_duration_seconds", "Job run time in seconds.", ["queue", "actor"],
+                                          buckets=tuple(b / 1000 for b in DURATION_BUCKETS_MS))
+        self.enqueued = prom.Counter("fleet_jobs_enqueued_total", "Jobs enqueued by this process.", ["queue"])
+        self.worker_processes = prom.Gauge("fleet_worker_processes", "Worker processes running.", ["queues"],
+                                           multiprocess_mode="livesum")
+
+
+_metrics: _Metrics | None = None
+
+
+def metrics() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+class QueueCollector:
+    """Queue depth, in-flight, oldest message age and dead letters, read when Prometheus scrapes."""
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .status import queue_stats
+
+        depth = GaugeMetricFamily("fleet_queue_depth", "Messages in the queue (visible, delayed and in flight).", labels=["queue"])
+        visible = GaugeMetricFamily("fleet_queue_visible", "Messages ready to be read now.", labels=["queue"])
+        inflight = GaugeMetricFamily("fleet_queue_in_flight", "Messages read and not yet acknowledged (or delayed).", labels=["queue"])
+        oldest = GaugeMetricFamily("fleet_queue_oldest_age_seconds", "Age of the oldest message in the queue.", labels=["queue"])
+        dead = GaugeMetricFamily("fleet_dead_letters", "Dead letters not yet retried.", labels=["queue"])
+        up = GaugeMetricFamily("fleet_broker_up", "1 when the broker and database answered this scrape.")
+        try:
+            stats = queue_stats()
+        except Exception as e:
+            log.warning("metrics.queue_stats_failed", error=str(e))
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        for s in stats:
+            depth.add_metric([s["queue"]], s["depth"])
+            visible.add_metric([s["queue"]], s["visible"])
+            inflight.add_metric([s["queue"]], s["in_flight"])
+            oldest.add_metric([s["queue"]], s["oldest_age_s"])
+            dead.add_metric([s["queue"]], s["dead_letters"])
+        yield from (depth, visible, inflight, oldest, dead, up)
+
+
+def render() -> tuple[bytes, str]:
+    import prometheus_client as prom
+    from prometheus_client import multiprocess
+
+    registry = prom.CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+    registry.register(QueueCollector())
+    return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
+
+
+def _ready() -> tuple[bool, str]:
+    from .status import check_ready
+
+    try:
+        check_ready()
+        return True, "ready"
+    except Exception as e:
+        from .redact import redact
+
+        return False, redact(f"not ready: {type(e).__name__}: {e}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/metrics":
+            body, ctype = render()
+            self._send(200, body, ctype)
+        elif path == "/healthz":
+            self._send(200, b"ok\n", "text/plain")
+        elif path == "/readyz":
+            ok, text = _ready()
+            self._send(200 if ok else 503, (text + "\n").encode(), "text/plain")
+        else:
+            self._send(404, b"not found\n", "text/plain")
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        pass
+
+
+def serve(host: str | None = None, port: int | None = None) -> int:
+    """Run the exporter until the process is stopped (a dramatiq fork function, or `fleet metrics`)."""
+    from .config import get_settings
+    from .logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    host = host or settings.metrics_host
+    port = port if port is not None else settings.metrics_port
+    server = ThreadingHTTPServer((host, port), _Handler)
+    log.info("metrics.serving", host=host, port=port)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0

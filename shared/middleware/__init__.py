@@ -1,0 +1,37 @@
+"""The fleet's dramatiq middleware, each small and named after what it does."""
+
+from __future__ import annotations
+
+from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
+
+from ..config import Settings
+from .deadletters import DeadLetters
+from .events import JobEvents
+from .metrics import Metrics
+from .retries import ClassifiedRetries
+from .signing import EnvelopeSigning
+from .trace import TraceContext
+
+
+def fleet_middleware(settings: Settings) -> list:
+    stack = [
+        AgeLimit(),
+        TimeLimit(time_limit=settings.time_limit_ms),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        CurrentMessage(),
+        TraceContext(),
+        Metrics(),
+        JobEvents(),
+        ClassifiedRetries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
+                          max_backoff=settings.max_backoff_ms),
+        DeadLetters(),
+    ]
+    if settings.signing_key is not None:
+        # Last: it signs the envelope after every other middleware has set its options.
+        stack.append(EnvelopeSigning(settings.signing_key.get_secret_value().encode(), settings.signing_window_s))
+    return stack
+
+
+__all__ = ["fleet_middleware", "ClassifiedRetries", "DeadLetters", "EnvelopeSigning", "JobEvents", "Metrics", "TraceContext"]

@@ -1,0 +1,42 @@
+"""Writes every rejected message to `dead_letters` with the reason, on either broker."""
+
+from __future__ import annotations
+
+import structlog
+from dramatiq.errors import ActorNotFound
+from dramatiq.middleware import Middleware
+
+from ..deadletters import DeadLetter, record_dead_letter
+from ..errors import describe
+
+log = structlog.get_logger(__name__)
+
+
+def reason_for(message, exception: BaseException | None) -> str:
+    if exception is None:
+        return "rejected by middleware"
+    if isinstance(exception, ActorNotFound):
+        return f"unknown actor {message.actor_name!r}"
+    text = describe(exception)
+    if message.options.get("retries_exhausted"):
+        return f"retries exhausted after {message.options.get('retries', 0) + 1} attempts: {type(exception).__name__}: {text}"
+    return f"permanent error: {type(exception).__name__}: {text}"
+
+
+class DeadLetters(Middleware):
+    def after_nack(self, broker, message):
+        exception = getattr(message, "_exception", None)
+        reason = reason_for(message, exception)
+        try:
+            record_dead_letter(DeadLetter(
+                queue=message.queue_name, actor=message.actor_name, message_id=message.message_id,
+                message=message.asdict(), reason=reason,
+                error_class=type(exception).__name__ if exception else None,
+                error=describe(exception) if exception else None,
+                attempts=message.options.get("retries", 0) + 1, trace_id=message.options.get("trace_id"),
+            ))
+        except Exception:
+            # The broker has archived it (pgmq) or kept it in its own DLQ (Redis): say so loudly.
+            log.exception("dead_letter.record_failed", job_id=message.message_id, reason=reason)
+            raise
+        log.warning("job.dead", reason=reason)

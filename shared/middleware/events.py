@@ -1,0 +1,48 @@
+"""Records each job's life in `bus_events`: job.started and job.succeeded here; retries and deaths where they happen."""
+
+from __future__ import annotations
+
+import time
+
+from dramatiq.middleware import Middleware
+
+from .. import events
+
+
+def job_fields(message) -> dict:
+    return {
+        "trace_id": message.options.get("trace_id"),
+        "job_id": message.message_id,
+        "queue": message.queue_name,
+        "actor": message.actor_name,
+    }
+
+
+class JobEvents(Middleware):
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+
+    def after_worker_boot(self, broker, worker):
+        hooks = getattr(broker, "before_ack_flush", None)
+        if hooks is not None and events.flush not in hooks:
+            hooks.append(events.flush)
+
+    def before_worker_shutdown(self, broker, worker):
+        events.flush_quietly()
+
+    def after_worker_shutdown(self, broker, worker):
+        events.flush_quietly()
+
+    def before_process_message(self, broker, message):
+        self._started[message.message_id] = time.monotonic()
+        events.emit("job.started", **job_fields(message), attempt=message.options.get("retries", 0) + 1)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        started = self._started.pop(message.message_id, None)
+        if exception is None:
+            duration_ms = round((time.monotonic() - started) * 1000, 3) if started else None
+            events.emit("job.succeeded", **job_fields(message), duration_ms=duration_ms)
+
+    def after_skip_message(self, broker, message):
+        self._started.pop(message.message_id, None)
+        events.emit("job.skipped", **job_fields(message))

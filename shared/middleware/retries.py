@@ -1,0 +1,78 @@
+"""Retries decided by error class (shared/errors.py), replacing dramatiq's Retries.
+
+transient: exponential backoff with full jitter, at least the provider's Retry-After, up to max_retries.
+permanent: failed at once, so the broker dead-letters it.
+deferred:  enqueued again after a delay without using up a retry (rate limits, a provider that is down).
+"""
+
+from __future__ import annotations
+
+import random
+
+import structlog
+from dramatiq.middleware import Middleware
+
+from .. import events
+from ..errors import classify, describe, retry_after_of
+from ..redact import redact
+from .events import job_fields
+
+log = structlog.get_logger(__name__)
+
+MAX_DEFERRALS = 10_000  # a job deferred this often has a limit that never clears
+
+
+def full_jitter_backoff(attempt: int, min_ms: int, max_ms: int) -> int:
+    """AWS 'full jitter': uniform in [min_ms/2, min(max, min * 2^attempt)]."""
+    ceiling = min(max_ms, min_ms * (2 ** min(attempt, 30)))
+    return int(random.uniform(min_ms / 2, max(ceiling, min_ms / 2)))
+
+
+class ClassifiedRetries(Middleware):
+    def __init__(self, *, max_retries: int = 5, min_backoff: int = 1000, max_backoff: int = 300_000) -> None:
+        self.max_retries = max_retries
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+
+    @property
+    def actor_options(self):
+        return {"max_retries", "min_backoff", "max_backoff"}
+
+    def _option(self, broker, message, name: str, default):
+        actor = broker.actors.get(message.actor_name)
+        return message.options.get(name, actor.options.get(name, default) if actor else default)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        if exception is None:
+            return
+        kind = classify(exception)
+        error = redact(describe(exception))
+        fields = job_fields(message)
+        retry_after = retry_after_of(exception)
+        if kind == "permanent":
+            message.fail()
+            return
+        if kind == "deferred":
+            deferrals = message.options.get("deferrals", 0)
+            if deferrals < MAX_DEFERRALS:
+                message.options["deferrals"] = deferrals + 1
+                delay = int(retry_after * 1000) if retry_after else full_jitter_backoff(min(deferrals, 6), 500, 30_000)
+                events.emit("job.deferred", **fields, delay_ms=delay, error_class=type(exception).__name__, error=error)
+                broker.enqueue(message, delay=delay)
+                return
+        retries = message.options.get("retries", 0)
+        max_retries = self._option(broker, message, "max_retries", self.max_retries)
+        if retries >= max_retries:
+            message.options["retries_exhausted"] = True
+            message.fail()
+            return
+        min_backoff = self._option(broker, message, "min_backoff", self.min_backoff)
+        max_backoff = self._option(broker, message, "max_backoff", self.max_backoff)
+        delay = full_jitter_backoff(retries, min_backoff, max_backoff)
+        if retry_after is not None:
+            delay = max(delay, int(retry_after * 1000))
+        message.options["retries"] = retries + 1
+        events.emit("job.retrying", **fields, attempt=retries + 1, delay_ms=delay,
+                    error_class=type(exception).__name__, error=error)
+        log.info("job.retrying", attempt=retries + 1, delay_ms=delay, error_class=type(exception).__name__)
+        broker.enqueue(message, delay=delay)
