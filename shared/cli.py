@@ -369,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         from .logs import configure_logging
 
         configure_logging(os.environ.get("FLEET_LOG_LEVEL", "WARNING"))
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except BrokenPipeError:  # `fleet events ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM (workers finish or requeue what they hold), SIGKILL only if it will not stop."""
     if proc.poll() is not None:
         return
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGTERM)  # dramatiq's main process passes it on to its workers
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 import dramatiq
 import pydantic
 
-from shared.errors import InvalidPayload, describe
+from shared.errors import InvalidPayload, PermanentError, describe
 from shared.registry import job_type
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -29,6 +29,8 @@ def job(model: type[M], **options: Any) -> Callable[[Callable[[M], Any]], dramat
                 raise InvalidPayload(f"invalid {jt.name} payload: {describe(e)}") from None
             return fn(parsed)
 
+        # Permanent errors are expected outcomes: dramatiq logs them without a traceback.
+        options.setdefault("throws", (PermanentError,))
         return dramatiq.actor(run, actor_name=jt.name, queue_name=jt.queue, **options)
 
     return decorator

@@ -15,7 +15,11 @@ def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
     settings = settings or get_settings()
     middleware = fleet_middleware(settings)
     if settings.broker == "redis":
-        broker = RedisBroker(url=redis_url(settings), middleware=middleware)
+        broker = RedisBroker(
+            url=redis_url(settings), middleware=middleware,
+            heartbeat_timeout=settings.visibility_timeout_s * 1000,  # a dead worker's messages come back after this
+            maintenance_chance=settings.redis_maintenance_chance,
+        )
     else:
         broker = PgmqBroker(settings=settings, middleware=middleware)
     return broker

@@ -36,7 +36,7 @@ class ClassifiedRetries(Middleware):
 
     @property
     def actor_options(self):
-        return {"max_retries", "min_backoff", "max_backoff"}
+        return {"max_retries", "min_backoff", "max_backoff", "throws"}
 
     def _option(self, broker, message, name: str, default):
         actor = broker.actors.get(message.actor_name)

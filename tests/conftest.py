@@ -1,0 +1,109 @@
+"""Real services for the whole run: an embedded PostgreSQL (pgvector, pgmq) and a Redis, started
+here and stopped at the end; worker processes are real `dramatiq` processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.config import Settings, reset_settings
+
+from .helpers import WorkerGroup, events, wait_for
+
+WORKER_ENV = {
+    "FLEET_VISIBILITY_TIMEOUT_S": "4",
+    "FLEET_MAX_RETRIES": "2",
+    "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000",
+    "FLEET_POLL_INTERVAL_MS": "200",
+    "FLEET_LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture(scope="session")
+def services():
+    home = Path(tempfile.mkdtemp(prefix="fleet-test-"))
+    os.environ["FLEET_HOME"] = str(home)
+    for var in ("DATABASE_URL", "REDIS_URL", "FLEET_BROKER", "FLEET_SIGNING_KEY", "PROMETHEUS_MULTIPROC_DIR"):
+        os.environ.pop(var, None)
+    reset_settings()
+    from shared.db import close_pool, connect
+    from shared.migrate import migrate
+    from shared.services import EmbeddedPostgres, EmbeddedRedis
+
+    pg, rd = EmbeddedPostgres(home), EmbeddedRedis(home)
+    try:
+        dsn = pg.up()
+        redis_url = rd.up()
+        os.environ["DATABASE_URL"] = dsn
+        os.environ["REDIS_URL"] = redis_url
+        os.environ["FLEET_DB_POOLER"] = "false"
+        reset_settings()
+        with connect() as conn:
+            migrate(conn)
+        yield {"dsn": dsn, "redis_url": redis_url, "home": home}
+    finally:
+        close_pool()
+        rd.down()
+        pg.down()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@dataclass
+class Fleet:
+    kind: str
+    dsn: str
+    env: dict
+    workers: WorkerGroup
+    client: object
+    log_dir: Path
+
+    def trace(self) -> str:
+        return str(uuid.uuid4())
+
+    def wait_done(self, trace_id: str, count: int, timeout: float = 30) -> list[dict]:
+        def finished():
+            evs = events(self.dsn, trace_id=trace_id)
+            done = {e["job_id"] for e in evs if e["type"] in ("job.succeeded", "job.dead")}
+            return evs if len(done) >= count else None
+
+        return wait_for(finished, timeout, what=f"{count} job(s) of trace {trace_id} to finish")
+
+
+def make_client(kind: str, **settings):
+    from shared.brokers import build_broker
+    from shared.client import FleetClient
+
+    return FleetClient(build_broker(Settings(FLEET_BROKER=kind, **settings)))
+
+
+def worker_env(services, kind: str, **extra) -> dict:
+    env = dict(os.environ)
+    env.update(WORKER_ENV)
+    env["FLEET_BROKER"] = kind
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module", params=["pgmq", "redis"])
+def fleet(request, services, tmp_path_factory):
+    kind = request.param
+    log_dir = tmp_path_factory.mktemp(f"workers-{kind}")
+    env = worker_env(services, kind)
+    group = WorkerGroup(env, processes=1, threads=4, metrics=True, log_dir=log_dir).start()
+    client = make_client(kind)
+    f = Fleet(kind, services["dsn"], env, group, client, log_dir)
+    try:
+        probe = f.trace()
+        client.enqueue("echo", {"message": "probe"}, trace_id=probe)
+        f.wait_done(probe, 1, timeout=60)
+        yield f
+    finally:
+        code = group.terminate()
+        assert code == 0, f"workers exited with {code}:\n{group.logs()[-3000:]}"
+        client.broker.close()

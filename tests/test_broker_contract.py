@@ -1,0 +1,110 @@
+"""The broker contract, run unchanged on both brokers (pgmq and Redis) against real worker processes."""
+
+from __future__ import annotations
+
+import time
+
+import dramatiq
+
+from .helpers import dead_letters, events, wait_for
+
+
+def starts(evs):
+    return [e for e in evs if e["type"] == "job.started"]
+
+
+def test_delivery_and_ack(fleet):
+    trace = fleet.trace()
+    fleet.client.enqueue_many("echo", [{"message": f"m{i}", "record": True} for i in range(40)], trace_id=trace)
+    evs = fleet.wait_done(trace, 40)
+    done = [e for e in evs if e["type"] == "echo.done"]
+    assert sorted(e["payload"]["message"] for e in done) == sorted(f"m{i}" for i in range(40))
+    assert len({e["job_id"] for e in evs if e["type"] == "job.succeeded"}) == 40
+    # acked: nothing of this trace comes back
+    time.sleep(1.0)
+    assert len([e for e in events(fleet.dsn, trace_id=trace) if e["type"] == "job.started"]) == 40
+
+
+def test_delay(fleet):
+    trace = fleet.trace()
+    sent = time.time()
+    fleet.client.enqueue("echo", {"message": "later"}, trace_id=trace, delay_ms=1500)
+    evs = fleet.wait_done(trace, 1)
+    started = starts(evs)[0]["created_at"].timestamp()
+    assert started - sent >= 1.4, f"started {started - sent:.2f}s after enqueue"
+    assert started - sent < 6
+
+
+def test_retry_with_backoff_then_dead_letter(fleet):
+    trace = fleet.trace()
+    fleet.client.enqueue("echo", {"message": "always fails", "fail": "transient"}, trace_id=trace)
+    evs = fleet.wait_done(trace, 1)
+    attempts = starts(evs)
+    assert len(attempts) == 3  # FLEET_MAX_RETRIES=2: one try and two retries
+    assert [e["payload"]["attempt"] for e in attempts] == [1, 2, 3]
+    gaps = [(b["created_at"] - a["created_at"]).total_seconds() for a, b in zip(attempts, attempts[1:])]
+    assert all(g >= 0.09 for g in gaps), gaps  # echo's min_backoff is 200 ms, full jitter from half of it
+    assert len([e for e in evs if e["type"] == "job.retrying"]) == 2
+    (dl,) = dead_letters(fleet.dsn, trace)
+    assert dl["reason"].startswith("retries exhausted after 3 attempts: TransientError")
+    assert dl["error_class"] == "TransientError"
+
+
+def test_permanent_error_is_dead_lettered_at_once(fleet):
+    trace = fleet.trace()
+    fleet.client.enqueue("echo", {"message": "bad input", "fail": "permanent"}, trace_id=trace)
+    evs = fleet.wait_done(trace, 1)
+    assert len(starts(evs)) == 1
+    assert not [e for e in evs if e["type"] == "job.retrying"]
+    (dl,) = dead_letters(fleet.dsn, trace)
+    assert "permanent error: PermanentError: echo asked to fail permanently: bad input" == dl["reason"]
+    dead = [e for e in evs if e["type"] == "job.dead"]
+    assert dead and dead[0]["payload"]["error_class"] == "PermanentError"
+
+
+def test_retry_after_is_honoured(fleet):
+    trace = fleet.trace()
+    fleet.client.enqueue("echo", {"fail": "transient", "fail_attempts": 1, "retry_after_s": 1.5}, trace_id=trace)
+    evs = fleet.wait_done(trace, 1)
+    a, b = starts(evs)
+    assert (b["created_at"] - a["created_at"]).total_seconds() >= 1.45
+    assert [e for e in evs if e["type"] == "job.succeeded"]
+
+
+def test_wrong_payload_shape_is_dead_lettered_and_worker_keeps_running(fleet):
+    trace = fleet.trace()
+    fleet.client.enqueue_many("echo", [{"unexpected": 1}, {"sleep_ms": "soon"}, "not an object"], trace_id=trace)
+    fleet.wait_done(trace, 3)
+    reasons = sorted(d["reason"] for d in dead_letters(fleet.dsn, trace))
+    assert len(reasons) == 3
+    assert all(r.startswith("permanent error: InvalidPayload: invalid echo payload:") for r in reasons), reasons
+    assert any("unexpected: Extra inputs are not permitted" in r for r in reasons)
+    assert any("sleep_ms" in r for r in reasons)
+    ok = fleet.trace()
+    fleet.client.enqueue("echo", {"message": "still alive"}, trace_id=ok)
+    fleet.wait_done(ok, 1)
+    assert fleet.workers.alive()
+
+
+def test_unknown_actor_is_dead_lettered(fleet):
+    trace = fleet.trace()
+    message = dramatiq.Message(queue_name="echo", actor_name="no_such_actor", args=({},), kwargs={},
+                               options={"trace_id": trace})
+    fleet.client.broker.enqueue(message)
+    dl = wait_for(lambda: dead_letters(fleet.dsn, trace), 20, what="dead letter")
+    assert dl[0]["reason"] == "unknown actor 'no_such_actor'"
+    assert fleet.workers.alive()
+
+
+def test_idempotent_enqueue(fleet):
+    trace = fleet.trace()
+    key = f"order-{trace}"
+    first = fleet.client.enqueue("echo", {"message": "once"}, idempotency_key=key, trace_id=trace)
+    second = fleet.client.enqueue("echo", {"message": "once"}, idempotency_key=key, trace_id=trace)
+    assert not first.duplicate and second.duplicate
+    assert second.job_id == first.job_id
+    batch = fleet.client.enqueue_many("echo", [{}, {}, {}], idempotency_keys=[key, key + "b", key + "b"], trace_id=trace)
+    assert [b.duplicate for b in batch] == [True, False, True]
+    fleet.wait_done(trace, 2)
+    time.sleep(1.0)
+    assert len({e["job_id"] for e in events(fleet.dsn, trace_id=trace, type="job.started")}) == 2
