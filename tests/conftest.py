@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +91,12 @@ def worker_env(services, kind: str, **extra) -> dict:
     return env
 
 
-@pytest.fixture(scope="module", params=["pgmq", "redis"])
-def fleet(request, services, tmp_path_factory):
-    kind = request.param
-    log_dir = tmp_path_factory.mktemp(f"workers-{kind}")
-    env = worker_env(services, kind)
+@contextmanager
+def started_fleet(services, kind: str, log_dir: Path, **extra_env):
+    env = worker_env(services, kind, **extra_env)
     group = WorkerGroup(env, processes=1, threads=4, metrics=True, log_dir=log_dir).start()
-    client = make_client(kind)
+    signing = {"FLEET_SIGNING_KEY": extra_env["FLEET_SIGNING_KEY"]} if "FLEET_SIGNING_KEY" in extra_env else {}
+    client = make_client(kind, **signing)
     f = Fleet(kind, services["dsn"], env, group, client, log_dir)
     try:
         probe = f.trace()
@@ -105,5 +105,18 @@ def fleet(request, services, tmp_path_factory):
         yield f
     finally:
         code = group.terminate()
-        assert code == 0, f"workers exited with {code}:\n{group.logs()[-3000:]}"
         client.broker.close()
+        assert code == 0, f"workers exited with {code}:\n{group.logs()[-3000:]}"
+
+
+@pytest.fixture(scope="module", params=["pgmq", "redis"])
+def fleet(request, services, tmp_path_factory):
+    """Worker processes on each broker in turn: the contract suite runs once per broker."""
+    with started_fleet(services, request.param, tmp_path_factory.mktemp(f"workers-{request.param}")) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def pgmq_fleet(services, tmp_path_factory):
+    with started_fleet(services, "pgmq", tmp_path_factory.mktemp("workers-pgmq")) as f:
+        yield f

@@ -76,6 +76,10 @@ class WorkerGroup:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parent.parent)
+        # dramatiq handles SIGTERM only once its workers have booted: wait for them.
+        wait_for(lambda: self.logs().count("Worker process is ready for action.") >= self.processes or not self.alive(),
+                 60, what="worker processes to boot")
+        assert self.alive(), f"workers exited at start:\n{self.logs()[-3000:]}"
         return self
 
     def alive(self) -> bool:

@@ -453,7 +453,7 @@ class _Notifier(threading.Thread):
     def run(self) -> None:
         while self.running:
             try:
-                with psycopg.connect(self.broker.dsn, autocommit=True) as conn:
+                with psycopg.connect(self.broker.dsn, autocommit=True, application_name="fleet-notifier") as conn:
                     with self.lock:
                         self.pending.update({c: threading.Event() for c in self.channels})
                         self.channels.clear()

@@ -1,0 +1,76 @@
+"""Scheduler leadership with two schedulers; migrations that refuse a changed file."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from shared.migrate import MigrationError, migrate
+from shared.scheduler import Periodic, Scheduler, current_leader
+
+from .conftest import make_client
+from .helpers import wait_for
+
+
+def test_two_schedulers_one_leader_and_takeover(services):
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    periodic = [Periodic(name, "echo", 0.3, payload=lambda: {"message": "tick"})]
+    client = make_client("pgmq")
+    a, b = Scheduler(periodic, tick_s=0.1, client=client), Scheduler(periodic, tick_s=0.1, client=client)
+    ta, tb = threading.Thread(target=a.run, daemon=True), threading.Thread(target=b.run, daemon=True)
+    ta.start()
+    wait_for(lambda: a.is_leader, 10, what="the first scheduler to lead")
+    tb.start()
+    time.sleep(1.0)
+    assert a.is_leader and not b.is_leader
+    assert (current_leader() or "").startswith("fleet-scheduler:")
+    # while a leads, the job is enqueued about every 0.3 s, never doubled
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        first = conn.execute("select last_enqueued_at from scheduler_runs where name = %s", (name,)).fetchone()[0]
+    a.stop(); ta.join(10)
+    wait_for(lambda: b.is_leader, 10, what="the second scheduler to take over")
+    time.sleep(0.5)
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        later = conn.execute("select last_enqueued_at from scheduler_runs where name = %s", (name,)).fetchone()[0]
+    assert later > first
+    b.stop(); tb.join(10)
+    client.broker.close()
+
+
+def test_scheduler_does_not_repeat_a_job_that_is_not_due(services):
+    name = f"hourly-{uuid.uuid4().hex[:8]}"
+    s = Scheduler([Periodic(name, "echo", 3600)], client=make_client("pgmq"))
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        assert s.tick(conn) == [name]
+        assert s.tick(conn) == []
+        assert Scheduler([Periodic(name, "echo", 3600)], client=s.client).tick(conn) == []  # a new leader too
+    s.client.broker.close()
+
+
+def test_migrations_apply_once_and_refuse_a_changed_file(services, tmp_path):
+    version = "2099" + uuid.uuid4().hex[:10].translate(str.maketrans("abcdef", "123456"))
+    table = f"mig_test_{version}"
+    f = tmp_path / f"{version}_probe.sql"
+    f.write_text(f"create table {table} (x int);")
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        assert migrate(conn, tmp_path) == [version]
+        assert migrate(conn, tmp_path) == []  # a no-op the second time
+        f.write_text(f"create table {table} (x int, y int);")
+        with pytest.raises(MigrationError, match=f"{version}_probe.sql was changed after it was applied"):
+            migrate(conn, tmp_path)
+        conn.execute(f"drop table {table}")
+        conn.execute("delete from fleet_migrations where version = %s", (version,))
+
+
+def test_failed_migration_is_rolled_back(services, tmp_path):
+    version = "2098" + uuid.uuid4().hex[:10].translate(str.maketrans("abcdef", "123456"))
+    (tmp_path / f"{version}_broken.sql").write_text(f"create table half_{version} (x int); select no_such_function();")
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            migrate(conn, tmp_path)
+        assert conn.execute("select to_regclass(%s)", (f"half_{version}",)).fetchone()[0] is None
+        assert conn.execute("select count(*) from fleet_migrations where version = %s", (version,)).fetchone()[0] == 0
