@@ -44,8 +44,7 @@ def _redis_stats() -> list[dict]:
         names = set()
         for key in client.scan_iter(match=f"{REDIS_NAMESPACE}:*.msgs", count=1000):
             name = key.decode()[len(REDIS_NAMESPACE) + 1 : -len(".msgs")]
-            if not name.endswith((".DQ", ".XQ")):
-                names.add(name)
+            names.add(name.removesuffix(".DQ").removesuffix(".XQ"))
         stats = []
         for q in sorted(names):
             full = f"{REDIS_NAMESPACE}:{q}"

@@ -108,3 +108,31 @@ def test_idempotent_enqueue(fleet):
     fleet.wait_done(trace, 2)
     time.sleep(1.0)
     assert len({e["job_id"] for e in events(fleet.dsn, trace_id=trace, type="job.started")}) == 2
+
+
+def test_metrics_endpoint_serves_dramatiq_and_fleet_series(fleet):
+    import httpx
+
+    trace = fleet.trace()
+    fleet.client.enqueue_many("echo", [{"message": "m"}] * 5 + [{"fail": "permanent"}], trace_id=trace)
+    fleet.client.enqueue("echo", {"message": "waiting"}, trace_id=fleet.trace(), delay_ms=60_000)
+    fleet.wait_done(trace, 6)
+    base = f"http://127.0.0.1:{fleet.workers.metrics_port}"
+
+    def scrape():
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+        return text if 'fleet_jobs_total{actor="echo",outcome="dead",queue="echo"}' in text else None
+
+    text = wait_for(scrape, 15, what="the dead-letter outcome in /metrics")
+    for series in ("dramatiq_messages_total", "dramatiq_message_errors_total", "dramatiq_message_rejects_total",
+                   "dramatiq_message_duration_milliseconds_bucket", "dramatiq_messages_inprogress",
+                   "fleet_job_duration_seconds_bucket", "fleet_worker_processes", "fleet_broker_up 1.0"):
+        assert series in text, series
+    depth = [line for line in text.splitlines() if line.startswith('fleet_queue_depth{queue="echo"}')]
+    assert depth and float(depth[0].split()[-1]) >= 1.0  # the delayed job is waiting
+    assert 'fleet_queue_oldest_age_seconds{queue="echo"}' in text
+    assert 'fleet_dead_letters{queue="echo"}' in text
+    assert 'fleet_jobs_total{actor="echo",outcome="succeeded",queue="echo"}' in text
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 200 and ready.text.strip() == "ready"

@@ -1,0 +1,92 @@
+"""Signed envelopes (FLEET_SIGNING_KEY): forged, unsigned, stale and replayed ones are rejected, on both brokers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from shared.middleware.signing import EnvelopeSigning
+
+from .conftest import make_client, started_fleet
+from .helpers import dead_letters, pgmq_send, wait_for
+
+KEY = "test-signing-key-0123456789"
+
+
+@pytest.fixture(scope="module", params=["pgmq", "redis"])
+def signed_fleet(request, services, tmp_path_factory):
+    with started_fleet(services, request.param, tmp_path_factory.mktemp("signed"), FLEET_SIGNING_KEY=KEY) as f:
+        yield f
+
+
+def send_raw(fleet, message) -> None:
+    """Put an already-encoded envelope on the queue as an attacker would, bypassing enqueue's middleware."""
+    if fleet.kind == "pgmq":
+        pgmq_send(fleet.dsn, message.queue_name, message.encode().decode())
+    else:
+        fleet.client.broker.do_enqueue(message.queue_name, message.options["redis_message_id"], message.encode())
+
+
+def signed_message(fleet, trace: str, key: str = KEY, sig_ts_shift_ms: int = 0):
+    message = fleet.client._message("echo", {"message": "signed"}, trace)
+    if fleet.kind == "redis":
+        message.options["redis_message_id"] = str(uuid.uuid4())  # what RedisBroker.enqueue adds before signing
+    signer = EnvelopeSigning(key.encode(), 300)
+    signer.before_enqueue(None, message, None)
+    if sig_ts_shift_ms:
+        message.options["sig_ts"] += sig_ts_shift_ms
+        message.options["sig"] = signer.digest(message)
+    return message
+
+
+def test_signed_envelope_runs(signed_fleet):
+    trace = signed_fleet.trace()
+    signed_fleet.client.enqueue("echo", {"message": "hello"}, trace_id=trace)
+    evs = signed_fleet.wait_done(trace, 1)
+    assert [e for e in evs if e["type"] == "job.succeeded"]
+
+
+def test_forged_and_unsigned_envelopes_are_rejected(signed_fleet):
+    forger = make_client(signed_fleet.kind, FLEET_SIGNING_KEY="not-the-real-key-xyz")
+    unsigned = make_client(signed_fleet.kind)
+    try:
+        forged_trace, unsigned_trace = signed_fleet.trace(), signed_fleet.trace()
+        forger.enqueue("echo", {"message": "forged"}, trace_id=forged_trace)
+        unsigned.enqueue("echo", {"message": "unsigned"}, trace_id=unsigned_trace)
+        signed_fleet.wait_done(forged_trace, 1)
+        signed_fleet.wait_done(unsigned_trace, 1)
+    finally:
+        forger.broker.close()
+        unsigned.broker.close()
+    (forged,) = dead_letters(signed_fleet.dsn, forged_trace)
+    (plain,) = dead_letters(signed_fleet.dsn, unsigned_trace)
+    assert forged["reason"] == "permanent error: SignatureRejected: forged or altered envelope: signature does not match"
+    assert plain["reason"] == "permanent error: SignatureRejected: unsigned envelope rejected (FLEET_SIGNING_KEY is set)"
+    assert KEY not in forged["reason"]
+
+
+def test_altered_envelope_is_rejected(signed_fleet):
+    trace = signed_fleet.trace()
+    message = signed_message(signed_fleet, trace)
+    message.args[0]["message"] = "tampered"
+    send_raw(signed_fleet, message)
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the altered envelope's dead letter")
+    assert "forged or altered envelope" in dl[0]["reason"]
+
+
+def test_replayed_and_stale_envelopes_are_rejected(signed_fleet):
+    trace = signed_fleet.trace()
+    message = signed_message(signed_fleet, trace)
+    send_raw(signed_fleet, message)
+    signed_fleet.wait_done(trace, 1)
+    time.sleep(0.3)
+    send_raw(signed_fleet, message)  # the same envelope again
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the replay's dead letter")
+    assert dl[0]["reason"] == "permanent error: SignatureRejected: replayed envelope: this signed message already completed"
+
+    stale_trace = signed_fleet.trace()
+    send_raw(signed_fleet, signed_message(signed_fleet, stale_trace, sig_ts_shift_ms=-400_000))
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, stale_trace), 20, what="the stale envelope's dead letter")
+    assert "outside the replay window (300s)" in dl[0]["reason"]
