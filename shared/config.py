@@ -16,7 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # Aliases only: a field name such as `home` must never pick up an unrelated variable like HOME.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=False)
 
     database_url: SecretStr | None = Field(None, alias="DATABASE_URL")
     redis_url: SecretStr | None = Field(None, alias="REDIS_URL")
