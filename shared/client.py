@@ -3,11 +3,11 @@
     from shared.client import FleetClient
     fleet = FleetClient()
     fleet.enqueue("echo", {"message": "hi"}, idempotency_key="order-42")
+    fleet.enqueue_many("echo", [{"message": str(i)} for i in range(10_000)])
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -16,17 +16,16 @@ import dramatiq
 from dramatiq.broker import Broker
 from psycopg.types.json import Jsonb
 
-from .brokers import build_broker, enqueue_many
+from .brokers import PgmqBroker, build_broker, enqueue_many
 from .config import get_settings
 from .db import get_pool
+from .errors import PayloadTooLarge
 from .registry import job_type
 
 IDEMPOTENCY_SCOPE = "enqueue"
 IDEMPOTENCY_TTL_S = 7 * 86400
 
-
-class PayloadTooLarge(ValueError):
-    pass
+__all__ = ["FleetClient", "Enqueued", "PayloadTooLarge"]
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,16 @@ class FleetClient:
         self.broker = broker or build_broker()
         self.settings = get_settings()
 
-    def _message(self, name: str, payload: Any, trace_id: str | None) -> dramatiq.Message:
+    def message(self, name: str, payload: Any, trace_id: str | None = None) -> dramatiq.Message:
+        """A dramatiq message for a registered job type (the unit the per-message path enqueues)."""
         jt = job_type(name)
-        body = json.dumps(payload)
-        if len(body) > self.settings.max_payload_bytes:
-            raise PayloadTooLarge(f"payload of {len(body)} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
-        if trace_id is not None:
-            trace_id = str(uuid.UUID(str(trace_id)))  # a trace id is a UUID: refuse anything else early
         self.broker.declare_queue(jt.queue)
-        options = {"trace_id": trace_id or str(uuid.uuid4())}
-        return dramatiq.Message(queue_name=jt.queue, actor_name=jt.name, args=(payload,), kwargs={}, options=options)
+        message = dramatiq.Message(queue_name=jt.queue, actor_name=jt.name, args=(payload,), kwargs={},
+                                   options={"trace_id": trace_id or str(uuid.uuid4())})
+        size = len(message.encode())
+        if size > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(f"payload of {size} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
+        return message
 
     def enqueue(self, name: str, payload: Any, *, idempotency_key: str | None = None, trace_id: str | None = None,
                 delay_ms: int | None = None) -> Enqueued:
@@ -60,25 +59,50 @@ class FleetClient:
 
     def enqueue_many(self, name: str, payloads: Iterable[Any], *, idempotency_keys: list[str] | None = None,
                      trace_id: str | None = None, delay_ms: int | None = None) -> list[Enqueued]:
-        """Enqueue a batch (one `send_batch` per 1,000 on pgmq). With keys, repeated keys enqueue nothing new."""
-        messages = [self._message(name, p, trace_id) for p in payloads]
-        if idempotency_keys is not None and len(idempotency_keys) != len(messages):
+        """Enqueue a batch, atomically on pgmq. With keys, a key seen before enqueues nothing new.
+        A given trace_id is shared by the batch; otherwise each job gets its own."""
+        payloads = list(payloads)
+        jt = job_type(name)
+        if trace_id is not None:
+            trace_id = str(uuid.UUID(str(trace_id)))  # a trace id is a UUID: refuse anything else early
+        if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
             raise ValueError("idempotency_keys must have one key per payload")
-        fresh = messages
         results: dict[int, Enqueued] = {}
+        fresh = list(range(len(payloads)))
+        claims: dict[int, tuple[str, str]] = {}
         if idempotency_keys is not None:
-            fresh, results = self._claim_keys(messages, idempotency_keys)
+            fresh, results, claims = self._claim_keys(jt.queue, idempotency_keys, trace_id)
         try:
-            if fresh:
-                enqueue_many(self.broker, fresh, delay=delay_ms)
+            sent = self._send(name, [payloads[i] for i in fresh], trace_id, delay_ms,
+                              [claims[i] for i in fresh] if claims else None)
         except Exception:
             if idempotency_keys is not None:
-                self._release_keys([k for m, k in zip(messages, idempotency_keys) if m in fresh])
+                self._release_keys([idempotency_keys[i] for i in fresh])
             raise
-        return [results.get(i) or Enqueued(m.message_id, m.options["trace_id"], m.queue_name) for i, m in enumerate(messages)]
+        for i, (job_id, trace) in zip(fresh, sent):
+            results[i] = Enqueued(job_id, trace, jt.queue)
+        return [results[i] for i in range(len(payloads))]
 
-    def _claim_keys(self, messages: list[dramatiq.Message], keys: list[str]):
-        records = [Jsonb({"job_id": m.message_id, "trace_id": m.options["trace_id"]}) for m in messages]
+    def _send(self, name: str, payloads: list, trace_id: str | None, delay_ms: int | None,
+              preassigned: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+        if not payloads:
+            return []
+        jt = job_type(name)
+        self.broker.declare_queue(jt.queue)
+        broker = self.broker
+        if isinstance(broker, PgmqBroker) and broker.can_enqueue_in_bulk() and preassigned is None:
+            return broker.enqueue_payloads(jt.queue, jt.name, payloads, trace_id=trace_id, delay_ms=delay_ms)
+        messages = [self.message(name, p, trace_id) for p in payloads]
+        if preassigned is not None:  # the ids recorded with the idempotency keys
+            messages = [m.copy(message_id=job_id, options={"trace_id": trace})
+                        for m, (job_id, trace) in zip(messages, preassigned)]
+        enqueue_many(broker, messages, delay=delay_ms)
+        return [(m.message_id, m.options["trace_id"]) for m in messages]
+
+    def _claim_keys(self, queue: str, keys: list[str], trace_id: str | None):
+        """Record each new key with the job id it will have; returns (fresh indexes, duplicates, claims)."""
+        planned = [(str(uuid.uuid4()), trace_id or str(uuid.uuid4())) for _ in keys]
+        records = [Jsonb({"job_id": j, "trace_id": t}) for j, t in planned]
         with get_pool().connection() as conn:
             claimed = {
                 row[0]
@@ -91,19 +115,17 @@ class FleetClient:
             }
             seen = dict(conn.execute(
                 "select key, result from request_dedup where scope = %s and key = any(%s)",
-                (IDEMPOTENCY_SCOPE, [k for k in keys if k not in claimed]),
+                (IDEMPOTENCY_SCOPE, list(set(keys))),
             ).fetchall())
-        fresh, results, first = [], {}, {}
-        for i, (m, k) in enumerate(zip(messages, keys)):
+        fresh, results, claims, first = [], {}, {}, {}
+        for i, k in enumerate(keys):
             if k in claimed and k not in first:
-                fresh.append(m)
-                first[k] = m
-            elif k in first:  # a key repeated inside one batch counts once
-                results[i] = Enqueued(first[k].message_id, first[k].options["trace_id"], m.queue_name, duplicate=True)
-            else:
-                prior = seen[k]
-                results[i] = Enqueued(prior["job_id"], prior["trace_id"], m.queue_name, duplicate=True)
-        return fresh, results
+                first[k] = i
+                fresh.append(i)
+                claims[i] = (seen[k]["job_id"], seen[k]["trace_id"])
+            else:  # seen before, or repeated inside this batch
+                results[i] = Enqueued(seen[k]["job_id"], seen[k]["trace_id"], queue, duplicate=True)
+        return fresh, results, claims
 
     def _release_keys(self, keys: list[str]) -> None:
         with get_pool().connection() as conn:

@@ -27,7 +27,6 @@ class Settings(BaseSettings):
     # Delivery.
     visibility_timeout_s: int = Field(30, alias="FLEET_VISIBILITY_TIMEOUT_S", ge=2)
     poll_interval_ms: int = Field(1000, alias="FLEET_POLL_INTERVAL_MS", ge=10)
-    notify_throttle_ms: int = Field(0, alias="FLEET_NOTIFY_THROTTLE_MS", ge=0)
     pooler: bool | None = Field(None, alias="FLEET_DB_POOLER")
     # Redis broker: how often (per million commands) a worker looks for dead workers' messages.
     redis_maintenance_chance: int = Field(50_000, alias="FLEET_REDIS_MAINTENANCE_CHANCE", ge=1, le=1_000_000)

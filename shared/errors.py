@@ -49,6 +49,10 @@ class InvalidPayload(PermanentError):
     pass
 
 
+class PayloadTooLarge(InvalidPayload, ValueError):
+    """A job bigger than FLEET_MAX_PAYLOAD_BYTES: refused at enqueue, dead-lettered if it arrives anyway."""
+
+
 class ProviderError(FleetError):
     """An HTTP provider answered with an error status."""
 

@@ -1,7 +1,8 @@
 """The append-only `bus_events` log: every step of a job's life, with its trace id.
 
-Writes are buffered and sent with COPY by a background thread (and before a pgmq
-ack batch, so a job's events are stored before the job leaves the queue).
+Writes are buffered as JSON rows and inserted by a background thread every 50 ms; a pgmq
+consumer also takes them into its ack round trip, so a job's events commit together with its
+acknowledgement.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from .redact import redact_value
 log = structlog.get_logger(__name__)
 
 FLUSH_INTERVAL_S = 0.05
-COLUMNS = ("trace_id", "job_id", "queue", "actor", "type", "payload")
+INSERT_ROWS = (
+    "insert into bus_events (trace_id, job_id, queue, actor, type, payload)"
+    " select (e->>0)::uuid, e->>1, e->>2, e->>3, e->>4, e->5 from jsonb_array_elements(%s::jsonb) e"
+)
 
 
 def as_uuid(value: Any) -> uuid.UUID | None:
@@ -36,7 +40,7 @@ def as_uuid(value: Any) -> uuid.UUID | None:
 
 class EventWriter:
     def __init__(self) -> None:
-        self._buffer: list[tuple] = []
+        self._buffer: list[str] = []
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
@@ -45,7 +49,8 @@ class EventWriter:
 
     def emit(self, type: str, *, trace_id: Any = None, job_id: str | None = None, queue: str | None = None,
              actor: str | None = None, **payload: Any) -> None:
-        row = (as_uuid(trace_id), job_id, queue, actor, type, json.dumps(redact_value(payload), default=str))
+        trace = as_uuid(trace_id)
+        row = json.dumps([str(trace) if trace else None, job_id, queue, actor, type, redact_value(payload)], default=str)
         with self._lock:
             self._buffer.append(row)
         self._ensure_thread()
@@ -67,22 +72,32 @@ class EventWriter:
                 log.warning("events.flush_failed", error=str(e))
                 time.sleep(0.5)
 
+    def take(self) -> list[str]:
+        """Hand the buffered rows to a caller that inserts them in its own statement (see as_json_array)."""
+        with self._lock:
+            rows, self._buffer = self._buffer, []
+        return rows
+
+    def put_back(self, rows: list[str]) -> None:
+        with self._lock:
+            self._buffer[:0] = rows
+
     def flush(self) -> int:
         with self._flush_lock:
-            with self._lock:
-                rows, self._buffer = self._buffer, []
+            rows = self.take()
             if not rows:
                 return 0
             try:
-                with get_pool().connection() as conn, conn.cursor() as cur:
-                    with cur.copy(f"copy bus_events ({', '.join(COLUMNS)}) from stdin") as copy:
-                        for row in rows:
-                            copy.write_row(row)
+                with get_pool().connection() as conn:
+                    conn.execute(INSERT_ROWS, (as_json_array(rows),))
             except psycopg.Error:
-                with self._lock:
-                    self._buffer[:0] = rows
+                self.put_back(rows)
                 raise
             return len(rows)
+
+
+def as_json_array(rows: list[str]) -> str:
+    return "[" + ",".join(rows) + "]"
 
 
 _writer = EventWriter()
@@ -94,6 +109,14 @@ def emit(type: str, **fields: Any) -> None:
 
 def flush() -> int:
     return _writer.flush()
+
+
+def take() -> list[str]:
+    return _writer.take()
+
+
+def put_back(rows: list[str]) -> None:
+    _writer.put_back(rows)
 
 
 def flush_quietly() -> None:

@@ -93,6 +93,10 @@ def migrate(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
                 )
             log.info("migration.applied", version=m.version, name=m.name)
             done.append(m.version)
+        from .registry import queues
+
+        for queue_name in queues():  # the registered job types' queues, with their wake-up trigger
+            conn.execute("select fleet_ensure_queue(%s)", (queue_name,))
         return done
     finally:
         conn.execute("select pg_advisory_unlock(%s)", (LOCK_KEY,))

@@ -30,7 +30,7 @@ def send_raw(fleet, message) -> None:
 
 
 def signed_message(fleet, trace: str, key: str = KEY, sig_ts_shift_ms: int = 0):
-    message = fleet.client._message("echo", {"message": "signed"}, trace)
+    message = fleet.client.message("echo", {"message": "signed"}, trace)
     if fleet.kind == "redis":
         message.options["redis_message_id"] = str(uuid.uuid4())  # what RedisBroker.enqueue adds before signing
     signer = EnvelopeSigning(key.encode(), 300)

@@ -22,11 +22,6 @@ class JobEvents(Middleware):
     def __init__(self) -> None:
         self._started: dict[str, float] = {}
 
-    def after_worker_boot(self, broker, worker):
-        hooks = getattr(broker, "before_ack_flush", None)
-        if hooks is not None and events.flush not in hooks:
-            hooks.append(events.flush)
-
     def before_worker_shutdown(self, broker, worker):
         events.flush_quietly()
 

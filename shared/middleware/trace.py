@@ -10,11 +10,14 @@ from dramatiq.middleware import Middleware
 
 class TraceContext(Middleware):
     def before_enqueue(self, broker, message, delay):
-        message.options.setdefault("trace_id", str(uuid.uuid4()))
+        if "trace_id" not in message.options:
+            message.options["trace_id"] = str(uuid.uuid4())
 
     def before_process_message(self, broker, message):
         # Raw messages from SQL arrive without one; keep the new id across retries.
-        trace_id = message.options.setdefault("trace_id", str(uuid.uuid4()))
+        if "trace_id" not in message.options:
+            message.options["trace_id"] = str(uuid.uuid4())
+        trace_id = message.options["trace_id"]
         structlog.contextvars.bind_contextvars(
             trace_id=trace_id, job_id=message.message_id, queue=message.queue_name, actor=message.actor_name,
         )

@@ -1,0 +1,181 @@
+"""One measurement per process run, printed as `name: value` lines (bench/run.py collects them).
+
+    python -m bench.drain drain --broker pgmq|pgmq-fleet|redis|stub --jobs N
+    python -m bench.drain raw-pgmq --jobs N
+    python -m bench.drain enqueue --jobs N
+    python -m bench.drain pickup --samples N
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import dramatiq
+import psycopg
+from dramatiq import Worker
+
+from shared.config import get_settings
+from shared.db import database_dsn, redis_url
+
+QUEUE = "bench_noop"
+THREADS = 8
+
+
+def fresh_queue(dsn: str, name: str = QUEUE) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select pgmq.drop_queue(%s)", (name,)) if conn.execute(
+            "select 1 from pgmq.meta where queue_name = %s", (name,)).fetchone() else None
+        conn.execute("select pgmq.create(%s)", (name,))
+
+
+def make_broker(kind: str) -> dramatiq.Broker:
+    from dramatiq.brokers.redis import RedisBroker
+    from dramatiq.brokers.stub import StubBroker
+
+    from shared.brokers.pgmq import PgmqBroker
+    from shared.middleware import fleet_middleware
+
+    settings = get_settings()
+    if kind == "stub":
+        return StubBroker()
+    if kind == "redis":
+        broker = RedisBroker(url=redis_url(settings))
+        broker.flush_all()
+        return broker
+    fresh_queue(database_dsn(settings))
+    if kind == "pgmq":
+        return PgmqBroker(settings=settings)  # dramatiq's default middleware, as the stock brokers get
+    return PgmqBroker(settings=settings, middleware=fleet_middleware(settings))  # pgmq-fleet: the full fleet stack
+
+
+def drain(kind: str, jobs: int) -> None:
+    broker = make_broker(kind)
+    dramatiq.set_broker(broker)
+    done = threading.Semaphore(0)
+
+    @dramatiq.actor(queue_name=QUEUE, actor_name="noop", max_retries=0)
+    def noop(payload=None):
+        done.release()
+
+    messages = [noop.message({"i": i}) for i in range(jobs)]
+    t = time.perf_counter()
+    if hasattr(broker, "enqueue_many"):
+        broker.enqueue_many(messages)
+    else:
+        for m in messages:
+            broker.enqueue(m)
+    enqueue_s = time.perf_counter() - t
+    worker = Worker(broker, worker_threads=THREADS, worker_timeout=100)
+    t = time.perf_counter()
+    worker.start()
+    for _ in range(jobs):
+        if not done.acquire(timeout=120):
+            raise SystemExit(f"drain {kind}: stalled")
+    if kind.startswith("pgmq"):
+        while broker.pending(QUEUE):  # the acks have reached Postgres too
+            time.sleep(0.005)
+    elapsed = time.perf_counter() - t
+    worker.stop()
+    broker.close()
+    print(f"drain_{kind.replace('-', '_')}_jobs_per_s: {jobs / elapsed:.0f}")
+    print(f"drain_{kind.replace('-', '_')}_enqueue_jobs_per_s: {jobs / enqueue_s:.0f}")
+
+
+def raw_pgmq(jobs: int) -> None:
+    dsn = database_dsn()
+    fresh_queue(dsn, "bench_raw")
+    body = json.dumps({"queue_name": QUEUE, "actor_name": "noop", "args": [{"i": 0}], "kwargs": {}, "options": {},
+                       "message_id": "x", "message_timestamp": 0})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for start in range(0, jobs, 1000):
+            conn.execute("select pgmq.send_batch('bench_raw', %s::jsonb[])", ([body] * min(1000, jobs - start),))
+        t = time.perf_counter()
+        n = 0
+        while True:
+            ids = [r[0] for r in conn.execute("select msg_id from pgmq.read('bench_raw', 30, 100)")]
+            if not ids:
+                break
+            conn.execute("select pgmq.delete('bench_raw', %s::bigint[])", (ids,))
+            n += len(ids)
+        elapsed = time.perf_counter() - t
+    print(f"raw_pgmq_read_delete_per_s: {n / elapsed:.0f}")
+
+
+def enqueue(jobs: int) -> None:
+    from shared.client import FleetClient
+
+    dsn = database_dsn()
+    payloads = [{"message": f"job {i}"} for i in range(jobs)]
+    client = FleetClient()
+    client.enqueue("echo", {"message": "warm-up"})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select pgmq.purge_queue('echo')")
+    t = time.perf_counter()
+    client.enqueue_many("echo", payloads)
+    sdk_s = time.perf_counter() - t
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        bodies = [m.encode().decode() for m in (client.message("echo", p, None) for p in payloads)]
+        conn.execute("select pgmq.purge_queue('echo')")
+        t = time.perf_counter()
+        for start in range(0, jobs, 1000):  # the fastest raw form: one JSON array per batch
+            conn.execute("select pgmq.send_batch('echo', array(select jsonb_array_elements(%s::jsonb)))",
+                         ("[" + ",".join(bodies[start : start + 1000]) + "]",))
+        raw_s = time.perf_counter() - t
+        conn.execute("select pgmq.purge_queue('echo')")
+    client.broker.close()
+    print(f"enqueue_sdk_jobs_per_s: {jobs / sdk_s:.0f}")
+    print(f"enqueue_raw_send_batch_per_s: {jobs / raw_s:.0f}")
+
+
+def pickup(samples: int) -> None:
+    broker = make_broker("pgmq-fleet")
+    dramatiq.set_broker(broker)
+    latencies: list[float] = []
+    got = threading.Semaphore(0)
+
+    @dramatiq.actor(queue_name=QUEUE, actor_name="noop", max_retries=0)
+    def noop(payload=None):
+        latencies.append(time.time() - payload["t"])
+        got.release()
+
+    worker = Worker(broker, worker_threads=THREADS, worker_timeout=1000)
+    worker.start()
+    time.sleep(1.0)  # idle: the consumer is parked on LISTEN
+    for _ in range(samples):
+        noop.send({"t": time.time()})
+        if not got.acquire(timeout=10):
+            raise SystemExit("pickup: a job was not picked up")
+        time.sleep(0.02)
+    worker.stop()
+    broker.close()
+    ms = sorted(x * 1000 for x in latencies)
+    print(f"pickup_p50_ms: {statistics.median(ms):.2f}")
+    print(f"pickup_p99_ms: {ms[int(len(ms) * 0.99) - 1]:.2f}")
+
+
+def main() -> None:
+    from shared.logs import configure_logging
+
+    configure_logging("WARNING")
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["drain", "raw-pgmq", "enqueue", "pickup"])
+    p.add_argument("--broker", default="pgmq")
+    p.add_argument("--jobs", type=int, default=20000)
+    p.add_argument("--samples", type=int, default=200)
+    a = p.parse_args()
+    if a.what == "drain":
+        drain(a.broker, a.jobs)
+    elif a.what == "raw-pgmq":
+        raw_pgmq(a.jobs)
+    elif a.what == "enqueue":
+        enqueue(a.jobs)
+    else:
+        pickup(a.samples)
+
+
+if __name__ == "__main__":
+    main()
