@@ -1,0 +1,121 @@
+"""`make bench`: every benchmark in one run, each measured against a baseline taken in the same run.
+
+Prints `name: value` lines and the ratios, and writes bench/RESULTS.md.
+Each measurement runs in its own process so no broker state leaks between them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+# (label, args, env overrides)
+MEASUREMENTS = [
+    ("StubBroker ceiling (dramatiq in memory)", ["drain", "--broker", "stub", "--jobs", "30000"], {}),
+    ("stock RedisBroker", ["drain", "--broker", "redis", "--jobs", "20000"], {}),
+    ("PgmqBroker", ["drain", "--broker", "pgmq", "--jobs", "30000"], {}),
+    ("PgmqBroker, prefetch 64", ["drain", "--broker", "pgmq", "--jobs", "30000"], {"dramatiq_queue_prefetch": "64"}),
+    ("PgmqBroker + full fleet middleware", ["drain", "--broker", "pgmq-fleet", "--jobs", "20000"], {}),
+    ("raw pgmq read+delete", ["raw-pgmq", "--jobs", "50000"], {}),
+    ("bulk enqueue", ["enqueue", "--jobs", "50000"], {}),
+    ("idle pickup", ["pickup", "--samples", "300"], {}),
+]
+
+
+def measure(args: list[str], env_extra: dict) -> dict[str, float]:
+    env = dict(os.environ) | env_extra
+    out = subprocess.run([sys.executable, "-m", "bench.drain", *args], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark {args} failed:\n{out.stderr[-3000:]}")
+    figures = {}
+    for line in out.stdout.splitlines():
+        name, _, value = line.partition(": ")
+        if value:
+            figures[name] = float(value)
+    return figures
+
+
+def main() -> int:
+    from shared.config import get_settings
+    from shared.db import connect, database_dsn, redis_url
+    from shared.migrate import migrate
+    from shared.services import EmbeddedPostgres, EmbeddedRedis
+
+    settings = get_settings()
+    started = []
+    if settings.database_url is None and not EmbeddedPostgres(settings.home).running():
+        started.append(EmbeddedPostgres(settings.home))
+    if settings.redis_url is None and not EmbeddedRedis(settings.home).running():
+        started.append(EmbeddedRedis(settings.home))
+    os.environ["DATABASE_URL"] = database_dsn(settings)
+    os.environ["REDIS_URL"] = redis_url(settings)
+    os.environ.setdefault("FLEET_DB_POOLER", "false")
+    try:
+        with connect() as conn:
+            migrate(conn)
+        figures: dict[str, float] = {}
+        for label, args, env in MEASUREMENTS:
+            t = time.monotonic()
+            got = measure(args, env)
+            if env:
+                got = {f"{k}_prefetch64": v for k, v in got.items()}
+            figures |= got
+            print(f"# {label} ({time.monotonic() - t:.1f}s)", flush=True)
+            for k, v in got.items():
+                print(f"{k}: {v:g}", flush=True)
+    finally:
+        for service in started:
+            service.down()
+
+    ratios = [
+        ("PgmqBroker drain / stock RedisBroker drain", figures["drain_pgmq_jobs_per_s"] / figures["drain_redis_jobs_per_s"], ">= 2"),
+        ("PgmqBroker drain / StubBroker ceiling", figures["drain_pgmq_jobs_per_s"] / figures["drain_stub_jobs_per_s"], ">= 0.5"),
+        ("PgmqBroker (prefetch 64) drain / StubBroker ceiling",
+         figures["drain_pgmq_jobs_per_s_prefetch64"] / figures["drain_stub_jobs_per_s"], ">= 0.5"),
+        ("PgmqBroker drain / raw pgmq read+delete", figures["drain_pgmq_jobs_per_s"] / figures["raw_pgmq_read_delete_per_s"], "-"),
+        ("full fleet stack drain / StubBroker ceiling", figures["drain_pgmq_fleet_jobs_per_s"] / figures["drain_stub_jobs_per_s"], "-"),
+        ("SDK bulk enqueue / raw send_batch", figures["enqueue_sdk_jobs_per_s"] / figures["enqueue_raw_send_batch_per_s"], ">= 0.8"),
+    ]
+    print()
+    for name, value, target in ratios:
+        print(f"ratio {name}: {value:.2f} (target {target})")
+    print(f"idle pickup p50: {figures['pickup_p50_ms']:.2f} ms (target < 15 ms), p99: {figures['pickup_p99_ms']:.2f} ms")
+    write_results(figures, ratios)
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+def write_results(figures: dict[str, float], ratios: list) -> None:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured by `make bench` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {os.cpu_count()} cores ({cpu}),",
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}; embedded PostgreSQL 18 and Redis on loopback.",
+        "One worker process with 8 threads, no-op jobs. Every figure comes from the same run as its baseline.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    lines += [f"| `{k}` | {v:,.2f} |" for k, v in figures.items()]
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.2f} | {target} |" for name, value, target in ratios]
+    lines += ["", f"Idle pickup (enqueue to actor start): p50 {figures['pickup_p50_ms']:.2f} ms, p99 {figures['pickup_p99_ms']:.2f} ms (target p50 < 15 ms).", ""]
+    RESULTS.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
