@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9191, alias="FLEET_METRICS_PORT")
     log_level: str = Field("INFO", alias="FLEET_LOG_LEVEL")
 
+    # Embeddings (OpenAI-compatible; DeepInfra by default).
+    embedding_api_base: str = Field("https://api.deepinfra.com/v1/openai", alias="EMBEDDING_API_BASE")
+    embedding_model_default: str = Field("BAAI/bge-m3", alias="EMBEDDING_MODEL_DEFAULT")
+    embedding_api_key: SecretStr | None = Field(None, alias="EMBEDDING_API_KEY")
+    embed_max_batch: int = Field(64, alias="EMBED_MAX_BATCH", ge=1, le=2048)
+    embed_max_tokens_per_request: int = Field(16_000, alias="EMBED_MAX_TOKENS_PER_REQUEST", ge=1)
+    embed_chunk_tokens: int = Field(512, alias="EMBED_CHUNK_TOKENS", ge=16)
+    embed_provider_max_retries: int = Field(2, alias="EMBED_PROVIDER_MAX_RETRIES", ge=0)
+    embed_rate_limit_per_min: int = Field(0, alias="EMBED_RATE_LIMIT_PER_MIN", ge=0)  # 0: no limit
+    embed_timeout_s: float = Field(30.0, alias="EMBED_TIMEOUT_S", gt=0)
+    embed_sources: dict[str, dict] = Field(default_factory=dict, alias="EMBED_SOURCES")
+
     @property
     def uses_pooler(self) -> bool:
         """A transaction pooler (Supavisor, PgBouncer) cannot keep prepared statements or LISTEN."""
@@ -59,7 +71,7 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value this process knows, for redaction."""
         values: list[str] = []
-        for secret in (self.signing_key, self.database_url, self.redis_url):
+        for secret in (self.signing_key, self.database_url, self.redis_url, self.embedding_api_key):
             if secret is not None:
                 values.append(secret.get_secret_value())
         for url in (self.database_url, self.redis_url):

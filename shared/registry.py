@@ -18,6 +18,7 @@ JOB_TYPES: dict[str, JobType] = {
     for j in [
         JobType("echo", "echo", "No-op/echo job: the spine's own workload (sleep, fail on demand)."),
         JobType("housekeeping", "maintenance", "Prunes expired idempotency records (scheduled hourly)."),
+        JobType("embed_documents", "embed", "Embeds documents (inline or rows of a registered source) into pgvector."),
     ]
 }
 
@@ -27,10 +28,13 @@ class UnknownJobType(LookupError):
 
 
 def job_type(name: str) -> JobType:
-    try:
+    """By actor name, or by queue name when one job type owns that queue (`fleet enqueue embed ...`)."""
+    if name in JOB_TYPES:
         return JOB_TYPES[name]
-    except KeyError:
-        raise UnknownJobType(f"unknown job type {name!r}; registered: {', '.join(sorted(JOB_TYPES))}") from None
+    by_queue = [j for j in JOB_TYPES.values() if j.queue == name]
+    if len(by_queue) == 1:
+        return by_queue[0]
+    raise UnknownJobType(f"unknown job type {name!r}; registered: {', '.join(sorted(JOB_TYPES))}")
 
 
 def queues() -> list[str]:

@@ -120,3 +120,23 @@ def fleet(request, services, tmp_path_factory):
 def pgmq_fleet(services, tmp_path_factory):
     with started_fleet(services, "pgmq", tmp_path_factory.mktemp("workers-pgmq")) as f:
         yield f
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """The provider simulator on loopback, in this process; workers reach it over real HTTP."""
+    from shared.simulator import SimConfig, SimulatorServer
+
+    from .embedding_support import API_KEY
+
+    server = SimulatorServer(config=SimConfig(api_key=API_KEY)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_sim(sim):
+    from .embedding_support import reset_sim
+
+    reset_sim(sim)
+    return sim

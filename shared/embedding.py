@@ -1,0 +1,285 @@
+"""The embedding job: which documents, which are unchanged, provider batches, and the pgvector upsert.
+
+Tables and columns come only from code (TARGET_TABLES) and from EMBED_SOURCES in config; a job
+names a registered source or target, never an identifier of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from pgvector import Vector
+from pgvector.psycopg.vector import register_vector_info
+from psycopg import sql
+from psycopg.types import TypeInfo
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import events
+from .config import Settings, get_settings
+from .db import get_pool
+from .errors import PermanentError, describe
+from .providers.embeddings import EmbeddingsClient, InputTooLarge, estimate_tokens, plan_batches
+
+TARGET_TABLES = ("vector_documents", "code_vectors")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+UPSERT_COLUMNS = ("source_id", "chunk_index", "content", "metadata", "model", "content_hash", "embedding")
+
+
+class UnregisteredSource(PermanentError):
+    pass
+
+
+class Source(BaseModel):
+    """A content table registered in EMBED_SOURCES: {"docs": {"table": "public.docs", "id_column": "id",
+    "content_column": "body", "target": "vector_documents"}}"""
+
+    model_config = ConfigDict(extra="forbid")
+    table: str
+    id_column: str = "id"
+    content_column: str
+    target: str = "vector_documents"
+    metadata_columns: list[str] = Field(default_factory=list)
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        if not all(IDENTIFIER.match(part) for part in v.split(".")) or v.count(".") > 1:
+            raise ValueError(f"{v!r} is not a table name (schema.table)")
+        return v
+
+    @field_validator("id_column", "content_column")
+    @classmethod
+    def _column(cls, v: str) -> str:
+        if not IDENTIFIER.match(v):
+            raise ValueError(f"{v!r} is not a column name")
+        return v
+
+    @field_validator("metadata_columns")
+    @classmethod
+    def _columns(cls, v: list[str]) -> list[str]:
+        for c in v:
+            cls._column(c)
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        if v not in TARGET_TABLES:
+            raise ValueError(f"target must be one of {', '.join(TARGET_TABLES)}")
+        return v
+
+    def table_identifier(self) -> sql.Identifier:
+        return sql.Identifier(*self.table.split("."))
+
+
+def registered_sources(settings: Settings | None = None) -> dict[str, Source]:
+    settings = settings or get_settings()
+    sources = {}
+    for name, spec in settings.embed_sources.items():
+        try:
+            sources[name] = Source.model_validate(spec)
+        except ValidationError as e:
+            raise ValueError(f"EMBED_SOURCES[{name!r}] is invalid: {describe(e)}") from None
+    return sources
+
+
+def source(name: str, settings: Settings | None = None) -> Source:
+    sources = registered_sources(settings)
+    if name not in sources:
+        raise UnregisteredSource(f"unregistered source {name!r}; registered in EMBED_SOURCES: "
+                                 f"{', '.join(sorted(sources)) or '(none)'}")
+    return sources[name]
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Doc:
+    source_id: str
+    chunk_index: int
+    content: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.content)
+
+
+def chunk_text(text: str, max_tokens: int) -> list[str]:
+    """Split on whitespace into pieces of at most about max_tokens estimated tokens."""
+    limit = max_tokens * 4
+    if len(text.encode()) <= limit:
+        return [text]
+    chunks, current = [], ""
+    for word in re.split(r"(\s+)", text):
+        if current and len((current + word).encode()) > limit:
+            chunks.append(current.strip())
+            current = ""
+        while len(word.encode()) > limit:  # a "word" longer than a chunk is cut
+            chunks.append(word[: limit // 4])
+            word = word[limit // 4 :]
+        current += word
+    if current.strip():
+        chunks.append(current.strip())
+    return [c for c in chunks if c]
+
+
+# -- Postgres ---------------------------------------------------------------
+_vector_info: TypeInfo | None = None
+_vector_lock = threading.Lock()
+
+
+def with_vectors(conn: psycopg.Connection) -> psycopg.Connection:
+    """pgvector's binary dumper on this connection (the type's oid is looked up once per process)."""
+    global _vector_info
+    if _vector_info is None:
+        with _vector_lock:
+            if _vector_info is None:
+                _vector_info = TypeInfo.fetch(conn, "vector")
+    register_vector_info(conn, _vector_info)
+    return conn
+
+
+def vector_dim(conn: psycopg.Connection, table: str) -> int:
+    dim = conn.execute("select get_vector_dim(%s)", (table,)).fetchone()[0]
+    if not dim or dim < 1:
+        raise PermanentError(f"{table}.embedding has no fixed dimension")
+    return dim
+
+
+def unchanged(conn: psycopg.Connection, table: str, docs: list[Doc], model: str) -> set[tuple[str, int]]:
+    """Keys whose stored row has the same content hash and model: nothing to pay for."""
+    if not docs:
+        return set()
+    rows = conn.execute(
+        sql.SQL(
+            "select t.source_id, t.chunk_index from {} t"
+            " join unnest(%s::text[], %s::int[], %s::text[]) as d(source_id, chunk_index, content_hash)"
+            " using (source_id, chunk_index) where t.content_hash = d.content_hash and t.model = %s"
+        ).format(sql.Identifier(table)),
+        ([d.source_id for d in docs], [d.chunk_index for d in docs], [d.hash for d in docs], model),
+    ).fetchall()
+    return {(r[0], r[1]) for r in rows}
+
+
+def upsert_vectors(conn: psycopg.Connection, table: str, docs: list[Doc], vectors: list[list[float]], model: str,
+                   dim: int) -> int:
+    """Binary COPY into a temporary table, then one INSERT ... ON CONFLICT DO UPDATE."""
+    with_vectors(conn)
+    target = sql.Identifier(table)
+    columns = sql.SQL(", ").join(map(sql.Identifier, UPSERT_COLUMNS))
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(sql.SQL(
+            "create temp table if not exists embed_stage (source_id text, chunk_index int, content text,"
+            " metadata jsonb, model text, content_hash text, embedding vector({})) on commit delete rows"
+        ).format(sql.Literal(dim)))
+        with cur.copy(sql.SQL("copy embed_stage ({}) from stdin (format binary)").format(columns)) as copy:
+            copy.set_types(["text", "int4", "text", "jsonb", "text", "text", "vector"])
+            for doc, vec in zip(docs, vectors):
+                copy.write_row((doc.source_id, doc.chunk_index, doc.content, Jsonb(doc.metadata), model, doc.hash,
+                                Vector(vec)))
+        cur.execute(sql.SQL(
+            "insert into {target} ({columns}) select {columns} from embed_stage"
+            " on conflict (source_id, chunk_index) do update set content = excluded.content,"
+            " metadata = excluded.metadata, model = excluded.model, content_hash = excluded.content_hash,"
+            " embedding = excluded.embedding, updated_at = now()"
+        ).format(target=target, columns=columns))
+        return cur.rowcount
+
+
+def load_source_docs(conn: psycopg.Connection, name: str, ids: list[str], settings: Settings) -> tuple[list[Doc], list[str], Source]:
+    """Rows of a registered source, chunked; returns (docs, missing ids, source)."""
+    src = source(name, settings)
+    columns = [sql.SQL("{}::text").format(sql.Identifier(src.id_column)), sql.Identifier(src.content_column)]
+    columns += [sql.Identifier(c) for c in src.metadata_columns]
+    rows = conn.execute(
+        sql.SQL("select {} from {} where {}::text = any(%s)").format(
+            sql.SQL(", ").join(columns), src.table_identifier(), sql.Identifier(src.id_column)),
+        (ids,),
+    ).fetchall()
+    found = {r[0] for r in rows}
+    docs = []
+    for row in rows:
+        row_id, content = row[0], row[1] or ""
+        meta = {"source": name, "id": row_id} | {c: row[2 + i] for i, c in enumerate(src.metadata_columns)}
+        for i, piece in enumerate(chunk_text(content, settings.embed_chunk_tokens) if content.strip() else []):
+            docs.append(Doc(f"{name}:{row_id}", i, piece, meta | {"chunk": i}))
+    return docs, [i for i in ids if i not in found], src
+
+
+def delete_stale_chunks(conn: psycopg.Connection, table: str, docs: list[Doc], source_ids: list[str]) -> int:
+    """A source row that now has fewer chunks (or none) loses the extra ones."""
+    counts: dict[str, int] = {sid: 0 for sid in source_ids}
+    for d in docs:
+        counts[d.source_id] = max(counts.get(d.source_id, 0), d.chunk_index + 1)
+    return conn.execute(
+        sql.SQL("delete from {} t using unnest(%s::text[], %s::int[]) as k(source_id, n)"
+                " where t.source_id = k.source_id and t.chunk_index >= k.n").format(sql.Identifier(table)),
+        (list(counts), list(counts.values())),
+    ).rowcount
+
+
+@dataclass
+class EmbedStats:
+    embedded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    missing: int = 0
+    tokens: int = 0
+    batches: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsClient, *, trace: dict,
+                  settings: Settings, missing: int = 0) -> EmbedStats:
+    """Embed what changed, one provider batch at a time, each upserted as soon as it returns so a
+    retried job never pays again for finished batches."""
+    stats = EmbedStats(missing=missing)
+    started = time.monotonic()
+    with get_pool().connection() as conn:
+        dim = vector_dim(conn, table)
+        same = unchanged(conn, table, docs, model)
+    todo = [d for d in docs if (d.source_id, d.chunk_index) not in same]
+    stats.skipped = len(docs) - len(todo)
+    batches = plan_batches([d.content for d in todo], settings.embed_max_batch, settings.embed_max_tokens_per_request)
+    stats.batches = len(batches)
+    for n, batch in enumerate(batches, 1):
+        group = [todo[i] for i in batch]
+        done, vectors = _embed_group(group, model, dim, client, stats)
+        if done:
+            with get_pool().connection() as conn:
+                upsert_vectors(conn, table, done, vectors, model, dim)
+            stats.embedded += len(done)
+        events.emit("embed.status", **trace, batches_done=n, batches_total=len(batches), embedded=stats.embedded,
+                    table=table)
+    events.emit("embed.done", **trace, table=table, model=model, embedded=stats.embedded, skipped=stats.skipped,
+                failed=stats.failed, missing=stats.missing, tokens=stats.tokens, batches=stats.batches,
+                duration_ms=round((time.monotonic() - started) * 1000, 1), failures=stats.failures[:20])
+    return stats
+
+
+def _embed_group(group: list[Doc], model: str, dim: int, client: EmbeddingsClient, stats: EmbedStats):
+    try:
+        result = client.embed([d.content for d in group], model=model, expected_dim=dim)
+        stats.tokens += result.tokens or sum(estimate_tokens(d.content) for d in group)
+        return group, result.vectors
+    except InputTooLarge:
+        if len(group) == 1:
+            stats.failed += 1
+            stats.failures.append(f"{group[0].source_id}#{group[0].chunk_index}: too large for the provider")
+            return [], []
+    done, vectors = [], []
+    for doc in group:  # find which inputs the provider refuses
+        d, v = _embed_group([doc], model, dim, client, stats)
+        done += d
+        vectors += v
+    return done, vectors

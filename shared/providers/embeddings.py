@@ -1,0 +1,144 @@
+"""OpenAI-compatible embeddings client (DeepInfra by default).
+
+- always sends `encoding_format: "float"` (DeepInfra answers 400 to the null the OpenAI SDK sends)
+  and still reads base64 answers, which some providers return regardless;
+- plans batches by count (EMBED_MAX_BATCH) and by an estimated token budget per request;
+- splits a batch in half when the provider says it is too large (413, or 400 "too large/too long");
+- retries transient errors EMBED_PROVIDER_MAX_RETRIES times, honouring Retry-After;
+- checks the dimension of what comes back against the target column.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import httpx
+
+from ..config import Settings, get_settings
+from ..errors import PermanentError, ProviderError, TransientError
+from .http import bearer, call_with_retries, http_client, raise_for_provider
+
+PROVIDER = "embeddings"
+TOO_LARGE_HINTS = ("too large", "too long", "maximum context", "max tokens", "token limit", "exceeds")
+
+
+def estimate_tokens(text: str) -> int:
+    """About four bytes per token for BPE-style tokenizers; errs on the high side for non-ASCII text."""
+    return max(1, (len(text.encode()) + 3) // 4)
+
+
+def plan_batches(texts: Sequence[str], max_batch: int, max_tokens: int) -> list[list[int]]:
+    """Indexes grouped into requests of at most max_batch inputs and max_tokens estimated tokens."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i, text in enumerate(texts):
+        t = estimate_tokens(text)
+        if current and (len(current) >= max_batch or tokens + t > max_tokens):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += t
+    if current:
+        batches.append(current)
+    return batches
+
+
+class DimensionMismatch(PermanentError):
+    pass
+
+
+class InputTooLarge(PermanentError):
+    """The provider refuses this one input even alone."""
+
+
+@dataclass
+class EmbeddingResult:
+    vectors: list[list[float]]
+    tokens: int
+
+
+class EmbeddingsClient:
+    def __init__(self, settings: Settings | None = None, *, rate_limit: Callable[[], object] | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.base_url = self.settings.embedding_api_base
+        self.rate_limit = rate_limit  # a context-manager factory, acquired once per HTTP request
+        self.requests = 0
+
+    @property
+    def client(self) -> httpx.Client:
+        return http_client(self.base_url, timeout_s=self.settings.embed_timeout_s)
+
+    def embed(self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None) -> EmbeddingResult:
+        """Embed one planned batch, halving it while the provider says it is too large."""
+        model = model or self.settings.embedding_model_default
+        try:
+            return self._embed_once(list(texts), model, expected_dim)
+        except ProviderError as e:
+            if not self._too_large(e):
+                raise
+            if len(texts) == 1:
+                raise InputTooLarge(f"the provider refuses this input even alone ({estimate_tokens(texts[0])} "
+                                    f"estimated tokens): {e}") from None
+        half = len(texts) // 2
+        left = self.embed(texts[:half], model=model, expected_dim=expected_dim)
+        right = self.embed(texts[half:], model=model, expected_dim=expected_dim)
+        return EmbeddingResult(left.vectors + right.vectors, left.tokens + right.tokens)
+
+    @staticmethod
+    def _too_large(e: ProviderError) -> bool:
+        text = str(e).lower()
+        return e.status == 413 or (e.status == 400 and any(h in text for h in TOO_LARGE_HINTS))
+
+    def _embed_once(self, texts: list[str], model: str, expected_dim: int | None) -> EmbeddingResult:
+        key = self.settings.embedding_api_key.get_secret_value() if self.settings.embedding_api_key else None
+        body = {"model": model, "input": texts, "encoding_format": "float"}
+
+        def request() -> EmbeddingResult:
+            if self.rate_limit is not None:
+                with self.rate_limit():
+                    response = self._post(body, key)
+            else:
+                response = self._post(body, key)
+            raise_for_provider(PROVIDER, response)
+            return self._parse(response, len(texts), expected_dim)
+
+        return call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
+
+    def _post(self, body: dict, key: str | None) -> httpx.Response:
+        self.requests += 1
+        return self.client.post("/embeddings", json=body, headers=bearer(key))
+
+    @staticmethod
+    def _parse(response: httpx.Response, n: int, expected_dim: int | None) -> EmbeddingResult:
+        try:
+            data = response.json()
+            items = sorted(data["data"], key=lambda d: d.get("index", 0))
+            vectors = [_decode(item["embedding"]) for item in items]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # A cut or garbled body is the provider's transient fault: the call is retried.
+            raise TransientError(f"{PROVIDER} sent a malformed answer ({type(e).__name__})") from None
+        if len(vectors) != n:
+            raise TransientError(f"{PROVIDER} answered {len(vectors)} embeddings for {n} inputs")
+        if expected_dim is not None:
+            wrong = {len(v) for v in vectors if len(v) != expected_dim}
+            if wrong:
+                raise DimensionMismatch(
+                    f"the provider returned {sorted(wrong)[0]}-dimensional vectors but the target column is "
+                    f"vector({expected_dim}): use a {expected_dim}-dimensional model (EMBEDDING_MODEL_DEFAULT) "
+                    f"or migrate the column (see README: embedding dimension)"
+                )
+        usage = data.get("usage") or {}
+        return EmbeddingResult(vectors, int(usage.get("total_tokens") or usage.get("prompt_tokens") or 0))
+
+
+def _decode(embedding) -> list[float]:
+    if isinstance(embedding, str):  # base64 of little-endian float32
+        raw = base64.b64decode(embedding)
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    if not isinstance(embedding, list):
+        raise TypeError("embedding is neither a list nor base64")
+    return [float(x) for x in embedding]

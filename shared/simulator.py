@@ -1,0 +1,246 @@
+"""The provider simulator: an OpenAI-compatible HTTP server on loopback with settable latency and faults.
+
+The demo, the tests and the benchmarks talk to it over real HTTP, so the client code under test is
+the production code. Faithful where clients depend on it: DeepInfra's 400 for a null
+`encoding_format`, OpenAI's error body shape, `Retry-After` on 429, base64 embeddings on request.
+
+Control endpoints (not part of any provider's API):
+  POST /_sim/config   merge a JSON object into the settings (see SimConfig)
+  POST /_sim/reset    clear the request log and the one-shot faults
+  GET  /_sim/log      every request so far: path, time, status, inputs, options
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import math
+import random
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class SimConfig:
+    embedding_dim: int = 1024
+    latency_ms: float = 0.0  # per request
+    latency_per_input_ms: float = 0.0  # per embedding input
+    error_rate_5xx: float = 0.0
+    rate_429: float = 0.0
+    retry_after_s: float = 1.0
+    timeout_rate: float = 0.0
+    timeout_s: float = 30.0  # how long a "timed out" request hangs before answering 504
+    malformed_rate: float = 0.0
+    max_inputs: int | None = None  # more inputs in one request: 413, as providers do for oversized batches
+    api_key: str | None = None  # when set, any other bearer token gets 401
+    fail_next: list = field(default_factory=list)  # one-shot statuses for the next requests, e.g. [429, 500]
+    seed: int = 0
+
+
+class Simulator:
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.log: list[dict] = []
+        self.lock = threading.Lock()
+        self.random = random.Random(self.config.seed)
+
+    # -- faults ------------------------------------------------------------
+    def next_fault(self) -> int | str | None:
+        with self.lock:
+            c = self.config
+            if c.fail_next:
+                return c.fail_next.pop(0)
+            roll = self.random.random()
+        for rate, fault in ((c.error_rate_5xx, 500), (c.rate_429, 429), (c.timeout_rate, "timeout"),
+                            (c.malformed_rate, "malformed")):
+            if roll < rate:
+                return fault
+            roll -= rate
+        return None
+
+    def record(self, entry: dict) -> None:
+        with self.lock:
+            self.log.append(entry)
+
+    # -- embeddings --------------------------------------------------------
+    def vector(self, model: str, text: str) -> list[float]:
+        """Deterministic: the same model and text give the same unit vector."""
+        seed = int.from_bytes(hashlib.sha256(f"{model}\x00{text}".encode()).digest()[:8], "big")
+        rng = random.Random(seed)
+        v = [rng.gauss(0.0, 1.0) for _ in range(self.config.embedding_dim)]
+        norm = math.sqrt(sum(x * x for x in v)) or 1.0
+        return [x / norm for x in v]
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+
+
+def make_handler(sim: Simulator):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):
+            pass
+
+        def _send(self, status: int, body: bytes, headers: dict | None = None, ctype: str = "application/json"):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _body(self) -> dict | None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                return json.loads(raw or b"{}")
+            except ValueError:
+                return None
+
+        def do_GET(self):
+            if self.path == "/_sim/log":
+                with sim.lock:
+                    self._send(200, json.dumps(sim.log).encode())
+            elif self.path == "/_sim/config":
+                self._send(200, json.dumps(asdict(sim.config)).encode())
+            elif self.path in ("/health", "/v1/health", "/v1/health/"):
+                self._send(200, b'{"status": "ok"}')
+            else:
+                self._send(404, _error(404, f"no route {self.path}"))
+
+        def do_POST(self):
+            body = self._body()
+            if self.path == "/_sim/config":
+                with sim.lock:
+                    for k, v in (body or {}).items():
+                        if not hasattr(sim.config, k):
+                            self._send(400, _error(400, f"unknown simulator setting {k!r}"))
+                            return
+                        setattr(sim.config, k, v)
+                    sim.random = random.Random(sim.config.seed)
+                self._send(200, json.dumps(asdict(sim.config)).encode())
+                return
+            if self.path == "/_sim/reset":
+                with sim.lock:
+                    sim.log.clear()
+                    sim.config.fail_next = []
+                self._send(200, b"{}")
+                return
+            if self.path == "/v1/embeddings":
+                self.embeddings(body)
+                return
+            self._send(404, _error(404, f"no route {self.path}"))
+
+        def _auth_ok(self) -> bool:
+            key = sim.config.api_key
+            return key is None or self.headers.get("Authorization") == f"Bearer {key}"
+
+        def embeddings(self, body: dict | None):
+            t0 = time.time()
+            entry = {"path": self.path, "t": t0, "status": 200}
+            if body is None:
+                entry["status"] = 400
+                sim.record(entry)
+                self._send(400, _error(400, "could not parse the JSON body"))
+                return
+            inputs = body.get("input")
+            if isinstance(inputs, str):
+                inputs = [inputs]
+            entry.update(model=body.get("model"), n_inputs=len(inputs or []),
+                         encoding_format=body.get("encoding_format", "<absent>"), inputs=inputs)
+            status, payload, headers = self._embed_answer(body, inputs)
+            entry["status"] = status
+            sim.record(entry)
+            if status == "timeout":
+                time.sleep(sim.config.timeout_s)
+                status, payload = 504, _error(504, "upstream timed out", "server_error")
+            self._send(status, payload, headers)
+
+        def _embed_answer(self, body: dict, inputs):
+            c = sim.config
+            if not self._auth_ok():
+                return 401, _error(401, "Incorrect API key provided.", code="invalid_api_key"), {}
+            if "encoding_format" in body and body["encoding_format"] is None:
+                # DeepInfra's answer to the OpenAI SDK's default of sending null
+                return 400, _error(400, "encoding_format: Input should be 'float' or 'base64'"), {}
+            if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+                return 400, _error(400, "input must be a string or a non-empty list of strings"), {}
+            if c.max_inputs is not None and len(inputs) > c.max_inputs:
+                return 413, _error(413, f"request too large: {len(inputs)} inputs, at most {c.max_inputs}"), {}
+            time.sleep((c.latency_ms + c.latency_per_input_ms * len(inputs)) / 1000)
+            fault = sim.next_fault()
+            if fault == 429:
+                return 429, _error(429, "Rate limit reached", "rate_limit_error"), {"Retry-After": f"{c.retry_after_s:g}"}
+            if isinstance(fault, int):
+                return fault, _error(fault, "simulated provider failure", "server_error"), {}
+            if fault == "timeout":
+                return "timeout", b"", {}
+            if fault == "malformed":
+                return 200, b'{"object": "list", "data": [{"embedding": [0.1, ', {}
+            model = body.get("model") or "default"
+            as_base64 = body.get("encoding_format") == "base64"
+            data = []
+            tokens = 0
+            for i, text in enumerate(inputs):
+                vec = sim.vector(model, text)
+                tokens += max(1, len(text.encode()) // 4)
+                emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if as_base64 else vec
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+            answer = {"object": "list", "data": data, "model": model,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            return 200, json.dumps(answer).encode(), {}
+
+    return Handler
+
+
+class SimulatorServer:
+    """Runs the simulator in a thread of this process (tests) or as `fleet simulator` (demo, bench)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, config: SimConfig | None = None) -> None:
+        self.sim = Simulator(config)
+        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.sim))
+        self.httpd.daemon_threads = True
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "SimulatorServer":
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="simulator", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fleet simulator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8900)
+    p.add_argument("--config", default="{}", help="JSON object of SimConfig settings")
+    a = p.parse_args(argv)
+    server = SimulatorServer(a.host, a.port, SimConfig(**json.loads(a.config)))
+    print(f"simulator listening on {server.url}", flush=True)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

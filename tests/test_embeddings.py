@@ -1,0 +1,173 @@
+"""Embedding batches: real worker processes, real pgvector, the provider simulator over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from shared.embedding import content_hash
+
+from .conftest import started_fleet
+from .helpers import dead_letters, wait_for
+
+from .embedding_support import API_KEY, MODEL, docs, embed_env, sim_log, stored
+
+pytestmark = pytest.mark.usefixtures("fresh_sim")  # every test starts with a clean simulator
+
+
+@pytest.fixture(scope="module")
+def efleet(services, sim, tmp_path_factory):
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("create table if not exists test_docs (id bigserial primary key, body text not null, lang text)")
+    with started_fleet(services, "pgmq", tmp_path_factory.mktemp("embed"), **embed_env(sim)) as f:
+        yield f
+
+
+def test_upsert_and_idempotency(efleet, sim):
+    prefix = f"idem-{uuid.uuid4().hex[:8]}"
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": docs(prefix, 10)}, trace_id=trace)
+    evs = efleet.wait_done(trace, 1)
+    rows = stored(efleet.dsn, prefix)
+    assert len(rows) == 10
+    row = rows[f"{prefix}-3"]
+    assert row[2] == content_hash(f"{prefix} document number 3") and row[3] == MODEL
+    expected = sim.sim.vector(MODEL, f"{prefix} document number 3")
+    got = json.loads(row[4])
+    assert len(got) == 1024 and max(abs(a - b) for a, b in zip(got, expected)) < 1e-6
+    done = [e for e in evs if e["type"] == "embed.done"][0]["payload"]
+    assert done["embedded"] == 10 and done["skipped"] == 0 and done["tokens"] > 0
+    assert [e["payload"]["batches_done"] for e in evs if e["type"] == "embed.status"] == [1]
+    first_requests = sim_log(sim)
+    assert sum(r["n_inputs"] for r in first_requests) == 10
+    assert all(r["encoding_format"] == "float" for r in first_requests)
+
+    again = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": docs(prefix, 10)}, trace_id=again)
+    evs = efleet.wait_done(again, 1)
+    assert len(stored(efleet.dsn, prefix)) == 10
+    assert sim_log(sim) == first_requests  # unchanged content: no provider call at all
+    done = [e for e in evs if e["type"] == "embed.done"][0]["payload"]
+    assert done["embedded"] == 0 and done["skipped"] == 10
+
+    changed = docs(prefix, 10)
+    changed[4]["content"] = "a new text for document four"
+    third = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": changed}, trace_id=third)
+    efleet.wait_done(third, 1)
+    assert [r["inputs"] for r in sim_log(sim)[len(first_requests):]] == [["a new text for document four"]]
+    assert stored(efleet.dsn, prefix)[f"{prefix}-4"][1] == "a new text for document four"
+
+
+def test_batch_is_split_when_the_provider_says_too_large(efleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"max_inputs": 3})
+    prefix = f"split-{uuid.uuid4().hex[:8]}"
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": docs(prefix, 10), "table": "code_vectors"}, trace_id=trace)
+    efleet.wait_done(trace, 1)
+    assert len(stored(efleet.dsn, prefix, "code_vectors")) == 10
+    log = sim_log(sim)
+    assert log[0]["status"] == 413 and log[0]["n_inputs"] == 10
+    assert sum(r["n_inputs"] for r in log if r["status"] == 200) == 10
+    assert all(r["n_inputs"] <= 3 for r in log if r["status"] == 200)
+
+
+def test_retry_after_is_honoured(efleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [429], "retry_after_s": 1.2})
+    prefix = f"ra-{uuid.uuid4().hex[:8]}"
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": docs(prefix, 2)}, trace_id=trace)
+    efleet.wait_done(trace, 1)
+    first, second = sim_log(sim)[:2]
+    assert first["status"] == 429 and second["status"] == 200
+    assert second["t"] - first["t"] >= 1.15
+    assert len(stored(efleet.dsn, prefix)) == 2
+
+
+def test_401_is_dead_lettered_at_once_without_the_key(efleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"api_key": "a-different-key"})
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": docs("unauth", 1)}, trace_id=trace)
+    efleet.wait_done(trace, 1)
+    (dl,) = dead_letters(efleet.dsn, trace)
+    assert "embeddings answered 401: Incorrect API key provided." in dl["reason"]
+    assert dl["reason"].startswith("permanent error: ProviderError")
+    assert len(sim_log(sim)) == 1  # permanent: not retried
+    assert API_KEY not in dl["reason"] and API_KEY not in efleet.workers.logs()
+
+
+def test_dimension_mismatch_is_a_clear_permanent_error(efleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"embedding_dim": 768})
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": docs("dim", 2)}, trace_id=trace)
+    efleet.wait_done(trace, 1)
+    (dl,) = dead_letters(efleet.dsn, trace)
+    assert "the provider returned 768-dimensional vectors but the target column is vector(1024)" in dl["reason"]
+    assert len(sim_log(sim)) == 1
+
+
+def test_unregistered_source_and_bad_payloads_are_rejected(efleet):
+    trace = efleet.trace()
+    efleet.client.enqueue_many("embed_documents", [
+        {"source": "no_such_source", "ids": [1]},
+        {"source": "docs", "ids": [1], "table": "pg_authid"},
+        {"documents": [{"source_id": "x", "content": "y"}], "table": "users; drop table x"},
+    ], trace_id=trace)
+    efleet.wait_done(trace, 3)
+    reasons = sorted(d["reason"] for d in dead_letters(efleet.dsn, trace))
+    assert any("unregistered source 'no_such_source'; registered in EMBED_SOURCES: docs" in r for r in reasons)
+    assert sum("table: Input should be 'vector_documents' or 'code_vectors'" in r for r in reasons) == 2
+
+
+def test_trigger_enqueues_and_rows_get_embeddings(efleet, sim):
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        conn.execute("drop trigger if exists test_docs_embed_insert on test_docs")
+        conn.execute("drop trigger if exists test_docs_embed_update on test_docs")
+        conn.execute("create trigger test_docs_embed_insert after insert on test_docs referencing new table as new_rows"
+                     " for each statement execute function fleet_enqueue_embedding('docs', 'id', '3')")
+        conn.execute("create trigger test_docs_embed_update after update on test_docs referencing new table as new_rows"
+                     " for each statement execute function fleet_enqueue_embedding('docs', 'id')")
+        ids = [r[0] for r in conn.execute(
+            "insert into test_docs (body, lang) select 'row text ' || g, 'en' from generate_series(1, 7) g returning id")]
+    keys = {f"docs:{i}" for i in ids}
+
+    def embedded():
+        with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+            rows = conn.execute("select source_id, content, metadata from vector_documents where source_id = any(%s)",
+                                (list(keys),)).fetchall()
+        return rows if len(rows) == 7 else None
+
+    rows = wait_for(embedded, 30, what="the inserted rows' embeddings")
+    meta = {r[0]: r[2] for r in rows}
+    assert meta[f"docs:{ids[0]}"] == {"source": "docs", "id": str(ids[0]), "lang": "en", "chunk": 0}
+    jobs = [r for r in sim_log(sim) if r["status"] == 200]
+    assert sum(r["n_inputs"] for r in jobs) == 7
+
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        conn.execute("update test_docs set body = 'changed text' where id = %s", (ids[0],))
+    wait_for(lambda: stored(efleet.dsn, f"docs:{ids[0]}")[f"docs:{ids[0]}"][1] == "changed text", 30,
+             what="the updated row's new embedding")
+
+
+def test_match_functions_return_the_nearest_rows(efleet, sim):
+    prefix = f"match-{uuid.uuid4().hex[:8]}"
+    trace = efleet.trace()
+    efleet.client.enqueue_many("embed_documents", [
+        {"documents": docs(prefix, 6)},
+        {"documents": docs(prefix, 6), "table": "code_vectors"},
+    ], trace_id=trace)
+    efleet.wait_done(trace, 2)
+    query = sim.sim.vector(MODEL, f"{prefix} document number 2")
+    literal = "[" + ",".join(map(str, query)) + "]"
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        code = conn.execute("select source_id, similarity from match_code_vectors(%s::vector, 3, %s::jsonb)",
+                            (literal, json.dumps({"n": 2, "batch": prefix}))).fetchall()
+        knowledge = conn.execute(
+            "select source_id, similarity from match_agent_knowledge_vectors(%s::vector, 3)", (literal,)).fetchall()
+    assert code[0][0] == f"{prefix}-2" and code[0][1] > 0.999 and len(code) == 1  # the filter keeps one row
+    assert knowledge[0][0] == f"{prefix}-2" and knowledge[0][1] > 0.999
+    assert knowledge[1][1] < 0.5  # random unit vectors in 1024 dimensions are nearly orthogonal

@@ -1,0 +1,77 @@
+"""`embed_documents` on queue `embed`: documents into pgvector through an OpenAI-compatible provider."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from dramatiq.middleware import CurrentMessage
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.config import get_settings
+from shared.db import get_pool
+from shared.embedding import TARGET_TABLES, Doc, delete_stale_chunks, load_source_docs, run_embedding
+from shared.errors import PermanentError
+from shared.middleware.events import job_fields
+from shared.providers.embeddings import EmbeddingsClient
+from shared.ratelimit import per_minute
+
+from .actor import job
+
+
+class InlineDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source_id: str = Field(min_length=1, max_length=512)
+    chunk_index: int = Field(0, ge=0, le=1_000_000)
+    content: str = Field(min_length=1, max_length=200_000)
+    metadata: dict = Field(default_factory=dict)
+
+
+class EmbedJob(BaseModel):
+    """Either inline `documents` (into `table`), or `source` + `ids` naming rows of a registered source."""
+
+    model_config = ConfigDict(extra="forbid")
+    documents: list[InlineDocument] | None = Field(None, min_length=1, max_length=10_000)
+    table: Literal[TARGET_TABLES] | None = None  # type: ignore[valid-type]
+    source: str | None = Field(None, min_length=1, max_length=100)
+    ids: list[str | int] | None = Field(None, min_length=1, max_length=10_000)
+    model: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "EmbedJob":
+        if (self.documents is None) == (self.source is None):
+            raise ValueError("give either documents, or source and ids")
+        if self.source is not None and self.ids is None:
+            raise ValueError("a source job needs ids")
+        if self.source is not None and self.table is not None:
+            raise ValueError("a source's target table comes from EMBED_SOURCES, not from the job")
+        return self
+
+
+def _client(settings) -> EmbeddingsClient:
+    limiter = per_minute("embeddings", settings.embed_rate_limit_per_min)
+    return EmbeddingsClient(settings, rate_limit=limiter.acquire if limiter else None)
+
+
+@job(EmbedJob, min_backoff=2_000, max_backoff=300_000)
+def embed_documents(job: EmbedJob) -> None:
+    settings = get_settings()
+    message = CurrentMessage.get_current_message()
+    trace = job_fields(message) if message else {}
+    model = job.model or settings.embedding_model_default
+    missing: list[str] = []
+    if job.documents is not None:
+        docs = [Doc(d.source_id, d.chunk_index, d.content, d.metadata) for d in job.documents]
+        table = job.table or "vector_documents"
+    else:
+        ids = [str(i) for i in job.ids or []]
+        with get_pool().connection() as conn:
+            docs, missing, src = load_source_docs(conn, job.source, ids, settings)
+        table = src.target
+    stats = run_embedding(docs, table, model, _client(settings), trace=trace, settings=settings, missing=len(missing))
+    if job.source is not None:
+        found = [f"{job.source}:{i}" for i in (str(x) for x in job.ids or []) if i not in missing]
+        with get_pool().connection() as conn:
+            delete_stale_chunks(conn, table, docs, found)
+    if stats.failed:
+        raise PermanentError(f"{stats.failed} of {len(docs)} document(s) could not be embedded "
+                             f"(the rest are stored): {'; '.join(stats.failures[:5])}")
