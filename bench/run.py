@@ -27,12 +27,16 @@ MEASUREMENTS = [
     ("raw pgmq read+delete", ["raw-pgmq", "--jobs", "50000"], {}),
     ("bulk enqueue", ["enqueue", "--jobs", "50000"], {}),
     ("idle pickup", ["pickup", "--samples", "300"], {}),
+    ("pgvector upsert", ["upsert"], {"module": "bench.embed"}),
+    ("embedding end to end", ["docs"], {"module": "bench.embed"}),
 ]
 
 
 def measure(args: list[str], env_extra: dict) -> dict[str, float]:
+    env_extra = dict(env_extra)
+    module = env_extra.pop("module", "bench.drain")
     env = dict(os.environ) | env_extra
-    out = subprocess.run([sys.executable, "-m", "bench.drain", *args], env=env, cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"benchmark {args} failed:\n{out.stderr[-3000:]}")
@@ -66,7 +70,7 @@ def main() -> int:
         for label, args, env in MEASUREMENTS:
             t = time.monotonic()
             got = measure(args, env)
-            if env:
+            if "dramatiq_queue_prefetch" in env:
                 got = {f"{k}_prefetch64": v for k, v in got.items()}
             figures |= got
             print(f"# {label} ({time.monotonic() - t:.1f}s)", flush=True)
@@ -84,6 +88,11 @@ def main() -> int:
         ("PgmqBroker drain / raw pgmq read+delete", figures["drain_pgmq_jobs_per_s"] / figures["raw_pgmq_read_delete_per_s"], "-"),
         ("full fleet stack drain / StubBroker ceiling", figures["drain_pgmq_fleet_jobs_per_s"] / figures["drain_stub_jobs_per_s"], "-"),
         ("SDK bulk enqueue / raw send_batch", figures["enqueue_sdk_jobs_per_s"] / figures["enqueue_raw_send_batch_per_s"], ">= 0.8"),
+        ("embedding docs/s / provider-bound limit", figures["embed_docs_per_s"] / figures["embed_provider_bound_docs_per_s"], ">= 0.9"),
+        ("pgvector upsert, binary COPY / executemany (HNSW index)",
+         figures["upsert_copy_hnsw_rows_per_s"] / figures["upsert_executemany_hnsw_rows_per_s"], ">= 10"),
+        ("pgvector upsert, binary COPY / executemany (no index)",
+         figures["upsert_copy_noindex_rows_per_s"] / figures["upsert_executemany_noindex_rows_per_s"], ">= 10"),
     ]
     print()
     for name, value, target in ratios:

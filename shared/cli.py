@@ -154,9 +154,13 @@ def _read_payloads(args) -> list:
         raise SystemExit(f"fleet enqueue: the payload is not JSON: {e}")
 
 
+def _is_document(p) -> bool:
+    return isinstance(p, dict) and "content" in p and "source_id" in p
+
+
 def cmd_enqueue(args) -> int:
     from .client import FleetClient
-    from .registry import UnknownJobType
+    from .registry import UnknownJobType, job_type
 
     payloads = _read_payloads(args)
     keys = None
@@ -168,7 +172,11 @@ def cmd_enqueue(args) -> int:
         keys = [str(p.pop("idempotency_key")) for p in payloads]
     try:
         client = FleetClient()
-        done = client.enqueue_many(args.job, payloads, idempotency_keys=keys, trace_id=args.trace_id)
+        if job_type(args.job).name == "embed_documents" and args.file and all(_is_document(p) for p in payloads):
+            # a JSONL file of documents: grouped into jobs
+            done = client.embed_documents(payloads, table=args.table, trace_id=args.trace_id)
+        else:
+            done = client.enqueue_many(args.job, payloads, idempotency_keys=keys, trace_id=args.trace_id)
     except (UnknownJobType, ValueError) as e:
         print(f"fleet enqueue: {e}", file=sys.stderr)
         return 2
@@ -178,6 +186,22 @@ def cmd_enqueue(args) -> int:
         print(json.dumps({"job_id": d.job_id, "trace_id": d.trace_id, "queue": d.queue, "duplicate": d.duplicate}))
     else:
         print(f"enqueued {len(new)} job(s) on {args.job}" + (f", {len(done) - len(new)} duplicate(s) skipped" if len(new) < len(done) else ""))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .embedding import search
+
+    try:
+        rows = search(args.text, table=args.table, k=args.k, filter=json.loads(args.filter))
+    except ValueError as e:
+        print(f"fleet search: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['similarity']:.4f}  {r['source_id']}#{r['chunk_index']}  {r['content'][:100]!r}")
     return 0
 
 
@@ -282,7 +306,8 @@ def cmd_events(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(jobs=args.jobs, processes=args.processes, threads=args.threads, keep_services=args.keep_services)
+    return run_demo(jobs=args.jobs, processes=args.processes, threads=args.threads, keep_services=args.keep_services,
+                    documents=args.documents)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--file", help="JSONL file, one payload per line ('-' for stdin)")
     s.add_argument("--key", help="idempotency key: a repeated key enqueues nothing new")
     s.add_argument("--trace-id")
+    s.add_argument("--table", choices=["vector_documents", "code_vectors"], help="embed: where a documents file goes")
     s.set_defaults(func=cmd_enqueue)
+
+    s = sub.add_parser("search", help="embed a query and return the nearest stored chunks")
+    s.add_argument("text")
+    s.add_argument("--table", choices=["vector_documents", "code_vectors"], default="vector_documents")
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--filter", default="{}", help="JSON object the chunks' metadata must contain")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("simulator", help="run the provider simulator (OpenAI-compatible) on loopback")
+    s.add_argument("--port", type=int, default=8900)
+    s.add_argument("--config", default="{}", help="JSON object of simulator settings")
+    s.set_defaults(func=lambda a: __import__("shared.simulator", fromlist=["main"]).main(
+        ["--port", str(a.port), "--config", a.config]))
 
     s = sub.add_parser("status", help="per queue: depth, oldest age, in flight, recent outcomes, dead letters")
     s.add_argument("--json", action="store_true")
@@ -347,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_events)
 
     s = sub.add_parser("demo", help="start everything, run a mixed workload, show progress and a summary")
-    s.add_argument("--jobs", type=int, default=5000)
+    s.add_argument("--jobs", type=int, default=5000, help="echo jobs")
+    s.add_argument("--documents", type=int, default=3000, help="documents to embed")
     s.add_argument("--processes", type=int, default=2)
     s.add_argument("--threads", type=int, default=8)
     s.add_argument("--keep-services", action="store_true", help="leave the embedded services running afterwards")

@@ -83,6 +83,23 @@ class FleetClient:
             results[i] = Enqueued(job_id, trace, jt.queue)
         return [results[i] for i in range(len(payloads))]
 
+    # -- job families ------------------------------------------------------
+    def embed_documents(self, documents: Iterable[dict], *, table: str | None = None, model: str | None = None,
+                        docs_per_job: int = 256, trace_id: str | None = None) -> list[Enqueued]:
+        """Embed documents ({source_id, chunk_index, content, metadata}) into `table`
+        (vector_documents or code_vectors), in jobs of `docs_per_job` documents."""
+        docs = list(documents)
+        extra = {k: v for k, v in (("table", table), ("model", model)) if v is not None}
+        payloads = [{"documents": docs[i : i + docs_per_job]} | extra for i in range(0, len(docs), docs_per_job)]
+        return self.enqueue_many("embed_documents", payloads, trace_id=trace_id)
+
+    def embed_rows(self, source: str, ids: Iterable[str | int], *, ids_per_job: int = 256,
+                   trace_id: str | None = None) -> list[Enqueued]:
+        """Embed rows of a source registered in EMBED_SOURCES."""
+        ids = list(ids)
+        payloads = [{"source": source, "ids": ids[i : i + ids_per_job]} for i in range(0, len(ids), ids_per_job)]
+        return self.enqueue_many("embed_documents", payloads, trace_id=trace_id)
+
     def _send(self, name: str, payloads: list, trace_id: str | None, delay_ms: int | None,
               preassigned: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
         if not payloads:

@@ -39,7 +39,72 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
         proc.wait()
 
 
-def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_services: bool = False) -> int:
+def start_simulator(config: dict) -> tuple[subprocess.Popen, str]:
+    """The provider simulator as its own process, for a demo or benchmark with no provider configured."""
+    import json
+
+    import httpx
+
+    from .services import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "shared.simulator", "--port", str(port), "--config", json.dumps(config)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=0.5)
+            return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the provider simulator did not start")
+            time.sleep(0.05)
+
+
+def _embed_progress(conn, trace_id: str) -> tuple[int, int, int, int]:
+    """(batches done, batches planned, jobs finished, documents embedded) from bus_events."""
+    row = conn.execute(
+        "select count(*) filter (where type = 'embed.status'),"
+        " coalesce(sum((payload->>'batches')::int) filter (where type = 'embed.done'), 0),"
+        " count(*) filter (where type = 'embed.done'),"
+        " coalesce(sum((payload->>'embedded')::int) filter (where type = 'embed.done'), 0)"
+        " from bus_events where trace_id = %s and type in ('embed.status', 'embed.done')",
+        (trace_id,),
+    ).fetchone()
+    return row[0], row[1], row[2], row[3]
+
+
+def demo_embeddings(client, connect, documents: int, workers) -> bool:
+    trace_id = str(uuid.uuid4())
+    rng = random.Random(11)
+    words = ("agent memory vector queue worker billing provider latency cohort template upgrade embedding "
+             "retry backoff trace event postgres redis stream token batch").split()
+    docs = [{"source_id": f"demo-doc-{i}", "chunk_index": 0, "metadata": {"demo": True},
+             "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 60)))} for i in range(documents)]
+    t0 = time.monotonic()
+    jobs = client.embed_documents(docs, docs_per_job=256, trace_id=trace_id)
+    print(f"  embedding {documents} documents in {len(jobs)} jobs (batches of up to 64 per provider call), trace {trace_id}")
+    with connect() as conn:
+        while True:
+            done, planned, finished, embedded = _embed_progress(conn, trace_id)
+            total = max(planned, done) if finished == len(jobs) else max(done + 1, planned, len(jobs))
+            print("\r  batches " + _bar(done, total), end="", flush=True)
+            if finished >= len(jobs):
+                break
+            if time.monotonic() - t0 > 300 or workers.poll() is not None:
+                print("\nfleet demo: the embedding jobs did not finish", file=sys.stderr)
+                return False
+            time.sleep(0.2)
+        stored = conn.execute("select count(*) from vector_documents where source_id like 'demo-doc-%%'").fetchone()[0]
+    elapsed = time.monotonic() - t0
+    print(f"\n    embedded {embedded} documents ({documents - embedded} unchanged, skipped) in {elapsed:.1f}s: "
+          f"{documents / elapsed:,.0f} docs/s; vector_documents holds {stored} demo rows")
+    return True
+
+
+def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_services: bool = False,
+             documents: int = 3000) -> int:
     from .cli import worker_command, worker_env
     from .client import FleetClient
     from .db import connect
@@ -55,8 +120,14 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
         migrate(conn)
     print(f"  services up and migrated in {time.monotonic() - t0:.1f}s")
 
+    simulator = None
     metrics_port = free_port()
     env = worker_env(None, metrics_port)
+    if settings.embedding_api_key is None:
+        simulator, sim_url = start_simulator({"latency_ms": 40, "latency_per_input_ms": 0.5})
+        env["EMBEDDING_API_BASE"] = f"{sim_url}/v1"
+        os.environ["EMBEDDING_API_BASE"] = env["EMBEDDING_API_BASE"]
+        print(f"  no EMBEDDING_API_KEY: using the provider simulator at {sim_url} (40 ms a request)")
     workers = subprocess.Popen(worker_command(None, processes, threads, metrics_port), env=env,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -103,9 +174,13 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
         print(f"    dead     {counts.get('job.dead', 0)}  (see: fleet dlq list --queue echo)")
         print(f"    rate     {jobs / elapsed:,.0f} jobs/s over {elapsed:.1f}s")
         print(f"    story    fleet events --trace {trace_id} | head")
+        if documents and not demo_embeddings(client, connect, documents, workers):
+            return 1
         return 0
     finally:
         stop_process(workers)
+        if simulator is not None:
+            stop_process(simulator, 5)
         if not keep_services:
             if started_redis:
                 EmbeddedRedis(settings.home).down()

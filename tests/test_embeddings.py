@@ -171,3 +171,39 @@ def test_match_functions_return_the_nearest_rows(efleet, sim):
     assert code[0][0] == f"{prefix}-2" and code[0][1] > 0.999 and len(code) == 1  # the filter keeps one row
     assert knowledge[0][0] == f"{prefix}-2" and knowledge[0][1] > 0.999
     assert knowledge[1][1] < 0.5  # random unit vectors in 1024 dimensions are nearly orthogonal
+
+
+def test_cli_enqueues_a_documents_file_and_searches(efleet, sim, tmp_path):
+    import os
+
+    from .test_cli_and_services import fleet_cli
+
+    prefix = f"cli-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs(prefix, 300)) + "\n")
+    env = dict(os.environ) | embed_env(sim)
+    trace = str(uuid.uuid4())
+    out = fleet_cli("enqueue", "embed", "--file", str(path), "--trace-id", trace, env=env).stdout
+    assert "enqueued 2 job(s) on embed" in out  # 300 documents, 256 per job
+    efleet.wait_done(trace, 2)
+    assert len(stored(efleet.dsn, prefix)) == 300
+    found = json.loads(fleet_cli("search", f"{prefix} document number 17", "-k", "3", "--json", env=env).stdout)
+    assert found[0]["source_id"] == f"{prefix}-17" and found[0]["similarity"] > 0.999
+    assert len(found) == 3
+
+
+def test_sdk_embed_documents_and_rows(efleet, sim):
+    prefix = f"sdk-{uuid.uuid4().hex[:8]}"
+    trace = str(uuid.uuid4())
+    jobs = efleet.client.embed_documents(docs(prefix, 5), table="code_vectors", docs_per_job=2, trace_id=trace)
+    assert len(jobs) == 3
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        ids = [r[0] for r in conn.execute(
+            "insert into test_docs (body) select %s || g from generate_series(1, 4) g returning id", (prefix,))]
+    efleet.client.embed_rows("docs", ids, ids_per_job=3, trace_id=trace)
+    efleet.wait_done(trace, 5)
+    assert len(stored(efleet.dsn, prefix, "code_vectors")) == 5
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        n = conn.execute("select count(*) from vector_documents where source_id = any(%s)",
+                         ([f"docs:{i}" for i in ids],)).fetchone()[0]
+    assert n == 4
