@@ -26,6 +26,7 @@ from . import events
 from .config import Settings, get_settings
 from .db import get_pool
 from .errors import PermanentError, describe
+from .metrics import metrics
 from .providers.embeddings import EmbeddingsClient, InputTooLarge, estimate_tokens, plan_batches
 
 TARGET_TABLES = ("vector_documents", "code_vectors")
@@ -259,11 +260,15 @@ def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsCli
     batches = plan_batches([d.content for d in todo], settings.embed_max_batch, settings.embed_max_tokens_per_request)
     stats.batches = len(batches)
 
+    m = metrics()
+
     def store(n: int, done: list[Doc], vectors: list[list[float]]) -> None:
         if done:
             with get_pool().connection() as conn:
                 upsert_vectors(conn, table, done, vectors, model, dim)
             stats.embedded += len(done)
+            m.embed_batches.labels(table).inc()
+            m.embed_documents.labels(table, "embedded").inc(len(done))
         events.emit("embed.status", **trace, batches_done=n, batches_total=len(batches), embedded=stats.embedded,
                     table=table)
 
@@ -277,6 +282,8 @@ def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsCli
             pending = writer.submit(store, n, done, vectors)
         if pending is not None:
             pending.result()
+    m.embed_documents.labels(table, "skipped").inc(stats.skipped)
+    m.embed_documents.labels(table, "failed").inc(stats.failed)
     events.emit("embed.done", **trace, table=table, model=model, embedded=stats.embedded, skipped=stats.skipped,
                 failed=stats.failed, missing=stats.missing, tokens=stats.tokens, batches=stats.batches,
                 duration_ms=round((time.monotonic() - started) * 1000, 1), failures=stats.failures[:20])

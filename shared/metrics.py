@@ -36,6 +36,15 @@ class _Metrics:
         self.job_seconds = prom.Histogram("fleet_job_duration_seconds", "Job run time in seconds.", ["queue", "actor"],
                                           buckets=tuple(b / 1000 for b in DURATION_BUCKETS_MS))
         self.enqueued = prom.Counter("fleet_jobs_enqueued_total", "Jobs enqueued by this process.", ["queue"])
+        self.provider_requests = prom.Counter("fleet_provider_requests_total", "HTTP requests to providers, by status.",
+                                              ["provider", "status"])
+        self.provider_latency = prom.Histogram("fleet_provider_request_seconds", "Provider request latency.",
+                                               ["provider"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.provider_tokens = prom.Counter("fleet_provider_tokens_total", "Tokens reported by providers.",
+                                            ["provider", "kind"])
+        self.embed_documents = prom.Counter("fleet_embed_documents_total", "Documents by outcome (embedded, skipped, failed).",
+                                            ["table", "outcome"])
+        self.embed_batches = prom.Counter("fleet_embed_batches_total", "Provider batches embedded and stored.", ["table"])
         self.worker_processes = prom.Gauge("fleet_worker_processes", "Worker processes running.", ["queues"],
                                            multiprocess_mode="livesum")
 

@@ -19,7 +19,8 @@ import httpx
 
 from ..config import Settings, get_settings
 from ..errors import PermanentError, ProviderError, TransientError
-from .http import bearer, call_with_retries, http_client, raise_for_provider
+from ..metrics import metrics
+from .http import bearer, call_with_retries, http_client, raise_for_provider, timed_post
 
 PROVIDER = "embeddings"
 TOO_LARGE_HINTS = ("too large", "too long", "maximum context", "max tokens", "token limit", "exceeds")
@@ -110,7 +111,7 @@ class EmbeddingsClient:
 
     def _post(self, body: dict, key: str | None) -> httpx.Response:
         self.requests += 1
-        return self.client.post("/embeddings", json=body, headers=bearer(key))
+        return timed_post(self.client, PROVIDER, "/embeddings", body, bearer(key))
 
     @staticmethod
     def _parse(response: httpx.Response, n: int, expected_dim: int | None) -> EmbeddingResult:
@@ -132,7 +133,9 @@ class EmbeddingsClient:
                     f"or migrate the column (see README: embedding dimension)"
                 )
         usage = data.get("usage") or {}
-        return EmbeddingResult(vectors, int(usage.get("total_tokens") or usage.get("prompt_tokens") or 0))
+        tokens = int(usage.get("total_tokens") or usage.get("prompt_tokens") or 0)
+        metrics().provider_tokens.labels(PROVIDER, "input").inc(tokens)
+        return EmbeddingResult(vectors, tokens)
 
 
 def _decode(embedding) -> list[float]:

@@ -39,6 +39,25 @@ def http_client(base_url: str, *, timeout_s: float = 30.0, max_connections: int 
         return client
 
 
+def timed_post(client: httpx.Client, provider: str, path: str, body: dict, headers: dict) -> httpx.Response:
+    """POST and record latency and status (`timeout`/`error` when no answer came) in the provider metrics."""
+    from ..metrics import metrics
+
+    m = metrics()
+    started = time.monotonic()
+    try:
+        response = client.post(path, json=body, headers=headers)
+    except httpx.TimeoutException:
+        m.provider_requests.labels(provider, "timeout").inc()
+        raise
+    except httpx.TransportError:
+        m.provider_requests.labels(provider, "error").inc()
+        raise
+    m.provider_latency.labels(provider).observe(time.monotonic() - started)
+    m.provider_requests.labels(provider, str(response.status_code)).inc()
+    return response
+
+
 def raise_for_provider(provider: str, response: httpx.Response) -> None:
     """An error status becomes a ProviderError carrying its class and Retry-After; never the request's headers."""
     if response.status_code < 400:
