@@ -189,6 +189,22 @@ def cmd_enqueue(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .client import FleetClient
+
+    stream = FleetClient().stream_chat(args.session, args.question, model=args.model, max_tokens=args.max_tokens,
+                                       idempotency_key=args.key, timeout_s=args.timeout)
+    for delta in stream:
+        print(delta, end="", flush=True)
+    print()
+    if stream.status != "complete":
+        print(f"fleet chat: the answer is {stream.status}: {(stream.error or {}).get('message')}", file=sys.stderr)
+        return 1
+    if args.usage:
+        print(json.dumps(stream.usage), file=sys.stderr)
+    return 0
+
+
 def cmd_search(args) -> int:
     from .embedding import search
 
@@ -346,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace-id")
     s.add_argument("--table", choices=["vector_documents", "code_vectors"], help="embed: where a documents file goes")
     s.set_defaults(func=cmd_enqueue)
+
+    s = sub.add_parser("chat", help="ask a question and print the answer as it streams")
+    s.add_argument("question")
+    s.add_argument("--session", required=True)
+    s.add_argument("--model")
+    s.add_argument("--max-tokens", type=int)
+    s.add_argument("--key", help="idempotency key: asking again returns the stored answer")
+    s.add_argument("--timeout", type=float, default=300)
+    s.add_argument("--usage", action="store_true", help="print the token usage on stderr")
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("search", help="embed a query and return the nearest stored chunks")
     s.add_argument("text")

@@ -37,9 +37,9 @@ class Enqueued:
 
 
 class FleetClient:
-    def __init__(self, broker: Broker | None = None) -> None:
-        self.broker = broker or build_broker()
-        self.settings = get_settings()
+    def __init__(self, broker: Broker | None = None, settings=None) -> None:
+        self.settings = settings or get_settings()
+        self.broker = broker or build_broker(self.settings)
 
     def message(self, name: str, payload: Any, trace_id: str | None = None) -> dramatiq.Message:
         """A dramatiq message for a registered job type (the unit the per-message path enqueues)."""
@@ -53,7 +53,15 @@ class FleetClient:
         return message
 
     def enqueue(self, name: str, payload: Any, *, idempotency_key: str | None = None, trace_id: str | None = None,
-                delay_ms: int | None = None) -> Enqueued:
+                delay_ms: int | None = None, job_id: str | None = None) -> Enqueued:
+        """Enqueue one job. `job_id` fixes its id in advance (a listener can subscribe before it runs)."""
+        if job_id is not None:
+            if idempotency_key is not None:
+                raise ValueError("give either job_id or idempotency_key")
+            jt = job_type(name)
+            trace = str(uuid.UUID(str(trace_id))) if trace_id else str(uuid.uuid4())
+            (job, trace), = self._send(name, [payload], trace, delay_ms, [(job_id, trace)])
+            return Enqueued(job, trace, jt.queue)
         keys = [idempotency_key] if idempotency_key is not None else None
         return self.enqueue_many(name, [payload], idempotency_keys=keys, trace_id=trace_id, delay_ms=delay_ms)[0]
 
@@ -99,6 +107,35 @@ class FleetClient:
         ids = list(ids)
         payloads = [{"source": source, "ids": ids[i : i + ids_per_job]} for i in range(0, len(ids), ids_per_job)]
         return self.enqueue_many("embed_documents", payloads, trace_id=trace_id)
+
+    def stream_chat(self, session_id: str, content: str | None = None, *, messages: list[dict] | None = None,
+                    model: str | None = None, temperature: float | None = None, max_tokens: int | None = None,
+                    idempotency_key: str | None = None, user_id: str | None = None,
+                    timeout_s: float = 300) -> "ChatStream":
+        """Enqueue a chat job and follow it: iterate for the text deltas as they arrive; afterwards the
+        stream holds the final `text`, `usage`, `finish_reason` and `status`."""
+        from .frames import FrameListener
+
+        payload = {"session_id": session_id}
+        for k, v in (("content", content), ("messages", messages), ("model", model), ("temperature", temperature),
+                     ("max_tokens", max_tokens), ("idempotency_key", idempotency_key), ("user_id", user_id)):
+            if v is not None:
+                payload[k] = v
+        job_id = str(uuid.uuid4())
+        listener = FrameListener(job_id, self.settings)  # subscribed before the job can start
+        try:
+            enqueued = self.enqueue("chat_completion", payload, job_id=job_id)
+        except Exception:
+            listener.close()
+            raise
+        return ChatStream(enqueued.job_id, enqueued.trace_id, listener, timeout_s)
+
+    def chat(self, session_id: str, content: str | None = None, **kwargs) -> "ChatStream":
+        """The final answer of a chat job (a finished ChatStream: .text, .usage, .status)."""
+        stream = self.stream_chat(session_id, content, **kwargs)
+        for _ in stream:
+            pass
+        return stream
 
     def _send(self, name: str, payloads: list, trace_id: str | None, delay_ms: int | None,
               preassigned: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
@@ -147,3 +184,39 @@ class FleetClient:
     def _release_keys(self, keys: list[str]) -> None:
         with get_pool().connection() as conn:
             conn.execute("delete from request_dedup where scope = %s and key = any(%s)", (IDEMPOTENCY_SCOPE, keys))
+
+
+class ChatStream:
+    """Iterate for text deltas; then `text`, `usage`, `finish_reason`, `status` (complete, partial,
+    error) and `error` describe the answer. `frames` keeps every frame seen."""
+
+    def __init__(self, job_id: str, trace_id: str, listener, timeout_s: float) -> None:
+        self.job_id, self.trace_id = job_id, trace_id
+        self._listener, self._timeout_s = listener, timeout_s
+        self.frames: list[dict] = []
+        self.text = ""
+        self.usage: dict | None = None
+        self.finish_reason: str | None = None
+        self.status: str | None = None
+        self.error: dict | None = None
+
+    def __iter__(self):
+        received = []
+        for frame in self._listener.frames(self._timeout_s):
+            self.frames.append(frame)
+            kind = frame["type"]
+            if kind == "chat.delta":
+                received.append(frame["text"])
+                yield frame["text"]
+            elif kind in ("chat.done", "error"):
+                final = frame.get("text")
+                joined = "".join(received)
+                if final and final != joined and final.startswith(joined):
+                    yield final[len(joined):]  # deltas sent before this listener could hear them
+                self.text = final if final is not None else joined
+                self.usage = frame.get("usage")
+                self.finish_reason = frame.get("finish_reason")
+                self.status = frame.get("status") or ("complete" if kind == "chat.done" else "error")
+                if kind == "error":
+                    self.error = {"error_class": frame.get("error_class"), "message": frame.get("message")}
+                return

@@ -59,6 +59,24 @@ class Settings(BaseSettings):
     embed_timeout_s: float = Field(30.0, alias="EMBED_TIMEOUT_S", gt=0)
     embed_sources: dict[str, dict] = Field(default_factory=dict, alias="EMBED_SOURCES")
 
+    # Chat (OpenAI-compatible, streaming).
+    chat_api_base: str = Field("https://api.deepinfra.com/v1/openai", alias="CHAT_API_BASE")
+    chat_model_default: str = Field("meta-llama/Meta-Llama-3.1-8B-Instruct", alias="CHAT_MODEL_DEFAULT")
+    chat_api_key: SecretStr | None = Field(None, alias="CHAT_API_KEY")
+    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
+    chat_rate_limit_per_min: int = Field(0, alias="CHAT_RATE_LIMIT_PER_MIN", ge=0)  # 0: no limit
+    require_idempotency: bool = Field(False, alias="REQUIRE_IDEMPOTENCY")
+    chat_context_tokens: int = Field(6000, alias="CHAT_CONTEXT_TOKENS", ge=100)
+    chat_keepalive_s: float = Field(5.0, alias="CHAT_KEEPALIVE_S", gt=0)
+    chat_timeout_s: float = Field(120.0, alias="CHAT_TIMEOUT_S", gt=0)
+    chat_provider_max_retries: int = Field(2, alias="CHAT_PROVIDER_MAX_RETRIES", ge=0)
+
+    @property
+    def chat_key(self) -> str | None:
+        """CHAT_API_KEY, falling back to OPENAI_API_KEY."""
+        key = self.chat_api_key or self.openai_api_key
+        return key.get_secret_value() if key else None
+
     @property
     def uses_pooler(self) -> bool:
         """A transaction pooler (Supavisor, PgBouncer) cannot keep prepared statements or LISTEN."""
@@ -71,7 +89,8 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value this process knows, for redaction."""
         values: list[str] = []
-        for secret in (self.signing_key, self.database_url, self.redis_url, self.embedding_api_key):
+        for secret in (self.signing_key, self.database_url, self.redis_url, self.embedding_api_key,
+                       self.chat_api_key, self.openai_api_key):
             if secret is not None:
                 values.append(secret.get_secret_value())
         for url in (self.database_url, self.redis_url):

@@ -45,6 +45,12 @@ class _Metrics:
         self.embed_documents = prom.Counter("fleet_embed_documents_total", "Documents by outcome (embedded, skipped, failed).",
                                             ["table", "outcome"])
         self.embed_batches = prom.Counter("fleet_embed_batches_total", "Provider batches embedded and stored.", ["table"])
+        self.chat_ttft = prom.Histogram("fleet_chat_time_to_first_token_seconds", "From the provider request to the first delta.",
+                                        ["model"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.chat_tokens_per_s = prom.Histogram("fleet_chat_tokens_per_second", "Output tokens per second after the first delta.",
+                                                ["model"], buckets=(5, 10, 20, 40, 80, 160, 320, 640))
+        self.chat_completions = prom.Counter("fleet_chat_completions_total", "Chat answers by final status.",
+                                             ["model", "status"])
         self.worker_processes = prom.Gauge("fleet_worker_processes", "Worker processes running.", ["queues"],
                                            multiprocess_mode="livesum")
 

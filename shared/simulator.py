@@ -37,8 +37,15 @@ class SimConfig:
     malformed_rate: float = 0.0
     max_inputs: int | None = None  # more inputs in one request: 413, as providers do for oversized batches
     api_key: str | None = None  # when set, any other bearer token gets 401
-    fail_next: list = field(default_factory=list)  # one-shot statuses for the next requests, e.g. [429, 500]
+    fail_next: list = field(default_factory=list)  # one-shot faults for the next requests: 429, 500, "cut", "malformed"
     seed: int = 0
+    # chat
+    ttft_ms: float = 0.0  # time to first token
+    tokens_per_s: float = 0.0  # 0: as fast as possible
+    answer_tokens: int = 12  # when the request sets no max_tokens
+    cut_after_tokens: int = 3  # a "cut" stream stops after this many content chunks
+    stream_cut_rate: float = 0.0
+    malformed_chunk_rate: float = 0.0
 
 
 class Simulator:
@@ -144,6 +151,9 @@ def make_handler(sim: Simulator):
             if self.path == "/v1/embeddings":
                 self.embeddings(body)
                 return
+            if self.path == "/v1/chat/completions":
+                self.chat(body)
+                return
             self._send(404, _error(404, f"no route {self.path}"))
 
         def _auth_ok(self) -> bool:
@@ -170,6 +180,101 @@ def make_handler(sim: Simulator):
                 time.sleep(sim.config.timeout_s)
                 status, payload = 504, _error(504, "upstream timed out", "server_error")
             self._send(status, payload, headers)
+
+        # -- chat ------------------------------------------------------------
+        def chat(self, body: dict | None):
+            c = sim.config
+            entry = {"path": self.path, "t": time.time(), "status": 200}
+            if body is None or not isinstance(body.get("messages"), list) or not body["messages"]:
+                entry["status"] = 400
+                sim.record(entry)
+                self._send(400, _error(400, "messages must be a non-empty list"))
+                return
+            entry.update(model=body.get("model"), stream=bool(body.get("stream")), n_messages=len(body["messages"]),
+                         stream_options=body.get("stream_options"), max_tokens=body.get("max_tokens"))
+            if not self._auth_ok():
+                entry["status"] = 401
+                sim.record(entry)
+                self._send(401, _error(401, "Incorrect API key provided.", code="invalid_api_key"))
+                return
+            fault = sim.next_fault()
+            if fault in (429, 500, 502, 503) or isinstance(fault, int):
+                entry["status"] = fault
+                sim.record(entry)
+                headers = {"Retry-After": f"{c.retry_after_s:g}"} if fault == 429 else {}
+                self._send(fault, _error(fault, "simulated provider failure", "server_error"), headers)
+                return
+            if fault == "timeout":
+                entry["status"] = 504
+                sim.record(entry)
+                time.sleep(c.timeout_s)
+                self._send(504, _error(504, "upstream timed out", "server_error"))
+                return
+            if fault is None:
+                roll = sim.random.random()
+                fault = "cut" if roll < c.stream_cut_rate else (
+                    "malformed" if roll < c.stream_cut_rate + c.malformed_chunk_rate else None)
+            entry["fault"] = fault
+            sim.record(entry)
+            words = self._answer_words(body)
+            usage = {"prompt_tokens": sum(max(1, len(str(m.get("content", "")).split())) for m in body["messages"]),
+                     "completion_tokens": len(words)}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if not body.get("stream"):
+                time.sleep((c.ttft_ms + (len(words) / c.tokens_per_s * 1000 if c.tokens_per_s else 0)) / 1000)
+                answer = {"id": "chatcmpl-sim", "object": "chat.completion", "created": int(time.time()),
+                          "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop" if len(words) < (body.get("max_tokens") or 1e9) else "length",
+                          "message": {"role": "assistant", "content": " ".join(words)}}], "usage": usage}
+                self._send(200, json.dumps(answer).encode())
+                return
+            self._stream(body, words, usage, fault)
+
+        def _answer_words(self, body: dict) -> list[str]:
+            last = str(body["messages"][-1].get("content", ""))
+            seed = int.from_bytes(hashlib.sha256(last.encode()).digest()[:4], "big")
+            vocabulary = ("the fleet answers every question with care and a steady stream of tokens "
+                          "from the simulated provider on loopback").split()
+            n = body.get("max_tokens") or sim.config.answer_tokens
+            return [vocabulary[(seed + i) % len(vocabulary)] for i in range(int(n))]
+
+        def _stream(self, body: dict, words: list[str], usage: dict, fault):
+            c = sim.config
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            base = {"id": "chatcmpl-sim", "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": body.get("model")}
+
+            def chunk(delta: dict, finish=None, **extra) -> bytes:
+                data = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+                return f"data: {json.dumps(data)}\n\n".encode()
+
+            try:
+                time.sleep(c.ttft_ms / 1000)
+                self.wfile.write(chunk({"role": "assistant", "content": ""}))
+                self.wfile.flush()
+                for i, word in enumerate(words):
+                    if fault == "cut" and i >= c.cut_after_tokens:
+                        return  # the connection closes without finish_reason, usage or [DONE]
+                    if fault == "malformed" and i == c.cut_after_tokens:
+                        self.wfile.write(b"data: {\"choices\": [{\"delta\": {\"content\": \n\n")
+                        self.wfile.flush()
+                        return
+                    if c.tokens_per_s and i:
+                        time.sleep(1 / c.tokens_per_s)
+                    self.wfile.write(chunk({"content": word if i == 0 else " " + word}))
+                    self.wfile.flush()
+                finish = "length" if body.get("max_tokens") and len(words) >= body["max_tokens"] else "stop"
+                self.wfile.write(chunk({}, finish))
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self.wfile.write(f"data: {json.dumps(base | {'choices': [], 'usage': usage})}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
 
         def _embed_answer(self, body: dict, inputs):
             c = sim.config

@@ -80,7 +80,8 @@ def make_client(kind: str, **settings):
     from shared.brokers import build_broker
     from shared.client import FleetClient
 
-    return FleetClient(build_broker(Settings(FLEET_BROKER=kind, **settings)))
+    settings = Settings(FLEET_BROKER=kind, **settings)
+    return FleetClient(build_broker(settings), settings)
 
 
 def worker_env(services, kind: str, **extra) -> dict:

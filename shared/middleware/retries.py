@@ -76,3 +76,12 @@ class ClassifiedRetries(Middleware):
                     error_class=type(exception).__name__, error=error)
         log.info("job.retrying", attempt=retries + 1, delay_ms=delay, error_class=type(exception).__name__)
         broker.enqueue(message, delay=delay)
+
+
+def is_last_attempt(broker, message) -> bool:
+    """True when a transient failure of this attempt would dead-letter the job instead of retrying it."""
+    retries = next((m for m in broker.middleware if isinstance(m, ClassifiedRetries)), None)
+    if retries is None:
+        return True
+    limit = retries._option(broker, message, "max_retries", retries.max_retries)
+    return message.options.get("retries", 0) >= limit

@@ -1,0 +1,185 @@
+"""Chat completion on both brokers: real worker processes, frames to a real listener, the simulator's
+streaming endpoint over real HTTP, messages in Postgres."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from shared.frames import FrameListener
+
+from .conftest import started_fleet
+from .embedding_support import API_KEY
+from .helpers import dead_letters, wait_for
+
+pytestmark = pytest.mark.usefixtures("fresh_chat_sim")
+
+
+@pytest.fixture(scope="module", params=["pgmq", "redis"])
+def cfleet(request, services, sim, tmp_path_factory):
+    env = {"CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "CHAT_KEEPALIVE_S": "0.2",
+           "REQUIRE_IDEMPOTENCY": "true", "CHAT_MODEL_DEFAULT": "sim-chat"}
+    with started_fleet(services, request.param, tmp_path_factory.mktemp(f"chat-{request.param}"), **env) as f:
+        yield f
+
+
+@pytest.fixture
+def fresh_chat_sim(fresh_sim):
+    httpx.post(f"{fresh_sim.url}/_sim/config", json={"ttft_ms": 0, "tokens_per_s": 0, "answer_tokens": 12,
+                                                     "cut_after_tokens": 3})
+    return fresh_sim
+
+
+def chat_calls(sim) -> list[dict]:
+    return [r for r in httpx.get(f"{sim.url}/_sim/log").json() if r["path"] == "/v1/chat/completions"]
+
+
+def stored_answer(dsn: str, job_id: str) -> dict:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "select content, status, tokens_in, tokens_out, tokens_estimated, finish_reason, model from messages"
+            " where job_id = %s and role = 'assistant'", (job_id,)).fetchone()
+    return dict(zip(["content", "status", "tokens_in", "tokens_out", "tokens_estimated", "finish_reason", "model"], row))
+
+
+def key() -> str:
+    return f"k-{uuid.uuid4()}"
+
+
+def test_frames_arrive_in_order_and_deltas_equal_the_stored_message(cfleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 700, "tokens_per_s": 200})
+    stream = cfleet.client.stream_chat(f"s-{uuid.uuid4()}", "hello there", idempotency_key=key())
+    deltas = list(stream)
+    kinds = [f["type"] for f in stream.frames]
+    assert kinds[0] == "ready" and kinds[-1] == "chat.done"
+    assert kinds.count("keepalive") >= 2  # 0.7 s to the first token, a keepalive every 0.2 s
+    first_delta = kinds.index("chat.delta")
+    assert set(kinds[1:first_delta]) == {"keepalive"} and set(kinds[first_delta:-1]) == {"chat.delta"}, kinds
+    seqs = [f["seq"] for f in stream.frames]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert len(deltas) == 12
+    row = stored_answer(cfleet.dsn, stream.job_id)
+    assert "".join(deltas) == stream.text == row["content"]
+    assert row["status"] == "complete" and row["finish_reason"] == "stop" and row["model"] == "sim-chat"
+    # usage from the provider's usage chunk, not estimated
+    assert row["tokens_out"] == 12 and row["tokens_in"] == 2 and row["tokens_estimated"] is False
+    assert stream.usage == {"prompt_tokens": 2, "completion_tokens": 12, "estimated": False}
+    (call,) = chat_calls(sim)
+    assert call["stream"] is True and call["stream_options"] == {"include_usage": True}
+
+
+def test_history_is_sent_within_the_session(cfleet, sim):
+    session = f"s-{uuid.uuid4()}"
+    cfleet.client.chat(session, "first question", idempotency_key=key())
+    cfleet.client.chat(session, "second question", idempotency_key=key())
+    calls = chat_calls(sim)
+    assert [c["n_messages"] for c in calls] == [1, 3]  # user; then user, assistant, user
+
+
+@pytest.mark.parametrize("fault", ["cut", "malformed"])
+def test_a_broken_stream_ends_partial_with_an_error_frame(cfleet, sim, fault):
+    httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [fault], "cut_after_tokens": 4})
+    stream = cfleet.client.stream_chat(f"s-{uuid.uuid4()}", "tell me more", idempotency_key=key())
+    deltas = list(stream)
+    assert stream.status == "partial" and stream.frames[-1]["type"] == "error"
+    assert stream.error["error_class"] == "StreamBroken"
+    row = stored_answer(cfleet.dsn, stream.job_id)
+    assert row["status"] == "partial" and row["tokens_estimated"] is True and row["tokens_out"] > 0
+    assert "".join(deltas) == row["content"] == stream.text  # no duplicated text
+    assert len(deltas) == 4
+    assert len(chat_calls(sim)) == 1  # not restarted silently
+
+
+def test_a_repeated_idempotency_key_returns_the_stored_answer_without_a_provider_call(cfleet, sim):
+    session, k = f"s-{uuid.uuid4()}", key()
+    first = cfleet.client.chat(session, "same question", idempotency_key=k)
+    second = cfleet.client.chat(session, "same question", idempotency_key=k)
+    assert first.status == second.status == "complete"
+    assert second.text == first.text and second.frames[0].get("replayed") is True
+    assert len(chat_calls(sim)) == 1
+    with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
+        roles = conn.execute("select role from messages where session_id = %s order by id", (session,)).fetchall()
+    assert [r[0] for r in roles] == ["user", "assistant"]
+
+
+def test_429_before_the_stream_is_retried_after_retry_after(cfleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [429], "retry_after_s": 1.5})
+    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "busy?", idempotency_key=key())
+    assert stream.status == "complete"
+    first, second = chat_calls(sim)
+    assert first["status"] == 429 and second["status"] == 200
+    assert second["t"] - first["t"] >= 1.45
+
+
+def test_401_is_dead_lettered_at_once_with_an_error_frame(cfleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"api_key": "another-key"})
+    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "who am i", idempotency_key=key())
+    assert stream.status == "error" and stream.error["error_class"] == "ProviderError"
+    assert "401" in stream.error["message"]
+    assert len(chat_calls(sim)) == 1
+    dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 10, what="the dead letter")
+    assert "chat answered 401" in dl[0]["reason"] and API_KEY not in dl[0]["reason"]
+
+
+def test_require_idempotency_rejects_a_job_without_a_key(cfleet, sim):
+    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "no key", timeout_s=20)
+    assert stream.status == "error"
+    dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 10, what="the dead letter")
+    assert dl[0]["reason"] == ("permanent error: InvalidPayload: idempotency_key is required "
+                               "(REQUIRE_IDEMPOTENCY=true)")
+    assert chat_calls(sim) == []
+
+
+def test_a_listener_that_joins_after_the_end_gets_the_answer(cfleet, sim):
+    trace = cfleet.trace()
+    job_id = str(uuid.uuid4())
+    cfleet.client.enqueue("chat_completion", {"session_id": f"s-{uuid.uuid4()}", "content": "late",
+                                              "idempotency_key": key()}, trace_id=trace, job_id=job_id)
+    cfleet.wait_done(trace, 1)
+    frames = list(FrameListener(job_id).frames(timeout=10))
+    done = frames[-1]
+    assert done["type"] == "chat.done" and done["status"] == "complete"
+    assert "".join(f["text"] for f in frames if f["type"] == "chat.delta") == done["text"]
+    assert done["text"] == stored_answer(cfleet.dsn, job_id)["content"]
+
+
+def test_rls_lets_a_user_read_only_their_own_sessions(cfleet, sim):
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    sa, sb = f"s-{uuid.uuid4()}", f"s-{uuid.uuid4()}"
+    cfleet.client.chat(sa, "alice asks", idempotency_key=key(), user_id=alice)
+    cfleet.client.chat(sb, "bob asks", idempotency_key=key(), user_id=bob)
+    with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
+        def visible(role: str, sub: str | None) -> set[str]:
+            with conn.transaction():
+                conn.execute(f"set local role {role}")
+                if sub:
+                    conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": sub}),))
+                return {r[0] for r in conn.execute("select session_id from messages where session_id = any(%s)",
+                                                   ([sa, sb],))}
+
+        assert visible("authenticated", alice) == {sa}
+        assert visible("authenticated", bob) == {sb}
+        assert visible("authenticated", None) == set()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            visible("anon", None)
+
+
+def test_a_session_of_another_user_is_refused(cfleet, sim):
+    session = f"s-{uuid.uuid4()}"
+    cfleet.client.chat(session, "mine", idempotency_key=key(), user_id=str(uuid.uuid4()))
+    stream = cfleet.client.chat(session, "not yours", idempotency_key=key(), user_id=str(uuid.uuid4()))
+    assert stream.status == "error" and "belongs to another user" in stream.error["message"]
+
+
+def test_cli_chat_prints_the_streamed_answer(cfleet, sim):
+    import os
+
+    from .test_cli_and_services import fleet_cli
+
+    env = dict(os.environ) | {"FLEET_BROKER": cfleet.kind}
+    out = fleet_cli("chat", "hello from the cli", "--session", f"s-{uuid.uuid4()}", "--key", key(), env=env).stdout
+    assert len(out.split()) == 12

@@ -1,0 +1,79 @@
+"""`chat_completion` on queue `chat`: a streamed answer, frames to listeners, messages persisted."""
+
+from __future__ import annotations
+
+from typing import Literal
+from uuid import UUID
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.chat import ChatRequest, publish_failure, run_chat
+from shared.config import get_settings
+from shared.errors import InvalidPayload
+from shared.frames import FramePublisher
+from shared.middleware.events import job_fields
+from shared.middleware.retries import is_last_attempt
+from shared.providers.chat import ChatClient
+from shared.ratelimit import per_minute
+
+from .actor import job
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class ChatJob(BaseModel):
+    """`content` (the next user message; history comes from the session) or a full `messages` list."""
+
+    model_config = ConfigDict(extra="forbid")
+    session_id: str = Field(min_length=1, max_length=200)
+    content: str | None = Field(None, min_length=1, max_length=200_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=500)
+    model: str | None = Field(None, min_length=1, max_length=200)
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=32_000)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    user_id: UUID | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ChatJob":
+        if (self.content is None) == (self.messages is None):
+            raise ValueError("give either content or messages")
+        if self.messages is not None and self.messages[-1].role != "user":
+            raise ValueError("the last of messages must be the user's")
+        return self
+
+
+@job(ChatJob, min_backoff=1_000, max_backoff=60_000)
+def chat_completion(job: ChatJob) -> None:
+    settings = get_settings()
+    message = CurrentMessage.get_current_message()
+    job_id = message.message_id
+    publisher = FramePublisher(job_id, settings)
+    try:
+        if settings.require_idempotency and job.idempotency_key is None:
+            raise InvalidPayload("idempotency_key is required (REQUIRE_IDEMPOTENCY=true)")
+        _answer(job, message, publisher, settings)
+    except Exception as e:
+        publish_failure(publisher, e, last_attempt=is_last_attempt(dramatiq.get_broker(), message))
+        raise
+    finally:
+        publisher.close()
+
+
+def _answer(job: ChatJob, message, publisher: FramePublisher, settings) -> None:
+    job_id = message.message_id
+    request = ChatRequest(
+        session_id=job.session_id, job_id=job_id, key=job.idempotency_key or f"job:{job_id}",
+        content=job.messages[-1].content if job.messages else job.content,
+        messages=[m.model_dump() for m in job.messages] if job.messages else None,
+        model=job.model or settings.chat_model_default, temperature=job.temperature, max_tokens=job.max_tokens,
+        user_id=str(job.user_id) if job.user_id else None, trace=job_fields(message),
+    )
+    limiter = per_minute("chat", settings.chat_rate_limit_per_min)
+    run_chat(request, ChatClient(settings), publisher, settings, rate_limit=limiter.acquire if limiter else None)
