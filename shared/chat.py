@@ -105,7 +105,7 @@ def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, se
              *, rate_limit=None) -> str:
     """Returns the final status. Raises before the first delta (so the job is retried or dead-lettered);
     after it, never: a broken stream ends `partial` with an `error` frame."""
-    with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+    with get_pool().connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         ensure_session(conn, req.session_id, req.user_id)
         prior = cur.execute(
             "select id, status, content, tokens_in, tokens_out, tokens_estimated, finish_reason, error from messages"

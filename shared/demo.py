@@ -103,8 +103,47 @@ def demo_embeddings(client, connect, documents: int, workers) -> bool:
     return True
 
 
+def demo_chats(client, questions: list[str]) -> bool:
+    """A few concurrent chats, their answers streaming side by side."""
+    import threading
+
+    answers = [""] * len(questions)
+    streams = []
+    for q in questions:
+        streams.append(client.stream_chat(f"demo-{uuid.uuid4().hex[:8]}", q, idempotency_key=str(uuid.uuid4())))
+
+    def follow(i: int) -> None:
+        for delta in streams[i]:
+            answers[i] += delta
+
+    threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(len(streams))]
+    for t in threads:
+        t.start()
+    tty = sys.stdout.isatty()
+    print(f"  {len(questions)} concurrent chats:")
+    for q in questions:
+        print(f"    > {q}")
+    while any(t.is_alive() for t in threads):
+        if tty:
+            print(f"\033[{len(questions)}F", end="")
+            for q, a in zip(questions, answers):
+                print(f"\033[K    > {q}: {a[-70:]}")
+        time.sleep(0.1)
+    if tty:
+        print(f"\033[{len(questions)}F", end="")
+    for q, a, st in zip(questions, answers, streams):
+        print(f"\033[K    > {q}: {a}" if tty else f"    < {a}")
+        if st.status != "complete":
+            print(f"    chat ended {st.status}: {st.error}", file=sys.stderr)
+            return False
+    usage = [s.usage or {} for s in streams]
+    print(f"    tokens: {sum(u.get('prompt_tokens') or 0 for u in usage)} in, "
+          f"{sum(u.get('completion_tokens') or 0 for u in usage)} out; messages stored in `messages`")
+    return True
+
+
 def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_services: bool = False,
-             documents: int = 3000) -> int:
+             documents: int = 3000, chats: int = 3) -> int:
     from .cli import worker_command, worker_env
     from .client import FleetClient
     from .db import connect
@@ -123,11 +162,13 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
     simulator = None
     metrics_port = free_port()
     env = worker_env(None, metrics_port)
-    if settings.embedding_api_key is None:
-        simulator, sim_url = start_simulator({"latency_ms": 40, "latency_per_input_ms": 0.5})
-        env["EMBEDDING_API_BASE"] = f"{sim_url}/v1"
-        os.environ["EMBEDDING_API_BASE"] = env["EMBEDDING_API_BASE"]
-        print(f"  no EMBEDDING_API_KEY: using the provider simulator at {sim_url} (40 ms a request)")
+    if settings.embedding_api_key is None or settings.chat_key is None:
+        simulator, sim_url = start_simulator({"latency_ms": 40, "latency_per_input_ms": 0.5, "ttft_ms": 300,
+                                              "tokens_per_s": 25, "answer_tokens": 30})
+        for var in (["EMBEDDING_API_BASE"] if settings.embedding_api_key is None else []) + (
+                ["CHAT_API_BASE"] if settings.chat_key is None else []):
+            env[var] = os.environ[var] = f"{sim_url}/v1"
+        print(f"  no provider keys: using the provider simulator at {sim_url}")
     workers = subprocess.Popen(worker_command(None, processes, threads, metrics_port), env=env,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -175,6 +216,12 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
         print(f"    rate     {jobs / elapsed:,.0f} jobs/s over {elapsed:.1f}s")
         print(f"    story    fleet events --trace {trace_id} | head")
         if documents and not demo_embeddings(client, connect, documents, workers):
+            return 1
+        from .config import reset_settings
+
+        reset_settings()  # the chat client reads CHAT_API_BASE
+        if chats and not demo_chats(FleetClient(), ["What is the fleet?", "How do retries work?",
+                                                    "Where are answers stored?"][:chats]):
             return 1
         return 0
     finally:

@@ -51,7 +51,9 @@ class FramePublisher:
         payload = json.dumps(frame)
         if len(payload.encode()) > NOTIFY_LIMIT:  # the listener reads the text from the stored message
             payload = json.dumps({k: v for k, v in frame.items() if k != "text"} | {"stored": True})
-        with get_pool().connection() as conn:
+        with get_pool().connection() as conn, conn.transaction():
+            # frames are ephemeral (the stored message is the truth): no need to wait for a WAL flush
+            conn.execute("set local synchronous_commit = off")
             conn.execute("select pg_notify(%s, %s)", (channel(self.job_id), payload))
 
     def _publish_redis(self, frame: dict) -> None:

@@ -70,3 +70,27 @@ def test_rate_limit_holds_across_two_worker_processes(services, sim, tmp_path, k
         assert group.terminate() == 0
         client.broker.flush("embed")  # the deferred jobs would wait out the minute
         client.broker.close()
+
+
+def test_chat_rate_limit_holds_across_two_worker_processes(services, sim, tmp_path):
+    """CHAT_RATE_LIMIT_PER_MIN uses the same shared limiter: 3 provider calls a minute, the rest deferred."""
+    from .embedding_support import API_KEY
+
+    env = worker_env(services, "pgmq", CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY, CHAT_RATE_LIMIT_PER_MIN="3")
+    client = make_client("pgmq")
+    trace = str(uuid.uuid4())
+    group = WorkerGroup(env, processes=2, threads=4, log_dir=tmp_path).start()
+    try:
+        client.enqueue_many("chat_completion", [{"session_id": f"rl-{uuid.uuid4()}", "content": f"q {i}"}
+                                                for i in range(7)], trace_id=trace)
+        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 4,
+                 30, what="the chats over the limit to be deferred")
+        time.sleep(1.5)
+        calls = [r for r in sim_log(sim) if r["path"] == "/v1/chat/completions"]
+        assert len(calls) == 3
+        assert len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "chat.done"]) == 3
+        assert not dead_letters(services["dsn"], trace)
+    finally:
+        assert group.terminate() == 0
+        client.broker.flush("chat")
+        client.broker.close()
