@@ -63,16 +63,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 @dataclass
-class EmbeddedPostgres:
+class _EmbeddedService:
+    """A service whose data, log and state (port, password, pid) live in FLEET_HOME/<folder>."""
+
     home: Path
+    folder = ""
 
     @property
     def root(self) -> Path:
-        return self.home / "pg"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
+        return self.home / self.folder
 
     @property
     def state_file(self) -> Path:
@@ -83,6 +82,18 @@ class EmbeddedPostgres:
             return json.loads(self.state_file.read_text())
         except FileNotFoundError:
             return {}
+
+    def _save_state(self, st: dict) -> None:
+        self.state_file.write_text(json.dumps(st))
+        os.chmod(self.state_file, 0o600)
+
+
+class EmbeddedPostgres(_EmbeddedService):
+    folder = "pg"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
 
     def dsn(self) -> str:
         st = self._state()
@@ -145,11 +156,10 @@ class EmbeddedPostgres:
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
             pwfile.unlink()
-            self.state_file.write_text(json.dumps(st))
-            os.chmod(self.state_file, 0o600)
+            self._save_state(st)
         elif _port_open(st["port"]):
             st["port"] = free_port()  # somebody else took our port while we were down
-            self.state_file.write_text(json.dumps(st))
+            self._save_state(st)
         opts = f"-c listen_addresses=127.0.0.1 -p {st['port']} -k {self.root.resolve()} -c max_connections=300"
         proc = subprocess.run(
             [*self._as_owner(), str(bin_dir / "pg_ctl"), "-D", str(self.data), "-o", opts,
@@ -180,28 +190,9 @@ class EmbeddedPostgres:
         )
         return True
 
-    def restart(self) -> str:
-        self.down()
-        return self.up()
 
-
-@dataclass
-class EmbeddedRedis:
-    home: Path
-
-    @property
-    def root(self) -> Path:
-        return self.home / "redis"
-
-    @property
-    def state_file(self) -> Path:
-        return self.root / "state.json"
-
-    def _state(self) -> dict:
-        try:
-            return json.loads(self.state_file.read_text())
-        except FileNotFoundError:
-            return {}
+class EmbeddedRedis(_EmbeddedService):
+    folder = "redis"
 
     def url(self) -> str:
         st = self._state()
@@ -243,8 +234,7 @@ class EmbeddedRedis:
         proc = subprocess.Popen([self._server_binary(), str(conf)], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         st["pid"] = proc.pid
-        self.state_file.write_text(json.dumps(st))
-        os.chmod(self.state_file, 0o600)
+        self._save_state(st)
         deadline = time.monotonic() + 15
         while not _port_open(st["port"]):
             if proc.poll() is not None or time.monotonic() > deadline:
