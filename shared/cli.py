@@ -223,10 +223,29 @@ def cmd_search(args) -> int:
 
 # -- looking ------------------------------------------------------------------
 def status_snapshot() -> dict:
+    from .health import current_health
     from .scheduler import current_leader
     from .status import queue_stats
 
-    return {"broker": get_settings().broker, "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader()}
+    return {"broker": get_settings().broker, "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader(),
+            "providers": current_health()}
+
+
+HEALTH_COLUMNS = ["provider", "model", "kind", "status", "latency_ms", "consecutive_failures", "last_error_class",
+                  "checked_at"]
+
+
+def cmd_health(args) -> int:
+    from .health import current_health, refresh
+
+    if args.refresh:
+        refresh()
+    rows = current_health()
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, HEALTH_COLUMNS))
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -240,6 +259,8 @@ def cmd_status(args) -> int:
             print(f"broker: {snap['broker']}    scheduler leader: {snap['scheduler_leader'] or 'none'}")
             print(_table(snap["queues"], ["queue", "depth", "visible", "in_flight", "oldest_age_s",
                                           "succeeded_1m", "retried_1m", "failed_1m", "dead_letters"]))
+            print()
+            print(_table(snap["providers"], HEALTH_COLUMNS))
         if not args.watch:
             return 0
         time.sleep(args.watch)
@@ -391,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, help="refresh every N seconds")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("health", help="provider health (the last probes); --refresh probes now")
+    s.add_argument("--refresh", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_health)
 
     s = sub.add_parser("dlq", help="dead letters: list, show, retry, purge")
     s.add_argument("action", choices=["list", "show", "retry", "purge"])

@@ -71,6 +71,16 @@ class Settings(BaseSettings):
     chat_timeout_s: float = Field(120.0, alias="CHAT_TIMEOUT_S", gt=0)
     chat_provider_max_retries: int = Field(2, alias="CHAT_PROVIDER_MAX_RETRIES", ge=0)
 
+    # Provider health.
+    health_refresh_interval_s: float = Field(60.0, alias="HEALTH_REFRESH_INTERVAL_S", gt=0)
+    health_probe_timeout_s: float = Field(5.0, alias="HEALTH_PROBE_TIMEOUT_S", gt=0)
+    health_degraded_ms: float = Field(2000.0, alias="HEALTH_DEGRADED_MS", gt=0)
+    health_down_after: int = Field(3, alias="HEALTH_DOWN_AFTER", ge=1)
+    health_retention_h: float = Field(24.0, alias="HEALTH_RETENTION_H", gt=0)
+    health_providers: str = Field("chat,embedding", alias="HEALTH_PROVIDERS")  # letta too when LETTA_API_BASE_URL is set
+    letta_api_base_url: str | None = Field(None, alias="LETTA_API_BASE_URL")
+    letta_api_key: SecretStr | None = Field(None, alias="LETTA_API_KEY")
+
     @property
     def chat_key(self) -> str | None:
         """CHAT_API_KEY, falling back to OPENAI_API_KEY."""
@@ -90,7 +100,7 @@ class Settings(BaseSettings):
         """Every secret value this process knows, for redaction."""
         values: list[str] = []
         for secret in (self.signing_key, self.database_url, self.redis_url, self.embedding_api_key,
-                       self.chat_api_key, self.openai_api_key):
+                       self.chat_api_key, self.openai_api_key, self.letta_api_key):
             if secret is not None:
                 values.append(secret.get_secret_value())
         for url in (self.database_url, self.redis_url):

@@ -51,6 +51,10 @@ class _Metrics:
                                                 ["model"], buckets=(5, 10, 20, 40, 80, 160, 320, 640))
         self.chat_completions = prom.Counter("fleet_chat_completions_total", "Chat answers by final status.",
                                              ["model", "status"])
+        self.provider_up = prom.Gauge("fleet_provider_up", "1 unless the last health probe found the provider down.",
+                                      ["provider", "kind"], multiprocess_mode="mostrecent")
+        self.provider_probe_seconds = prom.Histogram("fleet_provider_probe_seconds", "Health probe latency.",
+                                                     ["provider"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
         self.worker_processes = prom.Gauge("fleet_worker_processes", "Worker processes running.", ["queues"],
                                            multiprocess_mode="livesum")
 

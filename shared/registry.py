@@ -19,6 +19,7 @@ JOB_TYPES: dict[str, JobType] = {
         JobType("echo", "echo", "No-op/echo job: the spine's own workload (sleep, fail on demand)."),
         JobType("housekeeping", "maintenance", "Prunes expired idempotency records (scheduled hourly)."),
         JobType("chat_completion", "chat", "Streams a chat answer to listeners and stores the messages."),
+        JobType("refresh_provider_health", "health", "Probes the configured providers into provider_health."),
         JobType("embed_documents", "embed", "Embeds documents (inline or rows of a registered source) into pgvector."),
     ]
 }

@@ -1,4 +1,4 @@
-"""The scheduler: enqueues the periodic jobs declared in PERIODIC.
+"""The scheduler: enqueues the periodic jobs declared in periodic_jobs().
 
 It holds a session-level Postgres advisory lock while it leads, so a second scheduler
 stays idle until the first one dies (its connection closes and the lock is released).
@@ -32,14 +32,19 @@ class Periodic:
     payload: Callable[[], Any] = field(default=lambda: {})
 
 
-PERIODIC: list[Periodic] = [
-    Periodic("housekeeping", "housekeeping", 3600.0),
-]
+def periodic_jobs() -> list[Periodic]:
+    from .config import get_settings
+
+    settings = get_settings()
+    return [
+        Periodic("housekeeping", "housekeeping", 3600.0),
+        Periodic("provider_health", "refresh_provider_health", settings.health_refresh_interval_s),
+    ]
 
 
 class Scheduler:
     def __init__(self, periodic: list[Periodic] | None = None, *, tick_s: float = 1.0, client=None) -> None:
-        self.periodic = PERIODIC if periodic is None else periodic
+        self.periodic = periodic_jobs() if periodic is None else periodic
         self.tick_s = tick_s
         self._client = client
         self.stop_event = threading.Event()

@@ -16,6 +16,7 @@ import httpx
 
 from ..config import Settings, get_settings
 from ..errors import TransientError
+from ..health import check_available
 from ..metrics import metrics
 from .http import bearer, http_client, raise_for_provider
 
@@ -60,6 +61,7 @@ class ChatClient:
             body["temperature"] = temperature
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
+        check_available(PROVIDER)
         m = metrics()
         try:
             with self.client.stream("POST", "/chat/completions", json=body,

@@ -19,6 +19,7 @@ import httpx
 
 from ..config import Settings, get_settings
 from ..errors import PermanentError, ProviderError, TransientError
+from ..health import check_available
 from ..metrics import metrics
 from .http import bearer, call_with_retries, http_client, raise_for_provider, timed_post
 
@@ -76,6 +77,7 @@ class EmbeddingsClient:
     def embed(self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None) -> EmbeddingResult:
         """Embed one planned batch, halving it while the provider says it is too large."""
         model = model or self.settings.embedding_model_default
+        check_available(PROVIDER)
         try:
             return self._embed_once(list(texts), model, expected_dim)
         except ProviderError as e:

@@ -1,0 +1,136 @@
+"""Provider health: real probes of the simulator over HTTP, states in Postgres, workers that wait for a
+provider that is down and resume by themselves."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from shared.config import Settings
+from shared.health import refresh
+
+from .conftest import make_client, worker_env
+from .embedding_support import API_KEY, docs, embed_env, sim_log, stored
+from .helpers import WorkerGroup, events, wait_for
+
+pytestmark = pytest.mark.usefixtures("fresh_sim")
+
+
+@pytest.fixture(autouse=True)
+def clean_health(services):
+    def clear():
+        with psycopg.connect(services["dsn"], autocommit=True) as conn:
+            conn.execute("delete from provider_health")
+            conn.execute("delete from provider_health_checks")
+
+    clear()
+    yield
+    clear()  # later tests must not find a provider marked down
+
+
+def settings_for(sim, **extra) -> Settings:
+    values = {"CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "EMBEDDING_API_BASE": f"{sim.url}/v1",
+              "EMBEDDING_API_KEY": API_KEY, "HEALTH_DEGRADED_MS": 150, "HEALTH_DOWN_AFTER": 2,
+              "HEALTH_PROBE_TIMEOUT_S": 2} | extra
+    return Settings(**values)
+
+
+def states(dsn: str) -> dict[str, str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return dict(conn.execute("select provider, status from provider_health").fetchall())
+
+
+def test_states_follow_the_provider_healthy_degraded_down_healthy(services, sim):
+    settings = settings_for(sim)
+    refresh(settings)
+    assert states(services["dsn"]) == {"chat": "healthy", "embeddings": "healthy"}
+
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 300, "ttft_ms": 300})  # slow, still answering
+    refresh(settings)
+    assert states(services["dsn"]) == {"chat": "degraded", "embeddings": "degraded"}
+
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 0, "ttft_ms": 0, "error_rate_5xx": 1.0})
+    result = {s["provider"]: s for s in refresh(settings)}
+    assert states(services["dsn"]) == {"chat": "degraded", "embeddings": "degraded"}  # one failure
+    assert result["chat"]["error_class"] == "ProviderError" and "500" in result["chat"]["error"]
+    refresh(settings)
+    assert states(services["dsn"]) == {"chat": "down", "embeddings": "down"}  # HEALTH_DOWN_AFTER=2
+
+    httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 0.0})
+    refresh(settings)
+    assert states(services["dsn"]) == {"chat": "healthy", "embeddings": "healthy"}
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        row = conn.execute("select consecutive_failures, last_error_class, last_success_at is not null"
+                           " from provider_health where provider = 'chat'").fetchone()
+        checks = conn.execute("select count(*) from provider_health_checks").fetchone()[0]
+    assert row == (0, "ProviderError", True)  # the last error is kept for the operator
+    assert checks == 10  # five refreshes, two providers, every probe recorded
+    probes = [r for r in sim_log(sim) if r["path"] == "/v1/chat/completions"]
+    assert probes and all(r["max_tokens"] == 1 and r["stream"] is False for r in probes)  # one-token probes
+
+
+def test_probe_history_is_pruned_by_retention(services, sim):
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("insert into provider_health_checks (provider, kind, status, ok, checked_at)"
+                     " values ('chat', 'chat', 'healthy', true, now() - interval '48 hours')")
+    refresh(settings_for(sim, HEALTH_RETENTION_H=24))
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        old = conn.execute("select count(*) from provider_health_checks where checked_at < now() - interval '1 day'").fetchone()[0]
+        new = conn.execute("select count(*) from provider_health_checks").fetchone()[0]
+    assert old == 0 and new == 2
+
+
+def test_workers_wait_for_a_down_provider_and_resume_by_themselves(services, sim, tmp_path):
+    httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 1.0})
+    settings = settings_for(sim)
+    refresh(settings)
+    refresh(settings)
+    assert states(services["dsn"])["embeddings"] == "down"
+    httpx.post(f"{sim.url}/_sim/reset")
+    env = worker_env(services, "pgmq", **embed_env(sim))
+    client = make_client("pgmq")
+    prefix = f"down-{uuid.uuid4().hex[:8]}"
+    trace = str(uuid.uuid4())
+    group = WorkerGroup(env, threads=2, metrics=True, log_dir=tmp_path).start()
+    try:
+        client.enqueue("embed_documents", {"documents": docs(prefix, 3)}, trace_id=trace)
+        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 2,
+                 30, what="the job to be deferred while the provider is down")
+        assert [r for r in sim_log(sim) if r["path"] == "/v1/embeddings"] == []  # not hammered
+        deferred = [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]
+        assert deferred[0]["payload"]["error_class"] == "ProviderDown"
+        assert deferred[1]["payload"]["delay_ms"] >= 250  # backoff, not a tight loop
+
+        httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 0.0})
+        health_trace = str(uuid.uuid4())
+        client.enqueue("refresh_provider_health", {}, trace_id=health_trace)  # the scheduled job, run now
+        wait_for(lambda: [e for e in events(services["dsn"], trace_id=health_trace) if e["type"] == "health.refreshed"],
+                 20, what="the health refresh")
+        assert states(services["dsn"])["embeddings"] == "healthy"
+        wait_for(lambda: len(stored(services["dsn"], prefix)) == 3, 60, what="the job to resume and finish")
+        metrics = httpx.get(f"http://127.0.0.1:{group.metrics_port}/metrics").text
+        assert 'fleet_provider_up{kind="embedding",provider="embeddings"} 1.0' in metrics
+        assert "fleet_provider_probe_seconds_bucket" in metrics
+    finally:
+        assert group.terminate() == 0
+        client.broker.close()
+    assert not [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.dead"]
+
+
+def test_fleet_health_cli_and_status_show_providers(services, sim):
+    import json
+    import os
+
+    from .test_cli_and_services import fleet_cli
+
+    env = dict(os.environ) | {k: str(v) for k, v in {
+        "CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "EMBEDDING_API_BASE": f"{sim.url}/v1",
+        "EMBEDDING_API_KEY": API_KEY}.items()}
+    rows = json.loads(fleet_cli("health", "--refresh", "--json", env=env).stdout)
+    assert {r["provider"]: r["status"] for r in rows} == {"chat": "healthy", "embeddings": "healthy"}
+    status = json.loads(fleet_cli("status", "--json", env=env).stdout)
+    assert {p["provider"] for p in status["providers"]} == {"chat", "embeddings"}
+    assert "healthy" in fleet_cli("status", env=env).stdout
