@@ -205,6 +205,49 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_lifecycle(args) -> int:
+    from .client import FleetClient
+    from .db import get_pool
+    from .lifecycle import undo_run
+
+    if args.action == "undo":
+        if not args.run:
+            raise SystemExit("fleet lifecycle undo RUN_ID")
+        print(f"restored {undo_run(args.run)} memory(ies)")
+        return 0
+    payload = {"dry_run": args.dry_run}
+    if args.project:
+        payload["project_id"] = args.project
+    if args.actions:
+        payload["actions"] = args.actions
+    done = FleetClient().enqueue("memory_lifecycle", payload)
+    print(f"enqueued lifecycle run (job {done.job_id}, trace {done.trace_id})", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    with get_pool().connection() as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("select type, payload from bus_events where trace_id = %s"
+                               " and type in ('lifecycle.done', 'job.dead') order by id desc limit 1",
+                               (done.trace_id,)).fetchone()
+            if row:
+                if row[0] == "job.dead":
+                    print(f"fleet lifecycle: the run failed: {row[1].get('reason')}", file=sys.stderr)
+                    return 1
+                result = row[1]
+                if args.json:
+                    _print_json(result)
+                else:
+                    print(f"run {result['run_id']}{' (dry run)' if result['dry_run'] else ''}"
+                          f" in {result['duration_ms']:.0f} ms")
+                    for action, n in result["counts"].items():
+                        print(f"  {action:<8} {n}")
+                return 0
+            time.sleep(0.2)
+    print("fleet lifecycle: no result yet (is a lifecycle worker running?)", file=sys.stderr)
+    return 1
+
+
 def cmd_search(args) -> int:
     from .embedding import search
 
@@ -393,6 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=300)
     s.add_argument("--usage", action="store_true", help="print the token usage on stderr")
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("lifecycle", help="memory lifecycle: run (or dry-run) it now, or undo a run")
+    s.add_argument("action", choices=["run", "undo"])
+    s.add_argument("run", nargs="?", help="with undo: the run id")
+    s.add_argument("--project")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--actions", nargs="*", help="a subset of expire archive decay evict merge reembed purge")
+    s.add_argument("--no-wait", action="store_true")
+    s.add_argument("--timeout", type=float, default=600)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lifecycle)
 
     s = sub.add_parser("search", help="embed a query and return the nearest stored chunks")
     s.add_argument("text")

@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     letta_api_base_url: str | None = Field(None, alias="LETTA_API_BASE_URL")
     letta_api_key: SecretStr | None = Field(None, alias="LETTA_API_KEY")
 
+    # Memory lifecycle.
+    lifecycle_interval_s: float = Field(3600.0, alias="LIFECYCLE_INTERVAL_S", gt=0)
+    lifecycle_archive_after_days: float = Field(30.0, alias="LIFECYCLE_ARCHIVE_AFTER_DAYS", gt=0)
+    lifecycle_decay_half_life_days: float = Field(30.0, alias="LIFECYCLE_DECAY_HALF_LIFE_DAYS", gt=0)
+    lifecycle_min_confidence: float = Field(0.05, alias="LIFECYCLE_MIN_CONFIDENCE", ge=0, le=1)
+    lifecycle_merge_threshold: float = Field(0.95, alias="LIFECYCLE_MERGE_THRESHOLD", gt=0, le=1)
+    lifecycle_purge_after_days: float = Field(30.0, alias="LIFECYCLE_PURGE_AFTER_DAYS", ge=0)
+    lifecycle_batch_size: int = Field(1000, alias="LIFECYCLE_BATCH_SIZE", ge=1, le=100_000)
+    lifecycle_type_caps: dict[str, int] = Field(default_factory=dict, alias="LIFECYCLE_TYPE_CAPS")
+
     @property
     def chat_key(self) -> str | None:
         """CHAT_API_KEY, falling back to OPENAI_API_KEY."""

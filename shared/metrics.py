@@ -55,6 +55,8 @@ class _Metrics:
                                       ["provider", "kind"], multiprocess_mode="mostrecent")
         self.provider_probe_seconds = prom.Histogram("fleet_provider_probe_seconds", "Health probe latency.",
                                                      ["provider"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+        self.lifecycle_actions = prom.Counter("fleet_lifecycle_actions_total", "Memories changed by lifecycle action.",
+                                              ["action"])
         self.worker_processes = prom.Gauge("fleet_worker_processes", "Worker processes running.", ["queues"],
                                            multiprocess_mode="livesum")
 

@@ -20,6 +20,8 @@ JOB_TYPES: dict[str, JobType] = {
         JobType("housekeeping", "maintenance", "Prunes expired idempotency records (scheduled hourly)."),
         JobType("chat_completion", "chat", "Streams a chat answer to listeners and stores the messages."),
         JobType("refresh_provider_health", "health", "Probes the configured providers into provider_health."),
+        JobType("memory_lifecycle", "lifecycle", "Expires, archives, decays, evicts, merges and re-embeds memories."),
+        JobType("embed_memories", "embed_memories", "Embeds memories' payloads into memories.embedding."),
         JobType("embed_documents", "embed", "Embeds documents (inline or rows of a registered source) into pgvector."),
     ]
 }

@@ -39,6 +39,7 @@ def periodic_jobs() -> list[Periodic]:
     return [
         Periodic("housekeeping", "housekeeping", 3600.0),
         Periodic("provider_health", "refresh_provider_health", settings.health_refresh_interval_s),
+        Periodic("memory_lifecycle", "memory_lifecycle", settings.lifecycle_interval_s),
     ]
 
 
