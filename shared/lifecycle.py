@@ -54,35 +54,42 @@ def _params(settings: Settings, project: str | None, run_id: str, batch: int) ->
             "model": settings.embedding_model_default}
 
 
+BATCH_TAIL = ("select (select count(*) from recorded), (select count(*) from picked),"
+              " (select id from picked order by id desc limit 1)")
+
+
 def _loop(conn: psycopg.Connection, sql: str, params: dict) -> int:
-    """Run one batch statement until a batch comes back short; each batch is its own transaction."""
-    total = 0
+    """Run one batch statement over the table in id order (keyset: each batch starts after the last id
+    it saw, so a run over millions of rows reads each row once); each batch is its own transaction."""
+    total, after = 0, uuid.UUID(int=0)
     while True:
         with conn.transaction():
-            n = conn.execute(sql, params).fetchone()[0]
-        total += n
-        if n < params["batch"]:
+            changed, picked, last = conn.execute(sql, params | {"after": after}).fetchone()
+        total += changed
+        if picked < params["batch"] or last is None:
             return total
+        after = last
 
 
 def _status_action(conn, action: str, params: dict) -> int:
     predicate, to_status = STATUS_ACTIONS[action]
     return _loop(conn, f"""
-        with picked as (select m.id, m.status from memories m where {predicate} and {SCOPE}
+        with picked as (select m.id, m.status from memories m where m.id > %(after)s and {predicate} and {SCOPE}
                         order by m.id limit %(batch)s for update skip locked),
         changed as (update memories m set status = '{to_status}', status_changed_at = now(), updated_at = now()
                     from picked where m.id = picked.id
                     returning m.id, picked.status as from_status, m.status as to_status,
                               null::real as from_confidence, null::real as to_confidence, null::uuid as merged_into),
         recorded as ({RECORD} returning 1)
-        select count(*) from recorded""", params | {"action": action})
+        {BATCH_TAIL}""", params | {"action": action})
 
 
 def _decay(conn, params: dict) -> int:
     since = "greatest(coalesce(m.confidence_decayed_at, m.last_accessed_at), m.last_accessed_at)"
     predicate = f"m.status = 'activated' and m.confidence > %(min_conf)s and {since} < now() - interval '1 day'"
     return _loop(conn, f"""
-        with picked as (select m.id, m.confidence, {since} as since from memories m where {predicate} and {SCOPE}
+        with picked as (select m.id, m.confidence, {since} as since from memories m
+                        where m.id > %(after)s and {predicate} and {SCOPE}
                         order by m.id limit %(batch)s for update skip locked),
         changed as (update memories m set
                       confidence = greatest(%(min_conf)s, picked.confidence * power(0.5,
@@ -93,7 +100,7 @@ def _decay(conn, params: dict) -> int:
                               picked.confidence as from_confidence, m.confidence as to_confidence,
                               null::uuid as merged_into),
         recorded as ({RECORD} returning 1)
-        select count(*) from recorded""", params | {"action": "decay"})
+        {BATCH_TAIL}""", params | {"action": "decay"})
 
 
 def _evict(conn, params: dict, caps: dict[str, int]) -> int:
@@ -199,14 +206,14 @@ def _purge(conn, params: dict) -> int:
     predicate = ("m.status = 'deleted' and m.status_changed_at < now() - %(purge_days)s * interval '1 day'"
                  " and exists (select 1 from memory_payloads p where p.memory_id = m.id)")
     return _loop(conn, f"""
-        with picked as (select m.id, m.status from memories m where {predicate} and {SCOPE}
+        with picked as (select m.id, m.status from memories m where m.id > %(after)s and {predicate} and {SCOPE}
                         order by m.id limit %(batch)s for update skip locked),
         purged as (delete from memory_payloads p using picked where p.memory_id = picked.id returning p.memory_id),
         changed as (select memory_id as id, 'deleted'::text as from_status, 'deleted'::text as to_status,
                            null::real as from_confidence, null::real as to_confidence, null::uuid as merged_into
                     from purged),
         recorded as ({RECORD} returning 1)
-        select count(*) from recorded""", params | {"action": "purge"})
+        {BATCH_TAIL}""", params | {"action": "purge"})
 
 
 def _run_action(conn, action: str, params: dict, settings: Settings, enqueue) -> int:

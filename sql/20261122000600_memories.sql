@@ -33,6 +33,8 @@ create table if not exists memories (
 create index if not exists memories_project_status_idx on memories (project_id, status, type);
 create index if not exists memories_active_access_idx on memories (last_accessed_at) where status = 'activated';
 create index if not exists memories_expires_idx on memories (expires_at) where status in ('activated', 'archived');
+-- the self-reference needs its own index, or deleting memories scans the table once per row
+create index if not exists memories_merged_into_idx on memories (merged_into) where merged_into is not null;
 create index if not exists memories_embedding_idx on memories using hnsw (embedding vector_cosine_ops)
     where status = 'activated';
 
