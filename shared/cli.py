@@ -208,7 +208,7 @@ def cmd_chat(args) -> int:
 def cmd_lifecycle(args) -> int:
     from .client import FleetClient
     from .db import get_pool
-    from .lifecycle import undo_run
+    from .lifecycle import ACTIONS, undo_run
 
     if args.action == "undo":
         if not args.run:
@@ -240,8 +240,8 @@ def cmd_lifecycle(args) -> int:
                 else:
                     print(f"run {result['run_id']}{' (dry run)' if result['dry_run'] else ''}"
                           f" in {result['duration_ms']:.0f} ms")
-                    for action, n in result["counts"].items():
-                        print(f"  {action:<8} {n}")
+                    for action in ACTIONS:
+                        print(f"  {action:<8} {result['counts'].get(action, 0)}")
                 return 0
             time.sleep(0.2)
     print("fleet lifecycle: no result yet (is a lifecycle worker running?)", file=sys.stderr)

@@ -142,6 +142,37 @@ def demo_chats(client, questions: list[str]) -> bool:
     return True
 
 
+def demo_lifecycle(client, connect, memories: int = 2000) -> bool:
+    """Seed memories in a demo project and run the lifecycle on them: first a dry run, then for real."""
+    project = f"demo-{uuid.uuid4().hex[:6]}"
+    with connect() as conn:
+        conn.execute(
+            "with seeded as (insert into memories (project_id, type, expires_at, last_accessed_at, confidence, pinned)"
+            " select %s, (array['semantic', 'episodic'])[1 + g %% 2],"
+            " case when g %% 10 = 0 then now() - interval '1 day' end,"
+            " now() - (g %% 60) * interval '1 day', 0.3 + (g %% 70) / 100.0, g %% 50 = 0"
+            " from generate_series(1, %s) g returning id)"
+            " insert into memory_payloads (memory_id, content) select id, 'demo memory ' || id from seeded",
+            (project, memories))
+    print(f"  seeded {memories} memories in project {project} (10% past expiry, access spread over 60 days, 2% pinned)")
+    for dry in (True, False):
+        trace = str(uuid.uuid4())
+        client.enqueue("memory_lifecycle", {"project_id": project, "dry_run": dry}, trace_id=trace)
+        deadline = time.monotonic() + 120
+        with connect() as conn:
+            while (row := conn.execute("select payload from bus_events where trace_id = %s and type = 'lifecycle.done'",
+                                       (trace,)).fetchone()) is None:
+                if time.monotonic() > deadline:
+                    print("fleet demo: the lifecycle run did not finish", file=sys.stderr)
+                    return False
+                time.sleep(0.2)
+        from .lifecycle import ACTIONS
+
+        counts = ", ".join(f"{a} {row[0]['counts'].get(a, 0)}" for a in ACTIONS)
+        print(f"    {'dry run' if dry else 'run    '}: {counts} ({row[0]['duration_ms']:.0f} ms)")
+    return True
+
+
 def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_services: bool = False,
              documents: int = 3000, chats: int = 3) -> int:
     from .cli import worker_command, worker_env
@@ -222,6 +253,8 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
         reset_settings()  # the chat client reads CHAT_API_BASE
         if chats and not demo_chats(FleetClient(), ["What is the fleet?", "How do retries work?",
                                                     "Where are answers stored?"][:chats]):
+            return 1
+        if not demo_lifecycle(FleetClient(), connect):
             return 1
         return 0
     finally:
