@@ -134,3 +134,11 @@ def test_fleet_health_cli_and_status_show_providers(services, sim):
     status = json.loads(fleet_cli("status", "--json", env=env).stdout)
     assert {p["provider"] for p in status["providers"]} == {"chat", "embeddings"}
     assert "healthy" in fleet_cli("status", env=env).stdout
+
+
+def test_letta_is_probed_on_its_health_endpoint_when_configured(services, sim):
+    result = {s["provider"]: s for s in refresh(settings_for(sim, LETTA_API_BASE_URL=sim.url, HEALTH_PROVIDERS="chat"))}
+    assert set(result) == {"chat", "letta"}
+    assert result["letta"]["status"] == "healthy" and result["letta"]["kind"] == "letta"
+    refresh(settings_for(sim, LETTA_API_BASE_URL="http://127.0.0.1:9", HEALTH_PROVIDERS="", HEALTH_DOWN_AFTER=1))
+    assert states(services["dsn"])["letta"] == "down"  # nothing listens there: a connection error
