@@ -248,6 +248,34 @@ def cmd_lifecycle(args) -> int:
     return 1
 
 
+def cmd_templates(args) -> int:
+    from . import templates
+    from .agentfile import InvalidAgentFile
+    from .semver import InvalidVersion
+
+    try:
+        if args.action == "publish":
+            if not (args.file and args.name and args.version):
+                raise SystemExit("fleet templates publish FILE --name N --version V")
+            content = json.loads(Path(args.file).read_text())
+            row = templates.publish(args.name, args.version, content)
+            print(f"published {row['name']}@{row['version']} (sha256 {row['sha256'][:16]})")
+        elif args.action == "list":
+            rows = templates.list_templates(args.name)
+            if args.json:
+                _print_json(rows)
+            else:
+                print(_table(rows, ["name", "version", "sha256", "published_at"]))
+        else:
+            if not (args.file and len(args.versions) == 2):
+                raise SystemExit("fleet templates diff NAME V1 V2")
+            _print_json(templates.diff_versions(args.file, *args.versions))
+    except (InvalidAgentFile, InvalidVersion, templates.TemplateError, json.JSONDecodeError) as e:
+        print(f"fleet templates: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_search(args) -> int:
     from .embedding import search
 
@@ -447,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=600)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lifecycle)
+
+    s = sub.add_parser("templates", help="agent templates: publish FILE --name N --version V | list | diff N V1 V2")
+    s.add_argument("action", choices=["publish", "list", "diff"])
+    s.add_argument("file", nargs="?", help="publish: the .af file; diff: the template name")
+    s.add_argument("versions", nargs="*", help="diff: two versions")
+    s.add_argument("--name")
+    s.add_argument("--version")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_templates)
 
     s = sub.add_parser("search", help="embed a query and return the nearest stored chunks")
     s.add_argument("text")
