@@ -69,7 +69,7 @@ def drain(kind: str, jobs: int) -> None:
         for m in messages:
             broker.enqueue(m)
     enqueue_s = time.perf_counter() - t
-    worker = Worker(broker, worker_threads=THREADS, worker_timeout=100)
+    worker = Worker(broker, queues={QUEUE}, worker_threads=THREADS, worker_timeout=100)
     t = time.perf_counter()
     worker.start()
     for _ in range(jobs):
@@ -145,7 +145,7 @@ def pickup(samples: int) -> None:
         latencies.append(time.time() - payload["t"])
         got.release()
 
-    worker = Worker(broker, worker_threads=THREADS, worker_timeout=1000)
+    worker = Worker(broker, queues={QUEUE}, worker_threads=THREADS, worker_timeout=1000)
     worker.start()
     time.sleep(1.0)  # idle: the consumer is parked on LISTEN
     for _ in range(samples):

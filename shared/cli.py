@@ -108,6 +108,13 @@ def cmd_worker(args) -> int:
         if q not in known_queues():
             print(f"fleet worker: unknown queue {q!r}; known: {', '.join(known_queues())}", file=sys.stderr)
             return 2
+    from .middleware.startup import missing_settings
+
+    problems = missing_settings(get_settings(), set(args.queues) if args.queues else None)
+    if problems:
+        for p in problems:
+            print(f"fleet worker: {p}", file=sys.stderr)
+        return 2
     env = worker_env(args.queues, args.metrics_port)
     cmd = worker_command(args.queues, args.processes, args.threads, args.metrics_port)
     os.execve(cmd[0], cmd, env)

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     health_providers: str = Field("chat,embedding", alias="HEALTH_PROVIDERS")  # letta too when LETTA_API_BASE_URL is set
     letta_api_base_url: str | None = Field(None, alias="LETTA_API_BASE_URL")
     letta_api_key: SecretStr | None = Field(None, alias="LETTA_API_KEY")
+    letta_max_retries: int = Field(2, alias="LETTA_MAX_RETRIES", ge=0)
+    zuplo_base_url: str | None = Field(None, alias="ZUPLO_BASE_URL")  # the billing proxy every agent must use
 
     # Memory lifecycle.
     lifecycle_interval_s: float = Field(3600.0, alias="LIFECYCLE_INTERVAL_S", gt=0)

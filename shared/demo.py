@@ -193,6 +193,7 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
     simulator = None
     metrics_port = free_port()
     env = worker_env(None, metrics_port)
+    env.setdefault("ZUPLO_BASE_URL", "https://billing.demo.invalid")  # the agents queue refuses to start without it
     if settings.embedding_api_key is None or settings.chat_key is None:
         simulator, sim_url = start_simulator({"latency_ms": 40, "latency_per_input_ms": 0.5, "ttft_ms": 300,
                                               "tokens_per_s": 25, "answer_tokens": 30})

@@ -22,6 +22,7 @@ JOB_TYPES: dict[str, JobType] = {
         JobType("refresh_provider_health", "health", "Probes the configured providers into provider_health."),
         JobType("memory_lifecycle", "lifecycle", "Expires, archives, decays, evicts, merges and re-embeds memories."),
         JobType("embed_memories", "embed_memories", "Embeds memories' payloads into memories.embedding."),
+        JobType("create_agent", "agents", "Creates a Letta agent from a template for a user (billing proxy forced)."),
         JobType("embed_documents", "embed", "Embeds documents (inline or rows of a registered source) into pgvector."),
     ]
 }

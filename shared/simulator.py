@@ -54,6 +54,8 @@ class Simulator:
         self.log: list[dict] = []
         self.lock = threading.Lock()
         self.random = random.Random(self.config.seed)
+        self.agents: dict[str, dict] = {}  # the Letta subset's state, in memory
+        self.patches: dict[str, int] = {}  # PATCH count per agent (one per agent per upgrade run)
 
     # -- faults ------------------------------------------------------------
     def next_fault(self) -> int | str | None:
@@ -85,6 +87,23 @@ class Simulator:
     def vector_json(self, model: str, text: str) -> str:
         """The same vector as JSON text, built from a table (json.dumps of 1,024 floats costs 0.6 ms)."""
         return "[" + ",".join(_COMPONENT_TEXT[b] for b in self._bytes(model, text)) + "]"
+
+
+LLM_REQUIRED = ("model", "model_endpoint_type", "context_window")
+EMBEDDING_REQUIRED = ("embedding_endpoint_type", "embedding_model", "embedding_dim")
+_TOOL_NAMES: dict[str, str] = {}
+
+
+def _tool_id(name: str) -> str:
+    tool_id = "tool-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    _TOOL_NAMES[tool_id] = name
+    return tool_id
+
+
+def _config_problems(config, required: tuple[str, ...], field: str) -> list[dict]:
+    if not isinstance(config, dict):
+        return [{"loc": ["body", field], "msg": "Field required", "type": "missing"}]
+    return [{"loc": ["body", field, k], "msg": "Field required", "type": "missing"} for k in required if k not in config]
 
 
 _COMPONENTS = [(2 * b - 255) / 256 for b in range(256)]
@@ -123,10 +142,15 @@ def make_handler(sim: Simulator):
             if self.path == "/_sim/log":
                 with sim.lock:
                     self._send(200, json.dumps(sim.log).encode())
+            elif self.path == "/_sim/letta":
+                with sim.lock:
+                    self._send(200, json.dumps({"agents": sim.agents, "patches": sim.patches}).encode())
             elif self.path == "/_sim/config":
                 self._send(200, json.dumps(asdict(sim.config)).encode())
             elif self.path in ("/health", "/v1/health", "/v1/health/"):
                 self._send(200, b'{"status": "ok"}')
+            elif self.path.startswith("/v1/agents"):
+                self.letta("GET", None)
             else:
                 self._send(404, _error(404, f"no route {self.path}"))
 
@@ -154,7 +178,85 @@ def make_handler(sim: Simulator):
             if self.path == "/v1/chat/completions":
                 self.chat(body)
                 return
+            if self.path.rstrip("/") == "/v1/agents":
+                self.letta("POST", body)
+                return
             self._send(404, _error(404, f"no route {self.path}"))
+
+        def do_PATCH(self):
+            body = self._body()
+            if self.path.startswith("/v1/agents/"):
+                self.letta("PATCH", body)
+                return
+            self._send(404, _error(404, f"no route {self.path}"))
+
+        # -- Letta (the 0.16 server's agents subset) ---------------------------
+        def letta(self, method: str, body: dict | None):
+            entry = {"path": self.path, "method": method, "t": time.time(), "status": 200}
+            status, payload = self._letta_answer(method, body)
+            entry["status"] = status
+            sim.record(entry)
+            self._send(status, json.dumps(payload).encode())
+
+        def _letta_answer(self, method: str, body: dict | None):
+            if not self._auth_ok():
+                return 401, {"detail": "Unauthorized"}
+            fault = sim.next_fault()
+            if isinstance(fault, int):
+                return fault, {"detail": "simulated server failure"}
+            path, _, query = self.path.partition("?")
+            parts = [p for p in path.split("/") if p]  # v1, agents, [id], [core-memory, blocks]
+            if method == "GET" and len(parts) == 2:  # list, filtered by name
+                from urllib.parse import parse_qs
+
+                name = (parse_qs(query).get("name") or [None])[0]
+                with sim.lock:
+                    return 200, [a for a in sim.agents.values() if name is None or a["name"] == name]
+            if method == "POST":
+                if body is None:
+                    return 422, {"detail": [{"msg": "invalid JSON body"}]}
+                problems = _config_problems(body.get("llm_config"), LLM_REQUIRED, "llm_config") + _config_problems(
+                    body.get("embedding_config"), EMBEDDING_REQUIRED, "embedding_config")
+                if problems:
+                    return 422, {"detail": problems}
+                agent_id = f"agent-{hashlib.sha1(str(time.time_ns()).encode() + str(len(sim.agents)).encode()).hexdigest()[:12]}"
+                blocks = [{"id": f"block-{agent_id[6:]}-{i}", "label": b.get("label"), "value": b.get("value", ""),
+                           "limit": b.get("limit", 5000)} for i, b in enumerate(body.get("memory_blocks") or [])]
+                agent = {"id": agent_id, "name": body.get("name"), "system": body.get("system", ""),
+                         "llm_config": body["llm_config"], "embedding_config": body["embedding_config"],
+                         "tools": [{"id": _tool_id(t), "name": t} for t in body.get("tools") or []],
+                         "tool_rules": body.get("tool_rules") or [], "tags": body.get("tags") or [],
+                         "metadata": body.get("metadata") or {}, "memory": {"blocks": blocks}}
+                with sim.lock:
+                    sim.agents[agent_id] = agent
+                return 200, agent
+            agent_id = parts[2] if len(parts) > 2 else ""
+            with sim.lock:
+                agent = sim.agents.get(agent_id)
+            if agent is None:
+                return 404, {"detail": f"Agent id={agent_id} not found"}
+            if method == "GET":
+                if parts[3:] == ["core-memory", "blocks"]:
+                    return 200, agent["memory"]["blocks"]
+                return 200, agent
+            if body is None:
+                return 422, {"detail": [{"msg": "invalid JSON body"}]}
+            # a PATCH replaces llm_config and embedding_config whole: a partial object is refused
+            problems = []
+            if "llm_config" in body:
+                problems += _config_problems(body["llm_config"], LLM_REQUIRED, "llm_config")
+            if "embedding_config" in body:
+                problems += _config_problems(body["embedding_config"], EMBEDDING_REQUIRED, "embedding_config")
+            if problems:
+                return 422, {"detail": problems}
+            with sim.lock:
+                for key in ("name", "system", "llm_config", "embedding_config", "tool_rules", "tags", "metadata"):
+                    if key in body:
+                        agent[key] = body[key]
+                if "tool_ids" in body:
+                    agent["tools"] = [{"id": t, "name": _TOOL_NAMES.get(t, t)} for t in body["tool_ids"]]
+                sim.patches[agent_id] = sim.patches.get(agent_id, 0) + 1
+            return 200, agent
 
         def _auth_ok(self) -> bool:
             key = sim.config.api_key

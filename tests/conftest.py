@@ -23,6 +23,7 @@ WORKER_ENV = {
     "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000",
     "FLEET_POLL_INTERVAL_MS": "200",
     "FLEET_LOG_LEVEL": "INFO",
+    "ZUPLO_BASE_URL": "https://billing.example.test",
 }
 
 

@@ -10,11 +10,13 @@ from .events import JobEvents
 from .metrics import Metrics
 from .retries import ClassifiedRetries
 from .signing import EnvelopeSigning
+from .startup import RequiredSettings
 from .trace import TraceContext
 
 
 def fleet_middleware(settings: Settings) -> list:
     stack = [
+        RequiredSettings(settings),
         AgeLimit(),
         TimeLimit(time_limit=settings.time_limit_ms),
         ShutdownNotifications(),
