@@ -283,6 +283,52 @@ def cmd_templates(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    from .db import get_pool
+    from .upgrades import counts, halt
+
+    if args.action == "run":
+        if len(args.args) != 2:
+            raise SystemExit("fleet upgrade run TEMPLATE VERSION [--dry-run] [--cohort JSON]")
+        try:
+            cohort = json.loads(args.cohort)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"fleet upgrade: --cohort is not JSON: {e}")
+        with get_pool().connection() as conn:
+            try:
+                run = conn.execute("select ams_enqueue_upgrade(%s, %s, %s::jsonb, %s)",
+                                   (args.args[0], args.args[1], json.dumps(cohort), args.dry_run)).fetchone()[0]
+            except Exception as e:  # the database says why (unknown template version)
+                print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
+                return 2
+        print(f"upgrade run {run} enqueued{' (dry run)' if args.dry_run else ''}")
+        return 0
+    if len(args.args) != 1:
+        raise SystemExit(f"fleet upgrade {args.action} RUN_ID")
+    run_id = args.args[0]
+    if args.action == "halt":
+        print(f"halted; {halt(run_id)} pending agent(s) cancelled")
+        return 0
+    with get_pool().connection() as conn:
+        row = conn.execute("select template_name, to_version, dry_run, status, counts from upgrade_runs where id = %s",
+                           (run_id,)).fetchone()
+    if row is None:
+        print(f"fleet upgrade: no run {run_id}", file=sys.stderr)
+        return 2
+    by_status = counts(run_id)
+    total = (row[4] or {}).get("total", sum(by_status.values()))
+    snapshot = {"run_id": run_id, "template": f"{row[0]}@{row[1]}", "dry_run": row[2], "status": row[3],
+                "total": total, "by_status": by_status}
+    if args.json:
+        _print_json(snapshot)
+    else:
+        done = sum(n for s, n in by_status.items() if s in ("succeeded", "failed", "skipped", "cancelled"))
+        print(f"run {run_id}: {snapshot['template']}{' (dry run)' if row[2] else ''}, {row[3]}, {done}/{total} done")
+        for status, n in sorted(by_status.items()):
+            print(f"  {status:<10} {n}")
+    return 0
+
+
 def cmd_search(args) -> int:
     from .embedding import search
 
@@ -491,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_templates)
+
+    s = sub.add_parser("upgrade", help="cohort upgrades: run TEMPLATE VERSION | status RUN | halt RUN")
+    s.add_argument("action", choices=["run", "status", "halt"])
+    s.add_argument("args", nargs="*")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--cohort", default="{}", help='JSON: {"from_version": V} {"user_ids": [...]} {"percent": 5}')
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_upgrade)
 
     s = sub.add_parser("search", help="embed a query and return the nearest stored chunks")
     s.add_argument("text")

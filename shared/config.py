@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     letta_api_key: SecretStr | None = Field(None, alias="LETTA_API_KEY")
     letta_max_retries: int = Field(2, alias="LETTA_MAX_RETRIES", ge=0)
     zuplo_base_url: str | None = Field(None, alias="ZUPLO_BASE_URL")  # the billing proxy every agent must use
+    upgrade_halt_failure_rate: float = Field(0.2, alias="UPGRADE_HALT_FAILURE_RATE", gt=0, le=1)
+    upgrade_halt_min_sample: int = Field(20, alias="UPGRADE_HALT_MIN_SAMPLE", ge=1)
+    upgrade_heartbeat_s: float = Field(5.0, alias="UPGRADE_HEARTBEAT_S", gt=0)
+    upgrade_stale_after_s: float = Field(60.0, alias="UPGRADE_STALE_AFTER_S", gt=0)
 
     # Memory lifecycle.
     lifecycle_interval_s: float = Field(3600.0, alias="LIFECYCLE_INTERVAL_S", gt=0)

@@ -23,6 +23,9 @@ JOB_TYPES: dict[str, JobType] = {
         JobType("memory_lifecycle", "lifecycle", "Expires, archives, decays, evicts, merges and re-embeds memories."),
         JobType("embed_memories", "embed_memories", "Embeds memories' payloads into memories.embedding."),
         JobType("create_agent", "agents", "Creates a Letta agent from a template for a user (billing proxy forced)."),
+        JobType("upgrade_fanout", "upgrade_jobs", "Selects a run's cohort and enqueues one upgrade per agent."),
+        JobType("upgrade_agent", "upgrade_agents", "Upgrades one agent to a template version (diff, one PATCH, verify)."),
+        JobType("requeue_stale_upgrades", "maintenance", "Requeues upgrades whose heartbeat went stale."),
         JobType("embed_documents", "embed", "Embeds documents (inline or rows of a registered source) into pgvector."),
     ]
 }

@@ -40,6 +40,7 @@ def periodic_jobs() -> list[Periodic]:
         Periodic("housekeeping", "housekeeping", 3600.0),
         Periodic("provider_health", "refresh_provider_health", settings.health_refresh_interval_s),
         Periodic("memory_lifecycle", "memory_lifecycle", settings.lifecycle_interval_s),
+        Periodic("requeue_stale_upgrades", "requeue_stale_upgrades", max(5.0, settings.upgrade_stale_after_s / 2)),
     ]
 
 

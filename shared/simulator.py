@@ -46,6 +46,8 @@ class SimConfig:
     cut_after_tokens: int = 3  # a "cut" stream stops after this many content chunks
     stream_cut_rate: float = 0.0
     malformed_chunk_rate: float = 0.0
+    # letta
+    alter_block_on_patch: bool = False  # a misbehaving server that rewrites memory during an upgrade
 
 
 class Simulator:
@@ -149,7 +151,7 @@ def make_handler(sim: Simulator):
                 self._send(200, json.dumps(asdict(sim.config)).encode())
             elif self.path in ("/health", "/v1/health", "/v1/health/"):
                 self._send(200, b'{"status": "ok"}')
-            elif self.path.startswith("/v1/agents"):
+            elif self.path.startswith(("/v1/agents", "/v1/tools")):
                 self.letta("GET", None)
             else:
                 self._send(404, _error(404, f"no route {self.path}"))
@@ -206,6 +208,11 @@ def make_handler(sim: Simulator):
                 return fault, {"detail": "simulated server failure"}
             path, _, query = self.path.partition("?")
             parts = [p for p in path.split("/") if p]  # v1, agents, [id], [core-memory, blocks]
+            if method == "GET" and parts[:2] == ["v1", "tools"]:
+                from urllib.parse import parse_qs
+
+                name = (parse_qs(query).get("name") or [""])[0]
+                return 200, [{"id": _tool_id(name), "name": name}] if name else []
             if method == "GET" and len(parts) == 2:  # list, filtered by name
                 from urllib.parse import parse_qs
 
@@ -256,6 +263,8 @@ def make_handler(sim: Simulator):
                 if "tool_ids" in body:
                     agent["tools"] = [{"id": t, "name": _TOOL_NAMES.get(t, t)} for t in body["tool_ids"]]
                 sim.patches[agent_id] = sim.patches.get(agent_id, 0) + 1
+                if sim.config.alter_block_on_patch and agent["memory"]["blocks"]:
+                    agent["memory"]["blocks"][0]["value"] += " (rewritten by the server)"
             return 200, agent
 
         def _auth_ok(self) -> bool:

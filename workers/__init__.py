@@ -13,6 +13,6 @@ configure_logging(get_settings().log_level)
 broker = build_broker()
 dramatiq.set_broker(broker)
 
-from . import agents, chat, echo, embed, health, housekeeping, lifecycle  # noqa: E402  (actors bind to the broker set above)
+from . import agents, chat, echo, embed, health, housekeeping, lifecycle, upgrades  # noqa: E402  (actors bind to the broker set above)
 
-__all__ = ["broker", "agents", "chat", "echo", "embed", "health", "housekeeping", "lifecycle"]
+__all__ = ["broker", "agents", "chat", "echo", "embed", "health", "housekeeping", "lifecycle", "upgrades"]

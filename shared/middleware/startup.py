@@ -9,6 +9,7 @@ from ..config import Settings
 # queue -> (setting attribute, variable name, why)
 REQUIRED = {
     "agents": ("zuplo_base_url", "ZUPLO_BASE_URL", "every agent's endpoints must go through the billing proxy"),
+    "upgrade_agents": ("zuplo_base_url", "ZUPLO_BASE_URL", "every agent's endpoints must go through the billing proxy"),
 }
 
 

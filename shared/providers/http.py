@@ -7,6 +7,7 @@ retries (with long backoff) handle the job as a whole. No SDK retries underneath
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, Callable, TypeVar
@@ -63,8 +64,9 @@ def raise_for_provider(provider: str, response: httpx.Response) -> None:
     if response.status_code < 400:
         return
     try:
-        detail = response.json().get("error", {})
-        message = detail.get("message") if isinstance(detail, dict) else str(detail)
+        body = response.json()
+        detail = body.get("error") or body.get("detail") or {}  # OpenAI-style, or FastAPI-style (Letta)
+        message = detail.get("message") if isinstance(detail, dict) else json.dumps(detail)[:300]
     except (ValueError, AttributeError):
         message = response.text[:300]
     raise ProviderError(provider, response.status_code, (message or response.reason_phrase)[:500],

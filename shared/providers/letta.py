@@ -45,6 +45,12 @@ class LettaClient:
     def find_agents(self, name: str) -> list[dict]:
         return self._call("GET", f"/v1/agents/?name={quote(name)}")
 
+    def find_tool_id(self, name: str) -> str:
+        tools = self._call("GET", f"/v1/tools/?name={quote(name)}")
+        if not tools:
+            raise PermanentError(f"the Letta server has no tool named {name!r}")
+        return tools[0]["id"]
+
     def get_agent(self, agent_id: str) -> dict:
         return self._call("GET", f"/v1/agents/{agent_id}")
 

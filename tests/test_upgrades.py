@@ -1,0 +1,165 @@
+"""Cohort upgrades through real workers and the simulator's Letta subset: dry runs, one PATCH per agent,
+memory left byte-identical, a server that alters memory caught, the halt threshold, stale heartbeats."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from shared.templates import publish
+
+from .conftest import started_fleet
+from .embedding_support import API_KEY
+from .helpers import wait_for
+from .test_templates import AGENT
+
+BILLING = "https://billing.example.test"
+
+
+@pytest.fixture(scope="module")
+def ufleet(services, sim, tmp_path_factory):
+    with started_fleet(services, "pgmq", tmp_path_factory.mktemp("upgrades"), LETTA_API_BASE_URL=sim.url,
+                       LETTA_API_KEY=API_KEY, ZUPLO_BASE_URL=BILLING, UPGRADE_HALT_MIN_SAMPLE="3",
+                       UPGRADE_HALT_FAILURE_RATE="0.5") as f:
+        yield f
+
+
+@pytest.fixture(autouse=True)
+def sane_letta(sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"alter_block_on_patch": False, "api_key": API_KEY})
+
+
+def letta(sim) -> dict:
+    return httpx.get(f"{sim.url}/_sim/letta").json()
+
+
+def cohort(ufleet, sim, users: int) -> tuple[str, list[str]]:
+    name = f"u-{uuid.uuid4().hex[:8]}"
+    publish(name, "1.0.0", AGENT)
+    newer = copy.deepcopy(AGENT)
+    newer["agents"][0]["system"] = "You help customers, in two sentences at most."
+    newer["agents"][0]["llm_config"]["model"] = "gpt-4o"
+    newer["blocks"][0]["value"] = "A new persona that upgrades must never apply."
+    publish(name, "1.1.0", newer)
+    ids = [str(uuid.uuid4()) for _ in range(users)]
+    trace = ufleet.trace()
+    ufleet.client.enqueue_many("create_agent", [{"user_id": u, "template": name, "version": "1.0.0"} for u in ids],
+                               trace_id=trace)
+    ufleet.wait_done(trace, users)
+    return name, ids
+
+
+def run_upgrade(ufleet, name: str, version: str, *, dry_run: bool, cohort_filter: dict | None = None) -> str:
+    with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
+        run = str(conn.execute("select ams_enqueue_upgrade(%s, %s, %s::jsonb, %s)",
+                               (name, version, json.dumps(cohort_filter or {}), dry_run)).fetchone()[0])
+
+    def finished():
+        with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
+            return conn.execute("select status from upgrade_runs where id = %s and finished_at is not null",
+                                (run,)).fetchone()
+
+    wait_for(finished, 60, what=f"upgrade run {run}")
+    return run
+
+
+def rows(dsn: str, run: str) -> list[dict]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute("select agent_id, status, diff, error, attempts from agent_upgrades where run_id = %s", (run,))
+        return [dict(zip(["agent_id", "status", "diff", "error", "attempts"], r)) for r in cur]
+
+
+def test_dry_run_changes_nothing_then_apply_patches_once_and_keeps_memory(ufleet, sim):
+    name, users = cohort(ufleet, sim, 5)
+    agents = {a["id"]: a for a in letta(sim)["agents"].values() if a["name"].startswith(name)}
+    memory_before = {i: json.dumps(a["memory"]["blocks"], sort_keys=True) for i, a in agents.items()}
+
+    dry = run_upgrade(ufleet, name, "1.1.0", dry_run=True)
+    dry_rows = rows(ufleet.dsn, dry)
+    assert [r["status"] for r in dry_rows] == ["succeeded"] * 5
+    assert all(set(r["diff"]) == {"system", "llm_config"} for r in dry_rows)
+    assert dry_rows[0]["diff"]["llm_config"]["to"]["model"] == "gpt-4o"
+    assert dry_rows[0]["diff"]["llm_config"]["to"]["model_endpoint"].startswith(BILLING)
+    state = letta(sim)
+    assert not any(state["patches"].get(i) for i in agents)  # nothing changed on the server
+
+    applied = run_upgrade(ufleet, name, "1.1.0", dry_run=False)
+    assert [r["status"] for r in rows(ufleet.dsn, applied)] == ["succeeded"] * 5
+    state = letta(sim)
+    for agent_id in agents:
+        agent = state["agents"][agent_id]
+        assert state["patches"][agent_id] == 1  # one PATCH per agent
+        assert agent["system"] == "You help customers, in two sentences at most."
+        user = agent["metadata"]["fleet_user_id"]
+        assert agent["llm_config"]["model"] == "gpt-4o"
+        assert agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] == \
+            f"{BILLING}/api/v1/agents/{user}/messages"
+        assert json.dumps(agent["memory"]["blocks"], sort_keys=True) == memory_before[agent_id]  # byte-identical
+    with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
+        versions = {r[0] for r in conn.execute("select template_version from user_profiles where user_id = any(%s::uuid[])",
+                                               (users,))}
+        done = conn.execute("select payload from bus_events where type = 'upgrade.done' and payload->>'run_id' = %s",
+                            (applied,)).fetchone()[0]
+    assert versions == {"1.1.0"} and done["counts"] == {"succeeded": 5}
+    again = run_upgrade(ufleet, name, "1.1.0", dry_run=False)
+    assert [r["status"] for r in rows(ufleet.dsn, again)] == ["skipped"] * 5
+
+
+def test_a_server_that_alters_memory_during_the_upgrade_is_reported_failed(ufleet, sim):
+    name, _ = cohort(ufleet, sim, 1)
+    httpx.post(f"{sim.url}/_sim/config", json={"alter_block_on_patch": True})
+    run = run_upgrade(ufleet, name, "1.1.0", dry_run=False)
+    (row,) = rows(ufleet.dsn, run)
+    assert row["status"] == "failed"
+    assert row["error"] == "memory blocks changed during the upgrade (label, value or limit differ)"
+
+
+def test_a_bad_template_halts_the_run(ufleet, sim):
+    name, _ = cohort(ufleet, sim, 8)
+    broken = copy.deepcopy(AGENT)
+    del broken["agents"][0]["llm_config"]["context_window"]  # Letta answers 422 to this llm_config
+    publish(name, "2.0.0", broken)
+    run = run_upgrade(ufleet, name, "2.0.0", dry_run=False)
+    statuses = [r["status"] for r in rows(ufleet.dsn, run)]
+    with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
+        status = conn.execute("select status from upgrade_runs where id = %s", (run,)).fetchone()[0]
+    assert status == "halted"
+    assert statuses.count("failed") >= 3 and statuses.count("succeeded") == 0
+    assert statuses.count("failed") + statuses.count("cancelled") == 8
+
+
+def test_stale_heartbeats_are_requeued_and_finished(ufleet, sim):
+    from shared.config import Settings
+    from shared.upgrades import requeue_stale
+
+    name, users = cohort(ufleet, sim, 1)
+    with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
+        run = str(conn.execute("insert into upgrade_runs (template_name, to_version, dry_run, status)"
+                               " values (%s, '1.1.0', false, 'running') returning id", (name,)).fetchone()[0])
+        agent_id = conn.execute("select letta_agent_id from user_profiles where user_id = %s", (users[0],)).fetchone()[0]
+        conn.execute("insert into agent_upgrades (run_id, agent_id, user_id, from_version, to_version, dry_run, status,"
+                     " attempts, heartbeat_at) values (%s, %s, %s, '1.0.0', '1.1.0', false, 'running', 1,"
+                     " now() - interval '10 minutes')", (run, agent_id, users[0]))
+    assert requeue_stale(Settings(UPGRADE_STALE_AFTER_S=60), ufleet.client) == 1
+    wait_for(lambda: rows(ufleet.dsn, run)[0]["status"] == "succeeded", 30, what="the requeued upgrade")
+    assert rows(ufleet.dsn, run)[0]["attempts"] == 2
+    assert letta(sim)["patches"][agent_id] == 1
+
+
+def test_upgrade_cli(ufleet, sim):
+    from .test_cli_and_services import fleet_cli
+
+    name, _ = cohort(ufleet, sim, 2)
+    out = fleet_cli("upgrade", "run", name, "1.1.0", "--dry-run").stdout
+    run = out.split()[2]
+    wait_for(lambda: json.loads(fleet_cli("upgrade", "status", run, "--json").stdout)["status"] == "completed", 30,
+             what="the dry run to complete")
+    status = json.loads(fleet_cli("upgrade", "status", run, "--json").stdout)
+    assert status["by_status"] == {"succeeded": 2} and status["dry_run"] is True
+    missing = fleet_cli("upgrade", "run", name, "9.9.9", check=False)
+    assert missing.returncode == 2 and "is not published" in missing.stderr
