@@ -32,6 +32,7 @@ MEASUREMENTS = [
     ("chat added latency", ["latency"], {"module": "bench.chat"}),
     ("chat throughput", ["throughput"], {"module": "bench.chat"}),
     ("memory lifecycle on 1,000,000 memories", [], {"module": "bench.lifecycle"}),
+    ("upgrade fan-out to 100,000 agents", [], {"module": "bench.upgrade"}),
 ]
 
 
@@ -104,6 +105,7 @@ def main() -> int:
     print(f"idle pickup p50: {figures['pickup_p50_ms']:.2f} ms (target < 15 ms), p99: {figures['pickup_p99_ms']:.2f} ms")
     print(f"chat added latency p50: {figures['chat_added_latency_p50_ms']:.1f} ms (target < 30 ms), "
           f"p99: {figures['chat_added_latency_p99_ms']:.1f} ms")
+    print(f"upgrade fan-out: {figures['upgrade_fanout_agents']:,.0f} agents in {figures['upgrade_fanout_s']:.2f} s")
     print(f"lifecycle: {figures['lifecycle_examined_per_s']:,.0f} memory-actions examined/s, "
           f"{figures['lifecycle_applied_per_s']:,.0f} applied/s on {figures['lifecycle_rows']:,.0f} memories")
     write_results(figures, ratios)
@@ -135,7 +137,8 @@ def write_results(figures: dict[str, float], ratios: list) -> None:
               f"p50 {figures['chat_added_latency_p50_ms']:.1f} ms, p99 {figures['chat_added_latency_p99_ms']:.1f} ms (target p50 < 30 ms).",
               f"Memory lifecycle (expire, archive, decay) on {figures['lifecycle_rows']:,.0f} memories: "
               f"{figures['lifecycle_examined_per_s']:,.0f} memory-actions examined/s, {figures['lifecycle_applied_per_s']:,.0f} applied/s "
-              f"({figures['lifecycle_applied']:,.0f} changes in {figures['lifecycle_run_s']:.1f} s; the exact dry run took {figures['lifecycle_dry_run_s']:.1f} s).", ""]
+              f"({figures['lifecycle_applied']:,.0f} changes in {figures['lifecycle_run_s']:.1f} s; the exact dry run took {figures['lifecycle_dry_run_s']:.1f} s).",
+              f"Upgrade fan-out: {figures['upgrade_fanout_agents']:,.0f} agents (rows and jobs) in {figures['upgrade_fanout_s']:.2f} s.", ""]
     RESULTS.write_text("\n".join(lines))
 
 

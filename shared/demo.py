@@ -173,6 +173,72 @@ def demo_lifecycle(client, connect, memories: int = 2000) -> bool:
     return True
 
 
+DEMO_TEMPLATE = {
+    "agents": [{"name": "concierge", "system": "You are the fleet's concierge.",
+                "llm_config": {"model": "meta-llama/Meta-Llama-3.1-8B-Instruct", "model_endpoint_type": "openai",
+                               "model_endpoint": "https://provider.invalid/v1", "context_window": 8192},
+                "embedding_config": {"embedding_endpoint_type": "openai", "embedding_model": "BAAI/bge-m3",
+                                     "embedding_endpoint": "https://provider.invalid/v1", "embedding_dim": 1024},
+                "block_ids": ["persona", "human"], "tool_ids": ["send"], "tags": ["demo"]}],
+    "blocks": [{"id": "persona", "label": "persona", "value": "Helpful and brief.", "limit": 2000},
+               {"id": "human", "label": "human", "value": "", "limit": 2000}],
+    "tools": [{"id": "send", "name": "send_message"}],
+}
+
+
+def _wait_run(connect, run_id: str, label: str) -> dict | None:
+    deadline = time.monotonic() + 300
+    with connect() as conn:
+        while time.monotonic() < deadline:
+            total, done, status, finished = conn.execute(
+                "select coalesce((r.counts->>'total')::int, 0),"
+                " (select count(*) from agent_upgrades u where u.run_id = r.id"
+                "  and u.status in ('succeeded', 'failed', 'skipped', 'cancelled')), r.status, r.finished_at is not null"
+                " from upgrade_runs r where r.id = %s", (run_id,)).fetchone()
+            print(f"\r    {label:<8}" + _bar(done, max(total, 1)), end="", flush=True)
+            if finished:
+                print()
+                return dict(conn.execute("select status, count(*) from agent_upgrades where run_id = %s group by status",
+                                         (run_id,)).fetchall())
+            time.sleep(0.2)
+    print()
+    return None
+
+
+def demo_upgrades(client, connect, agents: int = 200) -> bool:
+    import copy
+
+    from .templates import publish
+
+    name = f"concierge-{uuid.uuid4().hex[:6]}"
+    publish(name, "1.0.0", DEMO_TEMPLATE)
+    newer = copy.deepcopy(DEMO_TEMPLATE)
+    newer["agents"][0]["system"] = "You are the fleet's concierge. Answer in two sentences."
+    newer["agents"][0]["llm_config"]["context_window"] = 16384
+    publish(name, "1.1.0", newer)
+    users = [str(uuid.uuid4()) for _ in range(agents)]
+    trace = str(uuid.uuid4())
+    client.enqueue_many("create_agent", [{"user_id": u, "template": name, "version": "1.0.0"} for u in users],
+                        trace_id=trace)
+    with connect() as conn:
+        deadline = time.monotonic() + 120
+        while conn.execute("select count(*) from user_profiles where template_name = %s", (name,)).fetchone()[0] < agents:
+            if time.monotonic() > deadline:
+                print("fleet demo: the agents were not created in time", file=sys.stderr)
+                return False
+            time.sleep(0.2)
+    print(f"  published {name} 1.0.0 and 1.1.0, created {agents} agents on the Letta simulator (billing proxy forced)")
+    for dry in (True, False):
+        with connect() as conn:
+            run = str(conn.execute("select ams_enqueue_upgrade(%s, '1.1.0', '{}'::jsonb, %s)", (name, dry)).fetchone()[0])
+        counts = _wait_run(connect, run, "dry run" if dry else "apply")
+        if counts is None:
+            print("fleet demo: the upgrade run did not finish", file=sys.stderr)
+            return False
+        print(f"      {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
+    return True
+
+
 def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_services: bool = False,
              documents: int = 3000, chats: int = 3) -> int:
     from .cli import worker_command, worker_env
@@ -194,12 +260,14 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
     metrics_port = free_port()
     env = worker_env(None, metrics_port)
     env.setdefault("ZUPLO_BASE_URL", "https://billing.demo.invalid")  # the agents queue refuses to start without it
-    if settings.embedding_api_key is None or settings.chat_key is None:
+    if settings.embedding_api_key is None or settings.chat_key is None or not settings.letta_api_base_url:
         simulator, sim_url = start_simulator({"latency_ms": 40, "latency_per_input_ms": 0.5, "ttft_ms": 300,
                                               "tokens_per_s": 25, "answer_tokens": 30})
         for var in (["EMBEDDING_API_BASE"] if settings.embedding_api_key is None else []) + (
                 ["CHAT_API_BASE"] if settings.chat_key is None else []):
             env[var] = os.environ[var] = f"{sim_url}/v1"
+        if not settings.letta_api_base_url:
+            env["LETTA_API_BASE_URL"] = os.environ["LETTA_API_BASE_URL"] = sim_url
         print(f"  no provider keys: using the provider simulator at {sim_url}")
     workers = subprocess.Popen(worker_command(None, processes, threads, metrics_port), env=env,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -256,6 +324,8 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
                                                     "Where are answers stored?"][:chats]):
             return 1
         if not demo_lifecycle(FleetClient(), connect):
+            return 1
+        if not demo_upgrades(FleetClient(), connect):
             return 1
         return 0
     finally:
