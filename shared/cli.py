@@ -294,13 +294,14 @@ def cmd_upgrade(args) -> int:
             cohort = json.loads(args.cohort)
         except json.JSONDecodeError as e:
             raise SystemExit(f"fleet upgrade: --cohort is not JSON: {e}")
-        with get_pool().connection() as conn:
-            try:
-                run = conn.execute("select ams_enqueue_upgrade(%s, %s, %s::jsonb, %s)",
-                                   (args.args[0], args.args[1], json.dumps(cohort), args.dry_run)).fetchone()[0]
-            except Exception as e:  # the database says why (unknown template version)
-                print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
-                return 2
+        from .client import FleetClient
+        from .upgrades import start_run
+
+        try:
+            run = start_run(args.args[0], args.args[1], cohort, args.dry_run, FleetClient())
+        except Exception as e:  # the database says why (unknown template version)
+            print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
+            return 2
         print(f"upgrade run {run} enqueued{' (dry run)' if args.dry_run else ''}")
         return 0
     if len(args.args) != 1:

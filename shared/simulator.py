@@ -48,6 +48,7 @@ class SimConfig:
     malformed_chunk_rate: float = 0.0
     # letta
     alter_block_on_patch: bool = False  # a misbehaving server that rewrites memory during an upgrade
+    letta_latency_ms: float = 0.0
 
 
 class Simulator:
@@ -195,6 +196,7 @@ def make_handler(sim: Simulator):
         # -- Letta (the 0.16 server's agents subset) ---------------------------
         def letta(self, method: str, body: dict | None):
             entry = {"path": self.path, "method": method, "t": time.time(), "status": 200}
+            time.sleep(sim.config.letta_latency_ms / 1000)
             status, payload = self._letta_answer(method, body)
             entry["status"] = status
             sim.record(entry)

@@ -42,6 +42,21 @@ def select_cohort(conn, run: dict) -> list[tuple[str, str, str | None]]:
     return [r for r in rows if percent is None or in_canary(r[1], float(percent))]
 
 
+def start_run(template: str, version: str, cohort: dict, dry_run: bool, client) -> str:
+    """A new run, its fan-out enqueued: through pgmq in SQL (ams_enqueue_upgrade), or by the SDK on Redis."""
+    with get_pool().connection() as conn:
+        if client.settings.broker != "redis":
+            return str(conn.execute("select ams_enqueue_upgrade(%s, %s, %s, %s)",
+                                    (template, version, Jsonb(cohort), dry_run)).fetchone()[0])
+        if not conn.execute("select 1 from agent_templates where name = %s and version = %s",
+                            (template, version)).fetchone():
+            raise PermanentError(f"template {template}@{version} is not published")
+        run = str(conn.execute("insert into upgrade_runs (template_name, to_version, dry_run, cohort)"
+                               " values (%s, %s, %s, %s) returning id", (template, version, dry_run, Jsonb(cohort))).fetchone()[0])
+    client.enqueue("upgrade_fanout", {"run_id": run})
+    return run
+
+
 def fan_out(run_id: str, client) -> int:
     with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         run = cur.execute("select * from upgrade_runs where id = %s", (run_id,)).fetchone()

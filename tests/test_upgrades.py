@@ -21,9 +21,9 @@ from .test_templates import AGENT
 BILLING = "https://billing.example.test"
 
 
-@pytest.fixture(scope="module")
-def ufleet(services, sim, tmp_path_factory):
-    with started_fleet(services, "pgmq", tmp_path_factory.mktemp("upgrades"), LETTA_API_BASE_URL=sim.url,
+@pytest.fixture(scope="module", params=["pgmq", "redis"])
+def ufleet(request, services, sim, tmp_path_factory):
+    with started_fleet(services, request.param, tmp_path_factory.mktemp("upgrades"), LETTA_API_BASE_URL=sim.url,
                        LETTA_API_KEY=API_KEY, ZUPLO_BASE_URL=BILLING, UPGRADE_HALT_MIN_SAMPLE="3",
                        UPGRADE_HALT_FAILURE_RATE="0.5") as f:
         yield f
@@ -31,7 +31,7 @@ def ufleet(services, sim, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def sane_letta(sim):
-    httpx.post(f"{sim.url}/_sim/config", json={"alter_block_on_patch": False, "api_key": API_KEY})
+    httpx.post(f"{sim.url}/_sim/config", json={"alter_block_on_patch": False, "api_key": API_KEY, "letta_latency_ms": 0})
 
 
 def letta(sim) -> dict:
@@ -55,9 +55,9 @@ def cohort(ufleet, sim, users: int) -> tuple[str, list[str]]:
 
 
 def run_upgrade(ufleet, name: str, version: str, *, dry_run: bool, cohort_filter: dict | None = None) -> str:
-    with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
-        run = str(conn.execute("select ams_enqueue_upgrade(%s, %s, %s::jsonb, %s)",
-                               (name, version, json.dumps(cohort_filter or {}), dry_run)).fetchone()[0])
+    from shared.upgrades import start_run
+
+    run = start_run(name, version, cohort_filter or {}, dry_run, ufleet.client)  # SQL on pgmq, the SDK on Redis
 
     def finished():
         with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
@@ -155,11 +155,14 @@ def test_upgrade_cli(ufleet, sim):
     from .test_cli_and_services import fleet_cli
 
     name, _ = cohort(ufleet, sim, 2)
-    out = fleet_cli("upgrade", "run", name, "1.1.0", "--dry-run").stdout
+    import os
+
+    env = dict(os.environ) | {"FLEET_BROKER": ufleet.kind}
+    out = fleet_cli("upgrade", "run", name, "1.1.0", "--dry-run", env=env).stdout
     run = out.split()[2]
     wait_for(lambda: json.loads(fleet_cli("upgrade", "status", run, "--json").stdout)["status"] == "completed", 30,
              what="the dry run to complete")
     status = json.loads(fleet_cli("upgrade", "status", run, "--json").stdout)
     assert status["by_status"] == {"succeeded": 2} and status["dry_run"] is True
-    missing = fleet_cli("upgrade", "run", name, "9.9.9", check=False)
+    missing = fleet_cli("upgrade", "run", name, "9.9.9", env=env, check=False)
     assert missing.returncode == 2 and "is not published" in missing.stderr
