@@ -36,6 +36,17 @@ MEASUREMENTS = [
 ]
 
 
+def settle() -> None:
+    """Let the previous measurement's writes land (checkpoint, autovacuum) before the next one starts:
+    on two cores, a write-heavy benchmark otherwise slows the latency one after it."""
+    from shared.db import connect
+
+    with connect() as conn:
+        conn.execute("vacuum analyze")
+        conn.execute("checkpoint")
+    time.sleep(3)
+
+
 def measure(args: list[str], env_extra: dict) -> dict[str, float]:
     env_extra = dict(env_extra)
     module = env_extra.pop("module", "bench.drain")
@@ -72,6 +83,7 @@ def main() -> int:
             migrate(conn)
         figures: dict[str, float] = {}
         for label, args, env in MEASUREMENTS:
+            settle()
             t = time.monotonic()
             got = measure(args, env)
             if "dramatiq_queue_prefetch" in env:
