@@ -91,7 +91,6 @@ class PgmqBroker(Broker):
         self._states_lock = threading.Lock()
         self._notifier: _Notifier | None = None
         self._heartbeat: _Heartbeat | None = None
-        self._closed = False
 
     # -- signals -----------------------------------------------------------
     # dramatiq calls every middleware's hook for every signal; most are the base class's no-op.
@@ -320,7 +319,6 @@ class PgmqBroker(Broker):
             time.sleep(0.05)
 
     def close(self) -> None:
-        self._closed = True
         for thread in (self._notifier, self._heartbeat):
             if thread is not None:
                 thread.stop()

@@ -9,7 +9,7 @@ carries what was received, so the caller can store a partial answer.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import httpx
@@ -41,8 +41,6 @@ class Finished:
     text: str
     finish_reason: str | None
     usage: dict | None = None  # None when the provider sent no usage chunk
-    chunks: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ChatClient:
@@ -82,7 +80,6 @@ class ChatClient:
         parts: list[str] = []
         finish_reason = None
         usage = None
-        chunks = 0
         try:
             for line in response.iter_lines():
                 if not line.startswith("data:"):
@@ -92,13 +89,12 @@ class ChatClient:
                     if usage:
                         metrics().provider_tokens.labels(PROVIDER, "input").inc(usage.get("prompt_tokens") or 0)
                         metrics().provider_tokens.labels(PROVIDER, "output").inc(usage.get("completion_tokens") or 0)
-                    yield Finished("".join(parts), finish_reason, usage, chunks)
+                    yield Finished("".join(parts), finish_reason, usage)
                     return
                 try:
                     chunk = json.loads(data)
                 except ValueError:
                     raise StreamBroken("the provider sent a malformed chunk", text="".join(parts)) from None
-                chunks += 1
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:

@@ -68,7 +68,6 @@ class EmbeddingsClient:
         self.settings = settings or get_settings()
         self.base_url = self.settings.embedding_api_base
         self.rate_limit = rate_limit  # a context-manager factory, acquired once per HTTP request
-        self.requests = 0
 
     @property
     def client(self) -> httpx.Client:
@@ -112,7 +111,6 @@ class EmbeddingsClient:
         return call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
 
     def _post(self, body: dict, key: str | None) -> httpx.Response:
-        self.requests += 1
         return timed_post(self.client, PROVIDER, "/embeddings", body, bearer(key))
 
     @staticmethod
