@@ -59,6 +59,10 @@ class _Metrics:
                                               ["action"])
         self.worker_processes = prom.Gauge("fleet_worker_processes", "Worker processes running.", ["queues"],
                                            multiprocess_mode="livesum")
+        self.queue_consumers = prom.Gauge("fleet_queue_consumers", "Worker processes consuming each queue.", ["queue"],
+                                          multiprocess_mode="livesum")
+        self.upgrades = prom.Counter("fleet_upgrades_total", "Agents finished by upgrade runs, by status and mode.",
+                                     ["status", "mode"])
 
 
 _metrics: _Metrics | None = None
@@ -87,6 +91,7 @@ class QueueCollector:
         up = GaugeMetricFamily("fleet_broker_up", "1 when the broker and database answered this scrape.")
         try:
             stats = queue_stats()
+            fleet_wide = list(_fleet_wide_gauges())
         except Exception as e:
             log.warning("metrics.queue_stats_failed", error=str(e))
             up.add_metric([], 0)
@@ -99,7 +104,36 @@ class QueueCollector:
             inflight.add_metric([s["queue"]], s["in_flight"])
             oldest.add_metric([s["queue"]], s["oldest_age_s"])
             dead.add_metric([s["queue"]], s["dead_letters"])
-        yield from (depth, visible, inflight, oldest, dead, up)
+        yield from (depth, visible, inflight, oldest, dead, up, *fleet_wide)
+
+
+UPGRADE_STATES = ("pending", "running", "succeeded", "failed", "skipped", "cancelled")
+
+
+def _fleet_wide_gauges():
+    """Series read from the database: the scheduler's leadership and the progress of unfinished upgrade runs.
+    Every state is always reported (0 when none) so dashboards and alerts never see a gap."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from .db import get_pool
+    from .scheduler import current_leader
+
+    leader = GaugeMetricFamily("fleet_scheduler_leader", "1 while a scheduler holds the leader lock.")
+    leader.add_metric([], 1 if current_leader() else 0)
+    yield leader
+    with get_pool().connection() as conn:
+        counts = dict(conn.execute(
+            "select u.status, count(*) from agent_upgrades u join upgrade_runs r on r.id = u.run_id"
+            " where r.status in ('pending', 'running') group by u.status").fetchall())
+        runs = conn.execute("select count(*) from upgrade_runs where status in ('pending', 'running')").fetchone()[0]
+    agents = GaugeMetricFamily("fleet_upgrade_run_agents", "Agents of unfinished upgrade runs, by status.",
+                               labels=["status"])
+    for state in UPGRADE_STATES:
+        agents.add_metric([state], counts.get(state, 0))
+    yield agents
+    active = GaugeMetricFamily("fleet_upgrade_runs_active", "Upgrade runs pending or running.")
+    active.add_metric([], runs)
+    yield active
 
 
 def render() -> tuple[bytes, str]:

@@ -16,6 +16,7 @@ from .agents import billing_endpoint, with_billing
 from .config import Settings
 from .db import get_pool
 from .errors import PermanentError, classify, describe
+from .metrics import metrics
 from .providers.letta import LettaClient
 from .redact import redact
 from .templates import get
@@ -193,6 +194,7 @@ def _finish(cur, row: dict, status: str, change: dict | None, error: str | None,
                 (status, Jsonb(change) if change is not None else None, error, row["run_id"], row["agent_id"]))
     events.emit("upgrade.agent", **trace, run_id=str(row["run_id"]), agent_id=row["agent_id"], status=status,
                 error=error, changed=sorted(change or {}))
+    metrics().upgrades.labels(status, "dry_run" if row["dry_run"] else "apply").inc()
     return status
 
 

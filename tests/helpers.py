@@ -57,8 +57,10 @@ def dead_letters(dsn: str, trace_id: str | None = None, queue: str | None = None
 class WorkerGroup:
     """`dramatiq workers` as real processes, in their own process group so a test can SIGKILL them all."""
 
-    def __init__(self, env: dict, *, processes: int = 1, threads: int = 4, metrics: bool = False, log_dir: Path):
+    def __init__(self, env: dict, *, processes: int = 1, threads: int = 4, metrics: bool = False, log_dir: Path,
+                 queues: list[str] | None = None):
         self.env = dict(env)
+        self.queues = queues
         self.processes = processes
         self.threads = threads
         self.metrics_port = free_port() if metrics else 0
@@ -72,7 +74,7 @@ class WorkerGroup:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
         if self.metrics_port:
             env["FLEET_METRICS_PORT"] = str(self.metrics_port)
-        cmd = worker_command(None, self.processes, self.threads, self.metrics_port)
+        cmd = worker_command(self.queues, self.processes, self.threads, self.metrics_port)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parent.parent)

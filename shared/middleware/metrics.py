@@ -20,7 +20,10 @@ class Metrics(Middleware):
         metrics().worker_processes.labels(queues).inc()
 
     def after_worker_boot(self, broker, worker):
-        metrics()
+        # The queues this process consumes, so an alert can tell a queue nobody reads.
+        queues = worker.consumer_whitelist or broker.get_declared_queues()
+        for queue in {q.removesuffix(".DQ").removesuffix(".XQ") for q in queues}:
+            metrics().queue_consumers.labels(queue).inc()
 
     def after_worker_shutdown(self, broker, worker):
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
