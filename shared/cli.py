@@ -89,12 +89,12 @@ def worker_env(queues: list[str] | None, metrics_port: int | None = None) -> dic
         env.setdefault("FLEET_DB_POOLER", "false")
     if settings.broker == "redis" and settings.redis_url is None:
         env["REDIS_URL"] = redis_url(settings)
-    if "PROMETHEUS_MULTIPROC_DIR" not in env:
-        mdir = (settings.home / "metrics" / str(os.getpid())).resolve()
-        mdir.mkdir(parents=True, exist_ok=True)
-        for f in mdir.glob("*.db"):
-            f.unlink()
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
+    # Wiped at start (prometheus_client's rule): files of processes from an earlier run would count.
+    mdir = Path(env.get("PROMETHEUS_MULTIPROC_DIR") or settings.home / "metrics" / str(os.getpid())).resolve()
+    mdir.mkdir(parents=True, exist_ok=True)
+    for f in mdir.glob("*.db"):
+        f.unlink()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
     if metrics_port:
         env["FLEET_METRICS_PORT"] = str(metrics_port)
     env["FLEET_WORKER_QUEUES"] = ",".join(queues) if queues else "all"
@@ -385,7 +385,10 @@ def cmd_status(args) -> int:
             print(_table(snap["queues"], ["queue", "depth", "visible", "in_flight", "oldest_age_s",
                                           "succeeded_1m", "retried_1m", "failed_1m", "dead_letters"]))
             print()
-            print(_table(snap["providers"], HEALTH_COLUMNS))
+            print("provider health:" if snap["providers"] else
+                  "provider health: no probe yet (the scheduler runs them; or `fleet health --refresh`)")
+            if snap["providers"]:
+                print(_table(snap["providers"], HEALTH_COLUMNS))
         if not args.watch:
             return 0
         time.sleep(args.watch)

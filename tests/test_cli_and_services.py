@@ -75,6 +75,31 @@ def test_enqueue_jsonl_status_events_and_dlq_retry(pgmq_fleet, tmp_path):
     assert "re-enqueued 0 dead letter(s)" in fleet_cli("dlq", "retry", str(mine[0]["id"])).stdout  # once only
 
 
+def test_status_table_and_bulk_dlq_retry_by_filter_and_age(pgmq_fleet):
+    trace = str(uuid.uuid4())
+    pgmq_fleet.client.enqueue_many("echo", [{"message": f"bulk {i}", "fail": "permanent"} for i in range(3)],
+                                   trace_id=trace)
+    pgmq_fleet.wait_done(trace, 3)
+
+    table = fleet_cli("status").stdout
+    assert "scheduler leader: none" in table
+    assert "queue" in table and "oldest_age_s" in table and "dead_letters" in table and "\necho " in table
+    assert "provider health:" in table
+
+    def mine(*filters: str) -> list[dict]:
+        rows = json.loads(fleet_cli("dlq", "list", "--queue", "echo", *filters, "--json").stdout)
+        return [d for d in rows if d["trace_id"] == trace]
+
+    assert len(mine("--newer-than", "3600")) == 3 and mine("--older-than", "3600") == []
+    assert mine("--error-class", "TransientError") == []
+    for row in mine():
+        assert "PermanentError: echo asked to fail permanently: bulk" in row["reason"]
+    out = fleet_cli("dlq", "retry", "--queue", "echo", "--error-class", "PermanentError", "--newer-than", "3600").stdout
+    assert "re-enqueued" in out and int(out.split()[1]) >= 3
+    wait_for(lambda: len(dead_letters(pgmq_fleet.dsn, trace)) == 6, 30, what="the bulk-retried jobs' second dead letters")
+    assert {d["trace_id"] for d in mine("--all")} == {trace} and len(mine("--all")) == 6
+
+
 def test_enqueue_rejects_unknown_job_and_bad_json():
     bad = fleet_cli("enqueue", "no_such_job", "{}", check=False)
     assert bad.returncode == 2 and "unknown job type 'no_such_job'" in bad.stderr

