@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench system-deps services-down clean
+.PHONY: demo test bench soak system-deps services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	@$(PY) -m bench.run
+
+# The full chaos soak (10,000 jobs per broker, SIGKILLs, PostgreSQL and Redis restarts), then the
+# provider fault storm; each run stops by itself (--time-limit). A short version runs in `make test`.
+soak: $(STAMP) system-deps
+	@$(PY) -m bench.soak --broker both --jobs 10000 --time-limit 1200
+	@$(PY) -m bench.soak --broker both --jobs 10000 --faults --no-chaos --time-limit 1200
 
 services-down: $(STAMP)
 	@$(VENV)/bin/fleet services down

@@ -33,6 +33,8 @@ MEASUREMENTS = [
     ("chat throughput", ["throughput"], {"module": "bench.chat"}),
     ("memory lifecycle on 1,000,000 memories", [], {"module": "bench.lifecycle"}),
     ("upgrade fan-out to 100,000 agents", [], {"module": "bench.upgrade"}),
+    ("drain with 1, 2 and 4 worker processes", ["processes"], {"module": "bench.growth"}),
+    ("10k vs 1M messages waiting", ["depth"], {"module": "bench.growth"}),
 ]
 
 
@@ -110,6 +112,12 @@ def main() -> int:
          figures["upsert_copy_hnsw_rows_per_s"] / figures["upsert_executemany_hnsw_rows_per_s"], ">= 10"),
         ("pgvector upsert, binary COPY / executemany (no index)",
          figures["upsert_copy_noindex_rows_per_s"] / figures["upsert_executemany_noindex_rows_per_s"], ">= 10"),
+        ("drain, 2 worker processes / 1", figures["growth_drain_2proc_jobs_per_s"] / figures["growth_drain_1proc_jobs_per_s"], "-"),
+        ("drain, 4 worker processes / 1", figures["growth_drain_4proc_jobs_per_s"] / figures["growth_drain_1proc_jobs_per_s"], "-"),
+        ("read+delete with 1M waiting / with 10k waiting",
+         figures["growth_read_delete_1m_waiting_per_s"] / figures["growth_read_delete_10k_waiting_per_s"], "-"),
+        ("read+delete after draining 1M (dead rows) / with 10k waiting",
+         figures["growth_read_delete_after_purge_per_s"] / figures["growth_read_delete_10k_waiting_per_s"], "-"),
     ]
     print()
     for name, value, target in ratios:
@@ -136,7 +144,7 @@ def write_results(figures: dict[str, float], ratios: list) -> None:
         "",
         f"Measured by `make bench` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {os.cpu_count()} cores ({cpu}),",
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}; embedded PostgreSQL 18 and Redis on loopback.",
-        "One worker process with 8 threads, no-op jobs. Every figure comes from the same run as its baseline.",
+        "One worker process with 8 threads, no-op jobs, unless a figure says otherwise. Every figure comes from the same run as its baseline.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -150,7 +158,10 @@ def write_results(figures: dict[str, float], ratios: list) -> None:
               f"Memory lifecycle (expire, archive, decay) on {figures['lifecycle_rows']:,.0f} memories: "
               f"{figures['lifecycle_examined_per_s']:,.0f} memory-actions examined/s, {figures['lifecycle_applied_per_s']:,.0f} applied/s "
               f"({figures['lifecycle_applied']:,.0f} changes in {figures['lifecycle_run_s']:.1f} s; the exact dry run took {figures['lifecycle_dry_run_s']:.1f} s).",
-              f"Upgrade fan-out: {figures['upgrade_fanout_agents']:,.0f} agents (rows and jobs) in {figures['upgrade_fanout_s']:.2f} s.", ""]
+              f"Upgrade fan-out: {figures['upgrade_fanout_agents']:,.0f} agents (rows and jobs) in {figures['upgrade_fanout_s']:.2f} s.",
+              f"Queue table bloat: {figures['growth_table_mb_full']:.0f} MB holding 1M messages, "
+              f"{figures['growth_table_mb_drained']:.0f} MB once drained (dead rows until VACUUM), "
+              f"{figures['growth_table_mb_after_vacuum_full']:.1f} MB after VACUUM FULL.", ""]
     RESULTS.write_text("\n".join(lines))
 
 

@@ -19,7 +19,8 @@ from psycopg.types.json import Jsonb
 from .brokers import PgmqBroker, build_broker, enqueue_many
 from .config import get_settings
 from .db import get_pool
-from .errors import PayloadTooLarge
+from .errors import InvalidPayload, PayloadTooLarge
+from .payloads import problem
 from .registry import job_type
 
 IDEMPOTENCY_SCOPE = "enqueue"
@@ -141,6 +142,9 @@ class FleetClient:
               preassigned: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
         if not payloads:
             return []
+        for payload in payloads:
+            if (why := problem(payload)) is not None:
+                raise InvalidPayload(f"{name} payload refused: {why}")
         jt = job_type(name)
         self.broker.declare_queue(jt.queue)
         broker = self.broker

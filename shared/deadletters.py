@@ -11,6 +11,7 @@ from psycopg.types.json import Jsonb
 
 from .db import get_pool
 from .events import as_uuid, emit
+from .payloads import storable, storable_text
 from .redact import redact, redact_value
 
 
@@ -28,14 +29,26 @@ class DeadLetter:
     raw: str | None = None
 
 
+def _stored_message(message: dict | None) -> tuple[Jsonb | None, str | None]:
+    """The message as jsonb (redacted, NULs replaced), or, when it is too deep to walk, as raw text."""
+    if message is None:
+        return None, None
+    try:
+        return Jsonb(redact_value(message), dumps=lambda v: storable(json.dumps(v))), None
+    except RecursionError:
+        return None, storable_text(redact(json.dumps(message, default=str)[:10_000]))
+
+
 def record_dead_letter(dl: DeadLetter) -> int:
-    reason, error = redact(dl.reason), redact(dl.error or "")
+    reason, error = storable_text(redact(dl.reason)), storable_text(redact(dl.error or ""))
+    message, raw = _stored_message(dl.message)
+    if dl.raw:
+        raw = storable_text(redact(dl.raw))
     with get_pool().connection() as conn:
         row = conn.execute(
             "insert into dead_letters (queue, actor, message_id, message, raw, reason, error_class, error, attempts, trace_id)"
             " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id",
-            (dl.queue, dl.actor, dl.message_id, Jsonb(redact_value(dl.message)) if dl.message is not None else None,
-             redact(dl.raw.replace("\x00", "")) if dl.raw else None, reason, dl.error_class, error or None,
+            (dl.queue, dl.actor, dl.message_id, message, raw, reason, dl.error_class, error or None,
              dl.attempts, as_uuid(dl.trace_id)),
         ).fetchone()
     emit("job.dead", trace_id=dl.trace_id, job_id=dl.message_id, queue=dl.queue, actor=dl.actor,

@@ -27,6 +27,7 @@ from .providers.http import bearer, raise_for_provider
 from .redact import redact
 
 CACHE_S = 5.0
+PROBE_INPUT = ["ping"]  # what an embedding health probe sends
 
 
 class ProviderDown(DeferredError):
@@ -54,7 +55,7 @@ def probes(settings: Settings) -> list[Probe]:
     if "embedding" in wanted:
         model = settings.embedding_model_default
         key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
-        body = {"model": model, "input": ["ping"], "encoding_format": "float"}
+        body = {"model": model, "input": PROBE_INPUT, "encoding_format": "float"}
         found.append(Probe("embeddings", "embedding", model, lambda c, b=body, h=bearer(key): c.post("/embeddings", json=b, headers=h),
                            settings.embedding_api_base, {}))
     if settings.letta_api_base_url:

@@ -223,7 +223,8 @@ class EmbeddedRedis(_EmbeddedService):
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         st = self._state() or {"password": secrets.token_urlsafe(24)}
-        st["port"] = free_port()
+        if not st.get("port") or _port_open(st["port"]):
+            st["port"] = free_port()  # keep the port across restarts, so clients reconnect
         conf = self.root / "redis.conf"
         conf.write_text(
             f"port {st['port']}\nbind 127.0.0.1\nrequirepass {st['password']}\n"

@@ -32,14 +32,17 @@ class Workload:
     chat_keys: list[str] = field(default_factory=list)
     agent_users: list[str] = field(default_factory=list)
     upgrade_runs: list[str] = field(default_factory=list)
+    job_ids: dict[str, list[str]] = field(default_factory=dict)  # actor -> ids of the jobs enqueued directly
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.template = f"soak-{self.tag}"
+        self.published = False
 
     def _send(self, actor: str, payloads: list) -> None:
         if payloads:
-            self.client.enqueue_many(actor, payloads, trace_id=self.trace_id)
+            sent = self.client.enqueue_many(actor, payloads, trace_id=self.trace_id)
+            self.job_ids.setdefault(actor, []).extend(e.job_id for e in sent)
             self.enqueued[actor] += len(payloads)
 
     # -- the families ------------------------------------------------------
@@ -60,15 +63,15 @@ class Workload:
         start = self.documents
         docs = [{"source_id": f"{self.tag}-doc-{i}", "chunk_index": 0, "content": f"{self.tag} document {i}",
                  "metadata": {"workload": self.tag}} for i in range(start, start + n)]
-        self.documents += n
         self._send("embed_documents", [{"documents": docs[i : i + docs_per_job]}
                                        for i in range(0, len(docs), docs_per_job)])
+        self.documents += n  # counted once enqueued: a producer may call again after a failure
 
     def chats(self, n: int) -> None:
         keys = [f"{self.tag}-chat-{len(self.chat_keys) + i}" for i in range(n)]
-        self.chat_keys += keys
         self._send("chat_completion", [{"session_id": f"{k}-session", "content": f"question {k}",
                                         "idempotency_key": k, "max_tokens": 8} for k in keys])
+        self.chat_keys += keys
 
     def health(self, n: int = 1) -> None:
         self._send("refresh_provider_health", [{} for _ in range(n)])
@@ -90,14 +93,15 @@ class Workload:
         """Publish the template's two versions (once) and create n agents on 1.0.0."""
         from .templates import publish
 
-        if not self.agent_users:
+        if not self.published:
             publish(self.template, "1.0.0", DEMO_TEMPLATE)
             newer = copy.deepcopy(DEMO_TEMPLATE)
             newer["agents"][0]["system"] = "You are the fleet's concierge. Answer in two sentences."
             publish(self.template, "1.1.0", newer)
+            self.published = True
         users = [str(uuid.uuid4()) for _ in range(n)]
-        self.agent_users += users
         self._send("create_agent", [{"user_id": u, "template": self.template, "version": "1.0.0"} for u in users])
+        self.agent_users += users
 
     def agents_created(self) -> int:
         with self.connect() as conn:
@@ -105,9 +109,9 @@ class Workload:
                                 (self.template,)).fetchone()[0]
 
     def upgrade(self, *, dry_run: bool = False) -> str:
-        with self.connect() as conn:
-            run = str(conn.execute("select ams_enqueue_upgrade(%s, '1.1.0', '{}'::jsonb, %s)",
-                                   (self.template, dry_run)).fetchone()[0])
+        from .upgrades import start_run
+
+        run = start_run(self.template, "1.1.0", {}, dry_run, self.client)
         self.upgrade_runs.append(run)
         return run
 
@@ -119,6 +123,31 @@ class Workload:
                 "select actor, count(distinct job_id) from bus_events where trace_id = %s and type = any(%s)"
                 " group by actor", (self.trace_id, list(FINAL))).fetchall()
         return Counter({a: n for a, n in rows if a in self.enqueued})
+
+    def unfinished(self, limit: int = 5) -> list[dict]:
+        """Jobs enqueued here with no final event yet, and what the database knows of each."""
+        from psycopg import sql
+
+        from .registry import job_type
+
+        ids = [(actor, j) for actor, actor_ids in self.job_ids.items() for j in actor_ids]
+        with self.connect() as conn:
+            final = {r[0] for r in conn.execute(
+                "select distinct job_id from bus_events where trace_id = %s and type = any(%s)",
+                (self.trace_id, list(FINAL)))}
+            out = []
+            for actor, job_id in [(a, j) for a, j in ids if j not in final][:limit]:
+                story = conn.execute("select type, created_at::text, payload from bus_events where job_id = %s order by id",
+                                     (job_id,)).fetchall()
+                entry = {"job_id": job_id, "actor": actor, "events": [list(r) for r in story]}
+                if self.client.settings.broker == "pgmq":
+                    queue = job_type(actor).queue
+                    for table in (f"q_{queue}", f"a_{queue}"):
+                        entry[table] = [list(r) for r in conn.execute(sql.SQL(
+                            "select msg_id, read_ct, enqueued_at::text, vt::text from pgmq.{} where message->>'message_id' = %s"
+                        ).format(sql.Identifier(table)), (job_id,))]
+                out.append(entry)
+        return out
 
     def runs_finished(self) -> bool:
         if not self.upgrade_runs:
@@ -149,6 +178,9 @@ class Workload:
             for actor, row in out["jobs"].items():
                 row["dead"] = dead.get(actor, 0)
             out["dead_letters_without_reason"] = no_reason
+            out["permanent_retried"] = conn.execute(  # a permanent error must not be retried
+                "select count(*) from dead_letters where trace_id = %s and reason like 'permanent error:%%'"
+                " and attempts > 1", (self.trace_id,)).fetchone()[0]
             rows, distinct = conn.execute(
                 "select count(*), count(distinct (source_id, chunk_index)) from vector_documents where source_id like %s",
                 (f"{self.tag}-doc-%",)).fetchone()
@@ -181,6 +213,8 @@ def problems(report: dict) -> list[str]:
     """Everything in a report that breaks the promises: lost jobs, double effects, reasonless dead letters."""
     found = [f"{actor}: {row['lost']} job(s) never reached a final state"
              for actor, row in report["jobs"].items() if row["lost"]]
+    if report["permanent_retried"]:
+        found.append(f"{report['permanent_retried']} permanent failure(s) were retried")
     if report["dead_letters_without_reason"]:
         found.append(f"{report['dead_letters_without_reason']} dead letter(s) without a reason")
     def dead(actor: str) -> int:

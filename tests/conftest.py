@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -59,11 +59,17 @@ def services():
 @dataclass
 class Fleet:
     kind: str
-    dsn: str
-    env: dict
+    dsn: str = field(repr=False)  # holds the password
+    env: dict = field(repr=False)
     workers: WorkerGroup
     client: object
     log_dir: Path
+
+    def __repr__(self) -> str:
+        return f"Fleet({self.kind})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # hypothesis prints fixtures with this
+        printer.text(repr(self))
 
     def trace(self) -> str:
         return str(uuid.uuid4())

@@ -12,6 +12,7 @@ import dramatiq
 import pydantic
 
 from shared.errors import InvalidPayload, PermanentError, describe
+from shared.payloads import problem
 from shared.registry import job_type
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -23,6 +24,8 @@ def job(model: type[M], **options: Any) -> Callable[[Callable[[M], Any]], dramat
 
         @functools.wraps(fn)
         def run(payload: Any = None) -> Any:
+            if (why := problem(payload)) is not None:
+                raise InvalidPayload(f"invalid {jt.name} payload: {why}")
             try:
                 parsed = model.model_validate(payload)
             except pydantic.ValidationError as e:

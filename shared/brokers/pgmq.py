@@ -38,7 +38,9 @@ from ..config import Settings, get_settings
 from ..db import connect_kwargs, database_dsn, get_pool
 from .. import events
 from ..deadletters import DeadLetter, record_dead_letter
+from ..durable import HOLD_ACK
 from ..errors import PayloadTooLarge
+from ..payloads import MAX_DEPTH, problem
 from ..ids import uuid4_strings
 
 log = structlog.get_logger(__name__)
@@ -81,6 +83,8 @@ class _QueueState:
 
 
 class PgmqBroker(Broker):
+    events_ride_with_acks = True  # the consumer inserts the jobs' bus_events in its ack transaction
+
     def __init__(self, *, settings: Settings | None = None, middleware=None) -> None:
         super().__init__(middleware=middleware)
         self.settings = settings or get_settings()
@@ -343,6 +347,7 @@ class _PgmqConsumer(Consumer):
             broker.ensure_queue(queue_name, self.conn)
         except psycopg.OperationalError as e:
             raise ConnectionClosed(e) from None
+        events.written_with_acks(queue_name)
         self.notifier = broker.notifier()
         if self.notifier is not None:
             self.notifier.listen(queue_name)
@@ -351,6 +356,10 @@ class _PgmqConsumer(Consumer):
     # Called from worker threads: only queue the ids; the consumer thread sends them in batches.
     def ack(self, message: PgmqMessage) -> None:
         with self.state.lock:
+            if message.options.pop(HOLD_ACK, False):
+                # Its retry could not be enqueued: stop the heartbeat so pgmq delivers it again after the vt.
+                self.state.outstanding.discard(message.pgmq_id)
+                return
             self.state.acks.append(message.pgmq_id)
         self.state.wake.set()
 
@@ -431,8 +440,8 @@ class _PgmqConsumer(Consumer):
             nacks, state.nacks = state.nacks, []
         if not acks and not nacks and qty <= 0:
             return False
-        # The jobs' bus_events ride along, so they commit with the acks that end those jobs.
-        event_rows = events.take() if (acks or nacks) else []
+        # This queue's bus_events ride along, so they commit with the acks that end those jobs.
+        event_rows = events.take(self.queue_name)
         try:
             rows = self.conn.execute(
                 "select msg_id, read_ct, extract(epoch from enqueued_at), message"
@@ -452,13 +461,20 @@ class _PgmqConsumer(Consumer):
             state.outstanding.update(row[0] for row in rows)
         rejected: list[int] = []
         for msg_id, read_ct, enqueued_at, body in rows:
+            # Nothing raised here may strand the batch: each message is buffered, dead-lettered, or let go.
             try:
                 message = self._decode(msg_id, enqueued_at, body)
                 if read_ct > MAX_DELIVERIES:
                     raise _Undeliverable(f"delivered {read_ct} times without being acknowledged (the job keeps killing its worker)")
-            except _Undeliverable as e:
-                self._dead_letter(msg_id, read_ct, body, str(e))
-                rejected.append(msg_id)
+            except Exception as e:
+                reason = str(e) if isinstance(e, _Undeliverable) else f"could not decode the message: {type(e).__name__}: {e}"
+                try:
+                    self._dead_letter(msg_id, read_ct, body, reason)
+                    rejected.append(msg_id)
+                except Exception:
+                    log.exception("dead_letter.record_failed", queue=self.queue_name, msg_id=msg_id)
+                    with state.lock:  # no heartbeat: pgmq delivers it again after the visibility timeout
+                        state.outstanding.discard(msg_id)
                 continue
             self.buffer.append(PgmqMessage(message, msg_id, read_ct))
         if rejected:
@@ -473,12 +489,16 @@ class _PgmqConsumer(Consumer):
             data = json.loads(body)
         except ValueError as e:
             raise _Undeliverable(f"message is not valid JSON: {e}") from None
+        except RecursionError:
+            raise _Undeliverable(f"message nested too deeply to decode (the limit is {MAX_DEPTH} levels)") from None
         if isinstance(data, dict) and ENVELOPE_FIELDS <= data.keys():
             try:
                 fields = {k: data[k] for k in ENVELOPE_FIELDS}
                 if not isinstance(fields["args"], list) or not isinstance(fields["kwargs"], dict) or not isinstance(fields["options"], dict):
                     raise TypeError("args must be a list, kwargs and options objects")
                 fields["args"] = tuple(fields["args"])
+                if (why := problem(fields["args"])) is not None:
+                    raise ValueError(why)
                 if fields["queue_name"] != self.queue_name:
                     raise ValueError(f"envelope names queue {fields['queue_name']!r} but was read from {self.queue_name!r}")
                 return dramatiq.Message(**fields)
@@ -492,6 +512,8 @@ class _PgmqConsumer(Consumer):
         except LookupError as e:
             raise _Undeliverable(str(e)) from None
         payload = data["payload"] if "actor" in data and isinstance(data.get("payload"), dict) else data
+        if (why := problem(payload)) is not None:
+            raise _Undeliverable(f"raw message refused: {why}")
         options: dict[str, Any] = {"raw": True}
         return dramatiq.Message(
             queue_name=self.queue_name, actor_name=actor_name, args=(payload,), kwargs={},
@@ -500,15 +522,31 @@ class _PgmqConsumer(Consumer):
         )
 
     def _dead_letter(self, msg_id: int, read_ct: int, body: str, reason: str) -> None:
+        job_id, actor, trace_id = _identity(body)
         record_dead_letter(DeadLetter(
-            queue=self.queue_name, actor=None, message_id=f"pgmq:{self.queue_name}:{msg_id}", message=None,
+            queue=self.queue_name, actor=actor, message_id=job_id or f"pgmq:{self.queue_name}:{msg_id}", message=None,
             raw=body[:10_000], reason=reason, error_class="UndeliverableMessage", error=reason, attempts=read_ct,
+            trace_id=trace_id,
         ))
         log.warning("message.undeliverable", queue=self.queue_name, pgmq_id=msg_id, reason=reason)
 
 
 class _Undeliverable(Exception):
     pass
+
+
+def _identity(body: str) -> tuple[str | None, str | None, str | None]:
+    """The job id, actor and trace id of an undeliverable envelope, when it has them, so its dead letter
+    and job.dead event carry the ids its producer knows."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+    options = data.get("options") if isinstance(data.get("options"), dict) else {}
+    return tuple(v if isinstance(v, str) else None
+                 for v in (data.get("message_id"), data.get("actor_name"), options.get("trace_id")))
 
 
 class _ChunkSender(threading.Thread):

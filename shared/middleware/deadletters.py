@@ -7,6 +7,7 @@ from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware
 
 from ..deadletters import DeadLetter, record_dead_letter
+from ..durable import while_unreachable
 from ..errors import describe
 
 log = structlog.get_logger(__name__)
@@ -24,19 +25,21 @@ def reason_for(message, exception: BaseException | None) -> str:
 
 
 class DeadLetters(Middleware):
-    def after_nack(self, broker, message):
+    # Before the nack: the row and its job.dead event exist before the broker lets go of the message.
+    def before_nack(self, broker, message):
         exception = getattr(message, "_exception", None)
         reason = reason_for(message, exception)
+        letter = DeadLetter(
+            queue=message.queue_name, actor=message.actor_name, message_id=message.message_id,
+            message=message.asdict(), reason=reason,
+            error_class=type(exception).__name__ if exception else None,
+            error=describe(exception) if exception else None,
+            attempts=message.options.get("retries", 0) + 1, trace_id=message.options.get("trace_id"),
+        )
         try:
-            record_dead_letter(DeadLetter(
-                queue=message.queue_name, actor=message.actor_name, message_id=message.message_id,
-                message=message.asdict(), reason=reason,
-                error_class=type(exception).__name__ if exception else None,
-                error=describe(exception) if exception else None,
-                attempts=message.options.get("retries", 0) + 1, trace_id=message.options.get("trace_id"),
-            ))
+            while_unreachable(lambda: record_dead_letter(letter), what="dead letter")
         except Exception:
-            # The broker has archived it (pgmq) or kept it in its own DLQ (Redis): say so loudly.
+            # The broker archives it (pgmq) or keeps it in its own DLQ (Redis): say so loudly.
             log.exception("dead_letter.record_failed", job_id=message.message_id, reason=reason)
             raise
         log.warning("job.dead", reason=reason)

@@ -7,6 +7,7 @@ import time
 from dramatiq.middleware import Middleware
 
 from .. import events
+from ..durable import while_unreachable
 
 
 def job_fields(message) -> dict:
@@ -37,6 +38,15 @@ class JobEvents(Middleware):
         if exception is None:
             duration_ms = round((time.monotonic() - started) * 1000, 3) if started else None
             events.emit("job.succeeded", **job_fields(message), duration_ms=duration_ms)
+
+    # On Redis the ack is Redis's and the events are Postgres's: write a job's events before its ack, so
+    # a worker killed in between leaves a job that runs again, never one done without a record. (The
+    # pgmq consumer commits the events in the same transaction as the acks.)
+    def before_ack(self, broker, message):
+        if not getattr(broker, "events_ride_with_acks", False):
+            while_unreachable(events.flush, what="bus_events")
+
+    before_nack = before_ack
 
     def after_skip_message(self, broker, message):
         self._started.pop(message.message_id, None)

@@ -13,6 +13,7 @@ import structlog
 from dramatiq.middleware import Middleware
 
 from .. import events
+from ..durable import HOLD_ACK, UNREACHABLE, while_unreachable
 from ..errors import classify, describe, retry_after_of
 from ..redact import redact
 from .events import job_fields
@@ -58,7 +59,7 @@ class ClassifiedRetries(Middleware):
                 message.options["deferrals"] = deferrals + 1
                 delay = int(retry_after * 1000) if retry_after else full_jitter_backoff(min(deferrals, 6), 500, 30_000)
                 events.emit("job.deferred", **fields, delay_ms=delay, error_class=type(exception).__name__, error=error)
-                broker.enqueue(message, delay=delay)
+                enqueue_again(broker, message, delay)
                 return
         retries = message.options.get("retries", 0)
         max_retries = self._option(broker, message, "max_retries", self.max_retries)
@@ -75,7 +76,17 @@ class ClassifiedRetries(Middleware):
         events.emit("job.retrying", **fields, attempt=retries + 1, delay_ms=delay,
                     error_class=type(exception).__name__, error=error)
         log.info("job.retrying", attempt=retries + 1, delay_ms=delay, error_class=type(exception).__name__)
-        broker.enqueue(message, delay=delay)
+        enqueue_again(broker, message, delay)
+
+
+def enqueue_again(broker, message, delay: int) -> None:
+    """Enqueue the retry (or deferral), riding out a restart of the broker. Should it stay unreachable,
+    the original message is held back from its ack, so it is delivered again rather than lost."""
+    try:
+        while_unreachable(lambda: broker.enqueue(message, delay=delay), what="retry enqueue")
+    except UNREACHABLE as e:
+        message.options[HOLD_ACK] = True
+        log.error("job.retry_not_enqueued", error=redact(str(e)), note="left unacknowledged for redelivery")
 
 
 def is_last_attempt(broker, message) -> bool:

@@ -1,0 +1,365 @@
+"""Chaos soak: a mixed workload of every job family through real worker processes while a chaos driver
+stops a random worker group every few seconds (SIGKILL, and every third time a graceful SIGTERM)
+and starts a new one, restarts PostgreSQL once, and on the Redis broker restarts Redis once. Then it
+reads the outcome from the database.
+
+    python -m bench.soak [--broker pgmq|redis|both] [--jobs 10000] [--faults] [--time-limit 900]
+
+It starts its own PostgreSQL (and Redis) under a temporary FLEET_HOME and the provider simulator, and
+stops all of them, by PID, when it ends. Prints a JSON report per broker; exits 1 when a job was lost,
+an effect was applied twice, a dead letter has no reason, or the run did not settle in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+SECRET_KEY = "sk-soak-planted-secret-6f1d2c9a8b7e"  # must never appear in logs, events, dead letters, metrics
+# The provider fault storm (--faults): 30% 5xx, 10% 429 with Retry-After, 5% timeouts, 5% malformed bodies.
+STORM = {"error_rate_5xx": 0.30, "rate_429": 0.10, "retry_after_s": 1.0, "timeout_rate": 0.05, "timeout_s": 3.0,
+         "malformed_rate": 0.05}
+CALM = {"latency_ms": 5, "latency_per_input_ms": 0.2, "ttft_ms": 20, "tokens_per_s": 0, "answer_tokens": 8,
+        "letta_latency_ms": 5}
+GROUPS = 3  # worker groups (a dramatiq main process with one worker process each), all queues
+
+
+@dataclass
+class Mix:
+    """How many jobs of each family, for a total of about `jobs`."""
+
+    jobs: int
+    echo: int = field(init=False)
+    embed_jobs: int = field(init=False)
+    chats: int = field(init=False)
+    agents: int = field(init=False)
+    health: int = field(init=False)
+    lifecycle: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.embed_jobs = max(2, self.jobs // 10)  # 4 documents each
+        self.chats = max(2, self.jobs // 10)
+        self.agents = max(2, self.jobs // 40)  # each also gets an upgrade job: 2 jobs per agent
+        self.health = max(1, self.jobs // 200)
+        self.lifecycle = max(1, self.jobs // 200)
+        self.echo = max(10, self.jobs - self.embed_jobs - self.chats - 2 * self.agents - self.health - self.lifecycle)
+
+
+class Chaos(threading.Thread):
+    """Every few seconds: stop a random worker group (SIGKILL, and every third time SIGTERM) and start a
+    new one. Once: restart PostgreSQL;
+    once (Redis broker): restart Redis. Dead groups (a restart during an outage) are started again."""
+
+    def __init__(self, start_group, groups: list, *, every_s: float, pg, redis, pg_at: float, redis_at: float,
+                 seed: int) -> None:
+        super().__init__(daemon=True)
+        self.start_group, self.groups = start_group, groups
+        self.every_s, self.pg, self.redis, self.pg_at, self.redis_at = every_s, pg, redis, pg_at, redis_at
+        self.rng = random.Random(seed)
+        self.stopping = threading.Event()
+        self.kills = self.deaths = self.pg_restarts = self.redis_restarts = 0
+        self.errors: list[str] = []
+        self.sigterm_stop_s: list[float] = []  # how long each graceful stop took
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        next_kill = t0 + self.every_s
+        while not self.stopping.wait(0.2):
+            now = time.monotonic()
+            try:
+                if self.pg_at and now - t0 >= self.pg_at and not self.pg_restarts:
+                    self.pg.down()
+                    time.sleep(1.0)
+                    self.pg.up()
+                    self.pg_restarts += 1
+                if self.redis and self.redis_at and now - t0 >= self.redis_at and not self.redis_restarts:
+                    self.redis.down()
+                    time.sleep(1.0)
+                    self.redis.up()
+                    self.redis_restarts += 1
+                for i, group in enumerate(self.groups):
+                    if not group.alive():  # died by itself (or failed to boot during an outage)
+                        self.deaths += 1
+                        self.groups[i] = self.start_group()
+                if now >= next_kill:
+                    i = self.rng.randrange(len(self.groups))
+                    if (self.kills + len(self.sigterm_stop_s)) % 3 == 2:  # every third: a graceful stop
+                        stop_started = time.monotonic()
+                        self.groups[i].terminate(60)
+                        self.sigterm_stop_s.append(time.monotonic() - stop_started)
+                    else:
+                        self.groups[i].kill()
+                        self.kills += 1
+                    self.groups[i] = self.start_group()
+                    next_kill = time.monotonic() + self.every_s * self.rng.uniform(0.5, 1.5)
+            except Exception as e:  # a start during an outage: recorded, retried on the next tick
+                self.errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def start_simulator(faults: bool):
+    from shared.demo import start_simulator as start
+
+    return start({**CALM, **(STORM if faults else {}), "api_key": SECRET_KEY})
+
+
+def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_every_s: float, seed: int,
+         chaos_on: bool = True) -> dict:
+    home = Path(tempfile.mkdtemp(prefix=f"fleet-soak-{broker}-"))
+    saved_env = dict(os.environ)
+    os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": broker})
+    for var in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "FLEET_SIGNING_KEY"):
+        os.environ.pop(var, None)
+    from shared.config import reset_settings
+
+    reset_settings()
+    from shared.db import close_pool, connect
+    from shared.demo import stop_process
+    from shared.migrate import migrate
+    from shared.processes import WorkerGroup
+    from shared.services import EmbeddedPostgres, EmbeddedRedis
+
+    pg, rd = EmbeddedPostgres(home), (EmbeddedRedis(home) if broker == "redis" else None)
+    simulator = None
+    groups: list = []
+    chaos = None
+    try:
+        os.environ["DATABASE_URL"] = pg.up()
+        os.environ["FLEET_DB_POOLER"] = "false"
+        if rd:
+            os.environ["REDIS_URL"] = rd.up()
+        reset_settings()
+        with connect() as conn:
+            migrate(conn)
+        simulator, sim_url = start_simulator(faults)
+        env = dict(os.environ) | {
+            "EMBEDDING_API_BASE": f"{sim_url}/v1", "EMBEDDING_API_KEY": SECRET_KEY,
+            "CHAT_API_BASE": f"{sim_url}/v1", "CHAT_API_KEY": SECRET_KEY,
+            "LETTA_API_BASE_URL": sim_url, "LETTA_API_KEY": SECRET_KEY, "ZUPLO_BASE_URL": "https://billing.soak.invalid",
+            "HEALTH_PROVIDERS": "chat,embedding,letta",
+            "FLEET_VISIBILITY_TIMEOUT_S": "5", "FLEET_MAX_RETRIES": "8", "FLEET_MIN_BACKOFF_MS": "200",
+            "FLEET_MAX_BACKOFF_MS": "4000", "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000", "FLEET_LOG_LEVEL": "INFO",
+            "UPGRADE_STALE_AFTER_S": "10", "UPGRADE_HALT_MIN_SAMPLE": "100000",
+            "EMBED_PROVIDER_MAX_RETRIES": "1", "LETTA_MAX_RETRIES": "1",
+        }
+        logs = home / "logs"
+        logs.mkdir()
+
+        def start_group():
+            return WorkerGroup(env, processes=1, threads=8, metrics=True, log_dir=logs).start()
+
+        groups = [start_group() for _ in range(GROUPS)]
+        from shared.client import FleetClient
+        from shared.workload import Workload, problems
+
+        client = FleetClient()
+        work = Workload(client, connect, seed=seed)
+        mix = Mix(jobs)
+        t0 = time.monotonic()
+        chaos = Chaos(start_group, groups, every_s=kill_every_s if chaos_on else float("inf"), pg=pg, redis=rd,
+                      seed=seed, pg_at=2.5 if chaos_on else 0, redis_at=5.0 if (rd and chaos_on) else 0)
+        chaos.start()
+        # The work arrives in waves while the chaos runs; producers retry through the restarts.
+        work.agents(mix.agents)
+        waves = 5
+        for w in range(waves):
+            share = lambda n: n // waves + (1 if w < n % waves else 0)  # noqa: E731
+            produce(lambda: work.echo(share(mix.echo)))
+            produce(lambda: work.embeddings(4 * share(mix.embed_jobs), docs_per_job=4))
+            produce(lambda: work.chats(share(mix.chats)))
+            produce(lambda: work.health(share(mix.health)))
+            produce(lambda: work.lifecycle(share(mix.lifecycle), memories_per_project=20))
+            time.sleep(1.0)
+        enqueued_s = time.monotonic() - t0
+        upgrade_started = False
+        deadline = t0 + time_limit_s
+        last = 0.0
+        while time.monotonic() < deadline:
+            try:
+                if not upgrade_started and work.agents_created() >= mix.agents:
+                    work.upgrade()
+                    upgrade_started = True
+                restarts_done = chaos.pg_restarts >= bool(chaos.pg_at) and chaos.redis_restarts >= bool(chaos.redis_at)
+                if upgrade_started and restarts_done and work.settled():
+                    break
+                if time.monotonic() - last > 5:
+                    done, total = work.progress()
+                    print(f"  [{broker}] {time.monotonic() - t0:5.0f}s  {done}/{total} final, kills {chaos.kills},"
+                          f" pg restarts {chaos.pg_restarts}, redis restarts {chaos.redis_restarts}", flush=True)
+                    last = time.monotonic()
+            except Exception as e:  # the database is restarting: read again shortly
+                print(f"  [{broker}] waiting: {type(e).__name__}", flush=True)
+            time.sleep(0.5)
+        settled = upgrade_started and work.settled()
+        settle_s = time.monotonic() - t0
+        chaos.stopping.set()
+        chaos.join()
+        patches = httpx.get(f"{sim_url}/_sim/letta").json()["patches"]
+        report = work.report(patches)
+        report.update({
+            "broker": broker, "faults": faults, "jobs_enqueued": sum(work.enqueued.values()),
+            "settled": settled, "enqueue_s": round(enqueued_s, 1), "settle_s": round(settle_s, 1),
+            "kills": chaos.kills, "groups_died": chaos.deaths, "sigterms": len(chaos.sigterm_stop_s),
+            "sigterm_stop_s_max": round(max(chaos.sigterm_stop_s, default=0), 2), "pg_restarts": chaos.pg_restarts,
+            "redis_restarts": chaos.redis_restarts, "chaos_errors": chaos.errors[:5],
+        })
+        report["problems"] = problems(report) + ([] if settled else [f"did not settle within {time_limit_s:.0f}s"])
+        if not settled:
+            report["unfinished_sample"] = work.unfinished()
+            report["queues"] = queue_snapshot()
+        if not chaos_on and chaos.deaths:
+            report["problems"].append(f"{chaos.deaths} worker group(s) died without being killed")
+        report["secret_leaks"] = leaks(home, connect, chaos.groups)
+        if report["secret_leaks"]:
+            report["problems"].append(f"a secret appears in {report['secret_leaks']}")
+        if faults:
+            report["provider_log"] = provider_log_checks(sim_url)
+            report["problems"] += report["provider_log"]["problems"]
+        return report
+    finally:
+        if chaos:
+            chaos.stopping.set()
+            chaos.join()
+        for g in (chaos.groups if chaos else groups):
+            g.terminate(30)
+        if simulator is not None:
+            stop_process(simulator, 5)
+        close_pool()
+        if rd:
+            rd.down()
+        pg.down()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        reset_settings()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def queue_snapshot() -> list[dict]:
+    from shared.status import queue_stats
+
+    return [q for q in queue_stats() if q["depth"]]
+
+
+def produce(enqueue, attempts: int = 60) -> None:
+    """Enqueue, retrying while the database or Redis restarts (a producer that gives up loses work)."""
+    for attempt in range(attempts):
+        try:
+            return enqueue()
+        except Exception as e:
+            if attempt == attempts - 1:
+                raise
+            print(f"  enqueue retried: {type(e).__name__}", flush=True)
+            time.sleep(0.5)
+
+
+def secrets_in_play() -> dict[str, str]:
+    """The planted provider key and the real passwords of the database and Redis this run uses."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    found = {"provider key": SECRET_KEY, "database password": conninfo_to_dict(os.environ["DATABASE_URL"])["password"]}
+    if os.environ.get("REDIS_URL"):
+        from urllib.parse import urlsplit
+
+        found["redis password"] = urlsplit(os.environ["REDIS_URL"]).password
+    return {name: value for name, value in found.items() if value}
+
+
+def scrape(port: int) -> bytes:
+    """The exporter of a group the chaos just restarted may not listen yet: wait for it."""
+    from shared.processes import wait_for
+
+    def get():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).content
+        except httpx.TransportError:
+            return None
+
+    return wait_for(get, 30, 0.2, what=f"the exporter on port {port}")
+
+
+def leaks(home: Path, connect, groups) -> list[str]:
+    """Where a secret shows up: worker logs, metrics files and a live scrape, bus_events, dead letters."""
+    found = []
+    secrets = secrets_in_play()
+    blobs = [(str(p.relative_to(home)), p.read_bytes()) for p in home.rglob("*")
+             if p.is_file() and p.suffix in (".log", ".db") and "pg" not in p.relative_to(home).parts[:1]]
+    for group in groups:
+        if group.alive() and group.metrics_port:
+            blobs.append((f"/metrics of {group.log_path.name}", scrape(group.metrics_port)))
+    for where, blob in blobs:
+        found += [f"{where}: {name}" for name, value in secrets.items() if value.encode() in blob]
+    with connect() as conn:
+        for table, column in (("bus_events", "payload::text"),
+                              ("dead_letters", "coalesce(reason, '') || coalesce(error, '') || coalesce(message::text, '')"
+                                               " || coalesce(raw::text, '')")):
+            for name, value in secrets.items():
+                n = conn.execute(f"select count(*) from {table} where strpos({column}, %s) > 0", (value,)).fetchone()[0]
+                if n:
+                    found.append(f"{table} ({n} rows): {name}")
+    return found
+
+
+def provider_log_checks(sim_url: str) -> dict:
+    """From the simulator's request log: a retry of an embedding request that got 429 waited for
+    Retry-After. (Permanent failures not retried is read from the dead letters' attempts.)"""
+    log = httpx.get(f"{sim_url}/_sim/log").json()
+    out = {"requests": len(log), "statuses": {}, "retry_after_violations": 0, "problems": []}
+    for entry in log:
+        out["statuses"][str(entry.get("status"))] = out["statuses"].get(str(entry.get("status")), 0) + 1
+    from shared.health import PROBE_INPUT
+
+    by_input: dict = {}  # a job's embedding request carries its documents: a retry sends the same ones
+    for entry in log:
+        if entry.get("inputs") and entry["inputs"] != PROBE_INPUT:  # probes from different jobs look alike
+            by_input.setdefault(json.dumps(entry["inputs"], sort_keys=True), []).append(entry)
+    out["retried_inputs"] = sum(1 for entries in by_input.values() if len(entries) > 1)
+    for entries in by_input.values():
+        for before, after in zip(entries, entries[1:]):
+            if before.get("status") == 429 and after["t"] - before["t"] < 0.9:  # Retry-After is 1 s
+                out["retry_after_violations"] += 1
+    if out["retry_after_violations"]:
+        out["problems"].append(f"{out['retry_after_violations']} request(s) retried before Retry-After")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--broker", choices=["pgmq", "redis", "both"], default="both")
+    p.add_argument("--jobs", type=int, default=10_000)
+    p.add_argument("--faults", action="store_true", help="the provider fault storm")
+    p.add_argument("--time-limit", type=float, default=900, help="seconds before the run counts as not settled")
+    p.add_argument("--kill-every", type=float, default=4.0, help="seconds between SIGKILLs (randomised 0.5x-1.5x)")
+    p.add_argument("--no-chaos", action="store_true", help="no kills or restarts (with --faults: the fault storm)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--json", type=Path, help="also write the reports to this file")
+    args = p.parse_args(argv)
+    # Stopped from outside (a CI timeout, Ctrl-C): unwind, so the workers and services are stopped by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    reports = []
+    for broker in (["pgmq", "redis"] if args.broker == "both" else [args.broker]):
+        print(f"soak on {broker}: {args.jobs} jobs, SIGKILL every ~{args.kill_every}s, faults {args.faults}", flush=True)
+        report = soak(broker, args.jobs, faults=args.faults, time_limit_s=args.time_limit,
+                      kill_every_s=args.kill_every, seed=args.seed, chaos_on=not args.no_chaos)
+        reports.append(report)
+        print(json.dumps(report, indent=2, default=str), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(reports, indent=2, default=str))
+    failed = [r for r in reports if r["problems"]]
+    for r in failed:
+        print(f"soak on {r['broker']} FAILED: " + "; ".join(r["problems"]), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Attacks through the front door: a worker role that cannot change the schema, payloads that try to
+pick a provider URL, a table, a queue or an actor. (Signed envelopes: test_signing.py; secrets in
+logs, events, dead letters and metrics: test_cli_and_services.py and the soak's scan; RLS as anon
+and as two authenticated users: test_chat.py and test_lifecycle.py.)"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from shared.errors import InvalidPayload
+from shared.registry import UnknownJobType
+
+from .conftest import make_client, worker_env
+from .embedding_support import API_KEY, embed_env
+from .helpers import WorkerGroup, dead_letters, pgmq_send, wait_for
+
+
+@pytest.fixture(scope="module")
+def worker_login(services):
+    """A login role that is a member of fleet_worker, as DEPLOY advises for workers."""
+    name, password = f"fleet_app_{uuid.uuid4().hex[:6]}", secrets.token_urlsafe(16)
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute(f"create role {name} login password '{password}' in role fleet_worker")
+    params = conninfo_to_dict(services["dsn"]) | {"user": name, "password": password}
+    yield make_conninfo(**params)
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute(f"drop owned by {name}")
+        conn.execute(f"drop role {name}")
+
+
+@pytest.mark.parametrize("statement", [
+    "create table intruder (id int)",
+    "alter table bus_events add column intruder int",
+    "drop table dead_letters",
+    "truncate bus_events",
+    "create function intruder() returns int language sql as 'select 1'",
+    "alter table pgmq.q_echo add column intruder int",
+    "create index intruder on messages (content)",
+])
+def test_the_worker_role_cannot_change_the_schema(worker_login, statement):
+    with psycopg.connect(worker_login, autocommit=True) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(statement)
+
+
+class Canary:
+    """An HTTP server that a payload must never make the fleet call."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        canary = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                canary.requests.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+
+            do_GET = do_PATCH = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_fleet_on_the_worker_role_runs_jobs_and_refuses_hostile_payloads(services, sim, worker_login, tmp_path):
+    canary = Canary()
+    env = worker_env(services, "pgmq", **embed_env(sim), DATABASE_URL=worker_login, CHAT_API_BASE=f"{sim.url}/v1",
+                     CHAT_API_KEY=API_KEY, LETTA_API_BASE_URL=sim.url, LETTA_API_KEY=API_KEY)
+    group = WorkerGroup(env, processes=1, threads=4, log_dir=tmp_path).start()
+    client = make_client("pgmq")
+    try:
+        trace = str(uuid.uuid4())
+        hostile = [
+            ("chat_completion", {"session_id": "s", "content": "hi", "api_base": canary.url}),
+            ("chat_completion", {"session_id": "s", "content": "hi", "base_url": canary.url}),
+            ("embed_documents", {"documents": [{"source_id": "a", "content": "x"}], "api_base": canary.url}),
+            ("embed_documents", {"documents": [{"source_id": "a", "content": "x"}], "table": "pg_authid"}),
+            ("embed_documents", {"source": 'docs"; drop table bus_events; --', "ids": [1]}),
+            ("create_agent", {"user_id": str(uuid.uuid4()), "template": "t",
+                              "llm_config": {"model_endpoint": canary.url}}),
+            ("memory_lifecycle", {"project_id": "p", "actions": ["expire; drop table memories"]}),
+        ]
+        for actor, payload in hostile:
+            client.enqueue(actor, payload, trace_id=trace)
+        client.enqueue("echo", {"message": "the worker role works"}, trace_id=trace)
+        wait_for(lambda: len(dead_letters(services["dsn"], trace)) == len(hostile), 60, what="the hostile jobs' dead letters")
+        reasons = [d["reason"] for d in dead_letters(services["dsn"], trace)]
+        assert all(r.startswith("permanent error: ") for r in reasons), reasons
+        assert any("unregistered" in r for r in reasons) and any("Extra inputs are not permitted" in r for r in reasons)
+        assert canary.requests == []
+        with psycopg.connect(services["dsn"], autocommit=True) as conn:
+            assert conn.execute("select to_regclass('bus_events') is not null").fetchone()[0]
+            done = conn.execute("select count(*) from bus_events where trace_id = %s and type = 'job.succeeded'",
+                                (trace,)).fetchone()[0]
+        assert done == 1  # the echo job, on the worker role
+    finally:
+        client.broker.close()
+        code = group.terminate()
+        canary.stop()
+    assert code == 0, group.logs()[-3000:]
+
+
+def test_payloads_cannot_name_an_unregistered_queue_or_another_queues_actor(services, pgmq_fleet):
+    with pytest.raises(UnknownJobType):
+        pgmq_fleet.client.enqueue("pg_catalog", {"x": 1})
+    with pytest.raises(InvalidPayload, match="NUL"):
+        pgmq_fleet.client.enqueue("echo", {"message": "a\x00b"})
+    # A raw message on the echo queue that asks for an actor of another queue is refused, not run.
+    msg = pgmq_send(services["dsn"], "echo", {"actor": "create_agent", "payload": {"user_id": str(uuid.uuid4()),
+                                                                                "template": "t"}})
+    wait_for(lambda: [d for d in dead_letters(services["dsn"], queue="echo")
+                      if d["message_id"] == f"pgmq:echo:{msg}"], 30, what="the raw message's dead letter")
