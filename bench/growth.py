@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 import uuid
@@ -33,7 +32,7 @@ def processes() -> None:
     client = FleetClient()
     logs = Path(tempfile.mkdtemp(prefix="fleet-bench-growth-"))
     for count in (1, 2, 4):
-        env = worker_env(["echo"]) | {"FLEET_LOG_LEVEL": "WARNING"}
+        env = worker_env(["echo"])
         group = WorkerGroup(env, processes=count, threads=8, log_dir=logs, queues=["echo"]).start()
         try:
             trace = str(uuid.uuid4())
@@ -100,7 +99,6 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["processes", "depth"])
     args = p.parse_args()
-    os.environ.setdefault("FLEET_LOG_LEVEL", "WARNING")
     {"processes": processes, "depth": depth}[args.what]()
 
 

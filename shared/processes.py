@@ -50,8 +50,12 @@ class WorkerGroup:
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parent.parent)
         # dramatiq handles SIGTERM only once its workers have booted: wait for them.
-        wait_for(lambda: self.logs().count("Worker process is ready for action.") >= self.processes or not self.alive(),
-                 60, what="worker processes to boot")
+        try:
+            wait_for(lambda: self.logs().count("Worker process is ready for action.") >= self.processes or not self.alive(),
+                     60, what="worker processes to boot")
+        except AssertionError:
+            self.kill()  # never leave a group running that its caller will not stop
+            raise
         assert self.alive(), f"workers exited at start:\n{self.logs()[-3000:]}"
         return self
 
