@@ -1,7 +1,7 @@
 """Chaos soak: a mixed workload of every job family through real worker processes while a chaos driver
 stops a random worker group every few seconds (SIGKILL, and every third time a graceful SIGTERM)
-and starts a new one, restarts PostgreSQL once, and on the Redis broker restarts Redis once. Then it
-reads the outcome from the database.
+and starts a new one, restarts PostgreSQL once, and on the Redis broker restarts Redis once; a
+`fleet scheduler` runs throughout, as in production. Then it reads the outcome from the database.
 
     python -m bench.soak [--broker pgmq|redis|both] [--jobs 10000] [--faults] [--time-limit 900]
 
@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -114,6 +115,12 @@ def start_simulator(faults: bool):
     return start({**CALM, **(STORM if faults else {}), "api_key": SECRET_KEY})
 
 
+def start_scheduler(env: dict, logs: Path) -> subprocess.Popen:
+    with open(logs / "scheduler.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "shared.cli", "scheduler"], env=env, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+
+
 def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_every_s: float, seed: int,
          chaos_on: bool = True) -> dict:
     home = Path(tempfile.mkdtemp(prefix=f"fleet-soak-{broker}-"))
@@ -131,7 +138,7 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
     from shared.services import EmbeddedPostgres, EmbeddedRedis
 
     pg, rd = EmbeddedPostgres(home), (EmbeddedRedis(home) if broker == "redis" else None)
-    simulator = None
+    simulator = scheduler = None
     groups: list = []
     chaos = None
     try:
@@ -160,6 +167,9 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
             return WorkerGroup(env, processes=1, threads=8, metrics=True, log_dir=logs).start()
 
         groups = [start_group() for _ in range(GROUPS)]
+        # As in production, a scheduler re-probes the providers, so jobs deferred by a probe that found one down
+        # run again once it answers, and stale upgrade agents are requeued; the chaos leaves it running.
+        scheduler = start_scheduler(env | {"HEALTH_REFRESH_INTERVAL_S": "5"}, logs)
         from shared.client import FleetClient
         from shared.workload import Workload, problems
 
@@ -218,6 +228,8 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         if not settled:
             report["unfinished_sample"] = work.unfinished()
             report["queues"] = queue_snapshot()
+        if scheduler.poll() is not None:
+            report["problems"].append(f"the scheduler exited with {scheduler.returncode}")
         if not chaos_on and chaos.deaths:
             report["problems"].append(f"{chaos.deaths} worker group(s) died without being killed")
         report["secret_leaks"] = leaks(home, connect, chaos.groups)
@@ -233,8 +245,9 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
             chaos.join()
         for g in (chaos.groups if chaos else groups):
             g.terminate(30)
-        if simulator is not None:
-            stop_process(simulator, 5)
+        for proc in (scheduler, simulator):
+            if proc is not None:
+                stop_process(proc, 5)
         close_pool()
         if rd:
             rd.down()

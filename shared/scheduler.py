@@ -17,6 +17,7 @@ import psycopg
 import structlog
 
 from .db import database_dsn
+from .errors import describe
 
 log = structlog.get_logger(__name__)
 
@@ -95,15 +96,24 @@ class Scheduler:
         """Enqueue every periodic job that is due; returns their names."""
         enqueued = []
         for p in self.periodic:
-            due = conn.execute(
-                "insert into scheduler_runs (name, last_enqueued_at) values (%s, now())"
-                " on conflict (name) do update set last_enqueued_at = now()"
-                " where scheduler_runs.last_enqueued_at <= now() - %s * interval '1 second'"
-                " returning name",
-                (p.name, p.every_s),
-            ).fetchone()
+            try:
+                # The due-mark commits only with the enqueue: a broker outage leaves the job due for the next tick.
+                with conn.transaction():
+                    due = conn.execute(
+                        "insert into scheduler_runs (name, last_enqueued_at) values (%s, now())"
+                        " on conflict (name) do update set last_enqueued_at = now()"
+                        " where scheduler_runs.last_enqueued_at <= now() - %s * interval '1 second'"
+                        " returning name",
+                        (p.name, p.every_s),
+                    ).fetchone()
+                    if due:
+                        self.client.enqueue(p.job, p.payload())
+            except psycopg.OperationalError:
+                raise  # our own connection is gone: run() reconnects and contends again
+            except Exception as e:
+                log.warning("scheduler.enqueue_failed", periodic=p.name, job=p.job, error=describe(e))
+                continue
             if due:
-                self.client.enqueue(p.job, p.payload())
                 enqueued.append(p.name)
                 log.info("scheduler.enqueued", periodic=p.name, job=p.job)
         return enqueued

@@ -69,3 +69,21 @@ def test_sigterm_drains_or_requeues_and_loses_nothing(services, kind, tmp_path):
     assert sorted(set(messages)) == sorted(f"j{i}" for i in range(n))
     # graceful stop: in-flight jobs finished before the exit, so none ran twice
     assert len(messages) == n
+
+
+def test_max_backoff_setting_caps_every_actors_backoff(services, tmp_path):
+    """echo's own range is 200-5000 ms; FLEET_MAX_BACKOFF_MS=300 must cap each retry delay at 300 ms."""
+    env = worker_env(services, "pgmq", FLEET_MAX_BACKOFF_MS="300", FLEET_MAX_RETRIES="6")
+    client = make_client("pgmq")
+    trace = "00000000-0000-4000-8000-%012d" % int(time.time() * 1000 % 10**12)
+    group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
+    try:
+        client.enqueue("echo", {"message": "always fails", "fail": "transient"}, trace_id=trace)
+        evs = wait_for(lambda: (lambda e: e if any(x["type"] == "job.dead" for x in e) else None)(events(services["dsn"], trace_id=trace)),
+                       30, what="the job to exhaust its retries")
+        delays = [e["payload"]["delay_ms"] for e in evs if e["type"] == "job.retrying"]
+        assert len(delays) == 6
+        assert all(100 <= d <= 300 for d in delays), delays
+    finally:
+        assert group.terminate() == 0
+        client.broker.close()

@@ -1,4 +1,4 @@
-"""Scheduler leadership with two schedulers; migrations that refuse a changed file."""
+"""Scheduler leadership with two schedulers, and through a broker outage; migrations that refuse a changed file."""
 
 from __future__ import annotations
 
@@ -49,6 +49,21 @@ def test_scheduler_does_not_repeat_a_job_that_is_not_due(services):
         assert s.tick(conn) == []
         assert Scheduler([Periodic(name, "echo", 3600)], client=s.client).tick(conn) == []  # a new leader too
     s.client.broker.close()
+
+
+def test_scheduler_keeps_a_job_due_while_the_broker_is_unreachable(services):
+    """A broker outage must not kill the scheduler nor skip the job: it stays due and goes out once the broker is back."""
+    from shared.services import free_port
+
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    down = make_client("redis", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    up = make_client("redis", REDIS_URL=services["redis_url"])
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        assert Scheduler([Periodic(name, "echo", 3600)], client=down).tick(conn) == []
+        assert conn.execute("select count(*) from scheduler_runs where name = %s", (name,)).fetchone()[0] == 0
+        assert Scheduler([Periodic(name, "echo", 3600)], client=up).tick(conn) == [name]
+    down.broker.close()
+    up.broker.close()
 
 
 def test_migrations_apply_once_and_refuse_a_changed_file(services, tmp_path):

@@ -1,6 +1,7 @@
 """Retries decided by error class (shared/errors.py), replacing dramatiq's Retries.
 
-transient: exponential backoff with full jitter, at least the provider's Retry-After, up to max_retries.
+transient: exponential backoff with full jitter, at least the provider's Retry-After, up to max_retries;
+           an actor's own backoff range applies, capped by the configured max_backoff.
 permanent: failed at once, so the broker dead-letters it.
 deferred:  enqueued again after a delay without using up a retry (rate limits, a provider that is down).
 """
@@ -68,7 +69,8 @@ class ClassifiedRetries(Middleware):
             message.fail()
             return
         min_backoff = self._option(broker, message, "min_backoff", self.min_backoff)
-        max_backoff = self._option(broker, message, "max_backoff", self.max_backoff)
+        # An actor's max_backoff is its family's policy; FLEET_MAX_BACKOFF_MS is the operator's ceiling on all of them.
+        max_backoff = min(self._option(broker, message, "max_backoff", self.max_backoff), self.max_backoff)
         delay = full_jitter_backoff(retries, min_backoff, max_backoff)
         if retry_after is not None:
             delay = max(delay, int(retry_after * 1000))
