@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     max_backoff_ms: int = Field(300_000, alias="FLEET_MAX_BACKOFF_MS", ge=1)
     time_limit_ms: int = Field(600_000, alias="FLEET_TIME_LIMIT_MS", ge=100)
     max_payload_bytes: int = Field(1_000_000, alias="FLEET_MAX_PAYLOAD_BYTES", ge=1024)
+    # How long a retry's enqueue, a dead letter or a job's events wait out an unreachable database or Redis.
+    unreachable_budget_s: float = Field(60.0, alias="FLEET_UNREACHABLE_BUDGET_S", gt=0)
 
     # Envelope signing (off unless a key is set).
     signing_key: SecretStr | None = Field(None, alias="FLEET_SIGNING_KEY")

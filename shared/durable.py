@@ -11,6 +11,7 @@ import psycopg
 import redis.exceptions
 import structlog
 
+from .config import get_settings
 from .redact import redact
 
 log = structlog.get_logger(__name__)
@@ -18,13 +19,16 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 UNREACHABLE = (psycopg.OperationalError, dramatiq.errors.BrokerConnectionError, redis.exceptions.ConnectionError,
                redis.exceptions.TimeoutError)
-BUDGET_S = 60.0  # longer than a database restart or failover takes
-# Set on a message whose retry could not be enqueued: the consumer leaves it unacknowledged, so the
-# broker delivers it again once its visibility timeout ends, instead of losing it.
+# Set on a message whose retry could not be enqueued (holding its delay): its ack waits until the retry is
+# enqueued, or on pgmq the consumer leaves it unacknowledged for redelivery (middleware/retries.py).
 HOLD_ACK = "fleet_hold_ack"
 
 
-def while_unreachable(operation: Callable[[], T], *, what: str, budget_s: float = BUDGET_S) -> T:
+def while_unreachable(operation: Callable[[], T], *, what: str, budget_s: float | None = None) -> T:
+    """Run `operation`, trying again while the database or Redis is unreachable, for up to
+    FLEET_UNREACHABLE_BUDGET_S (longer than a restart or failover takes); then its error is raised."""
+    if budget_s is None:
+        budget_s = get_settings().unreachable_budget_s
     deadline = time.monotonic() + budget_s
     delay = 0.1
     while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psycopg
 import pytest
 
 from .conftest import make_client, worker_env
@@ -87,3 +88,60 @@ def test_max_backoff_setting_caps_every_actors_backoff(services, tmp_path):
     finally:
         assert group.terminate() == 0
         client.broker.close()
+
+
+
+def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kind, tmp_path):
+    """The broker is down when a job's retry is enqueued, for longer than FLEET_UNREACHABLE_BUDGET_S. On
+    Redis the original's ack must wait until the retry is enqueued; on pgmq the original is left
+    unacknowledged and delivered again. Either way the job runs again and succeeds once the broker is back.
+    The broker here is a PostgreSQL or Redis of the test's own, so stopping it leaves the others alone."""
+    import subprocess
+    import sys
+
+    from shared.migrate import migrate
+    from shared.services import EmbeddedPostgres, EmbeddedRedis
+
+    if kind == "pgmq":
+        broker_service = EmbeddedPostgres(tmp_path / "own-pg")
+        dsn = broker_service.up()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrate(conn)
+        env = worker_env(services, kind, DATABASE_URL=dsn)
+    else:
+        broker_service, dsn = EmbeddedRedis(tmp_path / "own-redis"), services["dsn"]
+        env = worker_env(services, kind, REDIS_URL=broker_service.up())
+    env["FLEET_UNREACHABLE_BUDGET_S"] = "1"
+    trace = "00000000-0000-4000-8000-%012d" % int(time.time() * 1000 % 10**12)
+    group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
+    try:
+        subprocess.run([sys.executable, "-m", "shared.cli", "enqueue", "echo",
+                        '{"fail": "transient", "fail_attempts": 1, "sleep_ms": 2000}', "--trace-id", trace], env=env, check=True,
+                       capture_output=True)
+        wait_for(lambda: _taken(kind, dsn, env), 20, what="a worker to take the job")
+        broker_service.down()
+        # (on pgmq the enqueue also waits out the connection pool's 30 s timeout)
+        wait_for(lambda: "job.retry_not_enqueued" in group.logs(), 60, what="the retry enqueue to give up")
+        time.sleep(2)  # the message is held back (Redis: the ack waits; pgmq: not acknowledged)
+        broker_service.up()
+        evs = wait_for(lambda: (lambda e: e if _distinct(e, "job.succeeded") else None)(events(dsn, trace_id=trace)),
+                       40, what="the job to succeed once the broker is back")
+        assert len(_distinct(evs, "job.succeeded")) == 1
+        assert len([e for e in evs if e["type"] == "job.started"]) >= 2  # the failed attempt and the one after
+    finally:
+        group.terminate()
+        broker_service.down()
+
+
+def _taken(kind: str, dsn: str, env: dict) -> bool:
+    """The echo message is in a worker's hands: read once from pgmq, or in a Redis consumer's ack set."""
+    if kind == "pgmq":
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return bool(conn.execute("select count(*) from pgmq.q_echo where read_ct > 0").fetchone()[0])
+    import redis
+
+    r = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        return any(r.scard(key) for key in r.scan_iter("dramatiq:__acks__.*"))
+    finally:
+        r.close()

@@ -84,6 +84,7 @@ class _QueueState:
 
 class PgmqBroker(Broker):
     events_ride_with_acks = True  # the consumer inserts the jobs' bus_events in its ack transaction
+    redelivers_held_messages = True  # a message held back from its ack (HOLD_ACK) returns after its vt
 
     def __init__(self, *, settings: Settings | None = None, middleware=None) -> None:
         super().__init__(middleware=middleware)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 
 import structlog
-from dramatiq.middleware import Middleware
+from dramatiq.errors import BrokerConnectionError
+from dramatiq.middleware import Middleware, MiddlewareError
 
 from .. import events
 from ..durable import HOLD_ACK, UNREACHABLE, while_unreachable
@@ -43,6 +44,9 @@ class ClassifiedRetries(Middleware):
     def _option(self, broker, message, name: str, default):
         actor = broker.actors.get(message.actor_name)
         return message.options.get(name, actor.options.get(name, default) if actor else default)
+
+    def before_ack(self, broker, message):
+        hold_until_enqueued(broker, message)
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
         if exception is None:
@@ -81,14 +85,38 @@ class ClassifiedRetries(Middleware):
         enqueue_again(broker, message, delay)
 
 
+class RetryNotEnqueued(MiddlewareError, BrokerConnectionError):
+    """Raised from before_ack: a MiddlewareError so dramatiq does not swallow it, a BrokerConnectionError so
+    the worker keeps the message unacknowledged and tries the ack (and with it this enqueue) again shortly."""
+
+
 def enqueue_again(broker, message, delay: int) -> None:
     """Enqueue the retry (or deferral), riding out a restart of the broker. Should it stay unreachable,
-    the original message is held back from its ack, so it is delivered again rather than lost."""
+    the original message is held back from its ack (see `hold_until_enqueued`), so it is not lost."""
     try:
         while_unreachable(lambda: broker.enqueue(message, delay=delay), what="retry enqueue")
     except UNREACHABLE as e:
-        message.options[HOLD_ACK] = True
-        log.error("job.retry_not_enqueued", error=redact(str(e)), note="left unacknowledged for redelivery")
+        message.options[HOLD_ACK] = {"delay": delay}
+        log.error("job.retry_not_enqueued", error=redact(str(e)), note="held unacknowledged until it is enqueued")
+
+
+def hold_until_enqueued(broker, message) -> None:
+    """Before the ack of a message whose retry could not be enqueued: try that enqueue once more. Should it
+    fail again, a broker that redelivers held messages (pgmq: the consumer skips the ack and the message
+    returns after its visibility timeout) gets it back; on any other broker (Redis) the ack waits, and
+    dramatiq's worker tries it again every few seconds until the broker answers. Either way the original
+    is acknowledged only once its retry is enqueued, and a worker that dies meanwhile leaves it to redelivery."""
+    held = message.options.pop(HOLD_ACK, None)
+    if held is None:
+        return
+    try:
+        broker.enqueue(message, delay=held["delay"])
+    except UNREACHABLE as e:
+        message.options[HOLD_ACK] = held
+        if getattr(broker, "redelivers_held_messages", False):
+            return
+        raise RetryNotEnqueued(f"the retry is still not enqueued: {redact(str(e))}") from None
+    log.info("job.retry_enqueued_late", delay_ms=held["delay"])
 
 
 def is_last_attempt(broker, message) -> bool:
