@@ -73,6 +73,7 @@ class Chaos(threading.Thread):
         self.kills = self.deaths = self.pg_restarts = self.redis_restarts = 0
         self.errors: list[str] = []
         self.sigterm_stop_s: list[float] = []  # how long each graceful stop took
+        self.stopped_at: list[float] = []  # when each stop (kill or SIGTERM) began, seconds from the start
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -96,6 +97,7 @@ class Chaos(threading.Thread):
                         self.groups[i] = self.start_group()
                 if now >= next_kill:
                     i = self.rng.randrange(len(self.groups))
+                    self.stopped_at.append(now - t0)
                     if (self.kills + len(self.sigterm_stop_s)) % 3 == 2:  # every third: a graceful stop
                         stop_started = time.monotonic()
                         self.groups[i].terminate(60)
@@ -122,7 +124,7 @@ def start_scheduler(env: dict, logs: Path) -> subprocess.Popen:
 
 
 def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_every_s: float, seed: int,
-         chaos_on: bool = True) -> dict:
+         chaos_on: bool = True, min_stops: int = 0) -> dict:
     home = Path(tempfile.mkdtemp(prefix=f"fleet-soak-{broker}-"))
     saved_env = dict(os.environ)
     os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": broker})
@@ -200,7 +202,8 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
                 if not upgrade_started and work.agents_created() >= mix.agents:
                     work.upgrade()
                     upgrade_started = True
-                restarts_done = chaos.pg_restarts >= bool(chaos.pg_at) and chaos.redis_restarts >= bool(chaos.redis_at)
+                restarts_done = (chaos.pg_restarts >= bool(chaos.pg_at) and chaos.redis_restarts >= bool(chaos.redis_at)
+                                 and len(chaos.stopped_at) >= min_stops)
                 if upgrade_started and restarts_done and work.settled():
                     break
                 if time.monotonic() - last > 5:
@@ -221,7 +224,8 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
             "broker": broker, "faults": faults, "jobs_enqueued": sum(work.enqueued.values()),
             "settled": settled, "enqueue_s": round(enqueued_s, 1), "settle_s": round(settle_s, 1),
             "kills": chaos.kills, "groups_died": chaos.deaths, "sigterms": len(chaos.sigterm_stop_s),
-            "sigterm_stop_s_max": round(max(chaos.sigterm_stop_s, default=0), 2), "pg_restarts": chaos.pg_restarts,
+            "sigterm_stop_s_max": round(max(chaos.sigterm_stop_s, default=0), 2),
+            "stops_before_enqueue_end": sum(1 for t in chaos.stopped_at if t < enqueued_s), "pg_restarts": chaos.pg_restarts,
             "redis_restarts": chaos.redis_restarts, "chaos_errors": chaos.errors[:5],
         })
         report["problems"] = problems(report) + ([] if settled else [f"did not settle within {time_limit_s:.0f}s"])
@@ -353,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", action="store_true", help="the provider fault storm")
     p.add_argument("--time-limit", type=float, default=900, help="seconds before the run counts as not settled")
     p.add_argument("--kill-every", type=float, default=4.0, help="seconds between SIGKILLs (randomised 0.5x-1.5x)")
+    p.add_argument("--min-stops", type=int, default=0,
+                   help="go on until the chaos has stopped this many worker groups (a short run may settle first)")
     p.add_argument("--no-chaos", action="store_true", help="no kills or restarts (with --faults: the fault storm)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", type=Path, help="also write the reports to this file")
@@ -363,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     for broker in (["pgmq", "redis"] if args.broker == "both" else [args.broker]):
         print(f"soak on {broker}: {args.jobs} jobs, SIGKILL every ~{args.kill_every}s, faults {args.faults}", flush=True)
         report = soak(broker, args.jobs, faults=args.faults, time_limit_s=args.time_limit,
-                      kill_every_s=args.kill_every, seed=args.seed, chaos_on=not args.no_chaos)
+                      kill_every_s=args.kill_every, seed=args.seed, chaos_on=not args.no_chaos,
+                      min_stops=args.min_stops)
         reports.append(report)
         print(json.dumps(report, indent=2, default=str), flush=True)
     if args.json:
