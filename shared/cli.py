@@ -613,7 +613,13 @@ def _one_id(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves an optional positional that follows an option unparsed (`enqueue echo --trace-id T '{}'`).
+    if extra and getattr(args, "payload", "") is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.payload, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command not in ("worker",):
         from .logs import configure_logging
 

@@ -75,6 +75,15 @@ def test_enqueue_jsonl_status_events_and_dlq_retry(pgmq_fleet, tmp_path):
     assert "re-enqueued 0 dead letter(s)" in fleet_cli("dlq", "retry", str(mine[0]["id"])).stdout  # once only
 
 
+def test_enqueue_payload_after_options(pgmq_fleet):
+    trace = str(uuid.uuid4())
+    out = json.loads(fleet_cli("enqueue", "echo", "--trace-id", trace, '{"message": "after the options"}').stdout)
+    assert out["trace_id"] == trace and out["queue"] == "echo"
+    assert pgmq_fleet.wait_done(trace, 1)
+    refused = fleet_cli("enqueue", "echo", "{}", "--trace-id", trace, "surplus", check=False)
+    assert refused.returncode == 2 and "unrecognized arguments: surplus" in refused.stderr
+
+
 def test_status_table_and_bulk_dlq_retry_by_filter_and_age(pgmq_fleet):
     trace = str(uuid.uuid4())
     pgmq_fleet.client.enqueue_many("echo", [{"message": f"bulk {i}", "fail": "permanent"} for i in range(3)],
