@@ -240,7 +240,9 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         if report["secret_leaks"]:
             report["problems"].append(f"a secret appears in {report['secret_leaks']}")
         if faults:
-            report["provider_log"] = provider_log_checks(sim_url)
+            # Each job attempt makes at most EMBED_PROVIDER_MAX_RETRIES + 1 calls, and a job has FLEET_MAX_RETRIES + 1.
+            sends_allowed = (int(env["FLEET_MAX_RETRIES"]) + 1) * (int(env["EMBED_PROVIDER_MAX_RETRIES"]) + 1)
+            report["provider_log"] = provider_log_checks(sim_url, sends_allowed)
             report["problems"] += report["provider_log"]["problems"]
         return report
     finally:
@@ -327,9 +329,10 @@ def leaks(home: Path, connect, groups) -> list[str]:
     return found
 
 
-def provider_log_checks(sim_url: str) -> dict:
+def provider_log_checks(sim_url: str, sends_allowed: int) -> dict:
     """From the simulator's request log: a retry of an embedding request that got 429 waited for
-    Retry-After. (Permanent failures not retried is read from the dead letters' attempts.)"""
+    Retry-After, and no documents were sent more often than the retry policy allows (no retry storm).
+    (Permanent failures not retried is read from the dead letters' attempts.)"""
     log = httpx.get(f"{sim_url}/_sim/log").json()
     out = {"requests": len(log), "statuses": {}, "retry_after_violations": 0, "problems": []}
     for entry in log:
@@ -347,6 +350,9 @@ def provider_log_checks(sim_url: str) -> dict:
                 out["retry_after_violations"] += 1
     if out["retry_after_violations"]:
         out["problems"].append(f"{out['retry_after_violations']} request(s) retried before Retry-After")
+    out["max_sends_per_input"] = max((len(entries) for entries in by_input.values()), default=0)
+    if out["max_sends_per_input"] > sends_allowed:
+        out["problems"].append(f"documents sent {out['max_sends_per_input']} times, the retry policy allows {sends_allowed}")
     return out
 
 

@@ -52,5 +52,6 @@ def test_fault_storm_settles_with_backoff_and_no_worker_dies(tmp_path):
     statuses = report["provider_log"]["statuses"]
     assert statuses.get("500", 0) > 0 and statuses.get("429", 0) > 0 and statuses.get("timeout", 0) > 0
     assert report["provider_log"]["retried_inputs"] > 0 and report["provider_log"]["retry_after_violations"] == 0
+    assert 1 < report["provider_log"]["max_sends_per_input"] <= 18  # (8 job retries + 1) x (1 call retry + 1)
     assert report["permanent_retried"] == 0
     assert all(row["lost"] == 0 for row in report["jobs"].values())
