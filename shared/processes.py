@@ -24,7 +24,6 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str =
         time.sleep(interval)
 
 
-
 class WorkerGroup:
     """`dramatiq workers` as real processes, in their own process group so a test or the soak can SIGKILL them all."""
 

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import psycopg
 
 from shared.services import EmbeddedPostgres, EmbeddedRedis
 
-from .helpers import dead_letters, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def fleet_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True,
-                          env=env or dict(os.environ), cwd=ROOT, timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+from .helpers import dead_letters, fleet_cli, wait_for
 
 
 def test_services_up_twice_reuses_and_down_stops(tmp_path):

@@ -176,7 +176,7 @@ def test_match_functions_return_the_nearest_rows(efleet, sim):
 def test_cli_enqueues_a_documents_file_and_searches(efleet, sim, tmp_path):
     import os
 
-    from .test_cli_and_services import fleet_cli
+    from .helpers import fleet_cli
 
     prefix = f"cli-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "docs.jsonl"

@@ -124,7 +124,7 @@ def test_fleet_health_cli_and_status_show_providers(services, sim):
     import json
     import os
 
-    from .test_cli_and_services import fleet_cli
+    from .helpers import fleet_cli
 
     env = dict(os.environ) | {k: str(v) for k, v in {
         "CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "EMBEDDING_API_BASE": f"{sim.url}/v1",

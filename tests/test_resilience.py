@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from .conftest import make_client, worker_env
-from .helpers import WorkerGroup, events, wait_for
+from .helpers import WorkerGroup, events, fleet_cli, wait_for
 
 
 @pytest.fixture(params=["pgmq", "redis"])
@@ -96,9 +96,6 @@ def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kin
     Redis the original's ack must wait until the retry is enqueued; on pgmq the original is left
     unacknowledged and delivered again. Either way the job runs again and succeeds once the broker is back.
     The broker here is a PostgreSQL or Redis of the test's own, so stopping it leaves the others alone."""
-    import subprocess
-    import sys
-
     from shared.migrate import migrate
     from shared.services import EmbeddedPostgres, EmbeddedRedis
 
@@ -115,9 +112,8 @@ def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kin
     trace = "00000000-0000-4000-8000-%012d" % int(time.time() * 1000 % 10**12)
     group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
-        subprocess.run([sys.executable, "-m", "shared.cli", "enqueue", "echo",
-                        '{"fail": "transient", "fail_attempts": 1, "sleep_ms": 2000}', "--trace-id", trace], env=env, check=True,
-                       capture_output=True)
+        fleet_cli("enqueue", "echo", '{"fail": "transient", "fail_attempts": 1, "sleep_ms": 2000}', "--trace-id", trace,
+                  env=env)
         wait_for(lambda: _taken(kind, dsn, env), 20, what="a worker to take the job")
         broker_service.down()
         # (on pgmq the enqueue also waits out the connection pool's 30 s timeout)

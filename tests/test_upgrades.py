@@ -152,7 +152,7 @@ def test_stale_heartbeats_are_requeued_and_finished(ufleet, sim):
 
 
 def test_upgrade_cli(ufleet, sim):
-    from .test_cli_and_services import fleet_cli
+    from .helpers import fleet_cli
 
     name, _ = cohort(ufleet, sim, 2)
     import os
