@@ -1,10 +1,10 @@
-# The two commands: `make demo` and `make test`. Both set up everything they need.
+# The commands: `make demo`, `make test` and `make conformance`. Each sets up everything they need.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench soak system-deps services-down clean
+.PHONY: demo test conformance bench soak system-deps services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP) system-deps
 
 test: $(STAMP) system-deps
 	@$(PY) -m pytest -q
+
+# Each family against real servers installed from the package registries (a Letta server, a llama.cpp
+# chat server, an infinity embeddings server), offline on loopback. Installs are cached outside the clone.
+conformance: $(STAMP) system-deps
+	@bash conformance/install.sh
+	@$(PY) -m pytest -q -p no:cacheprovider conformance
 
 bench: $(STAMP) system-deps
 	@$(PY) -m bench.run
