@@ -90,3 +90,24 @@ def test_replayed_and_stale_envelopes_are_rejected(signed_fleet):
     send_raw(signed_fleet, signed_message(signed_fleet, stale_trace, sig_ts_shift_ms=-400_000))
     dl = wait_for(lambda: dead_letters(signed_fleet.dsn, stale_trace), 20, what="the stale envelope's dead letter")
     assert "outside the replay window (300s)" in dl[0]["reason"]
+
+
+@pytest.mark.parametrize("signed_fleet", ["pgmq"], indirect=True)  # raw SQL producers exist on pgmq only
+def test_raw_sql_jobs_run_but_an_envelope_cannot_claim_to_be_raw(signed_fleet):
+    """Jobs written by SQL (`pgmq.send` of a plain JSON object, the embedding trigger, ams_enqueue_upgrade)
+    carry no envelope and run; an unsigned envelope whose options say it is raw is still rejected."""
+    raw_trace = signed_fleet.trace()
+    pgmq_send(signed_fleet.dsn, "echo", {"message": f"from sql {raw_trace}", "record": True})
+    wait_for(lambda: f"from sql {raw_trace}" in _echo_done(signed_fleet.dsn), 20, what="the raw job to run")
+    claim_trace = signed_fleet.trace()
+    message = signed_fleet.client.message("echo", {"message": "claims raw"}, claim_trace)
+    message.options["raw"] = True
+    send_raw(signed_fleet, message)
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, claim_trace), 20, what="the claimed-raw envelope's dead letter")
+    assert dl[0]["reason"] == "permanent error: SignatureRejected: unsigned envelope rejected (FLEET_SIGNING_KEY is set)"
+
+
+def _echo_done(dsn: str) -> list[str]:
+    from .helpers import events
+
+    return [e["payload"].get("message") for e in events(dsn, type="echo.done")]

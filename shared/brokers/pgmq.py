@@ -63,12 +63,14 @@ class _JsonbAsText(TextLoader):
 
 
 class PgmqMessage(MessageProxy):
-    """A delivered message and its pgmq identity."""
+    """A delivered message and its pgmq identity. `from_sql` is set by the consumer alone, when it wrapped a
+    raw JSON job (not an envelope): nothing in a message's content can set it."""
 
-    def __init__(self, message: dramatiq.Message, pgmq_id: int, read_ct: int) -> None:
+    def __init__(self, message: dramatiq.Message, pgmq_id: int, read_ct: int, *, from_sql: bool = False) -> None:
         super().__init__(message)
         self.pgmq_id = pgmq_id
         self.read_ct = read_ct
+        self.from_sql = from_sql
 
 
 @dataclass
@@ -464,7 +466,7 @@ class _PgmqConsumer(Consumer):
         for msg_id, read_ct, enqueued_at, body in rows:
             # Nothing raised here may strand the batch: each message is buffered, dead-lettered, or let go.
             try:
-                message = self._decode(msg_id, enqueued_at, body)
+                message, from_sql = self._decode(msg_id, enqueued_at, body)
                 if read_ct > MAX_DELIVERIES:
                     raise _Undeliverable(f"delivered {read_ct} times without being acknowledged (the job keeps killing its worker)")
             except Exception as e:
@@ -477,13 +479,14 @@ class _PgmqConsumer(Consumer):
                     with state.lock:  # no heartbeat: pgmq delivers it again after the visibility timeout
                         state.outstanding.discard(msg_id)
                 continue
-            self.buffer.append(PgmqMessage(message, msg_id, read_ct))
+            self.buffer.append(PgmqMessage(message, msg_id, read_ct, from_sql=from_sql))
         if rejected:
             with state.lock:
                 state.nacks.extend(rejected)
         return bool(self.buffer)
 
-    def _decode(self, msg_id: int, enqueued_at, body: str) -> dramatiq.Message:
+    def _decode(self, msg_id: int, enqueued_at, body: str) -> tuple[dramatiq.Message, bool]:
+        """The message, and whether it was a raw JSON job wrapped here (True) rather than an envelope."""
         if len(body) > self.settings.max_payload_bytes:
             raise _Undeliverable(f"message of {len(body)} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
         try:
@@ -502,7 +505,7 @@ class _PgmqConsumer(Consumer):
                     raise ValueError(why)
                 if fields["queue_name"] != self.queue_name:
                     raise ValueError(f"envelope names queue {fields['queue_name']!r} but was read from {self.queue_name!r}")
-                return dramatiq.Message(**fields)
+                return dramatiq.Message(**fields), False
             except (TypeError, ValueError) as e:
                 raise _Undeliverable(f"malformed message envelope: {e}") from None
         # A raw JSON job from SQL or another producer: wrap it for the queue's actor.
@@ -520,7 +523,7 @@ class _PgmqConsumer(Consumer):
             queue_name=self.queue_name, actor_name=actor_name, args=(payload,), kwargs={},
             options=options, message_id=f"pgmq:{self.queue_name}:{msg_id}",
             message_timestamp=int(float(enqueued_at) * 1000),
-        )
+        ), True
 
     def _dead_letter(self, msg_id: int, read_ct: int, body: str, reason: str) -> None:
         job_id, actor, trace_id = _identity(body)

@@ -47,7 +47,9 @@ class EnvelopeSigning(Middleware):
         message.options["sig"] = self.digest(message)
 
     def before_process_message(self, broker, message):
-        if getattr(message, "raw_sql", False):
+        # Set by the pgmq consumer on the jobs it wrapped from raw SQL JSON, never read from the content
+        # (an envelope whose options say "raw" is still checked); their retries are envelopes, signed.
+        if getattr(message, "from_sql", False) is True:
             return
         sig, signed_at = message.options.get("sig"), message.options.get("sig_ts")
         if not isinstance(sig, str) or not isinstance(signed_at, int):
