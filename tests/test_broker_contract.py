@@ -136,3 +136,50 @@ def test_metrics_endpoint_serves_dramatiq_and_fleet_series(fleet):
     assert httpx.get(f"{base}/healthz").status_code == 200
     ready = httpx.get(f"{base}/readyz")
     assert ready.status_code == 200 and ready.text.strip() == "ready"
+
+
+REFUSE_DEAD_LETTER = """
+create or replace function test_refuse_dead_letter() returns trigger language plpgsql as $$
+begin
+    raise exception 'dead_letters refuses this row (test)' using errcode = 'check_violation';
+end $$;
+create trigger test_refuse_dead_letter before insert on dead_letters for each row
+    when (new.reason like '%refuse-this-dead-letter%') execute function test_refuse_dead_letter();
+"""
+
+
+def test_a_dead_letter_that_cannot_be_written_keeps_its_message(fleet):
+    """A failed dead_letters write must not let the message go (archived on pgmq, dramatiq's DQ on Redis)
+    without its row: the nack waits and is tried again until the row is written."""
+    import psycopg
+
+    trace = fleet.trace()
+    with psycopg.connect(fleet.dsn, autocommit=True) as conn:
+        conn.execute(REFUSE_DEAD_LETTER)
+        try:
+            fleet.client.enqueue("echo", {"message": "refuse-this-dead-letter", "fail": "permanent"}, trace_id=trace)
+            wait_for(lambda: "dead_letter.record_failed" in fleet.workers.logs() and starts(events(fleet.dsn, trace_id=trace)),
+                     20, what="the dead-letter write to fail")
+            time.sleep(1.0)  # the old code archived the message right after the failed write
+            assert dead_letters(fleet.dsn, trace) == []
+            assert _still_held(fleet, conn), "the message left its queue without a dead letter"
+        finally:
+            conn.execute("drop trigger if exists test_refuse_dead_letter on dead_letters")
+        (dl,) = wait_for(lambda: dead_letters(fleet.dsn, trace), 20, what="the dead letter once it can be written")
+        assert dl["reason"].startswith("permanent error: PermanentError: echo asked to fail permanently")
+        assert len([e for e in events(fleet.dsn, trace_id=trace) if e["type"] == "job.dead"]) == 1
+        assert len(starts(events(fleet.dsn, trace_id=trace))) == 1  # held, not run again
+
+
+def _still_held(fleet, conn) -> bool:
+    """The message is still the broker's: in pgmq's queue table (not archived), or in a Redis ack set."""
+    if fleet.kind == "pgmq":
+        return bool(conn.execute("select count(*) from pgmq.q_echo where message->'args'->0->>'message'"
+                                 " = 'refuse-this-dead-letter'").fetchone()[0])
+    import redis
+
+    r = redis.Redis.from_url(fleet.env["REDIS_URL"])
+    try:
+        return any(r.scard(key) for key in r.scan_iter("dramatiq:__acks__.*"))
+    finally:
+        r.close()

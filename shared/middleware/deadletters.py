@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import structlog
-from dramatiq.errors import ActorNotFound
-from dramatiq.middleware import Middleware
+from dramatiq.errors import ActorNotFound, BrokerConnectionError
+from dramatiq.middleware import Middleware, MiddlewareError
 
 from ..deadletters import DeadLetter, record_dead_letter
 from ..durable import while_unreachable
 from ..errors import describe
+from ..redact import redact
 
 log = structlog.get_logger(__name__)
 
@@ -22,6 +23,12 @@ def reason_for(message, exception: BaseException | None) -> str:
     if message.options.get("retries_exhausted"):
         return f"retries exhausted after {message.options.get('retries', 0) + 1} attempts: {type(exception).__name__}: {text}"
     return f"permanent error: {type(exception).__name__}: {text}"
+
+
+class DeadLetterNotRecorded(MiddlewareError, BrokerConnectionError):
+    """Raised from before_nack when the dead letter cannot be written: a MiddlewareError so no broker swallows
+    it, a BrokerConnectionError so dramatiq's worker keeps the message and tries the nack (and with it this
+    write) again every few seconds. The message never leaves its queue without its dead_letters row."""
 
 
 class DeadLetters(Middleware):
@@ -38,8 +45,8 @@ class DeadLetters(Middleware):
         )
         try:
             while_unreachable(lambda: record_dead_letter(letter), what="dead letter")
-        except Exception:
-            # The broker archives it (pgmq) or keeps it in its own DLQ (Redis): say so loudly.
-            log.exception("dead_letter.record_failed", job_id=message.message_id, reason=reason)
-            raise
+        except Exception as e:
+            log.exception("dead_letter.record_failed", job_id=message.message_id, reason=reason,
+                          note="the message stays unacknowledged; the write is tried again")
+            raise DeadLetterNotRecorded(f"dead letter not recorded: {type(e).__name__}: {redact(describe(e))}") from e
         log.warning("job.dead", reason=reason)
