@@ -36,12 +36,26 @@ def redact(text: str) -> str:
     return text
 
 
+# A key names a secret when, lower-cased and without separators, it is one of these or ends with a suffix
+# (db_password, client_secret, access_token, x-api-key). Not "tokens" (token counts) nor "idempotency_key".
+_SECRET_KEYS = {"key", "auth", "pwd", "pass", "credential", "credentials", "cookie", "setcookie", "dsn"}
+_SECRET_SUFFIXES = ("password", "passwd", "passphrase", "secret", "secrets", "token", "apikey", "accesskey",
+                    "secretkey", "privatekey", "signingkey", "authorization", "credentials")
+
+
+def is_secret_key(key: Any) -> bool:
+    if not isinstance(key, str):
+        return False
+    name = re.sub(r"[^a-z0-9]", "", key.lower())
+    return name in _SECRET_KEYS or name.endswith(_SECRET_SUFFIXES)
+
+
 def redact_value(value: Any) -> Any:
-    """Redact strings anywhere inside JSON-like data."""
+    """Redact strings anywhere inside JSON-like data, and mask whatever sits under a secret-looking key."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: redact_value(v) for k, v in value.items()}
+        return {k: MASK if is_secret_key(k) and v not in (None, "") else redact_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact_value(v) for v in value]
     return value

@@ -124,3 +124,26 @@ def test_payloads_cannot_name_an_unregistered_queue_or_another_queues_actor(serv
                                                                                 "template": "t"}})
     wait_for(lambda: [d for d in dead_letters(services["dsn"], queue="echo")
                       if d["message_id"] == f"pgmq:echo:{msg}"], 30, what="the raw message's dead letter")
+
+
+def test_values_under_secret_looking_keys_are_masked_in_dead_letters_and_events(services):
+    """Redaction looks at dict keys too: a password or API key in a payload is stored masked, at any depth."""
+    from shared import events as bus
+    from shared.deadletters import DeadLetter, record_dead_letter
+
+    trace = str(uuid.uuid4())
+    planted = {"password": "hunter2-planted", "api_key": "plain-planted-1", "Authorization": "Token planted-2",
+               "x-api-key": "planted-3", "db_password": "planted-4", "client_secret": "planted-5", "key": "planted-6"}
+    payload = {"message": "hi", **planted, "deep": [{"nested": {"access_token": "planted-7"}}],
+               "idempotency_key": "order-7", "usage": {"total_tokens": 12}}
+    record_dead_letter(DeadLetter(queue="echo", actor="echo", message_id=trace, message={"args": [payload]},
+                                  reason="permanent error: test", attempts=1, trace_id=trace))
+    bus.emit("test.secrets", trace_id=trace, request=payload)
+    bus.flush()
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        stored = conn.execute("select message::text from dead_letters where trace_id = %s", (trace,)).fetchone()[0]
+        logged = "".join(r[0] for r in conn.execute("select payload::text from bus_events where trace_id = %s", (trace,)))
+    for text in (stored, logged):
+        assert "planted" not in text, text
+        assert '"idempotency_key": "order-7"' in text and '"total_tokens": 12' in text  # not secrets: kept
+        assert text.count("[redacted]") == 8
