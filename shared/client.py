@@ -13,18 +13,24 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import dramatiq
+import structlog
 from dramatiq.broker import Broker
 from psycopg.types.json import Jsonb
 
 from .brokers import PgmqBroker, build_broker, enqueue_many
 from .config import get_settings
 from .db import get_pool
-from .errors import InvalidPayload, PayloadTooLarge
+from .durable import while_unreachable
+from .errors import InvalidPayload, PayloadTooLarge, describe
 from .payloads import problem
+from .redact import redact
 from .registry import job_type
 
 IDEMPOTENCY_SCOPE = "enqueue"
 IDEMPOTENCY_TTL_S = 7 * 86400
+PENDING_TTL_S = 60  # Redis: how long a key claimed for a send that has not been confirmed stays claimed
+
+log = structlog.get_logger(__name__)
 
 __all__ = ["FleetClient", "Enqueued", "PayloadTooLarge"]
 
@@ -38,6 +44,9 @@ class Enqueued:
 
 
 class FleetClient:
+    idempotency_ttl_s: float = IDEMPOTENCY_TTL_S
+    pending_ttl_s: float = PENDING_TTL_S
+
     def __init__(self, broker: Broker | None = None, settings=None) -> None:
         self.settings = settings or get_settings()
         self.broker = broker or build_broker(self.settings)
@@ -76,21 +85,45 @@ class FleetClient:
             trace_id = str(uuid.UUID(str(trace_id)))  # a trace id is a UUID: refuse anything else early
         if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
             raise ValueError("idempotency_keys must have one key per payload")
-        results: dict[int, Enqueued] = {}
-        fresh = list(range(len(payloads)))
-        claims: dict[int, tuple[str, str]] = {}
-        if idempotency_keys is not None:
-            fresh, results, claims = self._claim_keys(jt.queue, idempotency_keys, trace_id)
+        if idempotency_keys is None:
+            sent = self._send(name, payloads, trace_id, delay_ms, None)
+            return [Enqueued(job_id, trace, jt.queue) for job_id, trace in sent]
+        if isinstance(self.broker, PgmqBroker):
+            return self._enqueue_claimed_atomically(name, payloads, idempotency_keys, trace_id, delay_ms)
+        return self._enqueue_claimed_then_confirmed(name, payloads, idempotency_keys, trace_id, delay_ms)
+
+    def _enqueue_claimed_atomically(self, name: str, payloads: list, keys: list[str], trace_id: str | None,
+                                    delay_ms: int | None) -> list[Enqueued]:
+        """pgmq: the keys are claimed and the jobs sent in one transaction, so neither exists without the other."""
+        queue = job_type(name).queue
+        with get_pool().connection() as conn, conn.transaction():
+            fresh, results, claims = self._claim_keys(conn, queue, keys, trace_id, self.idempotency_ttl_s)
+            sent = self._send(name, [payloads[i] for i in fresh], trace_id, delay_ms, [claims[i] for i in fresh], conn=conn)
+        return self._merge_results(queue, fresh, results, sent, len(payloads))
+
+    def _enqueue_claimed_then_confirmed(self, name: str, payloads: list, keys: list[str], trace_id: str | None,
+                                        delay_ms: int | None) -> list[Enqueued]:
+        """Redis: Postgres and Redis share no transaction. The keys are claimed as pending for a short time
+        (pending_ttl_s), the jobs sent, then the claims confirmed for the full TTL. A producer that dies or
+        fails in between leaves a pending claim that expires soon, after which the key can be used again."""
+        queue = job_type(name).queue
+        with get_pool().connection() as conn, conn.transaction():
+            fresh, results, claims = self._claim_keys(conn, queue, keys, trace_id, self.pending_ttl_s, pending=True)
+        mine = [keys[i] for i in fresh]
         try:
-            sent = self._send(name, [payloads[i] for i in fresh], trace_id, delay_ms,
-                              [claims[i] for i in fresh] if claims else None)
+            sent = self._send(name, [payloads[i] for i in fresh], trace_id, delay_ms, [claims[i] for i in fresh])
         except Exception:
-            if idempotency_keys is not None:
-                self._release_keys([idempotency_keys[i] for i in fresh])
+            self._release_pending(mine)
             raise
+        while_unreachable(lambda: self._confirm_keys(mine), what="idempotency key confirmation")
+        return self._merge_results(queue, fresh, results, sent, len(payloads))
+
+    @staticmethod
+    def _merge_results(queue: str, fresh: list[int], results: dict[int, Enqueued], sent: list[tuple[str, str]],
+                       count: int) -> list[Enqueued]:
         for i, (job_id, trace) in zip(fresh, sent):
-            results[i] = Enqueued(job_id, trace, jt.queue)
-        return [results[i] for i in range(len(payloads))]
+            results[i] = Enqueued(job_id, trace, queue)
+        return [results[i] for i in range(count)]
 
     # -- job families ------------------------------------------------------
     def embed_documents(self, documents: Iterable[dict], *, table: str | None = None, model: str | None = None,
@@ -139,7 +172,7 @@ class FleetClient:
         return stream
 
     def _send(self, name: str, payloads: list, trace_id: str | None, delay_ms: int | None,
-              preassigned: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+              preassigned: list[tuple[str, str]] | None, conn=None) -> list[tuple[str, str]]:
         if not payloads:
             return []
         for payload in payloads:
@@ -154,27 +187,30 @@ class FleetClient:
         if preassigned is not None:  # the ids recorded with the idempotency keys
             messages = [m.copy(message_id=job_id, options={"trace_id": trace})
                         for m, (job_id, trace) in zip(messages, preassigned)]
-        enqueue_many(broker, messages, delay=delay_ms)
+        enqueue_many(broker, messages, delay=delay_ms, conn=conn)
         return [(m.message_id, m.options["trace_id"]) for m in messages]
 
-    def _claim_keys(self, queue: str, keys: list[str], trace_id: str | None):
-        """Record each new key with the job id it will have; returns (fresh indexes, duplicates, claims)."""
+    @staticmethod
+    def _claim_keys(conn, queue: str, keys: list[str], trace_id: str | None, ttl_s: float, *, pending: bool = False):
+        """Record each new key (or one whose record expired) with the job id it will have, on `conn`;
+        returns (fresh indexes, duplicates, claims)."""
         planned = [(str(uuid.uuid4()), trace_id or str(uuid.uuid4())) for _ in keys]
-        records = [Jsonb({"job_id": j, "trace_id": t}) for j, t in planned]
-        with get_pool().connection() as conn:
-            claimed = {
-                row[0]
-                for row in conn.execute(
-                    "insert into request_dedup (scope, key, result, expires_at)"
-                    " select %s, k, r, now() + %s * interval '1 second' from unnest(%s::text[], %s::jsonb[]) as t(k, r)"
-                    " on conflict (scope, key) do nothing returning key",
-                    (IDEMPOTENCY_SCOPE, IDEMPOTENCY_TTL_S, keys, records),
-                )
-            }
-            seen = dict(conn.execute(
-                "select key, result from request_dedup where scope = %s and key = any(%s)",
-                (IDEMPOTENCY_SCOPE, list(set(keys))),
-            ).fetchall())
+        records = [Jsonb({"job_id": j, "trace_id": t} | ({"pending": True} if pending else {})) for j, t in planned]
+        claimed = {
+            row[0]
+            for row in conn.execute(
+                "insert into request_dedup (scope, key, result, expires_at)"
+                " select distinct on (k) %s, k, r, now() + %s * interval '1 second'"
+                " from unnest(%s::text[], %s::jsonb[]) with ordinality as t(k, r, n) order by k, n"
+                " on conflict (scope, key) do update set result = excluded.result, expires_at = excluded.expires_at,"
+                " created_at = now() where request_dedup.expires_at < now() returning key",
+                (IDEMPOTENCY_SCOPE, ttl_s, keys, records),
+            )
+        }
+        seen = dict(conn.execute(
+            "select key, result from request_dedup where scope = %s and key = any(%s)",
+            (IDEMPOTENCY_SCOPE, list(set(keys))),
+        ).fetchall())
         fresh, results, claims, first = [], {}, {}, {}
         for i, k in enumerate(keys):
             if k in claimed and k not in first:
@@ -185,9 +221,20 @@ class FleetClient:
                 results[i] = Enqueued(seen[k]["job_id"], seen[k]["trace_id"], queue, duplicate=True)
         return fresh, results, claims
 
-    def _release_keys(self, keys: list[str]) -> None:
+    def _confirm_keys(self, keys: list[str]) -> None:
         with get_pool().connection() as conn:
-            conn.execute("delete from request_dedup where scope = %s and key = any(%s)", (IDEMPOTENCY_SCOPE, keys))
+            conn.execute("update request_dedup set result = result - 'pending', expires_at = now() + %s * interval '1 second'"
+                         " where scope = %s and key = any(%s)", (self.idempotency_ttl_s, IDEMPOTENCY_SCOPE, keys))
+
+    def _release_pending(self, keys: list[str]) -> None:
+        """The send failed: free the keys now. Should that fail too, the pending claims expire by themselves."""
+        try:
+            with get_pool().connection() as conn:
+                conn.execute("delete from request_dedup where scope = %s and key = any(%s) and result ? 'pending'",
+                             (IDEMPOTENCY_SCOPE, keys))
+        except Exception as e:
+            log.warning("idempotency.release_failed", keys=len(keys), error=redact(describe(e)),
+                        note=f"the pending keys expire within {self.pending_ttl_s:.0f} s")
 
 
 class ChatStream:

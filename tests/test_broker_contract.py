@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import dramatiq
+import pytest
 
 from .helpers import dead_letters, events, wait_for
 
@@ -184,3 +185,49 @@ def _still_held(fleet, conn) -> bool:
         return any(r.scard(key) for key in r.scan_iter("dramatiq:__acks__.*"))
     finally:
         r.close()
+
+
+REFUSE_RELEASE = """
+create or replace function test_refuse_release() returns trigger language plpgsql as $$
+begin
+    raise exception 'request_dedup refuses this delete (test: the database went away)';
+end $$;
+create trigger test_refuse_release before delete on request_dedup for each row
+    when (old.key like 'refuse-release-%') execute function test_refuse_release();
+create or replace function test_refuse_send() returns trigger language plpgsql as $$
+begin
+    raise exception 'the queue refuses this send (test)';
+end $$;
+create trigger test_refuse_send before insert on pgmq.q_echo for each row
+    when (new.message->'args'->0->>'message' = 'refuse-this-send') execute function test_refuse_send();
+"""
+
+
+def test_idempotency_key_of_a_send_that_failed_is_not_left_claimed(fleet):
+    """The key is claimed, the send fails and so does the key's release (the producer died, or the database
+    went away). pgmq: claim and send are one transaction, so nothing stays claimed; Redis: the claim was
+    pending and expires quickly. Either way the same key then enqueues the job, which runs."""
+    import psycopg
+
+    from .conftest import make_client
+
+    trace = fleet.trace()
+    key = f"refuse-release-{trace}"
+    failing = make_client(fleet.kind, **({"REDIS_URL": "redis://127.0.0.1:9/0"} if fleet.kind == "redis" else {}))
+    failing.pending_ttl_s = 1.0
+    with psycopg.connect(fleet.dsn, autocommit=True) as conn:
+        conn.execute(REFUSE_RELEASE)
+        try:
+            with pytest.raises(Exception):
+                failing.enqueue("echo", {"message": "refuse-this-send"}, idempotency_key=key, trace_id=trace)
+        finally:
+            conn.execute("drop trigger if exists test_refuse_release on request_dedup;"
+                         " drop trigger if exists test_refuse_send on pgmq.q_echo")
+            failing.broker.close()
+        left = conn.execute("select expires_at - now() from request_dedup where scope = 'enqueue' and key = %s",
+                            (key,)).fetchone()
+    assert left is None or left[0].total_seconds() <= 1.0, f"the key stays claimed for {left[0]}"
+    time.sleep(1.1)  # a pending claim's lifetime
+    again = fleet.client.enqueue("echo", {"message": "sent at last"}, idempotency_key=key, trace_id=trace)
+    assert not again.duplicate
+    fleet.wait_done(trace, 1)

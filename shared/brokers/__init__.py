@@ -25,10 +25,12 @@ def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
     return broker
 
 
-def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message], *, delay: int | None = None) -> None:
-    """One round trip per batch where the broker can (pgmq), one per message otherwise (Redis)."""
+def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message], *, delay: int | None = None,
+                 conn=None) -> None:
+    """One round trip per batch where the broker can (pgmq, inside `conn`'s transaction when given), one per
+    message otherwise (Redis)."""
     if isinstance(broker, PgmqBroker):
-        broker.enqueue_many(messages, delay=delay)
+        broker.enqueue_many(messages, delay=delay, conn=conn)
     else:
         for message in messages:
             broker.enqueue(message, delay=delay)

@@ -180,33 +180,42 @@ class PgmqBroker(Broker):
         self.enqueue_many([message], delay=delay)
         return message
 
-    def enqueue_many(self, messages: Iterable[dramatiq.Message], *, delay: int | None = None) -> list[int]:
+    def enqueue_many(self, messages: Iterable[dramatiq.Message], *, delay: int | None = None,
+                     conn: psycopg.Connection | None = None) -> list[int]:
         """Enqueue many messages atomically: one `pgmq.send_batch` per queue and chunk of 1,000,
-        pipelined so the next chunk is encoded while Postgres inserts the previous one."""
+        pipelined so the next chunk is encoded while Postgres inserts the previous one. With `conn`, inside
+        the caller's transaction on that connection (the SDK claims idempotency keys in the same one)."""
         by_queue: dict[str, list[dramatiq.Message]] = {}
         for message in messages:
             if message.queue_name not in self.queues:
                 raise QueueNotFound(message.queue_name)
             by_queue.setdefault(message.queue_name, []).append(message)
-        cursors = []
         try:
-            with self.pool.connection() as conn:
-                for queue_name in by_queue:
-                    self.ensure_queue(queue_name, conn)
-                with conn.transaction(), conn.pipeline():
-                    for queue_name, batch in by_queue.items():
-                        for start in range(0, len(batch), SEND_BATCH_SIZE):
-                            chunk = batch[start : start + SEND_BATCH_SIZE]
-                            for message in chunk:
-                                self.emit_before("enqueue", message, delay)
-                            cursors.append(self.send_encoded(conn, queue_name, [m.encode().decode() for m in chunk], delay))
-                ids = [row[0] for cur in cursors for row in cur.fetchall()]
+            if conn is not None:
+                ids = self._send_messages(conn, by_queue, delay)
+            else:
+                with self.pool.connection() as pooled:
+                    ids = self._send_messages(pooled, by_queue, delay)
         except psycopg.OperationalError as e:
             raise ConnectionClosed(e) from None
         for batch in by_queue.values():
             for message in batch:
                 self.emit_after("enqueue", message, delay)
         return ids
+
+    def _send_messages(self, conn: psycopg.Connection, by_queue: dict[str, list[dramatiq.Message]],
+                       delay: int | None) -> list[int]:
+        cursors = []
+        for queue_name in by_queue:
+            self.ensure_queue(queue_name, conn)
+        with conn.transaction(), conn.pipeline():
+            for queue_name, batch in by_queue.items():
+                for start in range(0, len(batch), SEND_BATCH_SIZE):
+                    chunk = batch[start : start + SEND_BATCH_SIZE]
+                    for message in chunk:
+                        self.emit_before("enqueue", message, delay)
+                    cursors.append(self.send_encoded(conn, queue_name, [m.encode().decode() for m in chunk], delay))
+        return [row[0] for cur in cursors for row in cur.fetchall()]
 
     # Middleware whose enqueue hooks the bulk path does the work of: trace ids in SQL, metrics once per batch.
     BULK_SAFE_MIDDLEWARE = ("TraceContext", "Metrics")
