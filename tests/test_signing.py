@@ -111,3 +111,23 @@ def _echo_done(dsn: str) -> list[str]:
     from .helpers import events
 
     return [e["payload"].get("message") for e in events(dsn, type="echo.done")]
+
+
+def test_two_copies_of_a_signed_envelope_at_once_run_only_once(signed_fleet):
+    """Replay detection claims the signature before the job runs: a copy sent while the first still runs is
+    rejected too (the old check-then-record-after let both run)."""
+    from .helpers import events
+
+    trace = signed_fleet.trace()
+    message = signed_fleet.client.message("echo", {"message": "twice at once", "sleep_ms": 1500, "record": True}, trace)
+    if signed_fleet.kind == "redis":
+        message.options["redis_message_id"] = str(uuid.uuid4())
+    EnvelopeSigning(KEY.encode(), 300).before_enqueue(None, message, None)
+    send_raw(signed_fleet, message)
+    send_raw(signed_fleet, message)  # on Redis a second entry of the same message id in the queue's list
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the second copy's dead letter")
+    assert dl[0]["reason"] == "permanent error: SignatureRejected: replayed envelope: a copy of this signed message is already running"
+    wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 20,
+             what="the first copy to finish")
+    time.sleep(0.5)
+    assert len([e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"]) == 1

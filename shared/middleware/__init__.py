@@ -32,7 +32,8 @@ def fleet_middleware(settings: Settings) -> list:
     ]
     if settings.signing_key is not None:
         # Last: it signs the envelope after every other middleware has set its options.
-        stack.append(EnvelopeSigning(settings.signing_key.get_secret_value().encode(), settings.signing_window_s))
+        stack.append(EnvelopeSigning(settings.signing_key.get_secret_value().encode(), settings.signing_window_s,
+                                     settings.time_limit_ms))
     return stack
 
 

@@ -2,7 +2,8 @@
 
 Each enqueue signs the whole envelope (queue, actor, arguments, options, id, timestamps).
 A worker rejects an unsigned, forged or altered envelope, one signed longer ago than
-FLEET_SIGNING_WINDOW_S, and one whose signature already completed once (a replay).
+FLEET_SIGNING_WINDOW_S, and a replay: each signature is claimed before its job runs, so a second copy is
+rejected whether the first is still running or completed (see _claim for redeliveries).
 Raw JSON messages written into pgmq from SQL carry no envelope: they come from inside
 the database, whose roles are their trust boundary, and are accepted.
 """
@@ -16,6 +17,7 @@ import time
 from datetime import datetime, timezone
 
 from dramatiq.middleware import Middleware, MiddlewareError
+from psycopg.types.json import Jsonb
 
 from ..db import get_pool
 from ..errors import PermanentError
@@ -28,9 +30,10 @@ class SignatureRejected(MiddlewareError, PermanentError):
 
 
 class EnvelopeSigning(Middleware):
-    def __init__(self, key: bytes, window_s: int) -> None:
+    def __init__(self, key: bytes, window_s: int, time_limit_ms: int = 600_000) -> None:
         self.key = key
         self.window_ms = window_s * 1000
+        self.time_limit_ms = time_limit_ms
 
     def digest(self, message) -> str:
         options = {k: v for k, v in message.options.items() if k not in SIGNATURE_OPTIONS}
@@ -59,20 +62,37 @@ class EnvelopeSigning(Middleware):
         age_ms = int(time.time() * 1000) - signed_at
         if age_ms > self.window_ms or age_ms < -60_000:
             raise SignatureRejected(f"envelope signed {age_ms // 1000}s ago is outside the replay window ({self.window_ms // 1000}s)")
+        self._claim(message, signed_at)
+
+    def _claim(self, message, signed_at: int) -> None:
+        """Claim the signature before the job runs, so two copies running at once cannot both pass. A claim
+        whose job is still running is taken over only by a redelivery of the same pgmq message (a worker
+        died) or once the job's time limit has passed since it was claimed."""
+        delivery = getattr(message, "pgmq_id", None)
+        expires = datetime.fromtimestamp((signed_at + self.window_ms) / 1000, tz=timezone.utc)
         with get_pool().connection() as conn:
-            seen = conn.execute(
-                "select 1 from request_dedup where scope = 'envelope' and key = %s", (sig,)
+            claimed = conn.execute(
+                "insert into request_dedup as d (scope, key, result, expires_at) values ('envelope', %s, %s, %s)"
+                " on conflict (scope, key) do update set result = excluded.result, created_at = now()"
+                " where d.result->>'state' = 'running' and ((excluded.result->>'delivery') = (d.result->>'delivery')"
+                "  or d.created_at < now() - %s * interval '1 millisecond') returning 1",
+                (message.options["sig"], Jsonb({"state": "running", "delivery": delivery}), expires,
+                 self.time_limit_ms),
             ).fetchone()
-        if seen:
-            raise SignatureRejected("replayed envelope: this signed message already completed")
+            if claimed:
+                return
+            state = conn.execute("select result->>'state' from request_dedup where scope = 'envelope' and key = %s",
+                                 (message.options["sig"],)).fetchone()
+        if state and state[0] == "running":
+            raise SignatureRejected("replayed envelope: a copy of this signed message is already running")
+        raise SignatureRejected("replayed envelope: this signed message already completed")
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
+        # A failed attempt keeps its claim `running`: its retry is a new envelope with a new signature, and
+        # on pgmq a redelivery of the same message (its retry could not be enqueued) may take it over.
         sig = message.options.get("sig")
         if exception is not None or not isinstance(sig, str):
             return
-        expires = datetime.fromtimestamp((message.options["sig_ts"] + self.window_ms) / 1000, tz=timezone.utc)
         with get_pool().connection() as conn:
-            conn.execute(
-                "insert into request_dedup (scope, key, expires_at) values ('envelope', %s, %s) on conflict do nothing",
-                (sig, expires),
-            )
+            conn.execute("update request_dedup set result = jsonb_set(result, '{state}', '\"done\"')"
+                         " where scope = 'envelope' and key = %s", (sig,))
