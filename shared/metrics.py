@@ -61,6 +61,9 @@ class _Metrics:
                                            multiprocess_mode="livesum")
         self.queue_consumers = prom.Gauge("fleet_queue_consumers", "Worker processes consuming each queue.", ["queue"],
                                           multiprocess_mode="livesum")
+        self.consumer_errors = prom.Counter("fleet_consumer_errors_total", "Broker round trips refused by the database"
+                                            " for a reason other than a lost connection (the consumer backs off).",
+                                            ["queue", "error_class"])
         self.upgrades = prom.Counter("fleet_upgrades_total", "Agents finished by upgrade runs, by status and mode.",
                                      ["status", "mode"])
 

@@ -103,3 +103,70 @@ def test_enqueue_batch_uses_send_batch_and_keeps_order(services):
             conn.execute("delete from pgmq.q_echo where message->'options'->>'trace_id' = %s", (trace,))
     finally:
         client.broker.close()
+
+
+REFUSE_ACK = """
+create or replace function test_refuse_ack() returns trigger language plpgsql as $$
+begin
+    raise exception 'this row may not be deleted (test)' using errcode = 'insufficient_privilege';
+end $$;
+create trigger test_refuse_ack before delete on pgmq.q_echo for each row
+    when (old.message->'args'->0->>'message' = 'refuse-this-ack') execute function test_refuse_ack();
+"""
+
+
+def test_a_refused_round_trip_backs_off_loudly_instead_of_reconnecting(pgmq_fleet):
+    """A permission or data error in the ack/read round trip is not a lost connection: the consumer logs it,
+    counts it in fleet_consumer_errors_total and backs off; once the cause is gone the job is acknowledged,
+    having run once."""
+    import httpx
+
+    trace = pgmq_fleet.trace()
+    with psycopg.connect(pgmq_fleet.dsn, autocommit=True) as conn:
+        conn.execute(REFUSE_ACK)
+        try:
+            pgmq_fleet.client.enqueue("echo", {"message": "refuse-this-ack", "record": True}, trace_id=trace)
+            wait_for(lambda: pgmq_fleet.workers.logs().count("consumer.round_trip_refused") >= 3, 30,
+                     what="the refused round trips to be logged")
+            text = httpx.get(f"http://127.0.0.1:{pgmq_fleet.workers.metrics_port}/metrics", timeout=5).text
+            assert 'fleet_consumer_errors_total{error_class="InsufficientPrivilege",queue="echo"}' in text
+        finally:
+            conn.execute("drop trigger if exists test_refuse_ack on pgmq.q_echo")
+        evs = pgmq_fleet.wait_done(trace, 1, timeout=40)
+        assert len([e for e in evs if e["type"] == "echo.done"]) == 1  # kept invisible meanwhile: ran once
+        wait_for(lambda: not conn.execute("select count(*) from pgmq.q_echo where message->'args'->0->>'message'"
+                                          " = 'refuse-this-ack'").fetchone()[0], 20, what="the ack")
+
+
+def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
+    """A consumer whose connection is gone cannot return its prefetched messages; they must leave the
+    process's outstanding set (no heartbeat, no prefetch slot) and come back after one visibility timeout."""
+    import dramatiq
+
+    from shared.brokers.pgmq import PgmqBroker
+    from shared.config import Settings
+
+    queue = "test_abandoned"
+    broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq", FLEET_VISIBILITY_TIMEOUT_S=2))
+    broker.declare_queue(queue)
+    sent = [dramatiq.Message(queue_name=queue, actor_name="nobody", args=({"n": i},), kwargs={}, options={})
+            for i in range(3)]
+    broker.enqueue_many(sent)
+    first = broker.consume(queue, prefetch=4, timeout=1000)
+    try:
+        running = next(first)  # handed to a worker; the other two stay prefetched in the consumer
+        with psycopg.connect(services["dsn"], autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", (first.conn.info.backend_pid,))
+        first.close()
+        assert broker.state(queue).outstanding == {running.pgmq_id}
+        second = broker.consume(queue, prefetch=4, timeout=1000)
+        again = wait_for(lambda: [m for m in [next(second)] if m is not None], 10, what="the abandoned messages")
+        again += [m for m in [next(second)] if m is not None]
+        assert sorted(m.args[0]["n"] for m in again) == sorted(m.args[0]["n"] for m in sent if m.message_id != running.message_id)
+        for m in [running, *again]:
+            second.ack(m)
+        second.close()
+    finally:
+        broker.close()
+        with psycopg.connect(services["dsn"], autocommit=True) as admin:
+            admin.execute("select pgmq.drop_queue(%s)", (queue,))

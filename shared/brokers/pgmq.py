@@ -41,6 +41,7 @@ from ..deadletters import DeadLetter, record_dead_letter
 from ..durable import HOLD_ACK
 from ..errors import PayloadTooLarge
 from ..payloads import MAX_DEPTH, problem
+from ..redact import redact
 from ..ids import uuid4_strings
 
 log = structlog.get_logger(__name__)
@@ -349,6 +350,8 @@ class _PgmqConsumer(Consumer):
         self.settings = broker.settings
         self.state = broker.state(queue_name)
         self.buffer: deque[PgmqMessage] = deque()
+        self.refusals = 0  # round trips refused in a row (not connection errors): they set a backoff
+        self.backoff_until = 0.0
         self.conn = broker.connect()
         self.conn.adapters.register_loader("jsonb", _JsonbAsText)
         # Reads and acks may commit without waiting for the WAL flush: if Postgres crashed and lost
@@ -387,20 +390,29 @@ class _PgmqConsumer(Consumer):
         try:
             self.conn.execute("select pgmq.set_vt(%s, %s::bigint[], 0)", (self.queue_name, ids))
         except psycopg.Error as e:
-            log.warning("requeue.failed", queue=self.queue_name, count=len(ids), error=str(e))
-            return  # they come back on their own when the visibility timeout ends
+            log.warning("requeue.failed", queue=self.queue_name, count=len(ids), error=str(e),
+                        note="they come back when their visibility timeout ends")
+        finally:
+            self._let_go(ids)  # returned, or left to their visibility timeout: the heartbeat stops either way
+
+    def _let_go(self, ids: list[int]) -> None:
         with self.state.lock:
             self.state.outstanding.difference_update(ids)
 
     def close(self) -> None:
+        """Flush the settled ids and return the prefetched messages that never started. Should the connection
+        be gone, the settled ids wait in the shared state for this queue's next consumer, and the prefetched
+        ones are let go (no heartbeat, no prefetch slot), so pgmq delivers them again after their vt."""
         try:
             self._flush()
-            self.requeue(list(self.buffer))
-            self.buffer.clear()
         except ConnectionClosed:
             pass
         finally:
-            self.conn.close()
+            try:
+                self.requeue(list(self.buffer))
+            finally:
+                self.buffer.clear()
+                self.conn.close()
 
     def __next__(self) -> MessageProxy | None:
         deadline = time.monotonic() + self.timeout
@@ -416,13 +428,18 @@ class _PgmqConsumer(Consumer):
                 settled = len(self.state.acks) + len(self.state.nacks)
                 busy = len(self.state.outstanding) - settled
             room = self.prefetch - busy
-            if room >= (self.prefetch + 1) // 2 or busy == 0:
+            backing_off = self.backoff_until - time.monotonic()
+            if backing_off <= 0 and (room >= (self.prefetch + 1) // 2 or busy == 0):
                 if self._exchange(room):
                     continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._flush()
+                if backing_off <= 0:
+                    self._flush()
                 return None
+            if backing_off > 0:
+                time.sleep(min(remaining, backing_off))
+                continue
             self.state.wake.wait(self._idle_wait(remaining, busy == 0))
 
     def _idle_wait(self, remaining: float, idle: bool) -> float:
@@ -463,10 +480,14 @@ class _PgmqConsumer(Consumer):
             ).fetchall()
         except psycopg.Error as e:
             events.put_back(event_rows)
-            with state.lock:  # keep them for the next consumer instance
+            with state.lock:  # keep them for the next round trip (or the next consumer instance)
                 state.acks[:0] = acks
                 state.nacks[:0] = nacks
-            raise ConnectionClosed(e) from None
+            if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
+                raise ConnectionClosed(e) from None
+            self._refused(e)
+            return False
+        self.refusals = 0
         with state.lock:
             state.outstanding.difference_update(acks)
             state.outstanding.difference_update(nacks)
@@ -493,6 +514,19 @@ class _PgmqConsumer(Consumer):
             with state.lock:
                 state.nacks.extend(rejected)
         return bool(self.buffer)
+
+    def _refused(self, error: psycopg.Error) -> None:
+        """The database refused the round trip for a reason other than a lost connection (a data or permission
+        error, a trigger): reconnecting would not help and retrying at once would spin. Say so loudly, count
+        it, and back off exponentially (up to 30 s) before the next round trip."""
+        from ..metrics import metrics
+
+        self.refusals += 1
+        delay = min(30.0, 0.5 * 2 ** (self.refusals - 1))
+        self.backoff_until = time.monotonic() + delay
+        metrics().consumer_errors.labels(self.queue_name, type(error).__name__).inc()
+        log.error("consumer.round_trip_refused", queue=self.queue_name, error_class=type(error).__name__,
+                  error=redact(str(error)), retry_in_s=delay, refusals=self.refusals)
 
     def _decode(self, msg_id: int, enqueued_at, body: str) -> tuple[dramatiq.Message, bool]:
         """The message, and whether it was a raw JSON job wrapped here (True) rather than an envelope."""
