@@ -4,6 +4,8 @@ Every change is a status or confidence change recorded in memory_lifecycle_actio
 can put it back); the one hard delete is purging the payloads of memories deleted longer than
 LIFECYCLE_PURGE_AFTER_DAYS ago. Pinned memories are never touched. Each batch selects its rows
 `for update skip locked` and re-checks their state, so two runs at once never apply an action twice.
+A dry run takes no row lock on the real tables: it runs the same statements on private copies (see
+_private_copies), so its counts are exactly what a run would do and a real run meanwhile skips nothing.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ class LifecycleResult:
     duration_s: float = 0.0
 
 
-def _params(settings: Settings, project: str | None, run_id: str, batch: int) -> dict:
-    return {"project": project, "run": run_id, "batch": batch, "archive_days": settings.lifecycle_archive_after_days,
+def _params(settings: Settings, project: str | None, run_id: str, batch: int, dry_run: bool) -> dict:
+    return {"project": project, "dry_run": dry_run, "run": run_id, "batch": batch, "archive_days": settings.lifecycle_archive_after_days,
             "half_life_days": settings.lifecycle_decay_half_life_days, "min_conf": settings.lifecycle_min_confidence,
             "threshold": settings.lifecycle_merge_threshold, "purge_days": settings.lifecycle_purge_after_days,
             "model": settings.embedding_model_default}
@@ -117,7 +119,9 @@ def _evict(conn, params: dict, caps: dict[str, int]) -> int:
             while remaining > 0:
                 with conn.transaction():
                     # recount under lock so a concurrent run cannot push the group below its floor
-                    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"evict:{project_id}:{type_}",))
+                    # (a dry run works on its private copy: nothing to serialise with, nobody to block)
+                    if not params["dry_run"]:
+                        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"evict:{project_id}:{type_}",))
                     excess_now = conn.execute(
                         "select count(*) - %s from memories where status = 'activated' and type = %s and project_id = %s",
                         (keep, type_, project_id)).fetchone()[0]
@@ -216,6 +220,28 @@ def _purge(conn, params: dict) -> int:
         {BATCH_TAIL}""", params | {"action": "purge"})
 
 
+def _private_copies(conn: psycopg.Connection, params: dict, actions) -> None:
+    """Temporary copies of the memories in the run's scope (and of their payloads' presence), named like the
+    real tables: temporary tables come first in the search path, so the run's statements read and change the
+    copies, which the rollback drops. Copying is a plain snapshot read: no row of the real tables is locked."""
+    conn.execute("create temp table memories (like public.memories including defaults including constraints)"
+                 " on commit drop")
+    conn.execute("insert into pg_temp.memories select * from public.memories m"
+                 " where %(project)s::text is null or m.project_id = %(project)s", params)
+    conn.execute("alter table pg_temp.memories add primary key (id)")
+    if "merge" in actions and conn.execute("select 1 from pg_temp.memories where embedding is not null limit 1").fetchone():
+        conn.execute("create index on pg_temp.memories using hnsw (embedding vector_cosine_ops) where status = 'activated'")
+    conn.execute("create temp table memory_payloads (like public.memory_payloads including defaults) on commit drop")
+    conn.execute(  # only whether content exists matters to reembed and purge: not the content itself
+        "insert into pg_temp.memory_payloads (memory_id, content) select p.memory_id,"
+        " case when p.content is null then null else '' end"
+        " from public.memory_payloads p join pg_temp.memories m on m.id = p.memory_id")
+    conn.execute("alter table pg_temp.memory_payloads add primary key (memory_id)")
+    conn.execute("create temp table memory_lifecycle_actions (like public.memory_lifecycle_actions including defaults)"
+                 " on commit drop")
+    conn.execute("analyze pg_temp.memories")
+
+
 def _run_action(conn, action: str, params: dict, settings: Settings, enqueue) -> int:
     if action in STATUS_ACTIONS:
         return _status_action(conn, action, params)
@@ -237,7 +263,7 @@ def run_lifecycle(*, project: str | None = None, dry_run: bool = False, actions:
                   trace: dict | None = None) -> LifecycleResult:
     settings = settings or get_settings()
     run_id = str(uuid.uuid4())
-    params = _params(settings, project, run_id, batch_size or settings.lifecycle_batch_size)
+    params = _params(settings, project, run_id, batch_size or settings.lifecycle_batch_size, dry_run)
     result = LifecycleResult(run_id, dry_run)
     started = time.monotonic()
     if enqueue is None:
@@ -246,9 +272,11 @@ def run_lifecycle(*, project: str | None = None, dry_run: bool = False, actions:
         client = FleetClient()
         enqueue = lambda payloads: client.enqueue_many("embed_memories", payloads, trace_id=(trace or {}).get("trace_id"))  # noqa: E731
     with get_pool().connection() as conn:
-        # A dry run does the real work inside one transaction that is rolled back: its counts are
-        # exactly what a run would do (later actions see earlier ones), and nothing stays changed.
+        # A dry run does the real work on private copies inside one transaction that is rolled back: its
+        # counts are exactly what a run would do (later actions see earlier ones), and nothing changes.
         with conn.transaction(force_rollback=True) if dry_run else nullcontext():
+            if dry_run:
+                _private_copies(conn, params, actions or ACTIONS)
             for action in actions or ACTIONS:
                 result.counts[action] = _run_action(conn, action, params, settings,
                                                     (lambda _: None) if dry_run else enqueue)

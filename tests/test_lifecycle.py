@@ -234,3 +234,32 @@ def test_cli_runs_the_lifecycle_job_and_reembeds_through_the_workers(services, s
         assert status(db, stale) == "activated"
     finally:
         assert group.terminate() == 0
+
+
+def test_dry_run_takes_no_row_locks_so_a_real_run_meanwhile_skips_nothing(db, project):
+    """A dry run in progress (here held at a point where the old one waited, holding every row it had
+    changed) must leave the rows free: a real run started meanwhile expires all of them."""
+    expiring = [add(db, project, expires_days=-1) for _ in range(5)]
+    add(db, project)
+    add(db, project)
+    caps = settings(LIFECYCLE_TYPE_CAPS={"semantic": 1})
+    dry: dict = {}
+    with psycopg.connect(db.info.dsn, password=db.info.password, autocommit=True) as holder:
+        holder.execute("select pg_advisory_lock(hashtext(%s))", (f"evict:{project}:semantic",))
+        thread = threading.Thread(target=lambda: dry.update(result=run(project, dry_run=True, settings=caps)[0]))
+        thread.start()
+
+        def dry_run_waits_or_ended():
+            waiting = db.execute("select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+                                 " and wait_event = 'advisory'").fetchone()[0]
+            return waiting or not thread.is_alive()
+
+        from .helpers import wait_for
+
+        wait_for(dry_run_waits_or_ended, 20, what="the dry run to reach evict")
+        real, _ = run(project, actions=["expire"])
+        holder.execute("select pg_advisory_unlock_all()")
+    thread.join(30)
+    assert real.counts == {"expire": len(expiring)}
+    assert all(status(db, m) == "expired" for m in expiring)
+    assert dry["result"].counts["evict"] >= 1  # the dry run itself ran evict on its copy
