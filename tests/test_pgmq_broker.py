@@ -170,3 +170,34 @@ def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
         broker.close()
         with psycopg.connect(services["dsn"], autocommit=True) as admin:
             admin.execute("select pgmq.drop_queue(%s)", (queue,))
+
+
+def test_lazy_commit_is_scoped_to_the_round_trip_and_off_for_rejects_and_failed_attempts(services):
+    """synchronous_commit = off must not outlive the consumer's own round trip (behind a transaction pooler a
+    session setting reaches other clients' transactions), and applies only to plain acks of succeeded jobs."""
+    import dramatiq
+
+    from shared.brokers.pgmq import PgmqBroker
+    from shared.config import Settings
+
+    queue = "test_commit_scope"
+    broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq"))
+    broker.declare_queue(queue)
+    broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="nobody", args=({},), kwargs={}, options={}))
+    consumer = broker.consume(queue, prefetch=2, timeout=1000)
+    try:
+        message = next(consumer)
+        consumer.ack(message)
+        consumer._flush()
+        assert consumer.conn.execute("show synchronous_commit").fetchone()[0] == "on"
+        with psycopg.connect(services["dsn"]) as conn:  # one transaction, as a pooler would hand it on
+            for lazy, expected in ((False, "on"), (True, "off")):
+                conn.execute("select * from fleet_ack_and_read(%s, '{}', '{}', 1, 0, null, %s)", (queue, lazy))
+                assert conn.execute("show synchronous_commit").fetchone()[0] == expected
+                conn.commit()
+                assert conn.execute("show synchronous_commit").fetchone()[0] == "on"
+    finally:
+        consumer.close()
+        broker.close()
+        with psycopg.connect(services["dsn"], autocommit=True) as admin:
+            admin.execute("select pgmq.drop_queue(%s)", (queue,))

@@ -83,6 +83,7 @@ class _QueueState:
     outstanding: set[int] = field(default_factory=set)  # read, not yet acked: the heartbeat keeps them invisible
     acks: list[int] = field(default_factory=list)
     nacks: list[int] = field(default_factory=list)
+    durable: bool = False  # the pending acks include a failed attempt's: commit them synchronously
 
 
 class PgmqBroker(Broker):
@@ -354,9 +355,6 @@ class _PgmqConsumer(Consumer):
         self.backoff_until = 0.0
         self.conn = broker.connect()
         self.conn.adapters.register_loader("jsonb", _JsonbAsText)
-        # Reads and acks may commit without waiting for the WAL flush: if Postgres crashed and lost
-        # one, the message is delivered again, which at-least-once delivery allows. Enqueues stay durable.
-        self.conn.execute("set synchronous_commit = off")
         self.table = sql.Identifier(f"q_{queue_name}")
         try:
             broker.ensure_queue(queue_name, self.conn)
@@ -376,6 +374,8 @@ class _PgmqConsumer(Consumer):
                 self.state.outstanding.discard(message.pgmq_id)
                 return
             self.state.acks.append(message.pgmq_id)
+            if getattr(message, "_exception", None) is not None:  # retried or deferred: its successor is enqueued
+                self.state.durable = True
         self.state.wake.set()
 
     def nack(self, message: PgmqMessage) -> None:
@@ -467,6 +467,7 @@ class _PgmqConsumer(Consumer):
         with state.lock:
             acks, state.acks = state.acks, []
             nacks, state.nacks = state.nacks, []
+            durable, state.durable = state.durable or bool(nacks), False
         if not acks and not nacks and qty <= 0:
             return False
         # This queue's bus_events ride along, so they commit with the acks that end those jobs.
@@ -474,15 +475,16 @@ class _PgmqConsumer(Consumer):
         try:
             rows = self.conn.execute(
                 "select msg_id, read_ct, extract(epoch from enqueued_at), message"
-                " from fleet_ack_and_read(%s, %s::bigint[], %s::bigint[], %s, %s, %s::jsonb)",
+                " from fleet_ack_and_read(%s, %s::bigint[], %s::bigint[], %s, %s, %s::jsonb, %s)",
                 (self.queue_name, acks, nacks, self.settings.visibility_timeout_s, max(qty, 0),
-                 events.as_json_array(event_rows) if event_rows else None),
+                 events.as_json_array(event_rows) if event_rows else None, not durable),
             ).fetchall()
         except psycopg.Error as e:
             events.put_back(event_rows)
             with state.lock:  # keep them for the next round trip (or the next consumer instance)
                 state.acks[:0] = acks
                 state.nacks[:0] = nacks
+                state.durable = state.durable or durable
             if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
                 raise ConnectionClosed(e) from None
             self._refused(e)
