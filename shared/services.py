@@ -181,11 +181,13 @@ class EmbeddedPostgres(_EmbeddedService):
             if not exists:
                 conn.execute(f'create database "{PG_DATABASE}"')
 
-    def down(self) -> bool:
+    def down(self, mode: str = "fast") -> bool:
+        """Stop the server; mode "immediate" is a crash as far as the data is concerned (no checkpoint, WAL
+        not flushed beyond what was committed synchronously), for the chaos soak."""
         if not (self.data / "postmaster.pid").exists():
             return False
         subprocess.run(
-            [*self._as_owner(), str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+            [*self._as_owner(), str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         return True
