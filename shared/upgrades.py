@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
 from typing import Any
 
+import structlog
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -15,13 +17,15 @@ from .agentfile import AgentFile, diff, parse_agent_file
 from .agents import billing_endpoint, with_billing
 from .config import Settings
 from .db import get_pool
-from .errors import PermanentError, classify, describe
+from .errors import DeferredError, PermanentError, classify, describe
 from .metrics import metrics
 from .providers.letta import LettaClient
 from .redact import redact
 from .templates import get
 
 FINAL = ("succeeded", "failed", "skipped", "cancelled")
+
+log = structlog.get_logger(__name__)
 
 
 def in_canary(user_id: str, percent: float) -> bool:
@@ -101,42 +105,76 @@ def blocks_fingerprint(blocks: list[dict]) -> list[tuple]:
     return sorted((b.get("label"), b.get("value"), b.get("limit")) for b in blocks)
 
 
+class LeaseLost(Exception):
+    """Another attempt took this agent's upgrade over (this one's heartbeat went quiet): do nothing more."""
+
+
 class Heartbeat(threading.Thread):
-    def __init__(self, run_id: str, agent_id: str, every_s: float) -> None:
+    """Keeps this attempt's lease alive: renews heartbeat_at while the lease is still this attempt's. A beat
+    that fails (the database restarting) is logged and tried again next time; one that finds the lease gone
+    marks it lost, and the attempt stops before its PATCH."""
+
+    def __init__(self, run_id: str, agent_id: str, lease: str, every_s: float) -> None:
         super().__init__(name="upgrade-heartbeat", daemon=True)
-        self.key, self.every_s, self.stopped = (run_id, agent_id), every_s, threading.Event()
+        self.key, self.lease, self.every_s, self.stopped = (run_id, agent_id), lease, every_s, threading.Event()
+        self.lost = False
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
-            with get_pool().connection() as conn:
-                conn.execute("update agent_upgrades set heartbeat_at = now() where run_id = %s and agent_id = %s"
-                             " and status = 'running'", self.key)
+            try:
+                if not self.beat():
+                    self.lost = True
+                    return
+            except Exception as e:
+                log.warning("upgrade.heartbeat_failed", run_id=self.key[0], agent_id=self.key[1],
+                            error=redact(describe(e)))
+
+    def beat(self) -> bool:
+        """Renew the lease; False when it is no longer this attempt's."""
+        with get_pool().connection() as conn:
+            return conn.execute("update agent_upgrades set heartbeat_at = now() where run_id = %s and agent_id = %s"
+                                " and status = 'running' and lease = %s", (*self.key, self.lease)).rowcount == 1
+
+    def fence(self) -> None:
+        """Right before the PATCH: the lease must still be this attempt's (and is renewed, so no other copy can
+        take it in the moment the PATCH takes)."""
+        if self.lost or not self.beat():
+            raise LeaseLost(f"the upgrade of agent {self.key[1]} was taken over by another attempt")
 
     def stop(self) -> None:
         self.stopped.set()
 
 
 def upgrade_one(run_id: str, agent_id: str, settings: Settings, trace: dict, *, last_attempt: bool = True) -> str:
+    lease = str(uuid.uuid4())
     with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         with conn.transaction():
-            row = cur.execute("select u.*, r.status as run_status, r.template_name from agent_upgrades u"
+            row = cur.execute("select u.*, r.status as run_status, r.template_name,"
+                              " u.heartbeat_at >= now() - %s * interval '1 second' as lease_live from agent_upgrades u"
                               " join upgrade_runs r on r.id = u.run_id where u.run_id = %s and u.agent_id = %s"
-                              " for update of u", (run_id, agent_id)).fetchone()
+                              " for update of u", (settings.upgrade_stale_after_s, run_id, agent_id)).fetchone()
             if row is None:
                 raise PermanentError(f"agent {agent_id} is not part of upgrade run {run_id}")
             if row["status"] in FINAL:
                 return row["status"]
             if row["run_status"] == "halted":
                 return _finish(cur, row, "cancelled", None, "the run was halted", trace)
-            cur.execute("update agent_upgrades set status = 'running', attempts = attempts + 1, heartbeat_at = now(),"
-                        " started_at = coalesce(started_at, now()) where run_id = %s and agent_id = %s",
-                        (run_id, agent_id))
-    heartbeat = Heartbeat(run_id, agent_id, settings.upgrade_heartbeat_s)
+            if row["status"] == "running" and row["lease"] is not None and row["lease_live"]:
+                raise DeferredError(f"another attempt holds the upgrade of agent {agent_id}",
+                                    retry_after_s=settings.upgrade_stale_after_s)
+            cur.execute("update agent_upgrades set status = 'running', lease = %s, attempts = attempts + 1,"
+                        " heartbeat_at = now(), started_at = coalesce(started_at, now()) where run_id = %s and agent_id = %s",
+                        (lease, run_id, agent_id))
+    heartbeat = Heartbeat(run_id, agent_id, lease, settings.upgrade_heartbeat_s)
     heartbeat.start()
     try:
-        status, change, error = _apply(row, settings)
+        status, change, error = _apply(row, settings, heartbeat.fence)
+    except LeaseLost as e:
+        log.warning("upgrade.superseded", run_id=run_id, agent_id=agent_id, error=str(e))
+        return "superseded"
     except Exception as e:
         if classify(e) != "permanent" and not last_attempt:
+            _release(run_id, agent_id, lease)
             raise  # retried; the row stays `running` with its attempts counted
         status, change, error = "failed", None, redact(f"{type(e).__name__}: {describe(e)}")
     finally:
@@ -152,7 +190,17 @@ def upgrade_one(run_id: str, agent_id: str, settings: Settings, trace: dict, *, 
     return result
 
 
-def _apply(row: dict, settings: Settings) -> tuple[str, dict | None, str | None]:
+def _release(run_id: str, agent_id: str, lease: str) -> None:
+    """A failed attempt that will be retried gives its lease up, so the retry need not wait for it to go stale."""
+    try:
+        with get_pool().connection() as conn:
+            conn.execute("update agent_upgrades set lease = null where run_id = %s and agent_id = %s and lease = %s",
+                         (run_id, agent_id, lease))
+    except Exception as e:  # the retry then waits until the lease is stale: slower, still exclusive
+        log.warning("upgrade.lease_release_failed", run_id=run_id, agent_id=agent_id, error=redact(describe(e)))
+
+
+def _apply(row: dict, settings: Settings, fence=lambda: None) -> tuple[str, dict | None, str | None]:
     if row["from_version"] == row["to_version"]:
         return "skipped", None, None
     letta = LettaClient(settings)
@@ -167,6 +215,7 @@ def _apply(row: dict, settings: Settings) -> tuple[str, dict | None, str | None]
         patch = {field: value["to"] for field, value in change.items() if field != "tools"}
         if "tools" in change:
             patch["tool_ids"] = [_tool_id_of(agent, letta, name) for name in change["tools"]["to"]]
+        fence()  # still this attempt's agent: no second copy PATCHes
         letta.update_agent(row["agent_id"], patch)
     after_agent = letta.get_agent(row["agent_id"])
     after = blocks_fingerprint(letta.blocks(row["agent_id"]))
@@ -246,7 +295,7 @@ def requeue_stale(settings: Settings, client) -> int:
     """Attempts whose heartbeat went quiet (their worker died) go back to pending and to the queue."""
     with get_pool().connection() as conn, conn.transaction():
         rows = conn.execute(
-            "update agent_upgrades set status = 'pending' where status = 'running'"
+            "update agent_upgrades set status = 'pending', lease = null where status = 'running'"
             " and heartbeat_at < now() - %s * interval '1 second' returning run_id::text, agent_id",
             (settings.upgrade_stale_after_s,)).fetchall()
     if rows:

@@ -141,3 +141,74 @@ def _taken(kind: str, dsn: str, env: dict) -> bool:
         return any(r.scard(key) for key in r.scan_iter("dramatiq:__acks__.*"))
     finally:
         r.close()
+
+
+HEARTBEAT_BLOCK = """
+create table if not exists test_heartbeat_block (on_ boolean);
+create or replace function test_refuse_heartbeat() returns trigger language plpgsql as $$
+begin
+    if exists (select 1 from test_heartbeat_block) then
+        raise exception 'heartbeat refused (test: the database is restarting)';
+    end if;
+    return new;
+end $$;
+drop trigger if exists test_refuse_heartbeat on agent_upgrades;
+create trigger test_refuse_heartbeat before update on agent_upgrades for each row
+    when (old.agent_id like 'lease-test-%') execute function test_refuse_heartbeat();
+"""
+
+
+@pytest.fixture
+def leased_agent(services):
+    """An agent upgrade attempt that is `running` under a live lease, as a first copy of the job leaves it."""
+    import uuid
+
+    from shared.templates import publish
+
+    from .test_templates import AGENT
+
+    name, agent = f"lease-{uuid.uuid4().hex[:8]}", f"lease-test-{uuid.uuid4().hex[:8]}"
+    publish(name, "1.0.0", AGENT)
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        run = conn.execute("insert into upgrade_runs (template_name, to_version, dry_run, status)"
+                           " values (%s, '1.0.0', false, 'running') returning id::text", (name,)).fetchone()[0]
+        lease = conn.execute("insert into agent_upgrades (run_id, agent_id, from_version, to_version, dry_run, status,"
+                             " lease, heartbeat_at, attempts) values (%s, %s, '0.9.0', '1.0.0', false, 'running',"
+                             " gen_random_uuid(), now(), 1) returning lease::text", (run, agent)).fetchone()[0]
+        conn.execute(HEARTBEAT_BLOCK)
+        yield conn, run, agent, lease
+        conn.execute("drop trigger if exists test_refuse_heartbeat on agent_upgrades; drop table test_heartbeat_block")
+
+
+def test_a_second_copy_cannot_take_an_agent_whose_upgrade_lease_is_live(leased_agent):
+    from shared.config import Settings
+    from shared.errors import DeferredError
+    from shared.upgrades import upgrade_one
+
+    conn, run, agent, lease = leased_agent
+    with pytest.raises(DeferredError, match="another attempt holds the upgrade"):
+        upgrade_one(run, agent, Settings(), {})
+    assert conn.execute("select status, attempts, lease::text from agent_upgrades where run_id = %s and agent_id = %s",
+                        (run, agent)).fetchone() == ("running", 1, lease)
+
+
+def test_the_upgrade_heartbeat_survives_database_errors_and_the_fence_sees_a_lost_lease(leased_agent):
+    from shared.upgrades import Heartbeat, LeaseLost
+
+    conn, run, agent, lease = leased_agent
+    conn.execute("insert into test_heartbeat_block values (true)")
+    before = conn.execute("select heartbeat_at from agent_upgrades where agent_id = %s", (agent,)).fetchone()[0]
+    heartbeat = Heartbeat(run, agent, lease, 0.2)
+    heartbeat.start()
+    try:
+        time.sleep(1.0)  # five beats refused
+        assert heartbeat.is_alive()
+        conn.execute("delete from test_heartbeat_block")
+        wait_for(lambda: conn.execute("select heartbeat_at > %s from agent_upgrades where agent_id = %s",
+                                      (before, agent)).fetchone()[0], 5, what="a beat once the database answers")
+        heartbeat.fence()  # still ours
+        conn.execute("update agent_upgrades set lease = gen_random_uuid() where agent_id = %s", (agent,))  # taken over
+        with pytest.raises(LeaseLost):
+            heartbeat.fence()
+    finally:
+        heartbeat.stop()
