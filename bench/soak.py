@@ -1,6 +1,7 @@
 """Chaos soak: a mixed workload of every job family through real worker processes while a chaos driver
 stops a random worker group every few seconds (SIGKILL, and every third time a graceful SIGTERM)
-and starts a new one, restarts PostgreSQL once, and on the Redis broker restarts Redis once; a
+and starts a new one, restarts PostgreSQL once in immediate mode (a crash: unflushed commits are
+lost), and on the Redis broker restarts Redis once; a
 `fleet scheduler` runs throughout, as in production. Then it reads the outcome from the database.
 
     python -m bench.soak [--broker pgmq|redis|both] [--jobs 10000] [--faults] [--time-limit 900]
@@ -82,7 +83,7 @@ class Chaos(threading.Thread):
             now = time.monotonic()
             try:
                 if self.pg_at and now - t0 >= self.pg_at and not self.pg_restarts:
-                    self.pg.down()
+                    self.pg.down(mode="immediate")  # a crash: what was not flushed to the WAL is lost
                     time.sleep(1.0)
                     self.pg.up()
                     self.pg_restarts += 1

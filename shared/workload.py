@@ -164,6 +164,31 @@ class Workload:
         done = self.finished()
         return sum(min(done[a], n) for a, n in self.enqueued.items()), sum(self.enqueued.values())
 
+    def _delivery_checks(self, conn) -> dict:
+        """From each job's events (every job.started and job.retrying carries its attempt number):
+        permanent_retried: a job run or retried again after the attempt that failed permanently (an earlier
+          transient failure, a restart say, followed by a permanent one is not a retry of a permanent error);
+        diverging_retries: an attempt that scheduled two retries (two live copies of one job);
+        dead_then_succeeded: a job that succeeded after its dead letter was written;
+        duplicate_runs: attempts that ran more than once (at-least-once delivery allows it; reported)."""
+        after_permanent = conn.execute(
+            "select count(distinct d.id) from dead_letters d join bus_events e on e.job_id = d.message_id"
+            " where d.trace_id = %s and d.reason like 'permanent error:%%' and e.trace_id = %s"
+            " and ((e.type = 'job.retrying' and (e.payload->>'attempt')::int >= d.attempts)"
+            "  or (e.type = 'job.started' and (e.payload->>'attempt')::int > d.attempts))",
+            (self.trace_id, self.trace_id)).fetchone()[0]
+        diverging, duplicate_runs = conn.execute(
+            "select count(*) filter (where type = 'job.retrying' and n > 1), coalesce(sum(n - 1) filter"
+            " (where type = 'job.started'), 0) from (select type, count(*) as n from bus_events where trace_id = %s"
+            " and type in ('job.retrying', 'job.started') group by job_id, type, payload->>'attempt') per_attempt",
+            (self.trace_id,)).fetchone()
+        dead_then_succeeded = conn.execute(
+            "select count(distinct d.id) from dead_letters d join bus_events e on e.job_id = d.message_id"
+            " and e.type = 'job.succeeded' and e.created_at > d.created_at where d.trace_id = %s and e.trace_id = %s",
+            (self.trace_id, self.trace_id)).fetchone()[0]
+        return {"permanent_retried": after_permanent, "diverging_retries": diverging,
+                "dead_then_succeeded": dead_then_succeeded, "duplicate_runs": int(duplicate_runs)}
+
     def report(self, patches: dict[str, int] | None = None) -> dict:
         """What the database says: per family, final/lost/duplicated. `patches` is the simulator's PATCH count
         per agent id (GET /_sim/letta), to prove one PATCH per agent per applied run."""
@@ -178,9 +203,7 @@ class Workload:
             for actor, row in out["jobs"].items():
                 row["dead"] = dead.get(actor, 0)
             out["dead_letters_without_reason"] = no_reason
-            out["permanent_retried"] = conn.execute(  # a permanent error must not be retried
-                "select count(*) from dead_letters where trace_id = %s and reason like 'permanent error:%%'"
-                " and attempts > 1", (self.trace_id,)).fetchone()[0]
+            out.update(self._delivery_checks(conn))
             rows, distinct = conn.execute(
                 "select count(*), count(distinct (source_id, chunk_index)) from vector_documents where source_id like %s",
                 (f"{self.tag}-doc-%",)).fetchone()
@@ -214,7 +237,11 @@ def problems(report: dict) -> list[str]:
     found = [f"{actor}: {row['lost']} job(s) never reached a final state"
              for actor, row in report["jobs"].items() if row["lost"]]
     if report["permanent_retried"]:
-        found.append(f"{report['permanent_retried']} permanent failure(s) were retried")
+        found.append(f"{report['permanent_retried']} job(s) ran or were retried after a permanent error")
+    if report["diverging_retries"]:
+        found.append(f"{report['diverging_retries']} attempt(s) scheduled two retries (two live copies of a job)")
+    if report["dead_then_succeeded"]:
+        found.append(f"{report['dead_then_succeeded']} dead letter(s) for a job that then succeeded")
     if report["dead_letters_without_reason"]:
         found.append(f"{report['dead_letters_without_reason']} dead letter(s) without a reason")
     def dead(actor: str) -> int:
