@@ -112,25 +112,26 @@ def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, se
             " where session_id = %s and role = 'assistant' and idempotency_key = %s",
             (req.session_id, req.key),
         ).fetchone()
-        if prior is not None and prior["status"] != "streaming":
-            replay_stored(req, prior, publisher)
-            return prior["status"]
-        if prior is not None:  # an earlier attempt died mid-stream: no silent restart
+        if prior is not None and prior["status"] == "streaming":  # an earlier attempt died mid-stream: no silent restart
             cur.execute("update messages set status = 'partial', tokens_estimated = true, tokens_out = %s,"
                         " error = 'the worker stopped while streaming', completed_at = now() where id = %s",
                         (estimate_tokens(prior["content"]) if prior["content"] else 0, prior["id"]))
             prior = cur.execute("select * from messages where id = %s", (prior["id"],)).fetchone()
-            replay_stored(req, prior, publisher)
-            return "partial"
-        user_row = cur.execute(
-            "insert into messages (session_id, role, content, idempotency_key, job_id, trace_id, model)"
-            " values (%s, 'user', %s, %s, %s, %s, %s)"
-            " on conflict (session_id, role, idempotency_key) where idempotency_key is not null"
-            " do update set job_id = excluded.job_id returning id",
-            (req.session_id, req.content, req.key, req.job_id, req.trace.get("trace_id"), req.model),
-        ).fetchone()
-        context = req.messages or (history(conn, req.session_id, user_row["id"], settings.chat_context_tokens)
-                                   + [{"role": "user", "content": req.content}])
+        if prior is None:
+            user_row = cur.execute(
+                "insert into messages (session_id, role, content, idempotency_key, job_id, trace_id, model)"
+                " values (%s, 'user', %s, %s, %s, %s, %s)"
+                " on conflict (session_id, role, idempotency_key) where idempotency_key is not null"
+                " do update set job_id = excluded.job_id returning id",
+                (req.session_id, req.content, req.key, req.job_id, req.trace.get("trace_id"), req.model),
+            ).fetchone()
+            context = req.messages or (history(conn, req.session_id, user_row["id"], settings.chat_context_tokens)
+                                       + [{"role": "user", "content": req.content}])
+    # Frames go out after the commit: publishing takes a connection of its own, and holding this one (and
+    # its transaction) meanwhile let busy threads exhaust the pool waiting for their second connection.
+    if prior is not None:
+        replay_stored(req, prior, publisher)
+        return prior["status"]
 
     publisher.publish("ready", model=req.model, session_id=req.session_id)
     keepalive = Keepalive(publisher, settings.chat_keepalive_s)
