@@ -57,6 +57,23 @@ def make_pool(settings: Settings | None = None, *, min_size: int = 1, max_size: 
 
 
 _pool: ConnectionPool | None = None
+_pool_size = 10  # a producer's; a worker process sizes it from its threads (size_pool_for_threads)
+
+
+def pool_size_for_threads(threads: int) -> int:
+    """Connections a worker process can need at once: each job thread holds at most one at a time (no
+    connection is held across a provider call or while taking another), and as many helper threads can
+    each hold one beside it (an upgrade's heartbeat, a chat's keepalive frames); plus the events writer,
+    the metrics exporter's queue read and spare room."""
+    return 2 * threads + 4
+
+
+def size_pool_for_threads(threads: int) -> None:
+    global _pool_size
+    with _lock:
+        _pool_size = max(_pool_size, pool_size_for_threads(threads))
+        if _pool is not None and _pool.max_size < _pool_size:
+            _pool.resize(min_size=_pool.min_size, max_size=_pool_size)
 
 
 def get_pool() -> ConnectionPool:
@@ -65,7 +82,7 @@ def get_pool() -> ConnectionPool:
     if _pool is None:
         with _lock:
             if _pool is None:
-                _pool = make_pool(max_size=10)
+                _pool = make_pool(max_size=_pool_size)
     return _pool
 
 

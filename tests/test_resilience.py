@@ -212,3 +212,37 @@ def test_the_upgrade_heartbeat_survives_database_errors_and_the_fence_sees_a_los
             heartbeat.fence()
     finally:
         heartbeat.stop()
+
+
+def test_every_thread_busy_replaying_chats_does_not_exhaust_the_connection_pool(services, sim, tmp_path):
+    """12 threads replay stored chat answers at once. Each replay publishes frames, which takes a pooled
+    connection; the old code held its first connection and transaction meanwhile, and with a pool of 10 the
+    threads waited on each other until the pool's 30 s timeout. Now no connection is held across publishing
+    or a provider call, and a worker's pool is sized from its threads."""
+    import uuid
+
+    from .embedding_support import API_KEY
+
+    env = worker_env(services, "pgmq", CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY,
+                     CHAT_MODEL_DEFAULT="sim-chat")
+    client = make_client("pgmq")
+    chats = [{"session_id": str(uuid.uuid4()), "content": f"q{i}", "idempotency_key": f"busy-{uuid.uuid4()}"}
+             for i in range(24)]
+    group = WorkerGroup(env, threads=12, log_dir=tmp_path).start()
+    try:
+        first = "00000000-0000-4000-8000-%012d" % int(time.time() * 1000 % 10**12)
+        client.enqueue_many("chat_completion", chats, trace_id=first)
+        wait_for(lambda: len(_distinct(events(services["dsn"], trace_id=first), "job.succeeded")) == 24, 60,
+                 what="the first answers")
+        again = "00000000-0000-4000-9000-%012d" % int(time.time() * 1000 % 10**12)
+        started = time.monotonic()
+        client.enqueue_many("chat_completion", chats, trace_id=again)
+        evs = wait_for(lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == 24 else None)(
+            events(services["dsn"], trace_id=again)), 60, what="the replays")
+        elapsed = time.monotonic() - started
+        assert not [e for e in evs if e["type"] in ("job.retrying", "job.dead")]
+        assert elapsed < 15, f"24 replays took {elapsed:.1f}s (the pool's timeout is 30 s)"
+        assert "PoolTimeout" not in group.logs()
+    finally:
+        assert group.terminate() == 0
+        client.broker.close()

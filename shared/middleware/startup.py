@@ -1,4 +1,5 @@
-"""Refuses to start a worker that would consume a queue whose required settings are missing."""
+"""Refuses to start a worker that would consume a queue whose required settings are missing, and sizes
+the process's connection pool from its worker threads."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class RequiredSettings(Middleware):
         self.settings = settings
 
     def before_worker_boot(self, broker, worker):
+        from ..db import size_pool_for_threads
+
+        size_pool_for_threads(worker.worker_threads)
         problems = missing_settings(self.settings, worker.consumer_whitelist or None)
         if problems:
             raise MissingSetting("; ".join(problems))
