@@ -57,8 +57,14 @@ def test_sigterm_drains_or_requeues_and_loses_nothing(services, kind, tmp_path):
     client.enqueue_many("echo", [{"message": f"j{i}", "sleep_ms": 300, "record": True} for i in range(n)], trace_id=trace)
     wait_for(lambda: len(_distinct(events(dsn, trace_id=trace), "job.succeeded")) >= 4, 30, what="some jobs to finish")
     assert group.terminate(timeout=60) == 0, group.logs()[-2000:]
+    stopped_at = time.monotonic()
     before = _distinct(events(dsn, trace_id=trace), "job.succeeded")
     assert len(before) < n, "the group should have been stopped mid-load"
+    # The prefetched jobs went back at once: every unfinished job can be taken now, not after the 4 s
+    # visibility timeout (nothing extends it any more: the group is gone).
+    ready = _ready_to_take(kind, dsn, env, trace)
+    assert ready == n - len(before), f"{ready} of {n - len(before)} unfinished jobs could be taken at once"
+    assert time.monotonic() - stopped_at < 1.0
     restart = WorkerGroup(env, threads=4, log_dir=tmp_path).start()
     try:
         evs = wait_for(lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == n else None)(events(dsn, trace_id=trace)),
@@ -127,6 +133,22 @@ def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kin
     finally:
         group.terminate()
         broker_service.down()
+
+
+def _ready_to_take(kind: str, dsn: str, env: dict, trace: str) -> int:
+    """Messages of this trace a worker could read right now: visible in pgmq, or in the Redis queue's list."""
+    if kind == "pgmq":
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return conn.execute("select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s"
+                                " and vt <= clock_timestamp()", (trace,)).fetchone()[0]
+    import redis
+
+    r = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        queued = set(r.lrange("dramatiq:echo", 0, -1))
+        return sum(trace in (r.hget("dramatiq:echo.msgs", mid) or b"").decode() for mid in queued)
+    finally:
+        r.close()
 
 
 def _taken(kind: str, dsn: str, env: dict) -> bool:
