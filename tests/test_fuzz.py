@@ -6,11 +6,13 @@ cannot be enqueued; the workers never die or hang."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import uuid
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from shared.errors import InvalidPayload
@@ -22,6 +24,8 @@ from .helpers import wait_for
 
 ACTORS = sorted(JOB_TYPES)
 MAX_PAYLOAD = 200_000
+
+
 def nested(depth: int, kind: type):
     value: object = 1
     for _ in range(depth):
@@ -64,7 +68,7 @@ def fuzz_fleet(request, services, sim, tmp_path_factory):
 def settle(fleet, trace: str, count: int) -> None:
     try:
         if count:
-            fleet.wait_done(trace, count, timeout=60)
+            fleet.wait_done(trace, count, timeout=120)
     except AssertionError:
         from .helpers import events
 
@@ -79,35 +83,48 @@ def settle(fleet, trace: str, count: int) -> None:
     assert fleet.workers.alive(), fleet.workers.logs()[-3000:]
 
 
-def enqueue_all(fleet, actor: str, payloads: list) -> tuple[str, int]:
-    """Enqueue each payload; what the SDK refuses must be refused with InvalidPayload naming the reason."""
-    from shared.client import FleetClient
-    from shared.config import Settings
-
-    client = FleetClient(fleet.client.broker, Settings(FLEET_BROKER=fleet.kind, FLEET_MAX_PAYLOAD_BYTES=MAX_PAYLOAD))
-    trace, sent = str(uuid.uuid4()), 0
-    for payload in payloads:
-        try:
-            client.enqueue(actor, payload, trace_id=trace)
-            sent += 1
-        except InvalidPayload as e:
-            assert str(e), "an InvalidPayload without a message"
-    return trace, sent
+# A few hundred random examples per actor, from a new random seed each run (FLEET_FUZZ_SEED replays one,
+# FLEET_FUZZ_EXAMPLES changes the count). Each example is one job; they are enqueued as drawn and checked
+# together once they settle. No shrinking: it would replay real jobs for minutes; the seed reproduces.
+EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "200"))
 
 
-# Each example runs real jobs: no shrinking (it would replay slow failures for minutes); the failing
-# example is printed as drawn.
-FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-            phases=(Phase.explicit, Phase.generate))
+def fuzz(strategy, act, label: str) -> int:
+    """Call act(value) for EXAMPLES values drawn from `strategy`; returns the seed used."""
+    chosen = int(os.environ.get("FLEET_FUZZ_SEED") or random.SystemRandom().getrandbits(32))
+
+    @seed(chosen)
+    @settings(max_examples=EXAMPLES, database=None, deadline=None, suppress_health_check=list(HealthCheck),
+              phases=(Phase.generate,))
+    @given(strategy)
+    def one(value):
+        act(value)
+
+    print(f"{label}: FLEET_FUZZ_SEED={chosen}")  # shown by pytest with the failure's captured output
+    one()
+    return chosen
 
 
 @pytest.mark.parametrize("actor", ACTORS)
-@settings(max_examples=6, **FUZZ)
-@given(data=st.data())
-def test_every_actor_survives_hostile_payloads(fuzz_fleet, actor, data):
-    payloads = data.draw(st.lists(hostile | wrong_types(actor), min_size=1, max_size=8))
-    trace, sent = enqueue_all(fuzz_fleet, actor, payloads)
-    settle(fuzz_fleet, trace, sent)
+def test_every_actor_survives_hostile_payloads(fuzz_fleet, actor):
+    from shared.client import FleetClient
+    from shared.config import Settings
+
+    client = FleetClient(fuzz_fleet.client.broker, Settings(FLEET_BROKER=fuzz_fleet.kind, FLEET_MAX_PAYLOAD_BYTES=MAX_PAYLOAD))
+    trace, sent = str(uuid.uuid4()), []
+
+    def enqueue(payload):  # what the SDK refuses must be refused with InvalidPayload naming the reason
+        try:
+            client.enqueue(actor, payload, trace_id=trace)
+            sent.append(payload)
+        except InvalidPayload as e:
+            assert str(e), "an InvalidPayload without a message"
+
+    chosen = fuzz(hostile | wrong_types(actor), enqueue, f"{actor} on {fuzz_fleet.kind}")
+    try:
+        settle(fuzz_fleet, trace, len(sent))
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n(replay with FLEET_FUZZ_SEED={chosen})") from None
 
 
 raw_bodies = st.one_of(  # JSON text as a SQL producer would write it
@@ -121,30 +138,32 @@ raw_bodies = st.one_of(  # JSON text as a SQL producer would write it
 
 # Raw SQL producers write to pgmq; on Redis only the SDK produces.
 @pytest.mark.parametrize("fuzz_fleet", ["pgmq"], indirect=True)
-@settings(max_examples=10, **FUZZ)
-@given(bodies=st.lists(raw_bodies, min_size=1, max_size=8))
-def test_raw_sql_messages_are_wrapped_or_dead_lettered(fuzz_fleet, bodies):
+def test_raw_sql_messages_are_wrapped_or_dead_lettered(fuzz_fleet):
     sent = []
     with psycopg.connect(fuzz_fleet.dsn, autocommit=True) as conn:
-        for body in bodies:
+        def send(body):
             try:
-                msg_id = conn.execute("select pgmq.send('echo', %s::jsonb)", (body,)).fetchone()[0]
-                sent.append(msg_id)
+                sent.append(conn.execute("select pgmq.send('echo', %s::jsonb)", (body,)).fetchone()[0])
             except psycopg.errors.UntranslatableCharacter:
                 pass  # Postgres itself refuses \u0000 in jsonb: nothing was enqueued
-    with psycopg.connect(fuzz_fleet.dsn, autocommit=True) as conn:
-        def settled():
-            left = conn.execute("select count(*) from pgmq.q_echo where msg_id = any(%s)", (sent,)).fetchone()[0]
-            return left == 0
-        wait_for(settled, 60, what="raw messages to be processed or dead-lettered")
+
+        chosen = fuzz(raw_bodies, send, "raw SQL bodies")
         ids = [f"pgmq:echo:{m}" for m in sent]
+
+        def settled():
+            return conn.execute("select count(*) from pgmq.q_echo where msg_id = any(%s)", (sent,)).fetchone()[0] == 0
 
         def outcomes():
             done = {r[0] for r in conn.execute(
                 "select job_id from bus_events where job_id = any(%s) and type = 'job.succeeded'"
                 " union select message_id from dead_letters where message_id = any(%s) and reason <> ''", (ids, ids))}
             return done >= set(ids)
-        wait_for(outcomes, 30, what="an outcome for every raw message")
+
+        try:
+            wait_for(settled, 120, what="raw messages to be processed or dead-lettered")
+            wait_for(outcomes, 30, what="an outcome for every raw message")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n(replay with FLEET_FUZZ_SEED={chosen})") from None
     assert fuzz_fleet.workers.alive()
 
 
