@@ -168,7 +168,8 @@ class Workload:
         """From each job's events (every job.started and job.retrying carries its attempt number):
         permanent_retried: a job run or retried again after the attempt that failed permanently (an earlier
           transient failure, a restart say, followed by a permanent one is not a retry of a permanent error);
-        diverging_retries: an attempt that scheduled two retries (two live copies of one job);
+        diverging_retries: a retried or deferred attempt started by two different deliveries (two live copies
+          of one job: the second must be skipped, see middleware/attempts.py);
         dead_then_succeeded: a job that succeeded after its dead letter was written;
         duplicate_runs: attempts that ran more than once (at-least-once delivery allows it; reported)."""
         after_permanent = conn.execute(
@@ -177,11 +178,15 @@ class Workload:
             " and ((e.type = 'job.retrying' and (e.payload->>'attempt')::int >= d.attempts)"
             "  or (e.type = 'job.started' and (e.payload->>'attempt')::int > d.attempts))",
             (self.trace_id, self.trace_id)).fetchone()[0]
-        diverging, duplicate_runs = conn.execute(
-            "select count(*) filter (where type = 'job.retrying' and n > 1), coalesce(sum(n - 1) filter"
-            " (where type = 'job.started'), 0) from (select type, count(*) as n from bus_events where trace_id = %s"
-            " and type in ('job.retrying', 'job.started') group by job_id, type, payload->>'attempt') per_attempt",
-            (self.trace_id,)).fetchone()
+        diverging = conn.execute(  # a retried or deferred generation started by two different deliveries
+            "select count(*) from (select 1 from bus_events where trace_id = %s and type = 'job.started'"
+            " and ((payload->>'attempt')::int > 1 or coalesce((payload->>'deferrals')::int, 0) > 0)"
+            " group by job_id, payload->>'attempt', payload->>'deferrals'"
+            " having count(distinct payload->>'delivery') > 1) twice", (self.trace_id,)).fetchone()[0]
+        duplicate_runs = conn.execute(
+            "select coalesce(sum(n - 1), 0) from (select count(*) as n from bus_events where trace_id = %s"
+            " and type = 'job.started' group by job_id, payload->>'attempt', payload->>'deferrals') runs",
+            (self.trace_id,)).fetchone()[0]
         dead_then_succeeded = conn.execute(
             "select count(distinct d.id) from dead_letters d join bus_events e on e.job_id = d.message_id"
             " and e.type = 'job.succeeded' and e.created_at > d.created_at where d.trace_id = %s and e.trace_id = %s",
@@ -239,7 +244,7 @@ def problems(report: dict) -> list[str]:
     if report["permanent_retried"]:
         found.append(f"{report['permanent_retried']} job(s) ran or were retried after a permanent error")
     if report["diverging_retries"]:
-        found.append(f"{report['diverging_retries']} attempt(s) scheduled two retries (two live copies of a job)")
+        found.append(f"{report['diverging_retries']} retried attempt(s) ran in two live copies of a job")
     if report["dead_then_succeeded"]:
         found.append(f"{report['dead_then_succeeded']} dead letter(s) for a job that then succeeded")
     if report["dead_letters_without_reason"]:

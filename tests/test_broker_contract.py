@@ -250,3 +250,19 @@ def test_idempotency_key_of_a_send_that_failed_is_not_left_claimed(fleet):
     again = fleet.client.enqueue("echo", {"message": "sent at last"}, idempotency_key=key, trace_id=trace)
     assert not again.duplicate
     fleet.wait_done(trace, 1)
+
+
+def test_two_live_copies_of_a_retried_attempt_run_once(fleet):
+    """A retry enqueued before its attempt was acknowledged, then the attempt run again (a worker killed in
+    between, or an ack lost in a crash), makes two copies of the next attempt: only the first to start runs."""
+    trace = fleet.trace()
+    message = fleet.client.message("echo", {"message": "second attempt", "record": True}, trace)
+    message.options["retries"] = 1  # attempt 2, as ClassifiedRetries enqueues it
+    fleet.client.broker.enqueue(message)
+    fleet.client.broker.enqueue(message)  # the diverging copy: same job and attempt, another broker message
+    evs = wait_for(lambda: (lambda e: e if {"job.succeeded", "job.skipped"} <= {x["type"] for x in e} else None)(
+        events(fleet.dsn, trace_id=trace)), 20, what="one copy to run and one to be skipped")
+    time.sleep(0.5)
+    evs = events(fleet.dsn, trace_id=trace)
+    assert len([e for e in evs if e["type"] == "echo.done"]) == 1
+    assert len([e for e in evs if e["type"] == "job.skipped"]) == 1

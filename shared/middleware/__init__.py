@@ -5,6 +5,7 @@ from __future__ import annotations
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 
 from ..config import Settings
+from .attempts import AttemptClaims
 from .deadletters import DeadLetters
 from .events import JobEvents
 from .metrics import Metrics
@@ -25,6 +26,7 @@ def fleet_middleware(settings: Settings) -> list:
         CurrentMessage(),
         TraceContext(),
         Metrics(),
+        AttemptClaims(),  # before JobEvents: a skipped copy records job.skipped, not job.started
         JobEvents(),
         ClassifiedRetries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
                           max_backoff=settings.max_backoff_ms),

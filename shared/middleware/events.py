@@ -8,6 +8,7 @@ from dramatiq.middleware import Middleware
 
 from .. import events
 from ..durable import while_unreachable
+from .attempts import delivery_of
 
 
 def job_fields(message) -> dict:
@@ -31,7 +32,9 @@ class JobEvents(Middleware):
 
     def before_process_message(self, broker, message):
         self._started[message.message_id] = time.monotonic()
-        events.emit("job.started", **job_fields(message), attempt=message.options.get("retries", 0) + 1)
+        # The delivery (pgmq or Redis message id) and the deferrals tell two copies of one attempt apart.
+        events.emit("job.started", **job_fields(message), attempt=message.options.get("retries", 0) + 1,
+                    deferrals=message.options.get("deferrals", 0), delivery=delivery_of(message))
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
         started = self._started.pop(message.message_id, None)
