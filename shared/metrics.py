@@ -81,6 +81,17 @@ def metrics() -> _Metrics:
 class QueueCollector:
     """Queue depth, in-flight, oldest message age and dead letters, read when Prometheus scrapes."""
 
+    def __init__(self, answer_within_s: float = 2.0) -> None:
+        self.answer_within_s = answer_within_s
+
+    def _reachable(self) -> None:
+        """Fail fast when the database cannot be reached: waiting for the pool's 30 s timeout would outlast the
+        scrape, and Prometheus would see the exporter down instead of fleet_broker_up 0."""
+        from .db import get_pool
+
+        with get_pool().connection(timeout=self.answer_within_s) as conn:
+            conn.execute("select 1")
+
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
@@ -93,6 +104,7 @@ class QueueCollector:
         dead = GaugeMetricFamily("fleet_dead_letters", "Dead letters not yet retried.", labels=["queue"])
         up = GaugeMetricFamily("fleet_broker_up", "1 when the broker and database answered this scrape.")
         try:
+            self._reachable()
             stats = queue_stats()
             fleet_wide = list(_fleet_wide_gauges())
         except Exception as e:
@@ -139,14 +151,15 @@ def _fleet_wide_gauges():
     yield active
 
 
-def render() -> tuple[bytes, str]:
+def render(scrape_timeout_s: float | None = None) -> tuple[bytes, str]:
     import prometheus_client as prom
     from prometheus_client import multiprocess
 
     registry = prom.CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
-    registry.register(QueueCollector())
+    # Half the scraper's timeout (Prometheus sends it with each scrape), at most 2 s, for the database to answer.
+    registry.register(QueueCollector(min(2.0, scrape_timeout_s / 2) if scrape_timeout_s else 2.0))
     return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
 
 
@@ -162,11 +175,18 @@ def _ready() -> tuple[bool, str]:
         return False, redact(f"not ready: {type(e).__name__}: {e}")
 
 
+def _scrape_timeout(header: str | None) -> float | None:
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.split("?")[0]
         if path == "/metrics":
-            body, ctype = render()
+            body, ctype = render(_scrape_timeout(self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")))
             self._send(200, body, ctype)
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain")
