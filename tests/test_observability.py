@@ -1,7 +1,8 @@
 """The dashboard and the alert rules against a real Prometheus scraping a real fleet that works.
 
 Every PromQL expression of deploy/grafana/dashboards/fleet.json must return data, and every alert of
-deploy/prometheus/alerts.yml must fire once its threshold is lowered to what a short test can reach
+deploy/prometheus/alerts.yml must fire once the fleet is driven into its condition: the real rule where a
+short test can reach it, else the same condition at a lower threshold, and only where it holds
 (promtool's unit tests in alerts.test.yml prove the real thresholds).
 """
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from shared.db import connect
+from shared.services import free_port
 from shared.workload import Workload
 
 from .conftest import make_client, worker_env
@@ -24,20 +26,26 @@ from .embedding_support import API_KEY, embed_env
 from .helpers import WorkerGroup, wait_for
 from .prometheus_support import DEPLOY, Prometheus, binary
 
-# What each alert needs to fire within a test, and why. None: the test's fleet really is in that state.
+# Each alert is driven into its own condition. None: the real rule, unchanged. A pair: the same condition
+# at a threshold a short test can reach (a 2 s backlog for a 5 min one), never one that always holds; the
+# alert test also checks that a scaled alert fires only where its condition holds (ALERT_WHERE).
 TEST_THRESHOLDS = {
-    "FleetQueueBacklogOld": ("> 300", "> 0"),  # the maintenance queue holds a message nobody reads
+    "FleetQueueBacklogOld": ("> 300", "> 2"),  # the maintenance queue holds a message nobody reads
     "FleetDeadLettersGrowing": None,  # the workload dead-letters echo jobs while Prometheus watches
-    "FleetJobErrorRatioHigh": ("> 0.05", "> 0"),
-    "FleetJobLatencyHigh": ("> 120", "> 0"),
-    "FleetChatFirstTokenSlow": ("> 5", "> 0"),
-    "FleetProviderErrors": ("> 0.2", ">= 0"),
-    "FleetProviderDown": ("== 0", ">= 0"),
+    "FleetJobErrorRatioHigh": None,  # the fixture dead-letters over 5% of the echo jobs
+    "FleetJobLatencyHigh": ("> 120", "> 1"),  # over 5% of the echo jobs sleep 1.5 s
+    "FleetChatFirstTokenSlow": ("> 5", "> 0.5"),  # the provider takes 1 s to the first token
+    "FleetProviderErrors": None,  # the embedding provider answers 500 to most of its requests
+    "FleetProviderDown": None,  # a health probe finds a provider down (HEALTH_DOWN_AFTER=1)
     "FleetQueueNotConsumed": None,  # no worker consumes the maintenance queue here
     "FleetSchedulerNotRunning": None,  # no scheduler runs in this test
-    "FleetBrokerUnreachable": ("== 0", "== 1"),
-    "FleetExporterDown": ("== 0", "== 1"),
+    "FleetBrokerUnreachable": None,  # a second exporter whose DATABASE_URL points at nothing
+    "FleetExporterDown": None,  # a scrape target where no exporter listens
 }
+# (label, where the condition holds, where it does not): a scaled alert fires for the first, not the second.
+ALERT_WHERE = {"FleetQueueBacklogOld": ("queue", "maintenance", "echo"),
+               "FleetJobLatencyHigh": ("queue", "echo", "lifecycle"),
+               "FleetProviderErrors": ("provider", "embeddings", "letta")}
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$queue": ".*"}
 CONSUMED = ["echo", "embed", "embed_memories", "chat", "health", "lifecycle", "agents", "upgrade_jobs",
             "upgrade_agents"]
@@ -97,40 +105,91 @@ def test_promtool_accepts_the_config_and_the_rules_and_their_unit_tests_pass():
 @pytest.fixture(scope="module")
 def observed(services, sim, tmp_path_factory):
     """A fleet (all queues but maintenance) scraped every second by a real Prometheus, after two rounds
-    of work in every family: counters must move between scrapes for rates to show."""
+    of work in every family: counters must move between scrapes for rates to show. Beside it, an exporter
+    that cannot reach its database and a target where nothing listens."""
     from .embedding_support import reset_sim
 
     reset_sim(sim)
     workdir = tmp_path_factory.mktemp("observability")
     env = worker_env(services, "pgmq", **embed_env(sim), CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY,
-                     LETTA_API_BASE_URL=sim.url, LETTA_API_KEY=API_KEY, HEALTH_PROVIDERS="chat,embedding,letta")
+                     LETTA_API_BASE_URL=sim.url, LETTA_API_KEY=API_KEY, HEALTH_PROVIDERS="chat,embedding,letta",
+                     HEALTH_DOWN_AFTER="1")
     group = WorkerGroup(env, processes=2, threads=4, metrics=True, log_dir=workdir, queues=CONSUMED).start()
+    blind = blind_exporter(env, workdir)
     prometheus = None
     client = make_client("pgmq")
     try:
-        prometheus = Prometheus(workdir, [f"127.0.0.1:{group.metrics_port}"], rules_for_test()).start()
+        targets = [f"127.0.0.1:{group.metrics_port}", f"127.0.0.1:{blind.port}", f"127.0.0.1:{free_port()}"]
+        prometheus = Prometheus(workdir, targets, rules_for_test()).start()
+        prometheus.fleet_port = group.metrics_port
         wait_for(lambda: prometheus.query('up{job="fleet"} == 1'), 30, 0.5, what="the first scrape")
         work = Workload(client, connect)
         client.enqueue("housekeeping", {})  # on the maintenance queue, which nobody consumes here
         work.agents(4)
         wait_for(lambda: work.agents_created() == 4, 60, 0.2, what="4 agents")
         for _ in range(2):
-            httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500, 500]})  # provider errors, retried
-            work.echo(60)
-            work.embeddings(32)
-            work.chats(3)
-            work.health()
-            work.lifecycle(1)
-            work.upgrade()
-            wait_for(work.settled, 120, 0.2, what="the workload to settle")
+            work_round(work, client, sim)
             time.sleep(3)  # a few scrapes between the rounds
+        httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [503] * 3})  # the next probe finds a provider down
+        work.health()
+        wait_for(work.settled, 60, 0.2, what="the health probe")
         yield prometheus
     finally:
         if prometheus:
             prometheus.stop()
+        blind.stop()
         client.broker.close()
         code = group.terminate()
         assert code == 0, group.logs()[-3000:]
+
+
+def work_round(work, client, sim) -> None:
+    """Every family once, plus what drives the alerts: echo jobs that fail permanently (over 5% dead) or
+    sleep 1.5 s (over 5% slow), an embedding provider that fails most requests, a chat provider slow to
+    its first token."""
+    work.echo(60)
+    client.enqueue_many("echo", [{"message": "dead", "fail": "permanent"}] * 6
+                        + [{"message": "slow", "sleep_ms": 1500}] * 8)
+    wait_for(work.settled, 120, 0.2, what="the echo jobs to settle")
+    httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500] * 6})  # retried within the jobs
+    work.embeddings(32)
+    wait_for(work.settled, 120, 0.2, what="the embeddings to settle")
+    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 1000})
+    work.chats(3)
+    wait_for(work.settled, 120, 0.2, what="the chats to settle")
+    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 0})
+    work.health()
+    work.lifecycle(1)
+    work.upgrade()
+    wait_for(work.settled, 120, 0.2, what="the workload to settle")
+
+
+class blind_exporter:
+    """`fleet metrics` with a DATABASE_URL where no database listens: it serves, and says the broker is down."""
+
+    def __init__(self, env: dict, workdir) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        mdir = workdir / "blind-metrics"
+        mdir.mkdir()
+        blind_env = env | {"DATABASE_URL": f"postgresql://fleet@127.0.0.1:{free_port()}/nothing",
+                           "PROMETHEUS_MULTIPROC_DIR": str(mdir), "FLEET_METRICS_PORT": str(self.port)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "metrics"], env=blind_env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _answers(self.port), 20, 0.2, what="the blind exporter")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def finite(result: list[dict]) -> bool:
@@ -147,10 +206,20 @@ def test_every_dashboard_query_returns_data(observed):
 def test_every_alert_fires_when_its_condition_holds(observed):
     names = set(TEST_THRESHOLDS)
     deadline = time.monotonic() + 30
-    while (missing := names - {n for n, state in observed.alerts().items() if state == "firing"}) and \
-            time.monotonic() < deadline:
+    while (missing := names - {a["labels"]["alertname"] for a in firing(observed)}) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not missing, f"alerts that did not fire: {sorted(missing)}"
+    alerts = firing(observed)
+    for name, (label, holds, does_not) in ALERT_WHERE.items():
+        where = {a["labels"].get(label) for a in alerts if a["labels"]["alertname"] == name}
+        assert holds in where and does_not not in where, f"{name} fired for {label} {where}"
+    down = {a["labels"]["instance"] for a in alerts if a["labels"]["alertname"] in ("FleetExporterDown", "FleetBrokerUnreachable")}
+    assert len(down) == 2 and f"127.0.0.1:{observed.fleet_port}" not in down  # the healthy exporter fired neither
+
+
+def firing(prometheus) -> list[dict]:
+    body = httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=10).json()
+    return [a for a in body["data"]["alerts"] if a["state"] == "firing"]
 
 
 def test_one_scrape_shows_every_worker_process(observed):
