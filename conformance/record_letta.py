@@ -122,6 +122,8 @@ def record(url: str) -> int:
     exported = json.loads((FIXTURES / "export_agent.json").read_text())["response"]["body"]
     record_import(rec, "import_agent", exported | {"agents": [exported["agents"][0] | {"name": "recorded-imported"}]})
     record_import(rec, "import_fleet_template_as_is", TEMPLATE)  # refused: not a Letta Agent File
+    lists = {k: [] for k in ("groups", "files", "sources", "mcp_servers")}
+    record_import(rec, "import_wrong_id_format", TEMPLATE | lists | {"agents": [TEMPLATE["agents"][0] | {"id": "agent-0"}]})
     return rec.count
 
 
