@@ -8,6 +8,7 @@ migrated with the alembic scripts from its sdist, and stopped by its pid.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def install_root(cache: Path) -> Path:
 class LettaServer:
     def __init__(self, cache: Path, home: Path | None = None) -> None:
         self.root = install_root(cache)
+        self.owns_home = home is None  # a folder of its own is removed on a clean stop
         self.home = home or Path(tempfile.mkdtemp(prefix="fleet-letta-"))
         self.pg = EmbeddedPostgres(self.home)
         self.proc: subprocess.Popen | None = None
@@ -68,7 +70,7 @@ class LettaServer:
         try:
             self._start()
         except BaseException:
-            self.stop()  # the database it started, and the server if it got that far
+            self.stop(keep_files=True)  # the database it started, the server if it got that far; the log stays
             raise
         return self.url
 
@@ -97,7 +99,7 @@ class LettaServer:
             time.sleep(1.0)
         raise RuntimeError(f"the Letta server did not answer /v1/health/ within {START_TIMEOUT_S:.0f}s; see {self.log_path}")
 
-    def stop(self) -> None:
+    def stop(self, keep_files: bool = False) -> None:
         """The server's process group by its pid (uvicorn may have children), then its database."""
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -108,6 +110,8 @@ class LettaServer:
                 self.proc.wait(timeout=10)
         self.proc = None
         self.pg.down()
+        if self.owns_home and not keep_files:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 def main() -> int:

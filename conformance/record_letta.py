@@ -121,9 +121,12 @@ def record(url: str) -> int:
     record_patches(rec, agent)
     exported = json.loads((FIXTURES / "export_agent.json").read_text())["response"]["body"]
     record_import(rec, "import_agent", exported | {"agents": [exported["agents"][0] | {"name": "recorded-imported"}]})
+    imported = json.loads((FIXTURES / "import_agent.json").read_text())["response"]["body"]["agent_ids"][0]
+    rec("get_imported_agent", "GET", f"/v1/agents/{imported}")
     record_import(rec, "import_fleet_template_as_is", TEMPLATE)  # refused: not a Letta Agent File
     lists = {k: [] for k in ("groups", "files", "sources", "mcp_servers")}
-    record_import(rec, "import_wrong_id_format", TEMPLATE | lists | {"agents": [TEMPLATE["agents"][0] | {"id": "agent-0"}]})
+    with_id = {"agents": [TEMPLATE["agents"][0] | {"id": "agent-0"}]}
+    record_import(rec, "import_wrong_id_format", TEMPLATE | lists | with_id)
     return rec.count
 
 

@@ -147,4 +147,5 @@ def test_export_and_import_as_recorded(sim):
     imported = replay(sim, "import_agent")
     assert imported.status_code == 200 and sorted(imported.json()) == ["agent_ids"]
     agent = httpx.get(f"{sim.url}/v1/agents/{imported.json()['agent_ids'][0]}", headers=HEADERS).json()
-    assert sorted(t["name"] for t in agent["tools"]) == sorted(t["name"] for t in expected["tools"])
+    assert agent_fields(agent) == agent_fields(recorded("get_imported_agent")["response"]["body"])
+    assert agent["name"] == recorded("get_imported_agent")["response"]["body"]["name"]

@@ -128,7 +128,9 @@ class LettaRoutes(BaseHandler):
                 tools[tool["name"]] = (tools.get(tool["name"]) or {"id": f"tool-{uuid.uuid4()}"}) | tool
         created = []
         for spec in agent_file["agents"]:
-            status, agent = agents.create(tools, agents.import_body(agent_file, spec))
+            body = agents.import_body(agent_file, spec)
+            body["name"] += rec.IMPORTED_NAME_SUFFIX
+            status, agent = agents.create(tools, body)
             if status != 200:
                 return 400, {"detail": f"Import failed: {agent.get('detail')}"}
             with self.sim.lock:

@@ -19,6 +19,7 @@ FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "letta"
 LLM_REQUIRED = ("model", "model_endpoint_type")
 EMBEDDING_REQUIRED = ("embedding_endpoint_type", "embedding_model", "embedding_dim")
 PAGE = {"agents": 50, "tools": 50, "blocks": 100}  # the server's default `limit` per list endpoint
+IMPORTED_NAME_SUFFIX = "_copy"  # get_imported_agent.json: the server names an imported agent a copy
 UNKNOWN_TOOL = "tool-00000000-0000-4000-8000-000000000000"  # the id patch_unknown_tool_id.json names
 ID_PATTERN = re.compile(r"^agent-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
