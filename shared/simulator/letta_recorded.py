@@ -26,7 +26,11 @@ ID_PATTERN = re.compile(r"^agent-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9
 
 @cache
 def exchange(name: str) -> dict[str, Any]:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
+    path = FIXTURES / f"{name}.json"
+    if not path.exists():
+        raise RuntimeError(f"the Letta simulator is built from recorded answers and {path} is missing: run it from a "
+                           "clone of the repository, or re-record them with python -m conformance.record_letta")
+    return json.loads(path.read_text())
 
 
 def request(name: str) -> Any:
