@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
