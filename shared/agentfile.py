@@ -7,6 +7,7 @@ embedding config, tags, metadata) is what an upgrade moves an agent to.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from .errors import describe
 
 SECRET_KEY = re.compile(r"(?i)(api[_-]?key|secret|password|passwd|token|authorization|credential)")
 SECRET_VALUE = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}|(?i:bearer\s+[A-Za-z0-9._~+/=-]{16,})")
+BLOCK_OPTIONAL_FIELDS = ("description", "read_only")  # kept from a Letta export when present
 UPGRADED_FIELDS = ("system", "tools", "tool_rules", "llm_config", "embedding_config", "tags", "metadata")
 
 
@@ -47,6 +49,11 @@ class AgentSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     system: str = ""
+    # None: the server's default type. A template's tools are the agent's tools unless it asks for the
+    # server's base tools; the server's own tool rules likewise only when asked (Letta's exports say both).
+    agent_type: str | None = None
+    include_base_tools: bool = False
+    include_base_tool_rules: bool = False
     llm_config: dict[str, Any]
     embedding_config: dict[str, Any]
     block_ids: list[str] = Field(default_factory=list)
@@ -95,8 +102,16 @@ class AgentFile(BaseModel):
                 "metadata": a.metadata}
 
     def initial_memory(self) -> list[dict[str, Any]]:
+        """The memory blocks of a new agent. A block without a limit gets the server's default: Letta
+        answers 422 to `"limit": null`, so the key is left out rather than sent empty."""
         by_id = {b.id: b for b in self.blocks}
-        return [{"label": by_id[i].label, "value": by_id[i].value, "limit": by_id[i].limit} for i in self.agent.block_ids]
+        blocks = []
+        for block_id in self.agent.block_ids:
+            block = by_id[block_id]
+            fields = {"label": block.label, "value": block.value, "limit": block.limit}
+            fields |= {k: getattr(block, k, None) for k in BLOCK_OPTIONAL_FIELDS}
+            blocks.append({k: v for k, v in fields.items() if v is not None})
+        return blocks
 
 
 def find_secrets(value: Any, path: str = "") -> list[str]:
@@ -134,3 +149,34 @@ def parse_agent_file(content: Any) -> AgentFile:
 def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Field-level differences {field: {"from": ..., "to": ...}} between two upgrade views."""
     return {f: {"from": old.get(f), "to": new.get(f)} for f in UPGRADED_FIELDS if old.get(f) != new.get(f)}
+
+
+# A Letta Agent File holds these lists even when empty; POST /v1/agents/import refuses a file without them.
+LETTA_FILE_LISTS = ("groups", "files", "sources", "mcp_servers", "skills")
+AGENT_FILE_LISTS = ("in_context_message_ids", "messages", "files_agents", "group_ids")
+
+
+def needs_definition(tool: Tool) -> bool:
+    """A tool named only: the server's tool of that name. Letta imports a tool from its full definition."""
+    return not (tool.model_extra or {}).get("tool_type") and not (tool.model_extra or {}).get("source_code")
+
+
+def to_letta_file(template: AgentFile, definitions: dict[str, dict]) -> dict[str, Any]:
+    """The template as an Agent File that `POST /v1/agents/import` accepts: Letta's file ids
+    (agent-0, block-N, tool-N), every list it requires, each tool's full definition (from `definitions`,
+    by name, for tools the template names only), string metadata."""
+    block_ids = {b.id: f"block-{i}" for i, b in enumerate(template.blocks)}
+    tool_ids = {t.id: f"tool-{i}" for i, t in enumerate(template.tools)}
+    agent = template.agent.model_dump(exclude_none=True) | {
+        "id": "agent-0", "block_ids": [block_ids[b] for b in template.agent.block_ids],
+        "tool_ids": [tool_ids[t] for t in template.agent.tool_ids]}
+    agent |= {k: agent.get(k) or [] for k in AGENT_FILE_LISTS}
+    blocks = [b.model_dump(exclude_none=True) | {"id": block_ids[b.id]} for b in template.blocks]
+    tools = []
+    for tool in template.tools:
+        body = definitions[tool.name] if needs_definition(tool) else tool.model_dump()
+        tools.append({k: v for k, v in body.items() if k not in ("id", "created_by_id", "last_updated_by_id")}
+                     | {"id": tool_ids[tool.id]})
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in template.metadata.items()}
+    return {"agents": [agent], "blocks": blocks, "tools": tools, **{k: [] for k in LETTA_FILE_LISTS},
+            "metadata": metadata}

@@ -4,6 +4,7 @@ endpoints go through the billing proxy, `{ZUPLO_BASE_URL}/api/v1/agents/{user_id
 from __future__ import annotations
 
 from .agentfile import AgentFile
+from .agentview import target_view
 from .config import Settings
 from .errors import PermanentError
 
@@ -19,19 +20,17 @@ def billing_endpoint(settings: Settings, user_id: str) -> str:
     return f"{settings.zuplo_base_url.rstrip('/')}/api/v1/agents/{user_id}/messages"
 
 
-def with_billing(template: AgentFile, endpoint: str) -> tuple[dict, dict]:
-    """The template's whole llm_config and embedding_config with both endpoints forced to the proxy."""
-    llm = dict(template.agent.llm_config) | {"model_endpoint": endpoint}
-    embedding = dict(template.agent.embedding_config) | {"embedding_endpoint": endpoint}
-    return llm, embedding
-
-
 def create_body(template: AgentFile, name: str, user_id: str, endpoint: str, template_ref: str) -> dict:
-    llm, embedding = with_billing(template, endpoint)
+    """The create request: the template's agent as it says, billing endpoints forced. `agent_type`,
+    `include_base_tools` and `include_base_tool_rules` are always sent, or the server's defaults
+    replace the template's tools with its own and add rules the template did not ask for."""
+    target, agent = target_view(template, endpoint), template.agent
     tools = {t.id: t.name for t in template.tools}
-    return {
-        "name": name, "system": template.agent.system, "llm_config": llm, "embedding_config": embedding,
-        "memory_blocks": template.initial_memory(), "tools": [tools[t] for t in template.agent.tool_ids],
-        "tool_rules": [r.model_dump() for r in template.agent.tool_rules], "tags": template.agent.tags,
-        "metadata": template.agent.metadata | {"fleet_template": template_ref, "fleet_user_id": user_id},
+    body = {
+        "name": name, "system": agent.system, "llm_config": target["llm_config"],
+        "embedding_config": target["embedding_config"], "memory_blocks": template.initial_memory(),
+        "tools": [tools[t] for t in agent.tool_ids], "tool_rules": target["tool_rules"], "tags": agent.tags,
+        "include_base_tools": agent.include_base_tools, "include_base_tool_rules": agent.include_base_tool_rules,
+        "metadata": target["metadata"] | {"fleet_template": template_ref, "fleet_user_id": user_id},
     }
+    return body | ({"agent_type": agent.agent_type} if agent.agent_type else {})

@@ -258,6 +258,7 @@ def cmd_lifecycle(args) -> int:
 def cmd_templates(args) -> int:
     from . import templates
     from .agentfile import InvalidAgentFile
+    from .errors import FleetError
     from .semver import InvalidVersion
 
     try:
@@ -273,13 +274,33 @@ def cmd_templates(args) -> int:
                 _print_json(rows)
             else:
                 print(_table(rows, ["name", "version", "sha256", "published_at"]))
+        elif args.action == "export":
+            return _export_template(args)
         else:
             if not (args.file and len(args.versions) == 2):
                 raise SystemExit("fleet templates diff NAME V1 V2")
             _print_json(templates.diff_versions(args.file, *args.versions))
-    except (InvalidAgentFile, InvalidVersion, templates.TemplateError, json.JSONDecodeError) as e:
+    except (InvalidAgentFile, InvalidVersion, templates.TemplateError, json.JSONDecodeError, FleetError) as e:
         print(f"fleet templates: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export_template(args) -> int:
+    """`fleet templates export NAME VERSION [-o FILE]`: an Agent File a Letta server imports."""
+    from . import templates
+    from .config import get_settings
+    from .providers.letta import LettaClient
+
+    if not (args.file and len(args.versions) == 1):
+        raise SystemExit("fleet templates export NAME VERSION [-o FILE]")
+    find_tool = LettaClient().find_tool if get_settings().letta_api_base_url else None
+    content = json.dumps(templates.export(args.file, args.versions[0], find_tool), indent=2)
+    if args.output:
+        Path(args.output).write_text(content + "\n")
+        print(f"wrote {args.file}@{args.versions[0]} to {args.output}")
+    else:
+        print(content)
     return 0
 
 
@@ -533,10 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lifecycle)
 
-    s = sub.add_parser("templates", help="agent templates: publish FILE --name N --version V | list | diff N V1 V2")
-    s.add_argument("action", choices=["publish", "list", "diff"])
-    s.add_argument("file", nargs="?", help="publish: the .af file; diff: the template name")
-    s.add_argument("versions", nargs="*", help="diff: two versions")
+    s = sub.add_parser("templates", help="agent templates: publish FILE --name N --version V | list | diff N V1 V2"
+                                         " | export N V [-o FILE]")
+    s.add_argument("action", choices=["publish", "list", "diff", "export"])
+    s.add_argument("file", nargs="?", help="publish: the .af file; diff, export: the template name")
+    s.add_argument("versions", nargs="*", help="diff: two versions; export: one")
+    s.add_argument("-o", "--output", help="export: the .af file to write (standard output otherwise)")
     s.add_argument("--name")
     s.add_argument("--version")
     s.add_argument("--json", action="store_true")

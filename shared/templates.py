@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from .agentfile import diff, parse_agent_file
+from .agentfile import diff, needs_definition, parse_agent_file, to_letta_file
 from .db import get_pool
 from .semver import Version
 
@@ -53,3 +53,15 @@ def diff_versions(name: str, old: str, new: str) -> dict[str, Any]:
     return {"changes": diff(a.upgrade_view(), b.upgrade_view()),
             "initial_memory_changed": a.initial_memory() != b.initial_memory(),
             "note": "memory blocks are the initial memory of new agents; upgrades never apply them"}
+
+
+def export(name: str, version: str, find_tool: Callable[[str], dict] | None) -> dict[str, Any]:
+    """The template as an Agent File a Letta server imports (POST /v1/agents/import). A tool the template
+    names without its definition is taken from the Letta server (`find_tool`, by name)."""
+    template = parse_agent_file(get(name, version))
+    named_only = [t.name for t in template.tools if needs_definition(t)]
+    if named_only and find_tool is None:
+        raise TemplateError(f"tools {', '.join(named_only)} have no definition in the template; set "
+                            "LETTA_API_BASE_URL so the export takes them from the Letta server")
+    definitions = {n: find_tool(n) for n in named_only} if find_tool else {}
+    return to_letta_file(template, definitions)

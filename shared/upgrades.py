@@ -6,15 +6,15 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from typing import Any
 
 import structlog
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from . import events
-from .agentfile import AgentFile, diff, parse_agent_file
-from .agents import billing_endpoint, with_billing
+from .agentfile import parse_agent_file
+from .agents import billing_endpoint
+from .agentview import changes, patch_body
 from .config import Settings
 from .db import get_pool
 from .errors import DeferredError, PermanentError, classify, describe
@@ -84,21 +84,6 @@ def fan_out(run_id: str, client) -> int:
     if not cohort:
         finish_if_done(run_id)
     return len(cohort)
-
-
-def agent_view(agent: dict) -> dict[str, Any]:
-    """The same shape as AgentFile.upgrade_view, read from the server."""
-    return {"system": agent.get("system", ""), "tools": sorted(t["name"] for t in agent.get("tools") or []),
-            "tool_rules": sorted(agent.get("tool_rules") or [], key=lambda r: (r.get("tool_name"), r.get("type"))),
-            "llm_config": agent.get("llm_config"), "embedding_config": agent.get("embedding_config"),
-            "tags": sorted(agent.get("tags") or []),
-            "metadata": {k: v for k, v in (agent.get("metadata") or {}).items() if not k.startswith("fleet_")}}
-
-
-def target_view(template: AgentFile, endpoint: str) -> dict[str, Any]:
-    view = template.upgrade_view()
-    view["llm_config"], view["embedding_config"] = with_billing(template, endpoint)
-    return view
 
 
 def blocks_fingerprint(blocks: list[dict]) -> list[tuple]:
@@ -207,14 +192,12 @@ def _apply(row: dict, settings: Settings, fence=lambda: None) -> tuple[str, dict
     template = parse_agent_file(get(row["template_name"], row["to_version"]))
     endpoint = billing_endpoint(settings, str(row["user_id"]))
     agent = letta.get_agent(row["agent_id"])
-    change = diff(agent_view(agent), target_view(template, endpoint))
+    change = changes(agent, template, endpoint)
     if row["dry_run"]:
         return "succeeded", change, None
     before = blocks_fingerprint(letta.blocks(row["agent_id"]))
     if change:  # empty when a redelivered job finds its PATCH already applied: never PATCH twice
-        patch = {field: value["to"] for field, value in change.items() if field != "tools"}
-        if "tools" in change:
-            patch["tool_ids"] = [_tool_id_of(agent, letta, name) for name in change["tools"]["to"]]
+        patch = patch_body(agent, template, endpoint, change, lambda name: _tool_id_of(agent, letta, name))
         fence()  # still this attempt's agent: no second copy PATCHes
         letta.update_agent(row["agent_id"], patch)
     after_agent = letta.get_agent(row["agent_id"])
@@ -224,7 +207,7 @@ def _apply(row: dict, settings: Settings, fence=lambda: None) -> tuple[str, dict
         return "failed", change, "the billing endpoints are not the proxy after the upgrade"
     if after != before:
         return "failed", change, "memory blocks changed during the upgrade (label, value or limit differ)"
-    remaining = diff(agent_view(after_agent), target_view(template, endpoint))
+    remaining = changes(after_agent, template, endpoint)
     if remaining:
         return "failed", change, f"fields still differ after the PATCH: {', '.join(sorted(remaining))}"
     return "succeeded", change, None

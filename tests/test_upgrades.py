@@ -45,6 +45,10 @@ def cohort(ufleet, sim, users: int) -> tuple[str, list[str]]:
     newer["agents"][0]["system"] = "You help customers, in two sentences at most."
     newer["agents"][0]["llm_config"]["model"] = "gpt-4o"
     newer["blocks"][0]["value"] = "A new persona that upgrades must never apply."
+    newer["agents"][0]["metadata"] = {"tier": "gold"}  # merged into the agent's: the fleet's keys stay
+    newer["tools"].append({"id": "t2", "name": "conversation_search"})
+    newer["agents"][0]["tool_ids"].append("t2")
+    newer["agents"][0]["tool_rules"].append({"tool_name": "conversation_search", "type": "continue_loop"})
     publish(name, "1.1.0", newer)
     ids = [str(uuid.uuid4()) for _ in range(users)]
     trace = ufleet.trace()
@@ -82,7 +86,11 @@ def test_dry_run_changes_nothing_then_apply_patches_once_and_keeps_memory(ufleet
     dry = run_upgrade(ufleet, name, "1.1.0", dry_run=True)
     dry_rows = rows(ufleet.dsn, dry)
     assert [r["status"] for r in dry_rows] == ["succeeded"] * 5
-    assert all(set(r["diff"]) == {"system", "llm_config"} for r in dry_rows)
+    # only what the template names: the server's own config defaults are not differences
+    assert all(set(r["diff"]) == {"system", "llm_config", "tools", "tool_rules", "metadata"} for r in dry_rows)
+    assert dry_rows[0]["diff"]["llm_config"]["from"] == {"model": "gpt-4o-mini", "model_endpoint_type": "openai",
+                                                         "model_endpoint": dry_rows[0]["diff"]["llm_config"]["to"][
+                                                             "model_endpoint"], "context_window": 32000}
     assert dry_rows[0]["diff"]["llm_config"]["to"]["model"] == "gpt-4o"
     assert dry_rows[0]["diff"]["llm_config"]["to"]["model_endpoint"].startswith(BILLING)
     state = letta(sim)
@@ -100,6 +108,11 @@ def test_dry_run_changes_nothing_then_apply_patches_once_and_keeps_memory(ufleet
         assert agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] == \
             f"{BILLING}/api/v1/agents/{user}/messages"
         assert json.dumps(agent["memory"]["blocks"], sort_keys=True) == memory_before[agent_id]  # byte-identical
+        assert agent["llm_config"]["enable_reasoner"] is False  # a partial llm_config PATCH flipped it on
+        assert agent["metadata"] == {"fleet_template": f"{name}@1.0.0", "fleet_user_id": user, "tier": "gold"}
+        assert sorted(t["name"] for t in agent["tools"]) == ["conversation_search", "send_message"]
+        assert sorted((r["tool_name"], r["type"]) for r in agent["tool_rules"]) == [
+            ("conversation_search", "continue_loop"), ("send_message", "exit_loop")]
     with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
         versions = {r[0] for r in conn.execute("select template_version from user_profiles where user_id = any(%s::uuid[])",
                                                (users,))}
@@ -108,6 +121,22 @@ def test_dry_run_changes_nothing_then_apply_patches_once_and_keeps_memory(ufleet
     assert versions == {"1.1.0"} and done["counts"] == {"succeeded": 5}
     again = run_upgrade(ufleet, name, "1.1.0", dry_run=False)
     assert [r["status"] for r in rows(ufleet.dsn, again)] == ["skipped"] * 5
+    assert all(letta(sim)["patches"][i] == 1 for i in agents)  # the re-run sent no PATCH
+
+
+def test_a_fresh_agent_diffs_empty_against_its_own_version(ufleet, sim):
+    """The server fills 27 llm_config keys and adds fields to tool rules: none of that is a difference.
+    The same content republished as 1.2.0 upgrades every agent without a PATCH, and the version is recorded."""
+    name, users = cohort(ufleet, sim, 3)
+    publish(name, "1.2.0", AGENT)
+    run = run_upgrade(ufleet, name, "1.2.0", dry_run=False)
+    assert [(r["status"], r["diff"], r["error"]) for r in rows(ufleet.dsn, run)] == [("succeeded", {}, None)] * 3
+    state = letta(sim)
+    assert not any(state["patches"].get(r["agent_id"]) for r in rows(ufleet.dsn, run))
+    with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
+        versions = {r[0] for r in conn.execute("select template_version from user_profiles where user_id = any(%s::uuid[])",
+                                               (users,))}
+    assert versions == {"1.2.0"}
 
 
 def test_a_server_that_alters_memory_during_the_upgrade_is_reported_failed(ufleet, sim):
@@ -122,7 +151,7 @@ def test_a_server_that_alters_memory_during_the_upgrade_is_reported_failed(uflee
 def test_a_bad_template_halts_the_run(ufleet, sim):
     name, _ = cohort(ufleet, sim, 8)
     broken = copy.deepcopy(AGENT)
-    del broken["agents"][0]["llm_config"]["context_window"]  # Letta answers 422 to this llm_config
+    broken["agents"][0]["tool_rules"][0]["type"] = "no_such_rule"  # Letta answers 422 to this tool rule
     publish(name, "2.0.0", broken)
     run = run_upgrade(ufleet, name, "2.0.0", dry_run=False)
     statuses = [r["status"] for r in rows(ufleet.dsn, run)]

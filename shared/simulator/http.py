@@ -27,6 +27,7 @@ class BaseHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     sim: Simulator  # set on the class that `make_handler` builds
+    raw_body: bytes | None = None
 
     def log_message(self, fmt, *args):
         pass
@@ -43,6 +44,7 @@ class BaseHandler(BaseHTTPRequestHandler):
     def _body(self) -> dict | None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        self.raw_body = raw  # for bodies that are not JSON (a multipart upload)
         try:
             return json.loads(raw or b"{}")
         except ValueError:

@@ -43,6 +43,7 @@ class Simulator:
         self.random = random.Random(self.config.seed)
         self.agents: dict[str, dict] = {}  # the Letta subset's state, in memory
         self.patches: dict[str, int] = {}  # PATCH count per agent (one per agent per upgrade run)
+        self.letta_tools: dict[str, dict] | None = None  # the Letta subset's tools by name, once first asked
 
     # -- faults ------------------------------------------------------------
     def next_fault(self) -> int | str | None:
