@@ -65,9 +65,9 @@ def test_frames_arrive_in_order_and_deltas_equal_the_stored_message(cfleet, sim)
     row = stored_answer(cfleet.dsn, stream.job_id)
     assert "".join(deltas) == stream.text == row["content"]
     assert row["status"] == "complete" and row["finish_reason"] == "stop" and row["model"] == "sim-chat"
-    # usage from the provider's usage chunk, not estimated
-    assert row["tokens_out"] == 12 and row["tokens_in"] == 2 and row["tokens_estimated"] is False
-    assert stream.usage == {"prompt_tokens": 2, "completion_tokens": 12, "estimated": False}
+    # usage from the provider's usage chunk (two words and the template's 4 + 3 tokens), not estimated
+    assert row["tokens_out"] == 12 and row["tokens_in"] == 9 and row["tokens_estimated"] is False
+    assert stream.usage == {"prompt_tokens": 9, "completion_tokens": 12, "estimated": False}
     (call,) = chat_calls(sim)
     assert call["stream"] is True and call["stream_options"] == {"include_usage": True}
 
