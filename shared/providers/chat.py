@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import httpx
+import structlog
 
 from ..config import Settings, get_settings
 from ..errors import TransientError
@@ -27,6 +28,7 @@ from ..metrics import metrics
 from .http import bearer, call_with_retries, http_client, raise_for_provider
 
 PROVIDER = "chat"
+log = structlog.get_logger(__name__)
 
 
 class StreamBroken(TransientError):
@@ -148,24 +150,20 @@ class Tokenizer:
     stream running at that moment: call it only once this job's own stream has ended.
     """
 
-    _missing: set[str] = set()  # base URLs found without one (a 404), per process
-
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.root = self.settings.chat_api_base.rstrip("/").removesuffix("/v1")
 
     def count(self, text: str, model: str) -> int | None:
-        if self.root in self._missing or not text:
-            return None if text else 0
+        if not text:
+            return 0
         try:
             response = http_client(self.root, timeout_s=self.settings.health_probe_timeout_s).post(
                 "/extras/tokenize/count", json={"input": text, "model": model},
                 headers=bearer(self.settings.chat_key))
-        except httpx.HTTPError:
-            return None  # an estimate will do; the answer is already stored
-        if response.status_code in (404, 405):
-            self._missing.add(self.root)
-            return None
+        except httpx.HTTPError as e:
+            log.info("chat.tokenizer_unreachable", error=type(e).__name__)
+            return None  # an estimate will do (marked so); the answer is already stored
         try:
             return int(response.json()["count"]) if response.status_code == 200 else None
         except (ValueError, KeyError, TypeError):
