@@ -151,15 +151,14 @@ def test_a_stale_row_of_a_model_no_longer_configured_defers_nothing(services, si
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
                      " values ('chat', 'a-model-used-last-month', 'chat', 'down', 40)")
-    settings = settings_for(sim, CHAT_MODEL_DEFAULT="sim-chat")
-    refresh(settings)
+    refresh(settings_for(sim))  # probes the configured model (CHAT_MODEL_DEFAULT, the default here)
     _cache.clear()
-    check_available("chat", settings)  # does not raise ProviderDown
+    check_available("chat")  # does not raise ProviderDown
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        conn.execute("update provider_health set status = 'down' where model = 'sim-chat'")
+        conn.execute("update provider_health set status = 'down' where model <> 'a-model-used-last-month'")
     _cache.clear()
     with pytest.raises(ProviderDown):
-        check_available("chat", settings)
+        check_available("chat")
 
 
 def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim, tmp_path):
