@@ -122,16 +122,14 @@ class ChatRoutes(BaseHandler):
                 "model": body.get("model")}
 
         def chunk(delta: dict, finish=None, **extra) -> bytes:
-            data = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+            data = base | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
             return f"data: {json.dumps(data)}\n\n".encode()
 
         try:
             time.sleep(c.ttft_ms / 1000)
-            if fault == "over_context":  # llama.cpp: the prompt does not fit; 200, then nothing but the end
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
+            if fault == "over_context":  # llama.cpp: the prompt does not fit; 200, then the stream closes empty
                 return
-            self.wfile.write(chunk({"role": "assistant", "content": ""}))
+            self.wfile.write(chunk({"role": "assistant"}))
             self.wfile.flush()
             for i, word in enumerate(words):
                 if self._interrupted(turn):

@@ -45,7 +45,7 @@ class EmbeddingRoutes(BaseHandler):
         if "encoding_format" in body and body["encoding_format"] is None:
             if c.error_style == "infinity":
                 return 422, infinity_detail("enum", ["encoding_format"], "Input should be 'float' or 'base64'",
-                                            {"expected": "'float' or 'base64'"}, union=False), {}
+                                            {"expected": "'float' or 'base64'"}, union=False, echo=None), {}
             # DeepInfra's answer to the OpenAI SDK's default of sending null
             return 400, error_body(400, "encoding_format: Input should be 'float' or 'base64'"), {}
         if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
@@ -102,10 +102,10 @@ class EmbeddingRoutes(BaseHandler):
         return None
 
 
-def infinity_detail(type_: str, loc: list, msg: str, ctx: dict, *, union: bool = True) -> bytes:
+def infinity_detail(type_: str, loc: list, msg: str, ctx: dict, *, union: bool = True, echo="...") -> bytes:
     """infinity's (FastAPI's) 422: a `detail` list, the offending value echoed back; for `input`, the
     other branch of its union (a single string) is refused too."""
-    detail = [{"type": type_, "loc": ["body", "text", *loc], "msg": msg, "input": "...", "ctx": ctx}]
+    detail = [{"type": type_, "loc": ["body", "text", *loc], "msg": msg, "input": echo, "ctx": ctx}]
     if union:
         detail.append({"type": "string_type", "loc": ["body", "text", "input", "constrained-str"],
                        "msg": "Input should be a valid string", "input": "..."})
