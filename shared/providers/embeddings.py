@@ -22,7 +22,7 @@ import httpx
 
 from ..config import Settings, get_settings
 from ..errors import PermanentError, ProviderError, TransientError
-from ..health import check_available
+from ..health import check_available, note_failure, note_success
 from ..metrics import metrics
 from .http import bearer, call_with_retries, http_client, raise_for_provider, timed_post
 
@@ -81,7 +81,7 @@ class EmbeddingsClient:
     def embed(self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None) -> EmbeddingResult:
         """Embed one planned batch, halving it while the provider says it is too large."""
         model = model or self.settings.embedding_model_default
-        check_available(PROVIDER)
+        check_available(PROVIDER, self.settings)
         try:
             return self._embed_once(list(texts), model, expected_dim)
         except ProviderError as e:
@@ -105,13 +105,19 @@ class EmbeddingsClient:
         body = {"model": model, "input": texts, "encoding_format": "float"}
 
         def request() -> EmbeddingResult:
-            if self.rate_limit is not None:
-                with self.rate_limit():
+            try:
+                if self.rate_limit is not None:
+                    with self.rate_limit():
+                        response = self._post(body, key)
+                else:
                     response = self._post(body, key)
-            else:
-                response = self._post(body, key)
-            raise_for_provider(PROVIDER, response)
-            return self._parse(response, len(texts), expected_dim)
+                raise_for_provider(PROVIDER, response)
+                result = self._parse(response, len(texts), expected_dim)
+            except Exception as e:
+                note_failure(PROVIDER, e, self.settings)  # a provider fault counts towards its health
+                raise
+            note_success(PROVIDER, self.settings)
+            return result
 
         return call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
 
