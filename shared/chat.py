@@ -14,6 +14,7 @@ from .db import get_pool
 from .errors import PermanentError, classify, describe
 from .frames import FramePublisher
 from .metrics import metrics
+from .chat_tokens import check_fits, empty_answer_error, history_budget, message_tokens, usage_of
 from .providers.chat import ChatClient, Delta, Finished, StreamBroken
 from .providers.embeddings import estimate_tokens
 from .redact import redact
@@ -37,6 +38,7 @@ class ChatRequest:
     max_tokens: int | None
     user_id: str | None
     trace: dict
+    ready_sent: bool = False  # an earlier attempt of this job already told the listener it started
 
 
 def ensure_session(conn, session_id: str, user_id: str | None) -> None:
@@ -47,8 +49,8 @@ def ensure_session(conn, session_id: str, user_id: str | None) -> None:
         raise SessionOwnedByAnother(f"session {session_id!r} belongs to another user")
 
 
-def history(conn, session_id: str, before_id: int, budget_tokens: int) -> list[dict]:
-    """The newest messages of the session that fit the budget, oldest first."""
+def history(conn, session_id: str, before_id: int, budget_tokens: int, settings: Settings) -> list[dict]:
+    """The newest messages of the session that fit the budget (template overhead included), oldest first."""
     rows = conn.execute(
         "select role, content from messages where session_id = %s and id < %s and status in ('complete', 'partial')"
         " order by id desc limit 200",
@@ -56,7 +58,7 @@ def history(conn, session_id: str, before_id: int, budget_tokens: int) -> list[d
     ).fetchall()
     kept, used = [], 0
     for role, content in rows:
-        used += estimate_tokens(content)
+        used += message_tokens(settings, content)
         if used > budget_tokens:
             break
         kept.append({"role": role, "content": content})
@@ -81,7 +83,8 @@ class Keepalive(threading.Thread):
 
 def replay_stored(req: ChatRequest, row: dict, publisher: FramePublisher) -> None:
     """A repeated idempotency key: the stored answer, no provider call."""
-    publisher.publish("ready", replayed=True)
+    if not req.ready_sent:
+        publisher.publish("ready", replayed=True)
     if row["content"]:
         publisher.publish("chat.delta", text=row["content"])
     usage = {"prompt_tokens": row["tokens_in"], "completion_tokens": row["tokens_out"],
@@ -125,15 +128,19 @@ def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, se
                 " do update set job_id = excluded.job_id returning id",
                 (req.session_id, req.content, req.key, req.job_id, req.trace.get("trace_id"), req.model),
             ).fetchone()
-            context = req.messages or (history(conn, req.session_id, user_row["id"], settings.chat_context_tokens)
+            # The history's budget leaves room in the model's context window for the new message and the answer.
+            budget = history_budget(settings, req.model, req.max_tokens) - message_tokens(settings, req.content)
+            context = req.messages or (history(conn, req.session_id, user_row["id"], budget, settings)
                                        + [{"role": "user", "content": req.content}])
+            check_fits(settings, req.model, req.max_tokens, context)
     # Frames go out after the commit: publishing takes a connection of its own, and holding this one (and
     # its transaction) meanwhile let busy threads exhaust the pool waiting for their second connection.
     if prior is not None:
         replay_stored(req, prior, publisher)
         return prior["status"]
 
-    publisher.publish("ready", model=req.model, session_id=req.session_id)
+    if not req.ready_sent:  # one `ready` per job, however often it is deferred or retried
+        publisher.publish("ready", model=req.model, session_id=req.session_id)
     keepalive = Keepalive(publisher, settings.chat_keepalive_s)
     keepalive.start()
     started = time.monotonic()
@@ -163,13 +170,17 @@ def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, se
             elif isinstance(event, Finished):
                 if answer_id is None:
                     answer_id = _start_answer(req)
-                return _finish(req, answer_id, event, context, publisher, started, first_delta_at)
+                return _finish(req, answer_id, event, context, publisher, started, first_delta_at, settings)
         raise StreamBroken("the stream ended without an answer")
     except Exception as e:
         keepalive.stop()
+        if answer_id is None and isinstance(e, StreamBroken) and not e.text:
+            cause = empty_answer_error(settings, req.model, context, e)
+            if cause is not e:
+                raise cause from e
         if answer_id is None:
             raise  # before the first delta: retried (transient) or dead-lettered (permanent)
-        return _end_partial(req, answer_id, "".join(parts), e, context, publisher, started, first_delta_at)
+        return _end_partial(req, answer_id, "".join(parts), e, context, publisher, started, first_delta_at, settings)
     finally:
         keepalive.stop()
 
@@ -194,27 +205,24 @@ def _persist(answer_id: int, text: str) -> None:
         conn.execute("update messages set content = %s where id = %s", (text, answer_id))
 
 
-def _finish(req, answer_id, event: Finished, context, publisher, started, first_delta_at) -> str:
-    usage = event.usage
-    estimated = usage is None
-    tokens_in = usage.get("prompt_tokens") if usage else sum(estimate_tokens(m["content"]) for m in context)
-    tokens_out = usage.get("completion_tokens") if usage else estimate_tokens(event.text)
+def _finish(req, answer_id, event: Finished, context, publisher, started, first_delta_at, settings) -> str:
+    usage_out = usage_of(settings, req.model, event.usage, context, event.text)
+    tokens_in, tokens_out, estimated = usage_out["prompt_tokens"], usage_out["completion_tokens"], usage_out["estimated"]
     with get_pool().connection() as conn:
         conn.execute(
             "update messages set content = %s, status = 'complete', tokens_in = %s, tokens_out = %s,"
             " tokens_estimated = %s, finish_reason = %s, completed_at = now() where id = %s",
             (event.text, tokens_in, tokens_out, estimated, event.finish_reason, answer_id),
         )
-    usage_out = {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "estimated": estimated}
     publisher.publish("chat.done", text=event.text, usage=usage_out, finish_reason=event.finish_reason,
                       status="complete")
     _done_event(req, "complete", usage_out, started, first_delta_at, event.finish_reason)
     return "complete"
 
 
-def _end_partial(req, answer_id, text, error, context, publisher, started, first_delta_at) -> str:
-    tokens_in = sum(estimate_tokens(m["content"]) for m in context)
-    tokens_out = estimate_tokens(text) if text else 0
+def _end_partial(req, answer_id, text, error, context, publisher, started, first_delta_at, settings) -> str:
+    usage = usage_of(settings, req.model, None, context, text)
+    tokens_in, tokens_out = usage["prompt_tokens"], usage["completion_tokens"]
     message = redact(describe(error))
     with get_pool().connection() as conn:
         conn.execute(
@@ -222,7 +230,6 @@ def _end_partial(req, answer_id, text, error, context, publisher, started, first
             " tokens_estimated = true, error = %s, completed_at = now() where id = %s",
             (text, tokens_in, tokens_out, message, answer_id),
         )
-    usage = {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "estimated": True}
     publisher.publish("error", error_class=type(error).__name__, message=message, status="partial", text=text,
                       usage=usage, final=True)
     _done_event(req, "partial", usage, started, first_delta_at, None, error=message)

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     embed_max_batch: int = Field(64, alias="EMBED_MAX_BATCH", ge=1, le=2048)
     embed_max_tokens_per_request: int = Field(16_000, alias="EMBED_MAX_TOKENS_PER_REQUEST", ge=1)
     embed_chunk_tokens: int = Field(512, alias="EMBED_CHUNK_TOKENS", ge=16)
+    # What each model reads of one input ({"model": tokens}); a longer input is cut by the server without a
+    # word, so chunks are kept within it (see shared/embedding.py KNOWN_INPUT_TOKENS for the built-in ones).
+    embed_model_input_tokens: dict[str, int] = Field(default_factory=dict, alias="EMBED_MODEL_INPUT_TOKENS")
     embed_provider_max_retries: int = Field(2, alias="EMBED_PROVIDER_MAX_RETRIES", ge=0)
     embed_rate_limit_per_min: int = Field(0, alias="EMBED_RATE_LIMIT_PER_MIN", ge=0)  # 0: no limit
     embed_timeout_s: float = Field(30.0, alias="EMBED_TIMEOUT_S", gt=0)
@@ -68,7 +71,15 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
     chat_rate_limit_per_min: int = Field(0, alias="CHAT_RATE_LIMIT_PER_MIN", ge=0)  # 0: no limit
     require_idempotency: bool = Field(False, alias="REQUIRE_IDEMPOTENCY")
-    chat_context_tokens: int = Field(6000, alias="CHAT_CONTEXT_TOKENS", ge=100)
+    chat_context_tokens: int = Field(6000, alias="CHAT_CONTEXT_TOKENS", ge=100)  # the history's budget
+    # Each model's context window ({"model": tokens}); the history is fitted into it, leaving room for
+    # the answer (max_tokens, else CHAT_ANSWER_RESERVE_TOKENS) and the chat template's own tokens.
+    chat_context_windows: dict[str, int] = Field(default_factory=dict, alias="CHAT_CONTEXT_WINDOWS")
+    chat_answer_reserve_tokens: int = Field(512, alias="CHAT_ANSWER_RESERVE_TOKENS", ge=1)
+    # What the chat template adds to the text (role markers per message; the reply's opening and any
+    # system prompt the template puts in by itself): counted in estimates when the server sends no usage.
+    chat_template_tokens_per_message: int = Field(4, alias="CHAT_TEMPLATE_TOKENS_PER_MESSAGE", ge=0)
+    chat_template_tokens: int = Field(3, alias="CHAT_TEMPLATE_TOKENS", ge=0)
     chat_keepalive_s: float = Field(5.0, alias="CHAT_KEEPALIVE_S", gt=0)
     chat_timeout_s: float = Field(120.0, alias="CHAT_TIMEOUT_S", gt=0)
     chat_provider_max_retries: int = Field(2, alias="CHAT_PROVIDER_MAX_RETRIES", ge=0)
@@ -78,6 +89,8 @@ class Settings(BaseSettings):
     health_probe_timeout_s: float = Field(5.0, alias="HEALTH_PROBE_TIMEOUT_S", gt=0)
     health_degraded_ms: float = Field(2000.0, alias="HEALTH_DEGRADED_MS", gt=0)
     health_down_after: int = Field(3, alias="HEALTH_DOWN_AFTER", ge=1)
+    # A provider that is down is probed again by a worker when its state is older than this.
+    health_recheck_s: float = Field(10.0, alias="HEALTH_RECHECK_S", gt=0)
     health_retention_h: float = Field(24.0, alias="HEALTH_RETENTION_H", gt=0)
     health_providers: str = Field("chat,embedding", alias="HEALTH_PROVIDERS")  # letta too when LETTA_API_BASE_URL is set
     letta_api_base_url: str | None = Field(None, alias="LETTA_API_BASE_URL")

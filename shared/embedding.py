@@ -115,6 +115,22 @@ class Doc:
         return content_hash(self.content)
 
 
+# What a model reads of one input, in its own tokens; EMBED_MODEL_INPUT_TOKENS adds to and overrides these.
+KNOWN_INPUT_TOKENS = {
+    "BAAI/bge-m3": 8192,
+    "sentence-transformers/all-MiniLM-L6-v2": 256,  # word pieces, [CLS] and [SEP] included
+    "text-embedding-3-small": 8191,
+    "text-embedding-3-large": 8191,
+}
+SPECIAL_TOKENS = 2  # what an encoder adds around the text ([CLS] ... [SEP], <s> ... </s>)
+
+
+def chunk_tokens(settings: Settings, model: str) -> int:
+    """Chunk size: EMBED_CHUNK_TOKENS, never more than the model reads (the server would cut the rest)."""
+    limit = (KNOWN_INPUT_TOKENS | settings.embed_model_input_tokens).get(model)
+    return settings.embed_chunk_tokens if limit is None else min(settings.embed_chunk_tokens, limit - SPECIAL_TOKENS)
+
+
 def chunk_text(text: str, max_tokens: int) -> list[str]:
     """Split on whitespace into pieces of at most about max_tokens estimated tokens."""
     limit = max_tokens * 4
@@ -203,8 +219,9 @@ def upsert_vectors(conn: psycopg.Connection, table: str, docs: list[Doc], vector
         return cur.rowcount
 
 
-def load_source_docs(conn: psycopg.Connection, name: str, ids: list[str], settings: Settings) -> tuple[list[Doc], list[str], Source]:
-    """Rows of a registered source, chunked; returns (docs, missing ids, source)."""
+def load_source_docs(conn: psycopg.Connection, name: str, ids: list[str], settings: Settings,
+                     model: str) -> tuple[list[Doc], list[str], Source]:
+    """Rows of a registered source, chunked for `model`; returns (docs, missing ids, source)."""
     src = source(name, settings)
     columns = [sql.SQL("{}::text").format(sql.Identifier(src.id_column)), sql.Identifier(src.content_column)]
     columns += [sql.Identifier(c) for c in src.metadata_columns]
@@ -218,7 +235,7 @@ def load_source_docs(conn: psycopg.Connection, name: str, ids: list[str], settin
     for row in rows:
         row_id, content = row[0], row[1] or ""
         meta = {"source": name, "id": row_id} | {c: row[2 + i] for i, c in enumerate(src.metadata_columns)}
-        for i, piece in enumerate(chunk_text(content, settings.embed_chunk_tokens) if content.strip() else []):
+        for i, piece in enumerate(chunk_text(content, chunk_tokens(settings, model)) if content.strip() else []):
             docs.append(Doc(f"{name}:{row_id}", i, piece, meta | {"chunk": i}))
     return docs, [i for i in ids if i not in found], src
 
@@ -244,6 +261,7 @@ class EmbedStats:
     tokens: int = 0
     batches: int = 0
     failures: list[str] = field(default_factory=list)
+    rejected: list[tuple[Doc, str]] = field(default_factory=list)  # inputs the provider refuses even alone
 
 
 def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsClient, *, trace: dict,
@@ -295,10 +313,11 @@ def _embed_group(group: list[Doc], model: str, dim: int, client: EmbeddingsClien
         result = client.embed([d.content for d in group], model=model, expected_dim=dim)
         stats.tokens += result.tokens or sum(estimate_tokens(d.content) for d in group)
         return group, result.vectors
-    except InputTooLarge:
+    except InputTooLarge as e:
         if len(group) == 1:
             stats.failed += 1
-            stats.failures.append(f"{group[0].source_id}#{group[0].chunk_index}: too large for the provider")
+            stats.failures.append(f"{group[0].source_id}#{group[0].chunk_index}: {e}")
+            stats.rejected.append((group[0], str(e)))
             return [], []
     done, vectors = [], []
     for doc in group:  # find which inputs the provider refuses

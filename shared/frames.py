@@ -35,12 +35,14 @@ class FramePublisher:
         self.job_id = job_id
         self.settings = settings or get_settings()
         self.seq = 0
+        self.sent: set[str] = set()  # the frame types published so far
         self.lock = threading.Lock()
         self._redis = None
 
     def publish(self, type_: str, **fields) -> None:
         with self.lock:
             self.seq += 1
+            self.sent.add(type_)
             frame = {"seq": self.seq, "type": type_, "job_id": self.job_id, "t": time.time()} | fields
             if self.settings.broker == "redis":
                 self._publish_redis(frame)

@@ -6,6 +6,12 @@ down      failed HEALTH_DOWN_AFTER times in a row
 
 Workers read the result (`check_available`): a job for a provider that is down is deferred with
 backoff instead of hammering it, and runs again by itself once a probe finds the provider back.
+Only the row of the model configured now counts: rows of models no longer configured are history.
+
+The jobs' own calls count too (`note_failure`, `note_success`): a provider fault seen by a job is a
+failed check, so an outage is noticed after HEALTH_DOWN_AFTER failed calls, within the first attempts
+of the first jobs, not only after HEALTH_DOWN_AFTER scheduled probes (minutes). A provider that is down
+is probed again by the first worker that finds its state older than HEALTH_RECHECK_S.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import httpx
 from . import events
 from .config import Settings, get_settings
 from .db import get_pool
-from .errors import DeferredError, describe
+from .errors import DeferredError, ProviderError, TransientError, describe
 from .metrics import metrics
 from .providers.http import bearer, raise_for_provider
 from .redact import redact
@@ -69,7 +75,7 @@ def probes(settings: Settings) -> list[Probe]:
 class ProbeResult:
     probe: Probe
     ok: bool
-    latency_ms: float
+    latency_ms: float | None  # None: a job's failed call, whose latency says nothing about the provider's
     error_class: str | None = None
     error: str | None = None
 
@@ -87,47 +93,52 @@ def run_probe(probe: Probe, timeout_s: float) -> ProbeResult:
         return ProbeResult(probe, False, (time.monotonic() - started) * 1000, type(e).__name__, redact(describe(e, 500)))
 
 
-def refresh(settings: Settings | None = None, *, trace: dict | None = None) -> list[dict]:
-    """Probe every configured provider in parallel and record the results; returns the new states."""
+def _record(conn, settings: Settings, r: ProbeResult, origin: str = "probe") -> dict:
+    """One check into provider_health (the state) and provider_health_checks (the history)."""
+    p = r.probe
+    row = conn.execute("select consecutive_failures from provider_health where provider = %s and model = %s"
+                       " for update", (p.provider, p.model)).fetchone()
+    failures = 0 if r.ok else (row[0] if row else 0) + 1
+    if r.ok:
+        status = "healthy" if r.latency_ms <= settings.health_degraded_ms else "degraded"
+    else:
+        status = "down" if failures >= settings.health_down_after else "degraded"
+    conn.execute(
+        "insert into provider_health (provider, model, kind, status, latency_ms, consecutive_failures,"
+        " last_error_class, last_error, last_success_at, checked_at)"
+        " values (%(p)s, %(m)s, %(k)s, %(s)s, %(l)s, %(f)s, %(ec)s, %(e)s, case when %(ok)s then now() end, now())"
+        " on conflict (provider, model) do update set kind = excluded.kind, status = excluded.status,"
+        " latency_ms = coalesce(excluded.latency_ms, provider_health.latency_ms),"
+        " consecutive_failures = excluded.consecutive_failures,"
+        " last_error_class = coalesce(excluded.last_error_class, provider_health.last_error_class),"
+        " last_error = coalesce(excluded.last_error, provider_health.last_error),"
+        " last_success_at = coalesce(excluded.last_success_at, provider_health.last_success_at),"
+        " checked_at = now()",
+        {"p": p.provider, "m": p.model, "k": p.kind, "s": status, "l": r.latency_ms, "f": failures,
+         "ec": r.error_class, "e": r.error, "ok": r.ok},
+    )
+    conn.execute(
+        "insert into provider_health_checks (provider, model, kind, status, ok, latency_ms, error_class, error, origin)"
+        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (p.provider, p.model, p.kind, status, r.ok, r.latency_ms, r.error_class, r.error, origin),
+    )
+    m = metrics()
+    m.provider_up.labels(p.provider, p.kind).set(0 if status == "down" else 1)
+    if origin == "probe":
+        m.provider_probe_seconds.labels(p.provider).observe(r.latency_ms / 1000)
+    return {"provider": p.provider, "model": p.model, "kind": p.kind, "status": status,
+            "latency_ms": round(r.latency_ms, 1) if r.latency_ms is not None else None,
+            "consecutive_failures": failures, "error_class": r.error_class, "error": r.error}
+
+
+def refresh(settings: Settings | None = None, *, trace: dict | None = None, only: str | None = None) -> list[dict]:
+    """Probe every configured provider (or only the one named) in parallel and record the results."""
     settings = settings or get_settings()
-    todo = probes(settings)
+    todo = [p for p in probes(settings) if only is None or p.provider == only]
     with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
         results = list(pool.map(lambda p: run_probe(p, settings.health_probe_timeout_s), todo))
-    states = []
-    m = metrics()
     with get_pool().connection() as conn, conn.transaction():
-        for r in results:
-            p = r.probe
-            row = conn.execute("select consecutive_failures from provider_health where provider = %s and model = %s",
-                               (p.provider, p.model)).fetchone()
-            failures = 0 if r.ok else (row[0] if row else 0) + 1
-            if r.ok:
-                status = "healthy" if r.latency_ms <= settings.health_degraded_ms else "degraded"
-            else:
-                status = "down" if failures >= settings.health_down_after else "degraded"
-            conn.execute(
-                "insert into provider_health (provider, model, kind, status, latency_ms, consecutive_failures,"
-                " last_error_class, last_error, last_success_at, checked_at)"
-                " values (%(p)s, %(m)s, %(k)s, %(s)s, %(l)s, %(f)s, %(ec)s, %(e)s, case when %(ok)s then now() end, now())"
-                " on conflict (provider, model) do update set kind = excluded.kind, status = excluded.status,"
-                " latency_ms = excluded.latency_ms, consecutive_failures = excluded.consecutive_failures,"
-                " last_error_class = coalesce(excluded.last_error_class, provider_health.last_error_class),"
-                " last_error = coalesce(excluded.last_error, provider_health.last_error),"
-                " last_success_at = coalesce(excluded.last_success_at, provider_health.last_success_at),"
-                " checked_at = now()",
-                {"p": p.provider, "m": p.model, "k": p.kind, "s": status, "l": r.latency_ms, "f": failures,
-                 "ec": r.error_class, "e": r.error, "ok": r.ok},
-            )
-            conn.execute(
-                "insert into provider_health_checks (provider, model, kind, status, ok, latency_ms, error_class, error)"
-                " values (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (p.provider, p.model, p.kind, status, r.ok, r.latency_ms, r.error_class, r.error),
-            )
-            m.provider_up.labels(p.provider, p.kind).set(0 if status == "down" else 1)
-            m.provider_probe_seconds.labels(p.provider).observe(r.latency_ms / 1000)
-            states.append({"provider": p.provider, "model": p.model, "kind": p.kind, "status": status,
-                           "latency_ms": round(r.latency_ms, 1), "consecutive_failures": failures,
-                           "error_class": r.error_class, "error": r.error})
+        states = [_record(conn, settings, r) for r in results]
         pruned = conn.execute(
             "delete from provider_health_checks where checked_at < now() - %s * interval '1 hour'",
             (settings.health_retention_h,),
@@ -147,21 +158,99 @@ def current_health() -> list[dict]:
         ).fetchall()
 
 
-_cache: dict[str, tuple[float, bool]] = {}
+def probe_for(provider: str, settings: Settings) -> Probe | None:
+    """The probe of a provider as configured now (its model is the one jobs use by default)."""
+    return next((p for p in probes(settings) if p.provider == provider), None)
+
+
+@dataclass
+class _Known:
+    at: float
+    down: bool
+    failures: int
+
+
+_cache: dict[str, _Known] = {}
 _cache_lock = threading.Lock()
 
 
-def check_available(provider: str) -> None:
-    """Raise ProviderDown (deferred: delayed with backoff, retries kept) if the last probe found it down."""
+def _state(provider: str, settings: Settings) -> _Known:
+    """The configured model's row only: a row left behind by a model no longer configured says nothing."""
     now = time.monotonic()
     with _cache_lock:
-        cached = _cache.get(provider)
-    if cached is None or now - cached[0] > CACHE_S:
+        known = _cache.get(provider)
+    if known is not None and now - known.at <= CACHE_S:
+        return known
+    probe = probe_for(provider, settings)
+    down, failures = False, 0
+    if probe is not None:
         with get_pool().connection() as conn:
-            row = conn.execute("select bool_or(status = 'down') from provider_health where provider = %s",
-                               (provider,)).fetchone()
-        cached = (now, bool(row and row[0]))
-        with _cache_lock:
-            _cache[provider] = cached
-    if cached[1]:
+            row = conn.execute(
+                "select status, consecutive_failures, checked_at <= now() - %s * interval '1 second'"
+                " from provider_health where provider = %s and model = %s",
+                (settings.health_recheck_s, provider, probe.model)).fetchone()
+            if row is not None and row[0] == "down" and row[2]:
+                down, failures = _recheck(conn, probe, settings)  # down, and not looked at for a while: look now
+            elif row is not None:
+                down, failures = row[0] == "down", row[1]
+    known = _Known(now, down, failures)
+    with _cache_lock:
+        _cache[provider] = known
+    return known
+
+
+def _recheck(conn, probe: Probe, settings: Settings) -> tuple[bool, int]:
+    """Probe a provider that is down now, once across all workers (whoever claims the row), so jobs
+    resume within HEALTH_RECHECK_S of its return instead of waiting for the next scheduled refresh."""
+    claimed = conn.execute(
+        "update provider_health set checked_at = now() where provider = %s and model = %s and status = 'down'"
+        " and checked_at <= now() - %s * interval '1 second' returning 1",
+        (probe.provider, probe.model, settings.health_recheck_s)).fetchone()
+    if claimed is None:
+        return (True, settings.health_down_after)
+    result = run_probe(probe, settings.health_probe_timeout_s)
+    with conn.transaction():
+        state = _record(conn, settings, result)
+    return (state["status"] == "down", state["consecutive_failures"])
+
+
+def check_available(provider: str, settings: Settings | None = None) -> None:
+    """Raise ProviderDown (deferred: delayed with backoff, retries kept) if the provider is down."""
+    if _state(provider, settings or get_settings()).down:
         raise ProviderDown(f"{provider} is down according to the last health probe; the job waits for it to recover")
+
+
+def is_provider_fault(error: BaseException) -> bool:
+    """A fault of the provider as a whole (unreachable, timing out, 5xx, a garbled answer), which a
+    probe would see too; not a refusal of this request (4xx) nor a rate limit (429)."""
+    if isinstance(error, ProviderError):
+        return error.status >= 500
+    return isinstance(error, (httpx.TransportError, httpx.TimeoutException, TransientError))
+
+
+def note_failure(provider: str, error: BaseException, settings: Settings | None = None) -> None:
+    """A job's own failed call counts like a failed probe: HEALTH_DOWN_AFTER of them in a row (across all
+    workers) mark the provider down, so the next attempts are deferred instead of using up their retries."""
+    settings = settings or get_settings()
+    probe = probe_for(provider, settings)
+    if probe is None or not is_provider_fault(error):
+        return
+    result = ProbeResult(probe, False, None, type(error).__name__, redact(describe(error, 500)))
+    with get_pool().connection() as conn, conn.transaction():
+        state = _record(conn, settings, result, origin="job")
+    with _cache_lock:
+        _cache[provider] = _Known(time.monotonic(), state["status"] == "down", state["consecutive_failures"])
+
+
+def note_success(provider: str, settings: Settings | None = None) -> None:
+    """A job's successful call ends a run of failures (consecutive means consecutive); no write otherwise."""
+    settings = settings or get_settings()
+    known = _state(provider, settings)
+    probe = probe_for(provider, settings)
+    if known.failures == 0 or known.down or probe is None:
+        return
+    with get_pool().connection() as conn:
+        conn.execute("update provider_health set consecutive_failures = 0, status = 'healthy', last_success_at = now()"
+                     " where provider = %s and model = %s and status <> 'down'", (provider, probe.model))
+    with _cache_lock:
+        _cache[provider] = _Known(time.monotonic(), False, 0)

@@ -20,9 +20,13 @@ def embed_env(sim, **extra) -> dict:
 
 
 def reset_sim(sim) -> None:
+    """Every setting back to its default (with the test key), the log and the one-shot faults cleared."""
+    from dataclasses import asdict
+
+    from shared.simulator import SimConfig
+
     httpx.post(f"{sim.url}/_sim/reset")
-    httpx.post(f"{sim.url}/_sim/config", json={"api_key": API_KEY, "embedding_dim": 1024, "max_inputs": None,
-                                               "latency_ms": 0, "latency_per_input_ms": 0, "retry_after_s": 1.0})
+    httpx.post(f"{sim.url}/_sim/config", json=asdict(SimConfig(api_key=API_KEY)))
 
 
 def sim_log(sim) -> list[dict]:

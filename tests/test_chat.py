@@ -4,6 +4,7 @@ streaming endpoint over real HTTP, messages in Postgres."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import httpx
@@ -11,10 +12,11 @@ import psycopg
 import pytest
 
 from shared.frames import FrameListener
+from shared.health import CACHE_S
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY
-from .helpers import dead_letters, wait_for
+from .helpers import dead_letters, events, wait_for
 
 pytestmark = pytest.mark.usefixtures("fresh_chat_sim")
 
@@ -22,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("fresh_chat_sim")
 @pytest.fixture(scope="module", params=["pgmq", "redis"])
 def cfleet(request, services, sim, tmp_path_factory):
     env = {"CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "CHAT_KEEPALIVE_S": "0.2",
-           "REQUIRE_IDEMPOTENCY": "true", "CHAT_MODEL_DEFAULT": "sim-chat"}
+           "REQUIRE_IDEMPOTENCY": "true", "CHAT_MODEL_DEFAULT": "sim-chat",
+           "CHAT_CONTEXT_WINDOWS": json.dumps({"sim-windowed": 200}), "HEALTH_RECHECK_S": "600"}
     with started_fleet(services, request.param, tmp_path_factory.mktemp(f"chat-{request.param}"), **env) as f:
         yield f
 
@@ -65,9 +68,9 @@ def test_frames_arrive_in_order_and_deltas_equal_the_stored_message(cfleet, sim)
     row = stored_answer(cfleet.dsn, stream.job_id)
     assert "".join(deltas) == stream.text == row["content"]
     assert row["status"] == "complete" and row["finish_reason"] == "stop" and row["model"] == "sim-chat"
-    # usage from the provider's usage chunk, not estimated
-    assert row["tokens_out"] == 12 and row["tokens_in"] == 2 and row["tokens_estimated"] is False
-    assert stream.usage == {"prompt_tokens": 2, "completion_tokens": 12, "estimated": False}
+    # usage from the provider's usage chunk (two words and the template's 4 + 3 tokens), not estimated
+    assert row["tokens_out"] == 12 and row["tokens_in"] == 9 and row["tokens_estimated"] is False
+    assert stream.usage == {"prompt_tokens": 9, "completion_tokens": 12, "estimated": False}
     (call,) = chat_calls(sim)
     assert call["stream"] is True and call["stream_options"] == {"include_usage": True}
 
@@ -183,3 +186,91 @@ def test_cli_chat_prints_the_streamed_answer(cfleet, sim):
     env = dict(os.environ) | {"FLEET_BROKER": cfleet.kind}
     out = fleet_cli("chat", "hello from the cli", "--session", f"s-{uuid.uuid4()}", "--key", key(), env=env).stdout
     assert len(out.split()) == 12
+
+
+# -- what real servers do (tests/fixtures/openai/; conformance/test_chat.py runs the same against llama.cpp) --
+
+def test_a_stream_cut_with_done_but_no_finish_reason_is_partial(cfleet, sim):
+    """llama.cpp's server ends a running stream with [DONE] and no finish_reason when another request
+    arrives: that answer is cut, so it is stored partial, never complete."""
+    httpx.post(f"{sim.url}/_sim/config", json={"interrupt_streams": True, "tokens_per_s": 10, "answer_tokens": 30})
+    first = cfleet.client.stream_chat(f"s-{uuid.uuid4()}", "a long answer please", idempotency_key=key())
+    deltas = iter(first)
+    received = [next(deltas)]  # the first answer is streaming
+    second = cfleet.client.chat(f"s-{uuid.uuid4()}", "meanwhile", idempotency_key=key())
+    received += list(deltas)
+    assert second.status == "complete" and len(second.text.split()) == 30
+    assert first.status == "partial" and "without a finish_reason" in first.error["message"]
+    row = stored_answer(cfleet.dsn, first.job_id)
+    assert row["status"] == "partial" and row["finish_reason"] is None
+    assert row["content"] == "".join(received) and 0 < len(row["content"].split()) < 30
+
+
+def test_usage_without_a_usage_chunk_comes_from_the_servers_tokenizer(cfleet, sim):
+    """A server that ignores stream_options.include_usage (llama.cpp): the prompt is counted with its
+    tokenizer plus the chat template's tokens, and the answer marked estimated."""
+    httpx.post(f"{sim.url}/_sim/config", json={"send_usage": False, "tokenizer": True})
+    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "how many tokens is this", idempotency_key=key())
+    row = stored_answer(cfleet.dsn, stream.job_id)
+    # five words, one message of 4 template tokens, 3 for the reply's opening: what the server counts itself
+    assert (row["tokens_in"], row["tokens_out"], row["tokens_estimated"]) == (5 + 4 + 3, 12, True)
+    assert stream.usage == {"prompt_tokens": 12, "completion_tokens": 12, "estimated": True}
+    assert [r["path"] for r in httpx.get(f"{sim.url}/_sim/log").json()].count("/extras/tokenize/count") == 2
+
+
+WINDOWED = "sim-windowed"  # CHAT_CONTEXT_WINDOWS gives it 200 tokens
+
+
+def test_the_history_is_fitted_into_the_models_context_window(cfleet, sim):
+    """Over the window the server answers 200 with an empty stream; the history must leave room."""
+    httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200})
+    session, question = f"s-{uuid.uuid4()}", " ".join(f"word{i}" for i in range(90))
+    for _ in range(3):
+        stream = cfleet.client.chat(session, question, model=WINDOWED, max_tokens=20, idempotency_key=key())
+        assert stream.status == "complete" and len(stream.text.split()) == 20
+    assert [c["n_messages"] for c in chat_calls(sim)] == [1, 1, 1]  # 90 words twice do not fit 200 tokens
+
+
+def test_a_message_over_the_context_window_is_refused_with_the_reason(cfleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200})
+    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "word " * 400, model=WINDOWED, idempotency_key=key())
+    assert stream.status == "error" and stream.error["error_class"] == "ContextWindowExceeded"
+    assert "exceed the context window of sim-windowed (200 tokens" in stream.error["message"]
+    assert chat_calls(sim) == []  # known before sending
+    (dl,) = dead_letters(cfleet.dsn, stream.trace_id)
+    assert dl["reason"].startswith("permanent error: ContextWindowExceeded") and dl["attempts"] == 1
+
+
+def test_an_empty_answer_over_the_window_is_a_permanent_error_not_a_retried_fault(cfleet, sim):
+    """Short words count less in the fleet's estimate than in the server's tokenizer: the prompt goes,
+    the server answers nothing, and its tokenizer tells why."""
+    httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200, "tokenizer": True})
+    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "a " * 250, model=WINDOWED, max_tokens=10,
+                                idempotency_key=key())
+    assert stream.status == "error" and stream.error["error_class"] == "ContextWindowExceeded"
+    assert "the server answered nothing: the prompt (257 tokens) does not fit" in stream.error["message"]
+    assert len(chat_calls(sim)) == 1  # not retried
+    (dl,) = dead_letters(cfleet.dsn, stream.trace_id)
+    assert dl["attempts"] == 1 and "does not fit the context window of sim-windowed" in dl["reason"]
+
+
+def test_one_ready_frame_per_job_however_often_it_is_deferred(cfleet, sim):
+    """A provider marked down defers the job again and again; its listener hears `ready` once."""
+    with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
+        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
+                     " values ('chat', 'sim-chat', 'chat', 'down', 9) on conflict (provider, model) do update"
+                     " set status = 'down', consecutive_failures = 9, checked_at = now()")
+    time.sleep(CACHE_S + 0.2)  # the workers' cached view of the provider's health has expired
+    try:
+        stream = cfleet.client.stream_chat(f"s-{uuid.uuid4()}", "are you there", idempotency_key=key())
+        wait_for(lambda: len(events(cfleet.dsn, trace_id=stream.trace_id, type="job.deferred")) >= 3, 30,
+                 what="three deferrals")
+        with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
+            conn.execute("update provider_health set status = 'healthy', consecutive_failures = 0"
+                         " where provider = 'chat'")
+        list(stream)
+    finally:
+        with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
+            conn.execute("delete from provider_health")
+    assert stream.status == "complete"
+    assert [f["type"] for f in stream.frames].count("ready") == 1

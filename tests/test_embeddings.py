@@ -207,3 +207,61 @@ def test_sdk_embed_documents_and_rows(efleet, sim):
         n = conn.execute("select count(*) from vector_documents where source_id = any(%s)",
                          ([f"docs:{i}" for i in ids],)).fetchone()[0]
     assert n == 4
+
+
+# -- what real servers do (tests/fixtures/openai/infinity; conformance/test_embeddings.py runs it against infinity) --
+
+def test_one_oversized_input_is_dead_lettered_alone_and_the_rest_stored(efleet, sim):
+    """infinity answers 422 with a `detail` list for an input over its limit: the batch is bisected down to
+    that input, every other document is stored, and only that input goes to the dead letters, with the reason."""
+    httpx.post(f"{sim.url}/_sim/config", json={"error_style": "infinity", "max_input_chars": 1000})
+    prefix = f"big-{uuid.uuid4().hex[:8]}"
+    documents = docs(prefix, 12)
+    documents[7]["content"] = "x" * 1001
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": documents}, trace_id=trace)
+    evs = efleet.wait_done(trace, 2)
+    assert sorted(stored(efleet.dsn, prefix)) == sorted(f"{prefix}-{i}" for i in range(12) if i != 7)
+    (dl,) = dead_letters(efleet.dsn, trace)
+    assert dl["reason"].startswith(f"permanent error: InputTooLarge: {prefix}-7#0:")
+    assert "String should have at most 1000 characters (string_too_long)" in dl["reason"]
+    assert "xxxxxxxxxx" not in dl["reason"]  # the refused text is not echoed into the reason
+    assert [e["type"] for e in evs if e["type"] in ("job.succeeded", "job.dead")].count("job.succeeded") == 1
+    from shared.deadletters import get_dead_letter, payload_of  # a retry of the letter embeds that input alone
+
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        letter_id = conn.execute("select id from dead_letters where trace_id = %s", (trace,)).fetchone()[0]
+    queue, actor, payload = payload_of(get_dead_letter(letter_id))
+    assert (queue, actor) == ("embed", "embed_documents")
+    assert [d["source_id"] for d in payload["documents"]] == [f"{prefix}-7"]
+    assert len([r for r in sim_log(sim) if r["status"] == 422]) >= 4  # halved down to the one input
+
+
+def test_an_oversized_batch_in_infinitys_shape_is_split(efleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"error_style": "infinity", "max_inputs": 4})
+    prefix = f"split422-{uuid.uuid4().hex[:8]}"
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": docs(prefix, 10)}, trace_id=trace)
+    efleet.wait_done(trace, 1)
+    assert len(stored(efleet.dsn, prefix)) == 10 and dead_letters(efleet.dsn, trace) == []
+    assert sim_log(sim)[0]["status"] == 422
+
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # reads 256 word pieces of an input
+
+
+def test_a_sources_rows_are_chunked_within_what_the_model_reads(efleet, sim):
+    """The server cuts what is past the model's input limit without a word: chunks stay within it."""
+    httpx.post(f"{sim.url}/_sim/config", json={"max_input_tokens": 256})
+    body = " ".join(f"w{i:04d}" for i in range(700))  # 3,500 bytes: about 875 tokens by the 4-bytes estimate
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        row_id = conn.execute("insert into test_docs (body) values (%s) returning id", (body,)).fetchone()[0]
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"source": "docs", "ids": [row_id], "model": MINILM}, trace_id=trace)
+    efleet.wait_done(trace, 1)
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
+        chunks = [r[0] for r in conn.execute("select content from vector_documents where source_id = %s"
+                                             " order by chunk_index", (f"docs:{row_id}",))]
+    assert len(chunks) == 5  # 254 tokens (the limit less [CLS] and [SEP]) of 4 bytes: 169 six-byte words a chunk
+    assert all(len(c.encode()) <= 254 * 4 and len(c.split()) <= 256 for c in chunks)
+    assert " ".join(chunks) == body  # nothing lost between chunks

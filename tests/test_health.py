@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from shared.config import Settings
-from shared.health import refresh
+from shared.health import ProviderDown, refresh
 
 from .conftest import make_client, worker_env
 from .embedding_support import API_KEY, docs, embed_env, sim_log, stored
@@ -142,3 +142,50 @@ def test_letta_is_probed_on_its_health_endpoint_when_configured(services, sim):
     assert result["letta"]["status"] == "healthy" and result["letta"]["kind"] == "letta"
     refresh(settings_for(sim, LETTA_API_BASE_URL="http://127.0.0.1:9", HEALTH_PROVIDERS="", HEALTH_DOWN_AFTER=1))
     assert states(services["dsn"])["letta"] == "down"  # nothing listens there: a connection error
+
+
+def test_a_stale_row_of_a_model_no_longer_configured_defers_nothing(services, sim):
+    """Only the configured model's state counts; an old row left `down` is history."""
+    from shared.health import _cache, check_available
+
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
+                     " values ('chat', 'a-model-used-last-month', 'chat', 'down', 40)")
+    refresh(settings_for(sim))  # probes the configured model (CHAT_MODEL_DEFAULT, the default here)
+    _cache.clear()
+    check_available("chat")  # does not raise ProviderDown
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("update provider_health set status = 'down' where model <> 'a-model-used-last-month'")
+    _cache.clear()
+    with pytest.raises(ProviderDown):
+        check_available("chat")
+
+
+def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim, tmp_path):
+    """The job's own failed calls (CHAT_PROVIDER_MAX_RETRIES + 1 per attempt) mark the provider down
+    after HEALTH_DOWN_AFTER of them, long before its FLEET_MAX_RETRIES run out; once down, its attempts
+    are deferred; a worker probes again after HEALTH_RECHECK_S and the chat completes by itself."""
+    httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 1.0})
+    env = worker_env(services, "pgmq", CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY,
+                     CHAT_MODEL_DEFAULT="sim-chat", HEALTH_DOWN_AFTER="3", CHAT_PROVIDER_MAX_RETRIES="2",
+                     HEALTH_RECHECK_S="1", FLEET_MAX_RETRIES="1")
+    client = make_client("pgmq")
+    group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
+    try:
+        stream = client.stream_chat(f"s-{uuid.uuid4()}", "hello during an outage", idempotency_key=str(uuid.uuid4()))
+        wait_for(lambda: [e for e in events(services["dsn"], trace_id=stream.trace_id) if e["type"] == "job.deferred"],
+                 30, what="the chat to be deferred")
+        calls = [r for r in sim_log(sim) if r["path"] == "/v1/chat/completions"]
+        assert [c["status"] for c in calls][:3] == [500, 500, 500]  # one attempt: a call and two retries
+        assert states(services["dsn"])["chat"] == "down"
+        with psycopg.connect(services["dsn"], autocommit=True) as conn:
+            origins = conn.execute("select origin, count(*) from provider_health_checks group by 1").fetchall()
+        assert dict(origins) == {"job": 3} or dict(origins).get("job") == 3
+        httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 0.0})
+        list(stream)
+        assert stream.status == "complete"
+    finally:
+        assert group.terminate() == 0
+        client.broker.close()
+    kinds = [e["type"] for e in events(services["dsn"], trace_id=stream.trace_id)]
+    assert "job.dead" not in kinds and kinds.count("job.retrying") <= 1

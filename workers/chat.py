@@ -20,6 +20,8 @@ from shared.ratelimit import per_minute
 
 from .actor import job
 
+READY_SENT = "chat_ready_sent"  # a message option
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -63,6 +65,8 @@ def chat_completion(job: ChatJob) -> None:
         publish_failure(publisher, e, last_attempt=is_last_attempt(dramatiq.get_broker(), message))
         raise
     finally:
+        if "ready" in publisher.sent:  # carried by the retried or deferred message: one `ready` per job
+            message.options[READY_SENT] = True
         publisher.close()
 
 
@@ -74,6 +78,7 @@ def _answer(job: ChatJob, message, publisher: FramePublisher, settings) -> None:
         messages=[m.model_dump() for m in job.messages] if job.messages else None,
         model=job.model or settings.chat_model_default, temperature=job.temperature, max_tokens=job.max_tokens,
         user_id=str(job.user_id) if job.user_id else None, trace=job_fields(message),
+        ready_sent=bool(message.options.get(READY_SENT)),
     )
     limiter = per_minute("chat", settings.chat_rate_limit_per_min)
     run_chat(request, ChatClient(settings), publisher, settings, rate_limit=limiter.acquire if limiter else None)

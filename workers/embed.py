@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.config import get_settings
 from shared.db import get_pool
 from shared.embedding import TARGET_TABLES, Doc, delete_stale_chunks, load_source_docs, run_embedding
+from shared.deadletters import DeadLetter, record_dead_letter
 from shared.errors import PermanentError
 from shared.middleware.events import job_fields
 from shared.providers.embeddings import EmbeddingsClient
@@ -65,13 +66,31 @@ def embed_documents(job: EmbedJob) -> None:
     else:
         ids = [str(i) for i in job.ids or []]
         with get_pool().connection() as conn:
-            docs, missing, src = load_source_docs(conn, job.source, ids, settings)
+            docs, missing, src = load_source_docs(conn, job.source, ids, settings, model)
         table = src.target
     stats = run_embedding(docs, table, model, _client(settings), trace=trace, settings=settings, missing=len(missing))
     if job.source is not None:
         found = [f"{job.source}:{i}" for i in (str(x) for x in job.ids or []) if i not in missing]
         with get_pool().connection() as conn:
             delete_stale_chunks(conn, table, docs, found)
-    if stats.failed:
+    if stats.rejected and message is None:  # called outside a worker: nowhere to put them but an error
         raise PermanentError(f"{stats.failed} of {len(docs)} document(s) could not be embedded "
                              f"(the rest are stored): {'; '.join(stats.failures[:5])}")
+    for doc, reason in stats.rejected:
+        dead_letter_input(message, job, doc, reason, model, table)
+
+
+def dead_letter_input(message, job: EmbedJob, doc: Doc, reason: str, model: str, table: str) -> None:
+    """One input the provider refuses even alone goes to the dead letters by itself, as a job of its own (to
+    retry once fixed); the rest of its job is stored and the job succeeds."""
+    if job.source is not None:
+        payload = {"source": job.source, "ids": [doc.metadata["id"]], "model": model}
+    else:
+        payload = {"documents": [{"source_id": doc.source_id, "chunk_index": doc.chunk_index, "content": doc.content,
+                                  "metadata": doc.metadata}], "table": table, "model": model}
+    letter = message.asdict() | {"args": [payload], "message_id": f"{message.message_id}/{doc.source_id}#{doc.chunk_index}"}
+    record_dead_letter(DeadLetter(
+        queue=message.queue_name, actor=message.actor_name, message_id=letter["message_id"], message=letter,
+        reason=f"permanent error: InputTooLarge: {doc.source_id}#{doc.chunk_index}: {reason}",
+        error_class="InputTooLarge", error=reason, attempts=message.options.get("retries", 0) + 1,
+        trace_id=message.options.get("trace_id")))

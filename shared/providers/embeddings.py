@@ -3,7 +3,10 @@
 - always sends `encoding_format: "float"` (DeepInfra answers 400 to the null the OpenAI SDK sends)
   and still reads base64 answers, which some providers return regardless;
 - plans batches by count (EMBED_MAX_BATCH) and by an estimated token budget per request;
-- splits a batch in half when the provider says it is too large (413, or 400 "too large/too long");
+- splits a batch in half when the provider says it is too large, in any of the shapes real servers use
+  (OpenAI/DeepInfra 400 "maximum context length", vLLM 400, infinity 422 with a pydantic `detail` list
+  "too_long"/"string_too_long", llama.cpp 500 "too large to process", any 413), down to the one input
+  it refuses (`InputTooLarge`, with the provider's reason);
 - retries transient errors EMBED_PROVIDER_MAX_RETRIES times, honouring Retry-After;
 - checks the dimension of what comes back against the target column.
 """
@@ -19,12 +22,14 @@ import httpx
 
 from ..config import Settings, get_settings
 from ..errors import PermanentError, ProviderError, TransientError
-from ..health import check_available
+from ..health import check_available, note_failure, note_success
 from ..metrics import metrics
 from .http import bearer, call_with_retries, http_client, raise_for_provider, timed_post
 
 PROVIDER = "embeddings"
-TOO_LARGE_HINTS = ("too large", "too long", "maximum context", "max tokens", "token limit", "exceeds")
+TOO_LARGE_HINTS = ("too large", "too long", "too_long", "maximum context", "max tokens", "token limit", "exceeds",
+                   "at most", "physical batch size")
+TOO_LARGE_STATUS = (400, 422, 500)  # with one of the hints; 413 always
 
 
 def estimate_tokens(text: str) -> int:
@@ -76,7 +81,7 @@ class EmbeddingsClient:
     def embed(self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None) -> EmbeddingResult:
         """Embed one planned batch, halving it while the provider says it is too large."""
         model = model or self.settings.embedding_model_default
-        check_available(PROVIDER)
+        check_available(PROVIDER, self.settings)
         try:
             return self._embed_once(list(texts), model, expected_dim)
         except ProviderError as e:
@@ -93,20 +98,26 @@ class EmbeddingsClient:
     @staticmethod
     def _too_large(e: ProviderError) -> bool:
         text = str(e).lower()
-        return e.status == 413 or (e.status == 400 and any(h in text for h in TOO_LARGE_HINTS))
+        return e.status == 413 or (e.status in TOO_LARGE_STATUS and any(h in text for h in TOO_LARGE_HINTS))
 
     def _embed_once(self, texts: list[str], model: str, expected_dim: int | None) -> EmbeddingResult:
         key = self.settings.embedding_api_key.get_secret_value() if self.settings.embedding_api_key else None
         body = {"model": model, "input": texts, "encoding_format": "float"}
 
         def request() -> EmbeddingResult:
-            if self.rate_limit is not None:
-                with self.rate_limit():
+            try:
+                if self.rate_limit is not None:
+                    with self.rate_limit():
+                        response = self._post(body, key)
+                else:
                     response = self._post(body, key)
-            else:
-                response = self._post(body, key)
-            raise_for_provider(PROVIDER, response)
-            return self._parse(response, len(texts), expected_dim)
+                raise_for_provider(PROVIDER, response)
+                result = self._parse(response, len(texts), expected_dim)
+            except Exception as e:
+                note_failure(PROVIDER, e, self.settings)  # a provider fault counts towards its health
+                raise
+            note_success(PROVIDER, self.settings)
+            return result
 
         return call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
 

@@ -66,11 +66,22 @@ def raise_for_provider(provider: str, response: httpx.Response) -> None:
     try:
         body = response.json()
         detail = body.get("error") or body.get("detail") or {}  # OpenAI-style, or FastAPI-style (Letta)
-        message = detail.get("message") if isinstance(detail, dict) else json.dumps(detail)[:300]
+        if isinstance(detail, list):  # FastAPI's validation errors (infinity): where and what, not the input
+            message = "; ".join(_validation_error(d) for d in detail[:5])
+        else:
+            message = detail.get("message") if isinstance(detail, dict) else json.dumps(detail)[:300]
     except (ValueError, AttributeError):
         message = response.text[:300]
     raise ProviderError(provider, response.status_code, (message or response.reason_phrase)[:500],
                         retry_after_s=parse_retry_after(response.headers.get("retry-after")))
+
+
+def _validation_error(item) -> str:
+    """`body.input.3: String should have at most 122880 characters (string_too_long)`; the echoed input is left out."""
+    if not isinstance(item, dict):
+        return str(item)[:200]
+    where = ".".join(str(p) for p in item.get("loc") or [])
+    return f"{where}: {item.get('msg')} ({item.get('type')})"[:300]
 
 
 def _as_fleet_error(provider: str, fn: Callable[[], T]) -> Callable[[], T]:

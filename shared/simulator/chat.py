@@ -1,4 +1,9 @@
-"""The OpenAI-compatible chat endpoint (`POST /v1/chat/completions`), streaming or not."""
+"""The OpenAI-compatible chat endpoint (`POST /v1/chat/completions`), streaming or not, and the
+tokenizer endpoint llama.cpp's Python server has (`POST /extras/tokenize/count`).
+
+The simulator's tokens are words. Its usage counts the chat template's tokens as real servers do:
+TEMPLATE_TOKENS_PER_MESSAGE per message and TEMPLATE_TOKENS for the reply's opening.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,26 @@ import time
 
 from .http import BaseHandler, error_body
 
+TEMPLATE_TOKENS_PER_MESSAGE = 4
+TEMPLATE_TOKENS = 3
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def prompt_tokens(messages: list[dict]) -> int:
+    return (sum(words(str(m.get("content", ""))) for m in messages) + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+            + TEMPLATE_TOKENS)
+
 
 class ChatRoutes(BaseHandler):
     def route(self, method: str, body: dict | None) -> bool:
         if method == "POST" and self.path == "/v1/chat/completions":
             self.chat(body)
+            return True
+        if method == "POST" and self.path == "/extras/tokenize/count" and self.sim.config.tokenizer:
+            self.tokenize_count(body)
             return True
         return super().route(method, body)
 
@@ -51,9 +71,13 @@ class ChatRoutes(BaseHandler):
                 "malformed" if roll < c.stream_cut_rate + c.malformed_chunk_rate else None)
         entry["fault"] = fault
         self.sim.record(entry)
+        turn = self._take_model()
+        usage = {"prompt_tokens": prompt_tokens(body["messages"])}
+        if c.context_window is not None and usage["prompt_tokens"] > c.context_window and body.get("stream"):
+            self._stream(body, [], usage, "over_context", turn)
+            return
         words = self._answer_words(body)
-        usage = {"prompt_tokens": sum(max(1, len(str(m.get("content", "")).split())) for m in body["messages"]),
-                 "completion_tokens": len(words)}
+        usage["completion_tokens"] = len(words)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if not body.get("stream"):
             time.sleep((c.ttft_ms + (len(words) / c.tokens_per_s * 1000 if c.tokens_per_s else 0)) / 1000)
@@ -62,7 +86,21 @@ class ChatRoutes(BaseHandler):
                       "message": {"role": "assistant", "content": " ".join(words)}}], "usage": usage}
             self._send(200, json.dumps(answer).encode())
             return
-        self._stream(body, words, usage, fault)
+        self._stream(body, words, usage, fault, turn)
+
+    def tokenize_count(self, body: dict | None):
+        self._take_model()  # llama-cpp-python: a tokenize call takes the model like a completion
+        self.sim.record({"path": self.path, "t": time.time(), "status": 200})
+        self._send(200, json.dumps({"count": words(str((body or {}).get("input", "")))}).encode())
+
+    def _take_model(self) -> int:
+        with self.sim.lock:
+            self.sim.chat_requests += 1
+            return self.sim.chat_requests
+
+    def _interrupted(self, turn: int) -> bool:
+        """llama-cpp-python (interrupt_requests): a later request ends this stream with [DONE], no finish_reason."""
+        return self.sim.config.interrupt_streams and self.sim.chat_requests != turn
 
     def _answer_words(self, body: dict) -> list[str]:
         last = str(body["messages"][-1].get("content", ""))
@@ -72,7 +110,7 @@ class ChatRoutes(BaseHandler):
         n = body.get("max_tokens") or self.sim.config.answer_tokens
         return [vocabulary[(seed + i) % len(vocabulary)] for i in range(int(n))]
 
-    def _stream(self, body: dict, words: list[str], usage: dict, fault):
+    def _stream(self, body: dict, words: list[str], usage: dict, fault, turn: int):
         c = self.sim.config
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -84,14 +122,20 @@ class ChatRoutes(BaseHandler):
                 "model": body.get("model")}
 
         def chunk(delta: dict, finish=None, **extra) -> bytes:
-            data = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+            data = base | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
             return f"data: {json.dumps(data)}\n\n".encode()
 
         try:
             time.sleep(c.ttft_ms / 1000)
-            self.wfile.write(chunk({"role": "assistant", "content": ""}))
+            if fault == "over_context":  # llama.cpp: the prompt does not fit; 200, then the stream closes empty
+                return
+            self.wfile.write(chunk({"role": "assistant"}))
             self.wfile.flush()
             for i, word in enumerate(words):
+                if self._interrupted(turn):
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                    return
                 if fault == "cut" and i >= c.cut_after_tokens:
                     return  # the connection closes without finish_reason, usage or [DONE]
                 if fault == "malformed" and i == c.cut_after_tokens:
@@ -104,7 +148,7 @@ class ChatRoutes(BaseHandler):
                 self.wfile.flush()
             finish = "length" if body.get("max_tokens") and len(words) >= body["max_tokens"] else "stop"
             self.wfile.write(chunk({}, finish))
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if c.send_usage and (body.get("stream_options") or {}).get("include_usage"):
                 self.wfile.write(f"data: {json.dumps(base | {'choices': [], 'usage': usage})}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()

@@ -43,12 +43,16 @@ class EmbeddingRoutes(BaseHandler):
         if not self._auth_ok():
             return 401, error_body(401, "Incorrect API key provided.", code="invalid_api_key"), {}
         if "encoding_format" in body and body["encoding_format"] is None:
+            if c.error_style == "infinity":
+                return 422, infinity_detail("enum", ["encoding_format"], "Input should be 'float' or 'base64'",
+                                            {"expected": "'float' or 'base64'"}, union=False, echo=None), {}
             # DeepInfra's answer to the OpenAI SDK's default of sending null
             return 400, error_body(400, "encoding_format: Input should be 'float' or 'base64'"), {}
         if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
             return 400, error_body(400, "input must be a string or a non-empty list of strings"), {}
-        if c.max_inputs is not None and len(inputs) > c.max_inputs:
-            return 413, error_body(413, f"request too large: {len(inputs)} inputs, at most {c.max_inputs}"), {}
+        refused = self._refusal(inputs)
+        if refused is not None:
+            return refused
         time.sleep((c.latency_ms + c.latency_per_input_ms * len(inputs)) / 1000)
         fault = self.sim.next_fault()
         if fault == 429:
@@ -64,7 +68,9 @@ class EmbeddingRoutes(BaseHandler):
         items = []
         tokens = 0
         for i, text in enumerate(inputs):
-            tokens += max(1, len(text.encode()) // 4)
+            tokens += len(text) if c.error_style == "infinity" else max(1, len(text.encode()) // 4)  # infinity: characters
+            if c.max_input_tokens is not None:  # the model reads this much; the rest is cut without a word
+                text = " ".join(text.split(" ")[: c.max_input_tokens])
             if as_base64:
                 vec = self.sim.vector(model, text)
                 emb = json.dumps(base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode())
@@ -74,3 +80,33 @@ class EmbeddingRoutes(BaseHandler):
         usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens})
         answer = f'{{"object":"list","data":[{",".join(items)}],"model":{json.dumps(model)},"usage":{usage}}}'
         return 200, answer.encode(), {}
+
+    def _refusal(self, inputs: list[str]):
+        """An oversized batch or input, answered as the configured server does (tests/fixtures/openai/)."""
+        c = self.sim.config
+        if c.max_inputs is not None and len(inputs) > c.max_inputs:
+            if c.error_style == "infinity":
+                return 422, infinity_detail(
+                    "too_long", ["input", "list[constrained-str]"],
+                    f"List should have at most {c.max_inputs} items after validation, not {len(inputs)}",
+                    {"field_type": "List", "max_length": c.max_inputs, "actual_length": len(inputs)}), {}
+            return 413, error_body(413, f"request too large: {len(inputs)} inputs, at most {c.max_inputs}"), {}
+        for i, text in enumerate(inputs):
+            if c.max_input_chars is not None and len(text) > c.max_input_chars:
+                if c.error_style == "infinity":
+                    return 422, infinity_detail(
+                        "string_too_long", ["input", "list[constrained-str]", i],
+                        f"String should have at most {c.max_input_chars} characters", {"max_length": c.max_input_chars}), {}
+                return 400, error_body(400, f"This model's maximum context length is {c.max_input_chars // 4} tokens,"
+                                            f" however you requested {len(text) // 4} tokens in input {i}."), {}
+        return None
+
+
+def infinity_detail(type_: str, loc: list, msg: str, ctx: dict, *, union: bool = True, echo="...") -> bytes:
+    """infinity's (FastAPI's) 422: a `detail` list, the offending value echoed back; for `input`, the
+    other branch of its union (a single string) is refused too."""
+    detail = [{"type": type_, "loc": ["body", "text", *loc], "msg": msg, "input": echo, "ctx": ctx}]
+    if union:
+        detail.append({"type": "string_type", "loc": ["body", "text", "input", "constrained-str"],
+                       "msg": "Input should be a valid string", "input": "..."})
+    return json.dumps({"detail": detail}).encode()

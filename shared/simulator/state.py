@@ -30,6 +30,15 @@ class SimConfig:
     cut_after_tokens: int = 3  # a "cut" stream stops after this many content chunks
     stream_cut_rate: float = 0.0
     malformed_chunk_rate: float = 0.0
+    # What differs between real servers (tests/fixtures/openai/ holds their recorded answers):
+    send_usage: bool = True  # False: the usage chunk never comes, whatever stream_options says (llama.cpp)
+    tokenizer: bool = False  # POST /extras/tokenize/count, as llama.cpp's Python server has
+    context_window: int | None = None  # a longer prompt: 200 and a stream with no token nor finish_reason
+    interrupt_streams: bool = False  # a new request ends a running stream with [DONE], no finish_reason
+    # embeddings
+    error_style: str = "openai"  # "infinity": 422 with a pydantic `detail` list for oversized inputs/batches
+    max_input_chars: int | None = None  # a longer input is refused (infinity: 122,880 characters)
+    max_input_tokens: int | None = None  # what the model reads: the rest of a longer input is cut silently
     # letta
     alter_block_on_patch: bool = False  # a misbehaving server that rewrites memory during an upgrade
     letta_latency_ms: float = 0.0
@@ -44,6 +53,7 @@ class Simulator:
         self.agents: dict[str, dict] = {}  # the Letta subset's state, in memory
         self.patches: dict[str, int] = {}  # PATCH count per agent (one per agent per upgrade run)
         self.letta_tools: dict[str, dict] | None = None  # the Letta subset's tools by name, once first asked
+        self.chat_requests = 0  # requests that take the model (llama.cpp serves one at a time)
 
     # -- faults ------------------------------------------------------------
     def next_fault(self) -> int | str | None:
