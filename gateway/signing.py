@@ -1,6 +1,6 @@
 """Request signing (GATEWAY_HMAC_KEY): X-Signature is the hex HMAC-SHA256 of
 "{X-Timestamp}.{METHOD}.{path}.{body}"; the timestamp (Unix seconds) must be within the window,
-and a signature is accepted once (remembered in Postgres, so across every gateway process)."""
+and a POST's signature is accepted once (remembered in Postgres, so across every gateway process)."""
 
 from __future__ import annotations
 
@@ -43,5 +43,7 @@ async def check_signature(request: Request, body: bytes, settings: GatewaySettin
     expected = sign(settings.hmac_key.get_secret_value(), timestamp, request.method, request.url.path, body)
     if not hmac.compare_digest(expected, signature):
         raise _refused("X-Signature does not match the request")
-    if not await store.remember_signature(signature, 2 * settings.hmac_window_s):
+    # A request that changes something is accepted once; a read (GET) may be repeated within the window
+    # (polling a job twice in one second signs the same text and must not be refused).
+    if request.method not in ("GET", "HEAD") and not await store.remember_signature(signature, 2 * settings.hmac_window_s):
         raise _refused("this signature was already used (a replayed request)")
