@@ -1,9 +1,11 @@
 """The HTTP gateway on both brokers, over real HTTP: a gateway process in front of real worker
 processes and the provider simulator. Frames, idempotent replay, resume, a dropped client, embed
-progress, job and trace lookups, health, metrics and the OpenAPI document."""
+progress, job and trace lookups, health, metrics, the OpenAPI document, and the development chat
+page in a real headless Chromium (Debian's `chromium`, installed by `make system-deps`)."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 
 import httpx
@@ -13,6 +15,9 @@ import pytest
 from .embedding_support import docs, reset_sim
 from .gateway_support import chat_calls, fleet_with_gateway, get_sse, new_key, post_sse
 from .helpers import wait_for
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module", params=["pgmq", "redis"])
@@ -140,3 +145,34 @@ def test_health_metrics_and_openapi(gf):
     assert {"/v1/chat", "/v1/embed", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/stream", "/v1/traces/{trace_id}"} <= set(doc["paths"])
     chat = doc["components"]["schemas"]["ChatRequest"]
     assert chat["additionalProperties"] is False and "session_id" in chat["properties"]
+
+
+def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed: run `make system-deps` (as root it installs it)"
+    from playwright.sync_api import sync_playwright
+
+    reset_sim(sim)
+    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 300, "tokens_per_s": 10, "answer_tokens": 12})
+    screenshot = tmp_path / "chat-page.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)  # a fresh profile each launch
+        try:
+            page = browser.new_page()
+            page.goto(gf.url + "/")
+            page.fill("input[name=q]", "What does the fleet do?")
+            page.click("button[type=submit]")
+            # part of the answer is on the page before the end: it streams
+            page.wait_for_function("() => { const a = document.querySelector('p.assistant');"
+                                   " return a && a.textContent.length > 0 && !a.dataset.done; }", timeout=15_000)
+            page.wait_for_selector("p.assistant[data-done='1']", timeout=30_000)
+            answer = page.inner_text("p.assistant")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    print(f"screenshot of the chat page: {screenshot}")
+    with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
+        stored = conn.execute("select content from messages where role = 'assistant' and session_id like 'page-%%'"
+                              " and status = 'complete' order by id desc limit 1").fetchone()[0]
+    assert answer == stored and len(answer.split()) == 12
+    assert screenshot.stat().st_size > 1000
