@@ -55,8 +55,9 @@ class Authenticator:
         try:
             alg = jwt.get_unverified_header(token).get("alg")
             key = await self._key_for(token, alg)
-            return jwt.decode(token, key, algorithms=[alg], audience=self.settings.jwt_audience,
-                              options={"require": ["exp", "sub"], "verify_aud": self.settings.jwt_audience is not None})
+            audience = self.settings.jwt_audience or None  # empty: no audience check
+            return jwt.decode(token, key, algorithms=[alg], audience=audience,
+                              options={"require": ["exp", "sub"], "verify_aud": audience is not None})
         except jwt.ExpiredSignatureError:
             raise _unauthorized("the token has expired") from None
         except jwt.InvalidSignatureError:
