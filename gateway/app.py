@@ -17,7 +17,8 @@ from shared.config import get_settings
 
 from .auth import Authenticator
 from .bodylimit import BodyLimitMiddleware
-from .errors import ApiError, InvalidBody, api_error_handler, error_response, invalid_body_handler, validation_handler
+from .errors import (ApiError, InvalidBody, api_error_handler, error_response, invalid_body_handler,
+                     unexpected_handler, validation_handler)
 from .hub_embed import EmbedHub
 from .metrics import MetricsMiddleware, gateway_metrics
 from .models import ChatBody, EmbedBody
@@ -90,6 +91,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(InvalidBody, invalid_body_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(Exception, unexpected_handler)
     app.add_middleware(BodyLimitMiddleware, max_bytes=gw.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.openapi = lambda: openapi_with_bodies(app)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import structlog
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+
+log = structlog.get_logger(__name__)
 
 
 class ApiError(Exception):
@@ -48,3 +52,9 @@ async def invalid_body_handler(request: Request, exc: InvalidBody) -> JSONRespon
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     return body_problem(list(exc.errors()))
+
+
+async def unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Logged with its traceback; the client gets no detail (it could name a database or a key)."""
+    log.exception("gateway.unexpected_error", path=request.url.path, error_class=type(exc).__name__)
+    return error_response(500, "internal_error", "the gateway could not handle this request; it is logged")

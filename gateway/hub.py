@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import structlog
@@ -24,7 +25,9 @@ MAX_FRAMES_PER_JOB = 20_000
 @dataclass
 class JobFeed:
     frames: list[dict] = field(default_factory=list)
-    queues: set[asyncio.Queue] = field(default_factory=set)
+    # Weak: a stream whose generator never started (its client left before the first byte) cannot
+    # run its cleanup; its queue goes with it instead of pinning the job here.
+    queues: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     ended_at: float | None = None
     touched: float = field(default_factory=time.monotonic)
 
@@ -75,7 +78,7 @@ class Hub:
         feed.touched = time.monotonic()
         if frame.get("type") in self.finals:
             feed.ended_at = time.monotonic()
-        for queue in feed.queues:
+        for queue in list(feed.queues):
             queue.put_nowait(frame)
 
     def stopped_tasks(self) -> list[str]:

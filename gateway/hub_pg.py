@@ -61,7 +61,12 @@ class PgHub(Hub):
 
     async def _poke(self) -> None:
         async with self._waker_lock:
-            await self._waker.execute("select pg_notify(%s, '')", (self.wake,))
+            try:
+                await self._waker.execute("select pg_notify(%s, '')", (self.wake,))
+            except psycopg.OperationalError:  # the connection was lost (a database restart): once more
+                await self._waker.close()
+                self._waker = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
+                await self._waker.execute("select pg_notify(%s, '')", (self.wake,))
 
     async def _sync_channels(self, conn: psycopg.AsyncConnection) -> None:
         for name in set(self.channels) - self.listening:

@@ -8,6 +8,8 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from shared.errors import InvalidPayload, PayloadTooLarge
+
 from .auth import Caller
 from .errors import ApiError
 from .limits import check_rate
@@ -81,10 +83,15 @@ async def start_job(request: Request, caller: Caller, kind: str, name: str, payl
         try:
             await g.store.record_job(job_id, trace_id, kind, caller.user_id, session_id)
             await asyncio.to_thread(g.client.enqueue, name, payload, job_id=job_id, trace_id=trace_id)
-        except Exception:
+        except Exception as e:
             hub.leave(job_id, queue)
+            await g.store.forget_job(job_id)
             if key is not None:
                 await g.store.release_key(scope, scoped_key)
+            if isinstance(e, PayloadTooLarge):
+                raise ApiError(413, "payload_too_large", str(e)) from None
+            if isinstance(e, InvalidPayload):
+                raise ApiError(422, "invalid_request", str(e)) from None
             raise
     stream = job_stream(hub, job_id, (queue, backlog), last_seq=last_seq,
                         ended=g.chat_ended if kind == "chat" else None, check_first=hub.kind == "pgmq",

@@ -55,6 +55,11 @@ class Store:
                 "insert into gateway_jobs (job_id, trace_id, kind, user_id, session_id) values (%s, %s, %s, %s, %s)"
                 " on conflict (job_id) do nothing", (job_id, trace_id, kind, user_id, session_id))
 
+    async def forget_job(self, job_id: str) -> None:
+        """A job that could not be enqueued: no owner row for a job that does not exist."""
+        async with self.pool.connection() as conn:
+            await conn.execute("delete from gateway_jobs where job_id = %s", (job_id,))
+
     async def claim_session(self, session_id: str, user_id: str | None) -> str | None:
         """Creates the session for this user if it is new; returns its owner."""
         async with self.pool.connection() as conn:

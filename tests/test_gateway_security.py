@@ -76,7 +76,7 @@ def sgw(services, sim, tmp_path_factory):
     jwks = JwksServer()
     env = {"GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": jwks.url,
            "GATEWAY_HMAC_KEY": HMAC_KEY, "GATEWAY_HMAC_WINDOW_S": "60", "GATEWAY_MAX_BODY_BYTES": "4096",
-           "CHAT_RATE_LIMIT_PER_MIN": "3", "REQUIRE_IDEMPOTENCY": "true"}
+           "CHAT_RATE_LIMIT_PER_MIN": "3", "REQUIRE_IDEMPOTENCY": "true", "FLEET_MAX_PAYLOAD_BYTES": "1024"}
     try:
         with fleet_with_gateway(services, sim, "pgmq", tmp_path_factory.mktemp("gw-sec"), gateway_env=env,
                                 REQUIRE_IDEMPOTENCY="true") as f:
@@ -189,6 +189,7 @@ def test_the_per_user_rate_limit_answers_429_with_retry_after(sgw, sim):
     (json.dumps(question(user_id=str(uuid.uuid4()))).encode(), 422, "invalid_request", "user_id"),
     (json.dumps({"session_id": "s", "idempotency_key": "k"}).encode(), 422, "invalid_request", "content or messages"),
     (json.dumps(question(content="x" * 5000)).encode(), 413, "body_too_large", "4096"),
+    (json.dumps(question(content="x" * 1500)).encode(), 413, "payload_too_large", "FLEET_MAX_PAYLOAD_BYTES"),
     (json.dumps({"session_id": "s", "content": "hi"}).encode(), 400, "idempotency_key_required", "Idempotency-Key"),
 ])
 def test_bad_input_gets_a_4xx_naming_the_problem_and_enqueues_nothing(sgw, raw, status, code, names):
