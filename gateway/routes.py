@@ -41,6 +41,7 @@ async def admitted(request: Request, kind: str | None = None) -> tuple[Caller, b
     await check_signature(request, raw, g.gw, g.store)
     if kind is not None:
         await check_rate(g.settings, kind, caller.client)
+    last_event_id(request)  # a bad header is refused before anything is written
     return caller, raw
 
 

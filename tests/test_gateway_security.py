@@ -197,3 +197,13 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_enqueues_nothing(sgw, raw, 
     r = chat(sgw, token(someone()), None, raw=raw)
     assert r.status == status and r.body["error"] == code and names in r.body["message"], r.body
     assert queued_and_recorded(sgw) == before
+
+
+def test_a_bad_last_event_id_is_refused_before_anything_is_written(sgw):
+    session = f"s-{uuid.uuid4()}"
+    before = queued_and_recorded(sgw)
+    r = chat(sgw, token(someone()), question(session), headers={"Last-Event-ID": "seven"})
+    assert r.status == 400 and r.body["error"] == "bad_last_event_id", r.body
+    assert queued_and_recorded(sgw) == before
+    with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
+        assert conn.execute("select count(*) from chat_sessions where id = %s", (session,)).fetchone()[0] == 0
