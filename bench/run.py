@@ -31,6 +31,10 @@ MEASUREMENTS = [
     ("embedding end to end", ["docs"], {"module": "bench.embed"}),
     ("chat added latency", ["latency"], {"module": "bench.chat"}),
     ("chat throughput", ["throughput"], {"module": "bench.chat"}),
+    ("gateway added latency (pgmq)", ["latency", "--broker", "pgmq"], {"module": "bench.gateway"}),
+    ("gateway added latency (redis)", ["latency", "--broker", "redis"], {"module": "bench.gateway"}),
+    ("1,000 idle SSE streams on one gateway (pgmq)", ["streams", "--broker", "pgmq"], {"module": "bench.gateway"}),
+    ("1,000 idle SSE streams on one gateway (redis)", ["streams", "--broker", "redis"], {"module": "bench.gateway"}),
     ("memory lifecycle on 1,000,000 memories", [], {"module": "bench.lifecycle"}),
     ("upgrade fan-out to 100,000 agents", [], {"module": "bench.upgrade"}),
     ("drain with 1, 2 and 4 worker processes", ["processes"], {"module": "bench.growth"}),
@@ -125,6 +129,10 @@ def main() -> int:
     print(f"idle pickup p50: {figures['pickup_p50_ms']:.2f} ms (target < 15 ms), p99: {figures['pickup_p99_ms']:.2f} ms")
     print(f"chat added latency p50: {figures['chat_added_latency_p50_ms']:.1f} ms (target < 30 ms), "
           f"p99: {figures['chat_added_latency_p99_ms']:.1f} ms")
+    for broker in ("pgmq", "redis"):
+        print(f"gateway added latency to the first delta ({broker}): p50 {figures[f'gateway_{broker}_added_latency_p50_ms']:.1f} ms,"
+              f" p99 {figures[f'gateway_{broker}_added_latency_p99_ms']:.1f} ms; idle SSE streams held by one process:"
+              f" {figures[f'gateway_{broker}_idle_streams']:,.0f} (target 1,000)")
     print(f"upgrade fan-out: {figures['upgrade_fanout_agents']:,.0f} agents in {figures['upgrade_fanout_s']:.2f} s")
     print(f"lifecycle: {figures['lifecycle_examined_per_s']:,.0f} memory-actions examined/s, "
           f"{figures['lifecycle_applied_per_s']:,.0f} applied/s on {figures['lifecycle_rows']:,.0f} memories")

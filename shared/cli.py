@@ -524,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_metrics)
 
+    s = sub.add_parser("gateway", help="the HTTP gateway: chat and embed jobs over HTTP, their frames as SSE")
+    s.add_argument("--host", help="GATEWAY_HOST (127.0.0.1)")
+    s.add_argument("--port", type=int, help="GATEWAY_PORT (8080); 0 picks a free port")
+    s.set_defaults(func=lambda a: __import__("gateway.server", fromlist=["serve"]).serve(a.host, a.port))
+
     s = sub.add_parser("enqueue", help="enqueue a job: a JSON payload, or a JSONL file with --file")
     s.add_argument("job")
     s.add_argument("payload", nargs="?")

@@ -315,6 +315,7 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
         print(f"    dead     {counts.get('job.dead', 0)}  (see: fleet dlq list --queue echo)")
         print(f"    rate     {jobs / elapsed:,.0f} jobs/s over {elapsed:.1f}s")
         print(f"    story    fleet events --trace {trace_id} | head")
+        print("    chat     fleet gateway, then open http://127.0.0.1:8080/ (chat and embed over HTTP as SSE)")
         if documents and not demo_embeddings(client, connect, documents, workers):
             return 1
         from .config import reset_settings

@@ -28,6 +28,11 @@ def channel(job_id: str) -> str:
     return "fleet_chat_" + hashlib.sha1(job_id.encode()).hexdigest()
 
 
+def stream_key(job_id: str) -> str:
+    """The Redis stream that holds a job's frames (on the Redis broker)."""
+    return f"fleet:frames:{job_id}"
+
+
 class FramePublisher:
     """Publishes a job's frames in order (seq 1, 2, ...); safe to share between the job's threads."""
 
@@ -63,7 +68,7 @@ class FramePublisher:
 
         if self._redis is None:
             self._redis = redis.Redis.from_url(redis_url(self.settings))
-        key = f"fleet:frames:{self.job_id}"
+        key = stream_key(self.job_id)
         pipe = self._redis.pipeline()
         pipe.xadd(key, {"frame": json.dumps(frame)}, maxlen=100_000, approximate=True)
         pipe.expire(key, STREAM_TTL_S)
@@ -122,7 +127,7 @@ class FrameListener:
         import redis
 
         client = redis.Redis.from_url(redis_url(self.settings))
-        key, last = f"fleet:frames:{self.job_id}", "0"
+        key, last = stream_key(self.job_id), "0"
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

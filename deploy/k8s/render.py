@@ -5,6 +5,8 @@ Per worker type: a Deployment (liveness /healthz, readiness /readyz on the metri
 grace longer than its longest job), a KEDA ScaledObject with one trigger per queue it consumes (queue
 depth read from pgmq), and a PodDisruptionBudget. Plus the scheduler (two replicas: the advisory lock
 lets one lead), the shared ConfigMap, and a PodMonitor for the Prometheus Operator.
+The HTTP gateway (the Procfile's `gateway`) is no queue consumer: a Deployment probed on its HTTP port,
+a Service, a HorizontalPodAutoscaler on CPU and a PodDisruptionBudget.
 Secrets (DATABASE_URL, provider keys) come from a Secret named fleet-secrets that you create.
 """
 
@@ -24,6 +26,9 @@ TIME_LIMIT_S = {"echo": 60, "embed": 300, "chat": 300, "health": 60, "lifecycle"
                 "maintenance": 600}
 MAX_REPLICAS = {"echo": 10, "embed": 20, "chat": 20, "health": 2, "lifecycle": 2, "agents": 10, "maintenance": 2}
 TARGET_DEPTH_PER_REPLICA = 100
+GATEWAY_GRACE_S = 60  # the readiness probe fails first; uvicorn then closes open streams after 5 s (clients resume)
+GATEWAY_MAX_REPLICAS = 10
+GATEWAY_CPU_TARGET = 60
 CONFIG = {"FLEET_BROKER": "pgmq", "FLEET_METRICS_HOST": "0.0.0.0", "FLEET_LOG_LEVEL": "INFO",
           "PROMETHEUS_MULTIPROC_DIR": "/tmp/fleet-metrics"}
 
@@ -65,7 +70,7 @@ def deployment(kind: str, args: list[str]) -> dict:
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     grace = 30
-    if kind != "scheduler":
+    if kind in TIME_LIMIT_S:  # a worker type
         grace = TIME_LIMIT_S[kind] + 30
         port = int(option(args, "--metrics-port")[0])
         container["env"] = [{"name": "FLEET_TIME_LIMIT_MS", "value": str(TIME_LIMIT_S[kind] * 1000)}]
@@ -121,10 +126,47 @@ def disruption_budget(kind: str) -> dict:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(kind)}}}
 
 
+def gateway_deployment(args: list[str]) -> dict:
+    """The gateway holds long SSE streams: a slow, surge-first rollout, and a grace that lets them end."""
+    dep = deployment("gateway", args)
+    dep["spec"]["replicas"] = 2
+    dep["spec"]["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    spec = dep["spec"]["template"]["spec"]
+    spec["terminationGracePeriodSeconds"] = GATEWAY_GRACE_S
+    container = spec["containers"][0]
+    port = int(option(args, "--port")[0])
+    container |= {
+        "env": [{"name": "GATEWAY_HOST", "value": "0.0.0.0"}, {"name": "GATEWAY_DEV", "value": "false"}],
+        "ports": [{"name": "http", "containerPort": port}],
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 2},
+        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    return dep
+
+
+def gateway_objects(args: list[str]) -> list[dict]:
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fleet-gateway", "labels": labels("gateway")},
+               "spec": {"selector": labels("gateway"), "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+           "metadata": {"name": "fleet-gateway", "labels": labels("gateway")},
+           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "fleet-gateway"},
+                    "minReplicas": 2, "maxReplicas": GATEWAY_MAX_REPLICAS,
+                    "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                        "type": "Utilization", "averageUtilization": GATEWAY_CPU_TARGET}}}],
+                    # streams are long: scale down slowly so that few clients have to reconnect
+                    "behavior": {"scaleDown": {"stabilizationWindowSeconds": 600,
+                                               "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]}}}}
+    return [gateway_deployment(args), service, hpa, disruption_budget("gateway")]
+
+
 def objects() -> list[dict]:
     out = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fleet-config", "labels": labels("config")},
             "data": CONFIG}]
     for kind, args in procfile().items():
+        if kind == "gateway":
+            out.extend(gateway_objects(args))
+            continue
         out.append(deployment(kind, args))
         if kind != "scheduler":
             out.append(scaled_object(kind, option(args, "--queues")))
@@ -132,7 +174,8 @@ def objects() -> list[dict]:
     out.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
                 "metadata": {"name": "fleet", "labels": labels("metrics")},
                 "spec": {"selector": {"matchLabels": {LABEL: "fleet"}},
-                         "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}]}})
+                         "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"},
+                                                 {"port": "http", "path": "/metrics", "interval": "15s"}]}})
     return out
 
 

@@ -1,0 +1,14 @@
+"""`fleet gateway`: the app under uvicorn, one process (run more behind a load balancer to scale)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from .settings import gateway_settings
+
+
+def serve(host: str | None = None, port: int | None = None) -> int:
+    gw = gateway_settings()
+    uvicorn.run("gateway.app:create_app", factory=True, host=host or gw.host, port=gw.port if port is None else port,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5, backlog=4096)
+    return 0
