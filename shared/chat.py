@@ -104,10 +104,9 @@ def publish_failure(publisher: FramePublisher, error: BaseException, *, last_att
         publisher.publish("error", error_class=type(error).__name__, message=redact(describe(error)), status="error")
 
 
-def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, settings: Settings,
-             *, rate_limit=None) -> str:
-    """Returns the final status. Raises before the first delta (so the job is retried or dead-lettered);
-    after it, never: a broken stream ends `partial` with an `error` frame."""
+def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> tuple[str | None, list[dict]]:
+    """In one short transaction (none is held while the provider answers): the replayed status of a stored
+    answer, or None and the conversation to send, the stored history fitted into the model's window."""
     with get_pool().connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         ensure_session(conn, req.session_id, req.user_id)
         prior = cur.execute(
@@ -117,14 +116,14 @@ def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, se
         ).fetchone()
         if prior is not None and prior["status"] != "streaming":
             replay_stored(req, prior, publisher)
-            return prior["status"]
+            return prior["status"], []
         if prior is not None:  # an earlier attempt died mid-stream: no silent restart
             cur.execute("update messages set status = 'partial', tokens_estimated = true, tokens_out = %s,"
                         " error = 'the worker stopped while streaming', completed_at = now() where id = %s",
                         (estimate_tokens(prior["content"]) if prior["content"] else 0, prior["id"]))
             prior = cur.execute("select * from messages where id = %s", (prior["id"],)).fetchone()
             replay_stored(req, prior, publisher)
-            return "partial"
+            return "partial", []
         user_row = cur.execute(
             "insert into messages (session_id, role, content, idempotency_key, job_id, trace_id, model)"
             " values (%s, 'user', %s, %s, %s, %s, %s)"
@@ -137,7 +136,16 @@ def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, se
         context = req.messages or (history(conn, req.session_id, user_row["id"], budget, settings)
                                    + [{"role": "user", "content": req.content}])
         check_fits(settings, req.model, req.max_tokens, context)
+    return None, context
 
+
+def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, settings: Settings,
+             *, rate_limit=None) -> str:
+    """Returns the final status. Raises before the first delta (so the job is retried or dead-lettered);
+    after it, never: a broken stream ends `partial` with an `error` frame."""
+    replayed, context = prepare(req, publisher, settings)
+    if replayed is not None:
+        return replayed
     if not req.ready_sent:  # one `ready` per job, however often it is deferred or retried
         publisher.publish("ready", model=req.model, session_id=req.session_id)
     keepalive = Keepalive(publisher, settings.chat_keepalive_s)
