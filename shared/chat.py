@@ -104,10 +104,9 @@ def publish_failure(publisher: FramePublisher, error: BaseException, *, last_att
         publisher.publish("error", error_class=type(error).__name__, message=redact(describe(error)), status="error")
 
 
-def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, settings: Settings,
-             *, rate_limit=None) -> str:
-    """Returns the final status. Raises before the first delta (so the job is retried or dead-lettered);
-    after it, never: a broken stream ends `partial` with an `error` frame."""
+def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> tuple[str | None, list[dict]]:
+    """In one short transaction (none is held while the provider answers): the replayed status of a stored
+    answer, or None and the conversation to send, the stored history fitted into the model's window."""
     with get_pool().connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         ensure_session(conn, req.session_id, req.user_id)
         prior = cur.execute(
@@ -137,8 +136,17 @@ def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, se
     # its transaction) meanwhile let busy threads exhaust the pool waiting for their second connection.
     if prior is not None:
         replay_stored(req, prior, publisher)
-        return prior["status"]
+        return prior["status"], []
+    return None, context
 
+
+def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, settings: Settings,
+             *, rate_limit=None) -> str:
+    """Returns the final status. Raises before the first delta (so the job is retried or dead-lettered);
+    after it, never: a broken stream ends `partial` with an `error` frame."""
+    replayed, context = prepare(req, publisher, settings)
+    if replayed is not None:
+        return replayed
     if not req.ready_sent:  # one `ready` per job, however often it is deferred or retried
         publisher.publish("ready", model=req.model, session_id=req.session_id)
     keepalive = Keepalive(publisher, settings.chat_keepalive_s)

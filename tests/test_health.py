@@ -180,7 +180,7 @@ def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim,
         assert states(services["dsn"])["chat"] == "down"
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
             origins = conn.execute("select origin, count(*) from provider_health_checks group by 1").fetchall()
-        assert dict(origins) == {"job": 3} or dict(origins).get("job") == 3
+        assert dict(origins).get("job") == 3  # the three failed calls of the first attempt
         httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 0.0})
         list(stream)
         assert stream.status == "complete"
