@@ -174,7 +174,8 @@ def test_stale_heartbeats_are_requeued_and_finished(ufleet, sim):
         conn.execute("insert into agent_upgrades (run_id, agent_id, user_id, from_version, to_version, dry_run, status,"
                      " attempts, heartbeat_at) values (%s, %s, %s, '1.0.0', '1.1.0', false, 'running', 1,"
                      " now() - interval '10 minutes')", (run, agent_id, users[0]))
-    assert requeue_stale(Settings(UPGRADE_STALE_AFTER_S=60), ufleet.client) == 1
+    # other tests' rows may be stale too on a slow machine: what counts is that this one goes back and finishes
+    assert requeue_stale(Settings(UPGRADE_STALE_AFTER_S=60), ufleet.client) >= 1
     wait_for(lambda: rows(ufleet.dsn, run)[0]["status"] == "succeeded", 30, what="the requeued upgrade")
     assert rows(ufleet.dsn, run)[0]["attempts"] == 2
     assert letta(sim)["patches"][agent_id] == 1
