@@ -238,6 +238,10 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         if not chaos_on and chaos.deaths:
             report["problems"].append(f"{chaos.deaths} worker group(s) died without being killed")
         report["secret_leaks"] = leaks(home, connect, chaos.groups)
+        if report["problems"]:  # keep what explains them: the home folder is removed below
+            kept = Path(tempfile.mkdtemp(prefix=f"fleet-soak-logs-{broker}-"))
+            shutil.copytree(logs, kept / "logs")
+            report["logs_kept"] = str(kept)
         if report["secret_leaks"]:
             report["problems"].append(f"a secret appears in {report['secret_leaks']}")
         if faults:

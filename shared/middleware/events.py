@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
-from dramatiq.middleware import Middleware
+from dramatiq.errors import BrokerConnectionError
+from dramatiq.middleware import Middleware, MiddlewareError
 
 from .. import events
 from ..durable import while_unreachable
+from ..redact import redact
 from .attempts import delivery_of
 
 
@@ -18,6 +20,11 @@ def job_fields(message) -> dict:
         "queue": message.queue_name,
         "actor": message.actor_name,
     }
+
+
+class EventsNotRecorded(MiddlewareError, BrokerConnectionError):
+    """Raised from before_ack when the job's events cannot be written: a MiddlewareError so no broker swallows
+    it, a BrokerConnectionError so dramatiq's worker keeps the message and tries the ack again shortly."""
 
 
 class JobEvents(Middleware):
@@ -46,8 +53,12 @@ class JobEvents(Middleware):
     # a worker killed in between leaves a job that runs again, never one done without a record. (The
     # pgmq consumer commits the events in the same transaction as the acks.)
     def before_ack(self, broker, message):
-        if not getattr(broker, "events_ride_with_acks", False):
+        if getattr(broker, "events_ride_with_acks", False):
+            return
+        try:
             while_unreachable(events.flush, what="bus_events")
+        except Exception as e:  # any failure: the ack waits (dramatiq swallows other errors and acks)
+            raise EventsNotRecorded(f"bus_events not written: {type(e).__name__}: {redact(str(e))}") from e
 
     before_nack = before_ack
 
