@@ -131,3 +131,26 @@ def test_two_copies_of_a_signed_envelope_at_once_run_only_once(signed_fleet):
              what="the first copy to finish")
     time.sleep(0.5)
     assert len([e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"]) == 1
+
+
+def test_a_forged_copy_of_a_retry_cannot_cancel_the_genuine_one(signed_fleet):
+    """The signature is checked before the attempt is claimed: a forged envelope naming a real job's id and
+    retry number is rejected without claiming that attempt, so the genuine signed retry still runs."""
+    from .helpers import events
+
+    trace = signed_fleet.trace()
+    genuine = signed_fleet.client.message("echo", {"message": "genuine retry", "record": True}, trace)
+    genuine.options["retries"] = 1
+    forged = genuine.copy(args=({"message": "forged retry", "record": True},))
+    for message in (genuine, forged):
+        if signed_fleet.kind == "redis":
+            message.options["redis_message_id"] = str(uuid.uuid4())
+    EnvelopeSigning(KEY.encode(), 300).before_enqueue(None, genuine, None)
+    EnvelopeSigning(b"not-the-real-key-xyz", 300).before_enqueue(None, forged, None)
+    send_raw(signed_fleet, forged)
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the forged copy's dead letter")
+    assert "forged or altered envelope" in dl[0]["reason"]
+    send_raw(signed_fleet, genuine)
+    done = wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 20,
+                    what="the genuine retry to run")
+    assert [e["payload"]["message"] for e in done] == ["genuine retry"]

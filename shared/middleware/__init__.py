@@ -10,7 +10,7 @@ from .deadletters import DeadLetters
 from .events import JobEvents
 from .metrics import Metrics
 from .retries import ClassifiedRetries
-from .signing import EnvelopeSigning
+from .signing import EnvelopeSigning, EnvelopeVerification
 from .startup import RequiredSettings
 from .trace import TraceContext
 
@@ -26,6 +26,7 @@ def fleet_middleware(settings: Settings) -> list:
         CurrentMessage(),
         TraceContext(),
         Metrics(),
+        *_verification(settings),  # before anything that writes for a message
         AttemptClaims(),  # before JobEvents: a skipped copy records job.skipped, not job.started
         JobEvents(),
         ClassifiedRetries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
@@ -39,4 +40,11 @@ def fleet_middleware(settings: Settings) -> list:
     return stack
 
 
-__all__ = ["fleet_middleware", "ClassifiedRetries", "DeadLetters", "EnvelopeSigning", "JobEvents", "Metrics", "TraceContext"]
+def _verification(settings: Settings) -> list:
+    if settings.signing_key is None:
+        return []
+    return [EnvelopeVerification(settings.signing_key.get_secret_value().encode(), settings.signing_window_s,
+                                 settings.time_limit_ms)]
+
+
+__all__ = ["fleet_middleware", "ClassifiedRetries", "DeadLetters", "EnvelopeSigning", "EnvelopeVerification", "JobEvents", "Metrics", "TraceContext"]

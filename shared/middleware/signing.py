@@ -30,6 +30,8 @@ class SignatureRejected(MiddlewareError, PermanentError):
 
 
 class EnvelopeSigning(Middleware):
+    """Signs each envelope at enqueue: last in the stack, after every other middleware set its options."""
+
     def __init__(self, key: bytes, window_s: int, time_limit_ms: int = 600_000) -> None:
         self.key = key
         self.window_ms = window_s * 1000
@@ -48,6 +50,14 @@ class EnvelopeSigning(Middleware):
         message.options.pop("sig", None)
         message.options["sig_ts"] = int(time.time() * 1000)
         message.options["sig"] = self.digest(message)
+
+
+class EnvelopeVerification(EnvelopeSigning):
+    """Checks and claims each envelope before it runs: early in the stack, before any middleware that writes
+    for a message (attempt claims, events), so a forged or replayed envelope leaves nothing behind."""
+
+    def before_enqueue(self, broker, message, delay):
+        pass  # signing is EnvelopeSigning's
 
     def before_process_message(self, broker, message):
         # Set by the pgmq consumer on the jobs it wrapped from raw SQL JSON, never read from the content
