@@ -189,27 +189,30 @@ def _state(provider: str, settings: Settings) -> _Known:
                 "select status, consecutive_failures, checked_at <= now() - %s * interval '1 second'"
                 " from provider_health where provider = %s and model = %s",
                 (settings.health_recheck_s, provider, probe.model)).fetchone()
-            if row is not None and row[0] == "down" and row[2]:
-                down, failures = _recheck(conn, probe, settings)  # down, and not looked at for a while: look now
-            elif row is not None:
-                down, failures = row[0] == "down", row[1]
+        if row is not None and row[0] == "down" and row[2]:
+            down, failures = _recheck(probe, settings)  # down, and not looked at for a while: look now
+        elif row is not None:
+            down, failures = row[0] == "down", row[1]
     known = _Known(now, down, failures)
     with _cache_lock:
         _cache[provider] = known
     return known
 
 
-def _recheck(conn, probe: Probe, settings: Settings) -> tuple[bool, int]:
+def _recheck(probe: Probe, settings: Settings) -> tuple[bool, int]:
     """Probe a provider that is down now, once across all workers (whoever claims the row), so jobs
-    resume within HEALTH_RECHECK_S of its return instead of waiting for the next scheduled refresh."""
-    claimed = conn.execute(
-        "update provider_health set checked_at = now() where provider = %s and model = %s and status = 'down'"
-        " and checked_at <= now() - %s * interval '1 second' returning 1",
-        (probe.provider, probe.model, settings.health_recheck_s)).fetchone()
+    resume within HEALTH_RECHECK_S of its return instead of waiting for the next scheduled refresh.
+    No database connection is held during the probe: it may take HEALTH_PROBE_TIMEOUT_S, and the
+    pool is sized for the worker's threads."""
+    with get_pool().connection() as conn:
+        claimed = conn.execute(
+            "update provider_health set checked_at = now() where provider = %s and model = %s and status = 'down'"
+            " and checked_at <= now() - %s * interval '1 second' returning 1",
+            (probe.provider, probe.model, settings.health_recheck_s)).fetchone()
     if claimed is None:
         return (True, settings.health_down_after)
     result = run_probe(probe, settings.health_probe_timeout_s)
-    with conn.transaction():
+    with get_pool().connection() as conn, conn.transaction():
         state = _record(conn, settings, result)
     return (state["status"] == "down", state["consecutive_failures"])
 

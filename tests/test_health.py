@@ -189,3 +189,38 @@ def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim,
         client.broker.close()
     kinds = [e["type"] for e in events(services["dsn"], trace_id=stream.trace_id)]
     assert "job.dead" not in kinds and kinds.count("job.retrying") <= 1
+
+
+
+# -- no connection is held across a provider call --
+
+def test_no_database_connection_is_held_while_a_down_provider_is_probed_again(services, sim):
+    """The recheck of a down provider claims the row, then probes with no connection in hand (the probe
+    may take HEALTH_PROBE_TIMEOUT_S), then records the result in a connection of its own."""
+    import threading
+    import time
+
+    from shared.db import get_pool
+    from shared.health import _cache, check_available
+
+    settings = settings_for(sim, HEALTH_RECHECK_S=1, HEALTH_PROBE_TIMEOUT_S=5)
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 2000})  # the probe takes 2 s
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures, checked_at)"
+                     " values ('embeddings', %s, 'embedding', 'down', 2, now() - interval '1 hour')",
+                     (settings.embedding_model_default,))
+    pool = get_pool()
+    _cache.clear()
+    recheck = threading.Thread(target=check_available, args=("embeddings", settings))
+    started = time.monotonic()
+    recheck.start()
+    held = []
+    while time.monotonic() - started < 1.5:  # well inside the 2 s probe, after the claim (milliseconds)
+        if time.monotonic() - started > 0.5:
+            stats = pool.get_stats()
+            held.append(stats["pool_size"] - stats["pool_available"])
+        time.sleep(0.05)
+    probing = recheck.is_alive()
+    recheck.join(10)
+    assert probing and held and max(held) == 0, f"connections held during the probe: {held}"
+    assert states(services["dsn"])["embeddings"] == "degraded"  # it answered, slowly (above HEALTH_DEGRADED_MS)
