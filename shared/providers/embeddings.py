@@ -114,12 +114,13 @@ class EmbeddingsClient:
                 raise_for_provider(PROVIDER, response)
                 result = self._parse(response, len(texts), expected_dim)
             except Exception as e:
-                note_failure(PROVIDER, e, self.settings)  # a provider fault counts towards its health
+                note_failure(PROVIDER, e, self.settings)  # each faulty attempt counts; never raises itself
                 raise
-            note_success(PROVIDER, self.settings)
             return result
 
-        return call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
+        result = call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
+        note_success(PROVIDER, self.settings)  # outside the retries: an answer already paid for is never re-sent
+        return result
 
     def _post(self, body: dict, key: str | None) -> httpx.Response:
         return timed_post(self.client, PROVIDER, "/embeddings", body, bearer(key))
