@@ -27,7 +27,7 @@ from .config import Settings, get_settings
 from .db import get_pool
 from .errors import PermanentError, describe
 from .metrics import metrics
-from .providers.embeddings import EmbeddingsClient, InputTooLarge, estimate_tokens, plan_batches
+from .providers.embeddings import EmbeddingsClient, estimate_tokens, plan_batches
 
 TARGET_TABLES = ("vector_documents", "code_vectors")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -309,22 +309,17 @@ def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsCli
 
 
 def _embed_group(group: list[Doc], model: str, dim: int, client: EmbeddingsClient, stats: EmbedStats):
-    try:
-        result = client.embed([d.content for d in group], model=model, expected_dim=dim)
-        stats.tokens += result.tokens or sum(estimate_tokens(d.content) for d in group)
-        return group, result.vectors
-    except InputTooLarge as e:
-        if len(group) == 1:
-            stats.failed += 1
-            stats.failures.append(f"{group[0].source_id}#{group[0].chunk_index}: {e}")
-            stats.rejected.append((group[0], str(e)))
-            return [], []
-    done, vectors = [], []
-    for doc in group:  # find which inputs the provider refuses
-        d, v = _embed_group([doc], model, dim, client, stats)
-        done += d
-        vectors += v
-    return done, vectors
+    """The documents of one planned batch the provider embedded, with their vectors; each one it refuses
+    even alone goes to stats.rejected with the provider's reason (dead-lettered alone, the rest stored)."""
+    result = client.embed_partial([d.content for d in group], model=model, expected_dim=dim)
+    done = [d for i, d in enumerate(group) if i not in result.rejected]
+    stats.tokens += result.tokens or sum(estimate_tokens(d.content) for d in done)
+    for i, reason in sorted(result.rejected.items()):
+        doc = group[i]
+        stats.failed += 1
+        stats.failures.append(f"{doc.source_id}#{doc.chunk_index}: {reason}")
+        stats.rejected.append((doc, reason))
+    return done, result.vectors
 
 
 MATCH_FUNCTIONS = {"vector_documents": "match_agent_knowledge_vectors", "code_vectors": "match_code_vectors"}

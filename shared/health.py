@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import httpx
+import structlog
 
 from . import events
 from .config import Settings, get_settings
@@ -32,6 +33,7 @@ from .metrics import metrics
 from .providers.http import bearer, raise_for_provider
 from .redact import redact
 
+log = structlog.get_logger(__name__)
 CACHE_S = 5.0
 PROBE_INPUT = ["ping"]  # what an embedding health probe sends
 
@@ -189,27 +191,30 @@ def _state(provider: str, settings: Settings) -> _Known:
                 "select status, consecutive_failures, checked_at <= now() - %s * interval '1 second'"
                 " from provider_health where provider = %s and model = %s",
                 (settings.health_recheck_s, provider, probe.model)).fetchone()
-            if row is not None and row[0] == "down" and row[2]:
-                down, failures = _recheck(conn, probe, settings)  # down, and not looked at for a while: look now
-            elif row is not None:
-                down, failures = row[0] == "down", row[1]
+        if row is not None and row[0] == "down" and row[2]:
+            down, failures = _recheck(probe, settings)  # down, and not looked at for a while: look now
+        elif row is not None:
+            down, failures = row[0] == "down", row[1]
     known = _Known(now, down, failures)
     with _cache_lock:
         _cache[provider] = known
     return known
 
 
-def _recheck(conn, probe: Probe, settings: Settings) -> tuple[bool, int]:
+def _recheck(probe: Probe, settings: Settings) -> tuple[bool, int]:
     """Probe a provider that is down now, once across all workers (whoever claims the row), so jobs
-    resume within HEALTH_RECHECK_S of its return instead of waiting for the next scheduled refresh."""
-    claimed = conn.execute(
-        "update provider_health set checked_at = now() where provider = %s and model = %s and status = 'down'"
-        " and checked_at <= now() - %s * interval '1 second' returning 1",
-        (probe.provider, probe.model, settings.health_recheck_s)).fetchone()
+    resume within HEALTH_RECHECK_S of its return instead of waiting for the next scheduled refresh.
+    No database connection is held during the probe: it may take HEALTH_PROBE_TIMEOUT_S, and the
+    pool is sized for the worker's threads."""
+    with get_pool().connection() as conn:
+        claimed = conn.execute(
+            "update provider_health set checked_at = now() where provider = %s and model = %s and status = 'down'"
+            " and checked_at <= now() - %s * interval '1 second' returning 1",
+            (probe.provider, probe.model, settings.health_recheck_s)).fetchone()
     if claimed is None:
         return (True, settings.health_down_after)
     result = run_probe(probe, settings.health_probe_timeout_s)
-    with conn.transaction():
+    with get_pool().connection() as conn, conn.transaction():
         state = _record(conn, settings, result)
     return (state["status"] == "down", state["consecutive_failures"])
 
@@ -230,21 +235,34 @@ def is_provider_fault(error: BaseException) -> bool:
 
 def note_failure(provider: str, error: BaseException, settings: Settings | None = None) -> None:
     """A job's own failed call counts like a failed probe: HEALTH_DOWN_AFTER of them in a row (across all
-    workers) mark the provider down, so the next attempts are deferred instead of using up their retries."""
+    workers) mark the provider down, so the next attempts are deferred instead of using up their retries.
+    Bookkeeping only: a database fault here is logged, never raised in place of the provider's error."""
     settings = settings or get_settings()
     probe = probe_for(provider, settings)
     if probe is None or not is_provider_fault(error):
         return
     result = ProbeResult(probe, False, None, type(error).__name__, redact(describe(error, 500)))
-    with get_pool().connection() as conn, conn.transaction():
-        state = _record(conn, settings, result, origin="job")
+    try:
+        with get_pool().connection() as conn, conn.transaction():
+            state = _record(conn, settings, result, origin="job")
+    except Exception as e:  # noqa: BLE001 - the provider's outcome must stand; logged and counted below
+        _bookkeeping_failed(provider, "note_failure", e)
+        return
     with _cache_lock:
         _cache[provider] = _Known(time.monotonic(), state["status"] == "down", state["consecutive_failures"])
 
 
 def note_success(provider: str, settings: Settings | None = None) -> None:
-    """A job's successful call ends a run of failures (consecutive means consecutive); no write otherwise."""
+    """A job's successful call ends a run of failures (consecutive means consecutive); no write otherwise.
+    Bookkeeping only: a database fault here is logged, never turned into a failure of the (paid) call."""
     settings = settings or get_settings()
+    try:
+        _reset_failures(provider, settings)
+    except Exception as e:  # noqa: BLE001 - the provider's answer must stand; logged and counted below
+        _bookkeeping_failed(provider, "note_success", e)
+
+
+def _reset_failures(provider: str, settings: Settings) -> None:
     known = _state(provider, settings)
     probe = probe_for(provider, settings)
     if known.failures == 0 or known.down or probe is None:
@@ -254,3 +272,9 @@ def note_success(provider: str, settings: Settings | None = None) -> None:
                      " where provider = %s and model = %s and status <> 'down'", (provider, probe.model))
     with _cache_lock:
         _cache[provider] = _Known(time.monotonic(), False, 0)
+
+
+def _bookkeeping_failed(provider: str, step: str, error: BaseException) -> None:
+    log.warning("health.bookkeeping_failed", provider=provider, step=step, error_class=type(error).__name__,
+                error=redact(describe(error, 300)))
+    metrics().health_write_errors.labels(provider, type(error).__name__).inc()

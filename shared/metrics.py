@@ -64,6 +64,9 @@ class _Metrics:
         self.consumer_errors = prom.Counter("fleet_consumer_errors_total", "Broker round trips refused by the database"
                                             " for a reason other than a lost connection (the consumer backs off).",
                                             ["queue", "error_class"])
+        self.health_write_errors = prom.Counter("fleet_health_write_errors_total", "Health bookkeeping of a job's"
+                                                " provider call the database refused (the call's outcome stands).",
+                                                ["provider", "error_class"])
         self.upgrades = prom.Counter("fleet_upgrades_total", "Agents finished by upgrade runs, by status and mode.",
                                      ["status", "mode"])
 

@@ -211,15 +211,21 @@ def test_sdk_embed_documents_and_rows(efleet, sim):
 
 # -- what real servers do (tests/fixtures/openai/infinity; conformance/test_embeddings.py runs it against infinity) --
 
+def enqueue_one_oversized(efleet, sim, name: str, n: int, oversized: int) -> tuple[str, str, list[dict]]:
+    """n documents, the one at index `oversized` over infinity's input limit (1,000 characters here)."""
+    httpx.post(f"{sim.url}/_sim/config", json={"error_style": "infinity", "max_input_chars": 1000})
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}"
+    documents = docs(prefix, n)
+    documents[oversized]["content"] = "x" * 1001
+    trace = efleet.trace()
+    efleet.client.enqueue("embed_documents", {"documents": documents}, trace_id=trace)
+    return prefix, trace, documents
+
+
 def test_one_oversized_input_is_dead_lettered_alone_and_the_rest_stored(efleet, sim):
     """infinity answers 422 with a `detail` list for an input over its limit: the batch is bisected down to
     that input, every other document is stored, and only that input goes to the dead letters, with the reason."""
-    httpx.post(f"{sim.url}/_sim/config", json={"error_style": "infinity", "max_input_chars": 1000})
-    prefix = f"big-{uuid.uuid4().hex[:8]}"
-    documents = docs(prefix, 12)
-    documents[7]["content"] = "x" * 1001
-    trace = efleet.trace()
-    efleet.client.enqueue("embed_documents", {"documents": documents}, trace_id=trace)
+    prefix, trace, _ = enqueue_one_oversized(efleet, sim, "big", 12, 7)
     evs = efleet.wait_done(trace, 2)
     assert sorted(stored(efleet.dsn, prefix)) == sorted(f"{prefix}-{i}" for i in range(12) if i != 7)
     (dl,) = dead_letters(efleet.dsn, trace)
@@ -235,6 +241,20 @@ def test_one_oversized_input_is_dead_lettered_alone_and_the_rest_stored(efleet, 
     assert (queue, actor) == ("embed", "embed_documents")
     assert [d["source_id"] for d in payload["documents"]] == [f"{prefix}-7"]
     assert len([r for r in sim_log(sim) if r["status"] == 422]) >= 4  # halved down to the one input
+
+
+def test_one_oversized_input_costs_a_bisection_not_the_batch(efleet, sim):
+    """The halves that the provider embeds are kept while the bisection looks for the refused input:
+    about 2*log2(n)+1 calls for a batch of n, and every other document is embedded exactly once."""
+    prefix, trace, documents = enqueue_one_oversized(efleet, sim, "bisect", 16, 11)
+    efleet.wait_done(trace, 2)
+    assert sorted(stored(efleet.dsn, prefix)) == sorted(f"{prefix}-{i}" for i in range(16) if i != 11)
+    (dl,) = dead_letters(efleet.dsn, trace)
+    assert "string_too_long" in dl["reason"]
+    calls = sim_log(sim)
+    assert len(calls) <= 2 * 4 + 1, [(r["status"], r["n_inputs"]) for r in calls]
+    embedded = [text for r in calls if r["status"] == 200 for text in r["inputs"]]
+    assert sorted(embedded) == sorted(d["content"] for i, d in enumerate(documents) if i != 11)
 
 
 def test_an_oversized_batch_in_infinitys_shape_is_split(efleet, sim):

@@ -189,3 +189,95 @@ def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim,
         client.broker.close()
     kinds = [e["type"] for e in events(services["dsn"], trace_id=stream.trace_id)]
     assert "job.dead" not in kinds and kinds.count("job.retrying") <= 1
+
+
+# -- the health bookkeeping never changes the outcome of a provider call --
+
+def _fail_health_writes(dsn: str) -> None:
+    """The database refuses every health write of a job: the state update and the history insert."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create or replace function test_refuse_health() returns trigger language plpgsql as"
+                     " $$ begin raise exception 'health writes refused by the test'; end $$")
+        conn.execute("create trigger test_refuse_health before update on provider_health"
+                     " for each row execute function test_refuse_health()")
+        conn.execute("alter table provider_health_checks add constraint test_no_job_checks check (origin <> 'job')"
+                     " not valid")
+
+
+def _allow_health_writes(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("drop trigger if exists test_refuse_health on provider_health")
+        conn.execute("alter table provider_health_checks drop constraint if exists test_no_job_checks")
+
+
+def test_a_failed_health_write_never_resends_a_paid_embedding_call(services, sim):
+    """After a failure, a job's successful call resets the run of failures; if that write fails, the
+    answer (already paid for) is still returned, and the provider is called exactly once."""
+    from shared.health import _cache
+    from shared.providers.embeddings import EmbeddingsClient
+
+    settings = settings_for(sim, EMBED_PROVIDER_MAX_RETRIES=2)
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
+                     " values ('embeddings', %s, 'embedding', 'degraded', 1)", (settings.embedding_model_default,))
+    _fail_health_writes(services["dsn"])
+    _cache.clear()
+    try:
+        result = EmbeddingsClient(settings).embed(["first text", "second text"])
+    finally:
+        _allow_health_writes(services["dsn"])
+    assert len(result.vectors) == 2
+    assert len(sim_log(sim)) == 1
+
+
+def test_a_failed_health_write_leaves_the_providers_own_error_to_surface(services, sim):
+    """A provider fault is noted as a failed check; if that write fails, the provider's error (with its
+    status and Retry-After) is still the one raised, and nothing is sent again because of the database."""
+    from shared.errors import ProviderError
+    from shared.health import _cache
+    from shared.providers.chat import ChatClient
+
+    httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500]})
+    _fail_health_writes(services["dsn"])
+    _cache.clear()
+    try:
+        with pytest.raises(ProviderError) as raised:
+            list(ChatClient(settings_for(sim, CHAT_PROVIDER_MAX_RETRIES=0)).stream([{"role": "user", "content": "hi"}]))
+    finally:
+        _allow_health_writes(services["dsn"])
+    assert raised.value.status == 500
+    assert [r["status"] for r in sim_log(sim)] == [500]
+
+
+# -- no connection is held across a provider call --
+
+def test_no_database_connection_is_held_while_a_down_provider_is_probed_again(services, sim):
+    """The recheck of a down provider claims the row, then probes with no connection in hand (the probe
+    may take HEALTH_PROBE_TIMEOUT_S), then records the result in a connection of its own."""
+    import threading
+    import time
+
+    from shared.db import get_pool
+    from shared.health import _cache, check_available
+
+    settings = settings_for(sim, HEALTH_RECHECK_S=1, HEALTH_PROBE_TIMEOUT_S=5)
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 2000})  # the probe takes 2 s
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures, checked_at)"
+                     " values ('embeddings', %s, 'embedding', 'down', 2, now() - interval '1 hour')",
+                     (settings.embedding_model_default,))
+    pool = get_pool()
+    _cache.clear()
+    recheck = threading.Thread(target=check_available, args=("embeddings", settings))
+    started = time.monotonic()
+    recheck.start()
+    held = []
+    while time.monotonic() - started < 1.5:  # well inside the 2 s probe, after the claim (milliseconds)
+        if time.monotonic() - started > 0.5:
+            stats = pool.get_stats()
+            held.append(stats["pool_size"] - stats["pool_available"])
+        time.sleep(0.05)
+    probing = recheck.is_alive()
+    recheck.join(10)
+    assert probing and held and max(held) == 0, f"connections held during the probe: {held}"
+    assert states(services["dsn"])["embeddings"] == "degraded"  # it answered, slowly (above HEALTH_DEGRADED_MS)

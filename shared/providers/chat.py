@@ -100,10 +100,12 @@ class ChatClient:
                 except Exception as e:
                     note_failure(PROVIDER, e, self.settings)
                     raise
-            note_success(PROVIDER, self.settings)
             return response
 
-        return call_with_retries(attempt, provider=PROVIDER, max_retries=self.settings.chat_provider_max_retries)
+        # Health bookkeeping (note_*) never raises, so it cannot re-send a request or leak an open stream.
+        response = call_with_retries(attempt, provider=PROVIDER, max_retries=self.settings.chat_provider_max_retries)
+        note_success(PROVIDER, self.settings)
+        return response
 
     @staticmethod
     def _events(response: httpx.Response) -> Iterator[Delta | Finished]:

@@ -6,7 +6,8 @@
 - splits a batch in half when the provider says it is too large, in any of the shapes real servers use
   (OpenAI/DeepInfra 400 "maximum context length", vLLM 400, infinity 422 with a pydantic `detail` list
   "too_long"/"string_too_long", llama.cpp 500 "too large to process", any 413), down to the one input
-  it refuses (`InputTooLarge`, with the provider's reason);
+  it refuses; the halves embedded on the way are kept (`embed_partial` returns the refused inputs with
+  the provider's reason; `embed` raises `InputTooLarge` for them);
 - retries transient errors EMBED_PROVIDER_MAX_RETRIES times, honouring Retry-After;
 - checks the dimension of what comes back against the target column.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import httpx
@@ -64,8 +65,9 @@ class InputTooLarge(PermanentError):
 
 @dataclass
 class EmbeddingResult:
-    vectors: list[list[float]]
+    vectors: list[list[float]]  # one per input embedded, in input order (the rejected ones left out)
     tokens: int
+    rejected: dict[int, str] = field(default_factory=dict)  # index of an input refused even alone -> the reason
 
 
 class EmbeddingsClient:
@@ -79,21 +81,33 @@ class EmbeddingsClient:
         return http_client(self.base_url, timeout_s=self.settings.embed_timeout_s)
 
     def embed(self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None) -> EmbeddingResult:
-        """Embed one planned batch, halving it while the provider says it is too large."""
-        model = model or self.settings.embedding_model_default
+        """Embed one planned batch, every input of it, or raise InputTooLarge for an input refused even alone."""
+        result = self.embed_partial(texts, model=model, expected_dim=expected_dim)
+        if result.rejected:
+            raise InputTooLarge(next(iter(result.rejected.values())))
+        return result
+
+    def embed_partial(self, texts: Sequence[str], *, model: str | None = None,
+                      expected_dim: int | None = None) -> EmbeddingResult:
+        """Embed one planned batch, halving it while the provider says it is too large. The vectors of the
+        halves it embeds are kept: the inputs it refuses even alone come back in `rejected`, so one
+        oversized input costs about 2*log2(n) extra calls, never the rest of the batch."""
         check_available(PROVIDER, self.settings)
+        return self._bisect(list(texts), 0, model or self.settings.embedding_model_default, expected_dim)
+
+    def _bisect(self, texts: list[str], offset: int, model: str, expected_dim: int | None) -> EmbeddingResult:
         try:
-            return self._embed_once(list(texts), model, expected_dim)
+            return self._embed_once(texts, model, expected_dim)
         except ProviderError as e:
             if not self._too_large(e):
                 raise
             if len(texts) == 1:
-                raise InputTooLarge(f"the provider refuses this input even alone ({estimate_tokens(texts[0])} "
-                                    f"estimated tokens): {e}") from None
+                reason = f"the provider refuses this input even alone ({estimate_tokens(texts[0])} estimated tokens): {e}"
+                return EmbeddingResult([], 0, {offset: reason})
         half = len(texts) // 2
-        left = self.embed(texts[:half], model=model, expected_dim=expected_dim)
-        right = self.embed(texts[half:], model=model, expected_dim=expected_dim)
-        return EmbeddingResult(left.vectors + right.vectors, left.tokens + right.tokens)
+        left = self._bisect(texts[:half], offset, model, expected_dim)
+        right = self._bisect(texts[half:], offset + half, model, expected_dim)
+        return EmbeddingResult(left.vectors + right.vectors, left.tokens + right.tokens, left.rejected | right.rejected)
 
     @staticmethod
     def _too_large(e: ProviderError) -> bool:
@@ -114,12 +128,13 @@ class EmbeddingsClient:
                 raise_for_provider(PROVIDER, response)
                 result = self._parse(response, len(texts), expected_dim)
             except Exception as e:
-                note_failure(PROVIDER, e, self.settings)  # a provider fault counts towards its health
+                note_failure(PROVIDER, e, self.settings)  # each faulty attempt counts; never raises itself
                 raise
-            note_success(PROVIDER, self.settings)
             return result
 
-        return call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
+        result = call_with_retries(request, provider=PROVIDER, max_retries=self.settings.embed_provider_max_retries)
+        note_success(PROVIDER, self.settings)  # outside the retries: an answer already paid for is never re-sent
+        return result
 
     def _post(self, body: dict, key: str | None) -> httpx.Response:
         return timed_post(self.client, PROVIDER, "/embeddings", body, bearer(key))
