@@ -165,7 +165,10 @@ def upgrade_one(run_id: str, agent_id: str, settings: Settings, trace: dict, *, 
     finally:
         heartbeat.stop()
     with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur, conn.transaction():
-        result = _finish(cur, row, status, change, error, trace)
+        result = _finish(cur, row, status, change, error, trace, lease=lease)
+        if result == "superseded":  # another copy took the lease meanwhile: its outcome is the one recorded
+            log.warning("upgrade.superseded", run_id=run_id, agent_id=agent_id, error="lease lost before the finish")
+            return result
         if status == "succeeded" and not row["dry_run"]:
             cur.execute("update user_profiles set template_version = %s, updated_at = now() where letta_agent_id = %s",
                         (row["to_version"], agent_id))
@@ -220,10 +223,16 @@ def _tool_id_of(agent: dict, letta: LettaClient, name: str) -> str:
     return letta.find_tool_id(name)
 
 
-def _finish(cur, row: dict, status: str, change: dict | None, error: str | None, trace: dict) -> str:
-    cur.execute("update agent_upgrades set status = %s, diff = %s, error = %s, finished_at = now()"
-                " where run_id = %s and agent_id = %s and status not in ('succeeded', 'failed', 'skipped', 'cancelled')",
-                (status, Jsonb(change) if change is not None else None, error, row["run_id"], row["agent_id"]))
+def _finish(cur, row: dict, status: str, change: dict | None, error: str | None, trace: dict,
+            *, lease: str | None = None) -> str:
+    """Records the final status; with a lease, only while it is still this attempt's ("superseded" if not)."""
+    finished = cur.execute(
+        "update agent_upgrades set status = %s, diff = %s, error = %s, finished_at = now()"
+        " where run_id = %s and agent_id = %s and status not in ('succeeded', 'failed', 'skipped', 'cancelled')"
+        " and (%s::text is null or lease = %s)",
+        (status, Jsonb(change) if change is not None else None, error, row["run_id"], row["agent_id"], lease, lease))
+    if lease is not None and finished.rowcount == 0:
+        return "superseded"
     events.emit("upgrade.agent", **trace, run_id=str(row["run_id"]), agent_id=row["agent_id"], status=status,
                 error=error, changed=sorted(change or {}))
     metrics().upgrades.labels(status, "dry_run" if row["dry_run"] else "apply").inc()

@@ -276,3 +276,21 @@ def test_every_thread_busy_replaying_chats_does_not_exhaust_the_connection_pool(
     finally:
         assert group.terminate() == 0
         client.broker.close()
+
+
+def test_an_attempt_whose_lease_was_taken_over_does_not_record_its_outcome(leased_agent, services):
+    """The final status is written only under the attempt's own lease: a copy superseded after its PATCH
+    check (its worker stalled past the stale limit) cannot record `failed` over the live holder's work."""
+    import uuid
+
+    from psycopg.rows import dict_row
+
+    from shared.upgrades import _finish
+
+    conn, run, agent, lease = leased_agent
+    row = {"run_id": run, "agent_id": agent, "dry_run": False}
+    with psycopg.connect(services["dsn"], autocommit=True) as own, own.cursor(row_factory=dict_row) as cur:
+        assert _finish(cur, row, "failed", None, "stalled", {}, lease=str(uuid.uuid4())) == "superseded"
+        assert conn.execute("select status from agent_upgrades where agent_id = %s", (agent,)).fetchone() == ("running",)
+        assert _finish(cur, row, "succeeded", {}, None, {}, lease=lease) == "succeeded"
+    assert conn.execute("select status from agent_upgrades where agent_id = %s", (agent,)).fetchone() == ("succeeded",)
