@@ -6,6 +6,8 @@ page in a real headless Chromium (Debian's `chromium`, installed by `make system
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import uuid
 
 import httpx
@@ -176,3 +178,12 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
                               " and status = 'complete' order by id desc limit 1").fetchone()[0]
     assert answer == stored and len(answer.split()) == 12
     assert screenshot.stat().st_size > 1000
+
+
+def test_importing_the_gateway_app_builds_no_broker_and_imports_no_worker():
+    """The request models come from shared.jobs: the app's import alone declares no actors and starts nothing."""
+    code = ("import sys, gateway.app, gateway.models; "
+            "print(sorted(m for m in sys.modules if m == 'workers' or m.startswith('workers.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-from uuid import UUID
-
 import dramatiq
 from dramatiq.middleware import CurrentMessage
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.chat import ChatRequest, publish_failure, run_chat
 from shared.config import get_settings
 from shared.errors import InvalidPayload
 from shared.frames import FramePublisher
+from shared.jobs import ChatJob
 from shared.middleware.events import job_fields
 from shared.middleware.retries import is_last_attempt
 from shared.providers.chat import ChatClient
@@ -21,34 +18,6 @@ from shared.ratelimit import per_minute
 from .actor import job
 
 READY_SENT = "chat_ready_sent"  # a message option
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
-
-
-class ChatJob(BaseModel):
-    """`content` (the next user message; history comes from the session) or a full `messages` list."""
-
-    model_config = ConfigDict(extra="forbid")
-    session_id: str = Field(min_length=1, max_length=200)
-    content: str | None = Field(None, min_length=1, max_length=200_000)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=500)
-    model: str | None = Field(None, min_length=1, max_length=200)
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1, le=32_000)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
-    user_id: UUID | None = None
-
-    @model_validator(mode="after")
-    def _one_input(self) -> "ChatJob":
-        if (self.content is None) == (self.messages is None):
-            raise ValueError("give either content or messages")
-        if self.messages is not None and self.messages[-1].role != "user":
-            raise ValueError("the last of messages must be the user's")
-        return self
 
 
 @job(ChatJob, min_backoff=1_000, max_backoff=60_000)
