@@ -18,6 +18,7 @@ from .signing import check_signature
 from .sse import job_stream
 from .state import Gateway
 from .store import job_state
+from .tenancy import embed_payload
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -122,7 +123,7 @@ async def embed(request: Request):
     caller, raw = await admitted(request, "embed")
     body = parse(EmbedBody, raw)
     key = idempotency_key(request, body.idempotency_key, g.settings.require_idempotency)
-    payload = body.model_dump(exclude_none=True, exclude={"idempotency_key"})
+    payload = embed_payload(caller, body, g.gw)
     return await start_job(request, caller, "embed", "embed_documents", payload, key)
 
 

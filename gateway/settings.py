@@ -27,6 +27,8 @@ class GatewaySettings(BaseSettings):
     jwt_audience: str | None = Field("authenticated", alias="GATEWAY_JWT_AUDIENCE")
     hmac_key: SecretStr | None = Field(None, alias="GATEWAY_HMAC_KEY")
     hmac_window_s: int = Field(300, alias="GATEWAY_HMAC_WINDOW_S", ge=1)
+    # May verified users embed registered sources (`source` + `ids`)? Their rows are the operator's.
+    users_embed_sources: bool = Field(False, alias="GATEWAY_USERS_EMBED_SOURCES")
 
     @field_validator("jwt_secret", "jwks_url", "hmac_key", mode="before")
     @classmethod
