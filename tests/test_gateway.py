@@ -5,6 +5,7 @@ page in a real headless Chromium (Debian's `chromium`, installed by `make system
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,34 @@ def test_a_repeated_idempotency_key_replays_the_answer_with_one_provider_call(gf
     for replay in (again, by_body):
         assert replay.types()[-1] == "chat.done" and replay.frames[-1]["text"] == first.frames[-1]["text"]
     assert len(chat_calls(sim)) == 1
+
+
+def leave_claim(gf, key: str, *, expires_in_s: float) -> str:
+    """A claim as a gateway leaves it when it dies between claiming a key and enqueueing its job."""
+    ghost = str(uuid.uuid4())
+    with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
+        conn.execute("insert into request_dedup (scope, key, result, expires_at) values ('gateway.chat', %s, %s,"
+                     " now() + %s * interval '1 second')",
+                     (f"-:{key}", json.dumps({"job_id": ghost, "trace_id": str(uuid.uuid4()), "pending": True}),
+                      expires_in_s))
+    return ghost
+
+
+def test_a_key_left_pending_by_a_dead_request_is_refused_while_fresh_then_claimable_again(gf, sim):
+    fresh, expired = new_key(), new_key()
+    leave_claim(gf, fresh, expires_in_s=60)
+    r = ask(gf, key=fresh, timeout=10)
+    assert r.status == 409 and r.body["error"] == "idempotency_key_in_flight" and r.headers["retry-after"] == "1"
+    ghost = leave_claim(gf, expired, expires_in_s=-1)
+    r = ask(gf, key=expired, timeout=10)  # before: streamed the ghost job, which never came, until the timeout
+    assert r.status == 200 and r.headers["x-idempotent-replay"] == "false" and r.headers["x-job-id"] != ghost
+    assert r.types()[-1] == "chat.done" and stored(gf, r.headers["x-job-id"])["content"] == r.text()
+    again = ask(gf, key=expired, timeout=10)  # the key now holds its job
+    assert again.headers["x-idempotent-replay"] == "true" and again.headers["x-job-id"] == r.headers["x-job-id"]
+    with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
+        left = conn.execute("select result ? 'pending', expires_at > now() + interval '6 days' from request_dedup"
+                            " where scope = 'gateway.chat' and key = %s", (f"-:{expired}",)).fetchone()
+    assert left == (False, True)
 
 
 def test_last_event_id_resumes_from_the_frame_after_it(gf, sim):
