@@ -6,6 +6,7 @@ page in a real headless Chromium (Debian's `chromium`, installed by `make system
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -216,3 +217,21 @@ def test_importing_the_gateway_app_builds_no_broker_and_imports_no_worker():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_housekeeping_prunes_old_gateway_jobs_and_expired_signatures(services):
+    old, new, sig = str(uuid.uuid4()), str(uuid.uuid4()), f"sig-{uuid.uuid4()}"
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("insert into gateway_jobs (job_id, trace_id, kind, created_at) values"
+                     " (%s, gen_random_uuid(), 'chat', now() - interval '3 days'), (%s, gen_random_uuid(), 'chat', now())",
+                     (old, new))
+        conn.execute("insert into gateway_signatures (signature, expires_at) values (%s, now() - interval '1 second')",
+                     (sig,))
+    env = os.environ | {"GATEWAY_JOBS_RETENTION_DAYS": "2"}
+    done = subprocess.run([sys.executable, "-c", "from workers.housekeeping import housekeeping; housekeeping.fn({})"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        jobs = {r[0] for r in conn.execute("select job_id from gateway_jobs where job_id = any(%s)", ([old, new],))}
+        sigs = conn.execute("select count(*) from gateway_signatures where signature = %s", (sig,)).fetchone()[0]
+    assert jobs == {new} and sigs == 0
