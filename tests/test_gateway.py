@@ -16,6 +16,8 @@ import httpx
 import psycopg
 import pytest
 
+from shared.frames import channel
+
 from .embedding_support import docs, reset_sim
 from .gateway_support import chat_calls, fleet_with_gateway, get_sse, new_key, post_sse
 from .helpers import wait_for
@@ -235,3 +237,16 @@ def test_housekeeping_prunes_old_gateway_jobs_and_expired_signatures(services):
         jobs = {r[0] for r in conn.execute("select job_id from gateway_jobs where job_id = any(%s)", ([old, new],))}
         sigs = conn.execute("select count(*) from gateway_signatures where signature = %s", (sig,)).fetchone()[0]
     assert jobs == {new} and sigs == 0
+
+
+def test_a_stray_notification_does_not_stop_the_pgmq_listener(gf, sim):
+    if gf.fleet.kind != "pgmq":
+        pytest.skip("the NOTIFY listener is the pgmq transport's")
+    first = ask(gf, key=new_key(), stop_after=lambda frames: True)  # leaves: the job stays followed
+    with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
+        conn.execute("select pg_notify(%s, 'not a frame')", (channel(first.headers["x-job-id"]),))
+    r = ask(gf, key=new_key())  # heard through the same listener
+    assert r.types()[0] == "ready" and r.types()[-1] == "chat.done"
+    ready = httpx.get(f"{gf.url}/readyz", timeout=5)
+    assert ready.status_code == 200, ready.text
+    assert "gateway.bad_notification" in gf.gateway.logs()
