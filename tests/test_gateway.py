@@ -250,3 +250,19 @@ def test_a_stray_notification_does_not_stop_the_pgmq_listener(gf, sim):
     ready = httpx.get(f"{gf.url}/readyz", timeout=5)
     assert ready.status_code == 200, ready.text
     assert "gateway.bad_notification" in gf.gateway.logs()
+
+
+def test_sse_ids_keep_increasing_across_a_retried_attempt(gf, sim):
+    # attempt 1 sends `ready` and keepalives, then fails (its provider call and the call's retries), and is retried
+    httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500, 500, 500]})
+    r = ask(gf, key=new_key())
+    job_id = r.headers["x-job-id"]
+    assert r.types()[-1] == "chat.done" and r.types().count("ready") == 1, r.types()
+    seqs = [f["seq"] for f in r.frames]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs  # before: attempt 2 numbered its frames from 1 again
+    # a client resuming after one of attempt 2's frames gets exactly the frames after it
+    cut = r.frames[r.types().index("chat.delta")]["seq"]
+    rest = get_sse(gf.url, f"/v1/jobs/{job_id}/stream", headers={"Last-Event-ID": str(cut)})
+    assert rest.types()[-1] == "chat.done" and rest.frames[-1]["text"] == stored(gf, job_id)["content"]
+    if gf.fleet.kind == "redis":  # the job's Redis stream replays exactly
+        assert [f["seq"] for f in rest.frames] == seqs[seqs.index(cut) + 1:]

@@ -18,6 +18,7 @@ from shared.ratelimit import per_minute
 from .actor import job
 
 READY_SENT = "chat_ready_sent"  # a message option
+LAST_SEQ = "chat_last_seq"  # a message option: the seq of the last frame an earlier attempt published
 
 
 @job(ChatJob, min_backoff=1_000, max_backoff=60_000)
@@ -25,7 +26,7 @@ def chat_completion(job: ChatJob) -> None:
     settings = get_settings()
     message = CurrentMessage.get_current_message()
     job_id = message.message_id
-    publisher = FramePublisher(job_id, settings)
+    publisher = FramePublisher(job_id, settings, after_seq=int(message.options.get(LAST_SEQ, 0)))
     try:
         if settings.require_idempotency and job.idempotency_key is None:
             raise InvalidPayload("idempotency_key is required (REQUIRE_IDEMPOTENCY=true)")
@@ -36,6 +37,7 @@ def chat_completion(job: ChatJob) -> None:
     finally:
         if "ready" in publisher.sent:  # carried by the retried or deferred message: one `ready` per job
             message.options[READY_SENT] = True
+        message.options[LAST_SEQ] = publisher.seq  # SSE ids stay unique and increasing across attempts
         publisher.close()
 
 
