@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -77,25 +78,22 @@ def latency(broker: str, samples: int = 60) -> None:
     from shared.config import Settings
     from shared.demo import start_simulator, stop_process
 
-    sim, sim_url = start_simulator({"ttft_ms": TTFT_S * 1000, "answer_tokens": 3})
-    env = fleet_env(broker, sim_url)
-    workers = start_workers(env)
-    gateway = GatewayProcess(env, Path(tempfile.mkdtemp(prefix="bench-gw-"))).start()
-    client = FleetClient(settings=Settings(FLEET_BROKER=broker))
     via_gw, via_sdk = [], []
-    http = httpx.Client()
-    try:
+    with ExitStack() as stack:  # whatever fails to start, what did start is stopped
+        sim, sim_url = start_simulator({"ttft_ms": TTFT_S * 1000, "answer_tokens": 3})
+        stack.callback(stop_process, sim, 5)
+        env = fleet_env(broker, sim_url)
+        workers = start_workers(env)
+        stack.callback(stop_process, workers)
+        gateway = stack.enter_context(GatewayProcess(env, Path(tempfile.mkdtemp(prefix="bench-gw-"))))
+        client = FleetClient(settings=Settings(FLEET_BROKER=broker))
+        stack.callback(client.broker.close)
+        http = stack.enter_context(httpx.Client())
         first_delta_via_sdk(client, -1), first_delta_via_gateway(http, gateway.url, -1)  # warm up
         for i in range(samples):
             via_sdk.append(first_delta_via_sdk(client, i) * 1000)
             via_gw.append(first_delta_via_gateway(http, gateway.url, i) * 1000)
             time.sleep(0.05)
-    finally:
-        http.close()
-        gateway.stop()
-        stop_process(workers)
-        stop_process(sim, 5)
-        client.broker.close()
     for name, q in (("p50", 0.5), ("p99", 0.99)):
         print(f"gateway_{broker}_first_delta_{name}_ms: {percentile(via_gw, q):.1f}")
         print(f"gateway_{broker}_sdk_first_delta_{name}_ms: {percentile(via_sdk, q):.1f}")
@@ -154,14 +152,12 @@ def streams(broker: str, n: int = STREAMS) -> None:
     from gateway.process import GatewayProcess
     from shared.demo import start_simulator, stop_process
 
-    sim, sim_url = start_simulator({"answer_tokens": 3})
-    env = fleet_env(broker, sim_url)
-    gateway = GatewayProcess(env, Path(tempfile.mkdtemp(prefix="bench-gw-"))).start()
-    try:
+    with ExitStack() as stack:
+        sim, sim_url = start_simulator({"answer_tokens": 3})
+        stack.callback(stop_process, sim, 5)
+        env = fleet_env(broker, sim_url)
+        gateway = stack.enter_context(GatewayProcess(env, Path(tempfile.mkdtemp(prefix="bench-gw-"))))
         got = asyncio.run(many_streams(gateway.url, env, n))
-    finally:
-        gateway.stop()
-        stop_process(sim, 5)
     if got["errors"]:
         raise SystemExit(f"gateway streams benchmark: {len(got['errors'])} stream(s) failed: {got['errors'][:5]}")
     print(f"gateway_{broker}_idle_streams: {got['done']}")

@@ -24,7 +24,7 @@ from .metrics import MetricsMiddleware, gateway_metrics
 from .models import ChatBody, EmbedBody
 from .page import chat_page
 from .routes import router
-from .settings import gateway_settings
+from .settings import gateway_settings, require_protection
 from .state import Gateway
 from .store import Store
 
@@ -86,6 +86,7 @@ def openapi_with_bodies(app: FastAPI):
 
 def create_app() -> FastAPI:
     gw = gateway_settings()
+    require_protection(gw)
     app = FastAPI(title="Fleet gateway", lifespan=lifespan, docs_url="/docs" if gw.dev else None, redoc_url=None)
     app.include_router(router)
     app.add_exception_handler(ApiError, api_error_handler)

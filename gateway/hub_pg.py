@@ -81,6 +81,7 @@ class PgHub(Hub):
     async def _listen_loop(self) -> None:
         while True:
             try:
+                await self._close_listener()  # the connection of the last round, if it failed
                 conn = self._listener = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
                 self.listening.clear()
                 await conn.execute(sql.SQL("listen {}").format(sql.Identifier(self.wake)))
@@ -90,12 +91,30 @@ class PgHub(Hub):
                         async for note in notes:
                             if note.channel == self.wake:
                                 break
-                            await self._dispatch(note.channel, note.payload)
+                            await self._dispatch_logged(note.channel, note.payload)
             except asyncio.CancelledError:
                 raise
             except psycopg.Error as e:  # the streams' stored-answer checks cover what was missed meanwhile
                 log.warning("gateway.listen_reconnect", error=str(e))
                 await asyncio.sleep(1.0)
+            except Exception:  # a bug here must not end every stream's listener for good: reconnect
+                log.exception("gateway.listen_failed")
+                await asyncio.sleep(1.0)
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None and not self._listener.closed:
+            try:
+                await self._listener.close()
+            except Exception as e:  # a broken connection may fail to close: it is dropped all the same
+                log.warning("gateway.listen_close_failed", error=type(e).__name__)
+        self._listener = None
+
+    async def _dispatch_logged(self, name: str, payload: str) -> None:
+        """One bad notification (a stray NOTIFY that is not a frame) is logged and skipped, not fatal."""
+        try:
+            await self._dispatch(name, payload)
+        except (ValueError, TypeError, AttributeError):
+            log.exception("gateway.bad_notification", channel=name, payload_bytes=len(payload))
 
     async def _dispatch(self, name: str, payload: str) -> None:
         job_id = self.channels.get(name)

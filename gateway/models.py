@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from workers.chat import ChatJob
-from workers.embed import EmbedJob
+from shared.jobs import ChatJob, EmbedJob
 
 from .errors import InvalidBody
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from shared.errors import InvalidPayload, PayloadTooLarge
-
 from .auth import Caller
+from .enqueue import JobSpec, KeyClaim, follow_and_enqueue
 from .errors import ApiError
 from .limits import check_rate
 from .models import ChatBody, EmbedBody, parse
@@ -18,6 +16,7 @@ from .signing import check_signature
 from .sse import job_stream
 from .state import Gateway
 from .store import job_state
+from .tenancy import embed_payload
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -73,27 +72,21 @@ async def start_job(request: Request, caller: Caller, kind: str, name: str, payl
     """Follow the job, then enqueue it (a key seen before enqueues nothing: its job is streamed)."""
     g = gateway(request)
     last_seq = last_event_id(request)
-    scope, scoped_key = f"gateway.{kind}", f"{caller.user_id or '-'}:{key}"
-    if key is not None:
-        job_id, trace_id, repeat = await g.store.claim_key(scope, scoped_key)
+    claim = KeyClaim(g.store, f"gateway.{kind}", f"{caller.user_id or '-'}:{key}") if key is not None else None
+    if claim is not None:
+        job_id, trace_id, state = await g.store.claim_key(claim.scope, claim.key)
+        if state == "pending":
+            raise ApiError(409, "idempotency_key_in_flight", "a request with this idempotency key is being enqueued;"
+                           " repeat it in a moment", {"Retry-After": "1"})
+        repeat = state == "done"
     else:
         job_id, trace_id, repeat = str(uuid.uuid4()), str(uuid.uuid4()), False
     hub = g.hub(kind)
-    queue, backlog = await hub.follow(job_id)
-    if not repeat:
-        try:
-            await g.store.record_job(job_id, trace_id, kind, caller.user_id, session_id)
-            await asyncio.to_thread(g.client.enqueue, name, payload, job_id=job_id, trace_id=trace_id)
-        except Exception as e:
-            hub.leave(job_id, queue)
-            await g.store.forget_job(job_id)
-            if key is not None:
-                await g.store.release_key(scope, scoped_key)
-            if isinstance(e, PayloadTooLarge):
-                raise ApiError(413, "payload_too_large", str(e)) from None
-            if isinstance(e, InvalidPayload):
-                raise ApiError(422, "invalid_request", str(e)) from None
-            raise
+    if repeat:
+        queue, backlog = await hub.follow(job_id)
+    else:
+        queue, backlog = await follow_and_enqueue(g, hub, claim, JobSpec(kind, name, payload, job_id, trace_id,
+                                                                         caller.user_id, session_id))
     stream = job_stream(hub, job_id, (queue, backlog), last_seq=last_seq,
                         ended=g.chat_ended if kind == "chat" else None, check_first=hub.kind == "pgmq",
                         keepalive_s=g.gw.keepalive_s, timeout_s=g.gw.stream_timeout_s)
@@ -122,7 +115,7 @@ async def embed(request: Request):
     caller, raw = await admitted(request, "embed")
     body = parse(EmbedBody, raw)
     key = idempotency_key(request, body.idempotency_key, g.settings.require_idempotency)
-    payload = body.model_dump(exclude_none=True, exclude={"idempotency_key"})
+    payload = embed_payload(caller, body, g.gw)
     return await start_job(request, caller, "embed", "embed_documents", payload, key)
 
 

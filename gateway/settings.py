@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +27,27 @@ class GatewaySettings(BaseSettings):
     jwt_audience: str | None = Field("authenticated", alias="GATEWAY_JWT_AUDIENCE")
     hmac_key: SecretStr | None = Field(None, alias="GATEWAY_HMAC_KEY")
     hmac_window_s: int = Field(300, alias="GATEWAY_HMAC_WINDOW_S", ge=1)
+    # May verified users embed registered sources (`source` + `ids`)? Their rows are the operator's.
+    users_embed_sources: bool = Field(False, alias="GATEWAY_USERS_EMBED_SOURCES")
+
+    @field_validator("jwt_secret", "jwks_url", "hmac_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """`GATEWAY_HMAC_KEY=` (as compose passes an unset variable) is no key, not an empty one."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class UnprotectedGateway(RuntimeError):
+    """Outside development mode the gateway starts only with a way to tell callers apart."""
+
+
+def require_protection(gw: GatewaySettings) -> None:
+    """Fail closed: with GATEWAY_DEV=false, GATEWAY_VERIFY_JWT or GATEWAY_HMAC_KEY must be on."""
+    if not gw.dev and not gw.verify_jwt and gw.hmac_key is None:
+        raise UnprotectedGateway(
+            "the gateway refuses to start unprotected: GATEWAY_DEV=false, but neither GATEWAY_VERIFY_JWT=true"
+            " (with GATEWAY_JWT_SECRET or GATEWAY_JWKS_URL) nor GATEWAY_HMAC_KEY is set; set one of them,"
+            " or GATEWAY_DEV=true for local development only")
 
 
 @lru_cache(maxsize=1)

@@ -11,6 +11,7 @@ from psycopg_pool import AsyncConnectionPool
 from shared.db import connect_kwargs, database_dsn
 
 KEY_TTL_S = 7 * 86400
+PENDING_TTL_S = 60  # a key claimed by a request that has not enqueued its job yet
 JOB_STATES = {"job.started": "running", "job.retrying": "retrying", "job.deferred": "deferred",
               "job.succeeded": "succeeded", "job.dead": "dead", "job.skipped": "skipped"}
 
@@ -30,23 +31,35 @@ class Store:
         async with self.pool.connection() as conn:
             await conn.execute("select 1")
 
-    async def claim_key(self, scope: str, key: str) -> tuple[str, str, bool]:
-        """(job_id, trace_id, seen_before) for an idempotency key: a new key gets fresh ids."""
-        planned = {"job_id": str(uuid.uuid4()), "trace_id": str(uuid.uuid4())}
+    async def claim_key(self, scope: str, key: str) -> tuple[str, str, str]:
+        """(job_id, trace_id, state) for an idempotency key: state "new" (claimed now, as pending for
+        PENDING_TTL_S: confirm it once the job is enqueued, release it if that fails), "done" (its job was
+        enqueued) or "pending" (another request is enqueuing it). A pending claim that expired, left by a
+        request that died before its enqueue, is claimed afresh."""
+        planned = {"job_id": str(uuid.uuid4()), "trace_id": str(uuid.uuid4()), "pending": True}
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "insert into request_dedup (scope, key, result, expires_at)"
-                " values (%s, %s, %s, now() + %s * interval '1 second') on conflict (scope, key) do nothing"
-                " returning result", (scope, key, Jsonb(planned), KEY_TTL_S))
+                " values (%s, %s, %s, now() + %s * interval '1 second') on conflict (scope, key) do update"
+                " set result = excluded.result, expires_at = excluded.expires_at, created_at = now()"
+                " where request_dedup.expires_at < now() returning result", (scope, key, Jsonb(planned), PENDING_TTL_S))
             if (row := await cur.fetchone()) is not None:
-                return row[0]["job_id"], row[0]["trace_id"], False
+                return row[0]["job_id"], row[0]["trace_id"], "new"
             cur = await conn.execute("select result from request_dedup where scope = %s and key = %s", (scope, key))
             seen = (await cur.fetchone())[0]
-        return seen["job_id"], seen["trace_id"], True
+        return seen["job_id"], seen["trace_id"], "pending" if seen.get("pending") else "done"
+
+    async def confirm_key(self, scope: str, key: str) -> None:
+        """The key's job is enqueued: the key now holds it for KEY_TTL_S."""
+        async with self.pool.connection() as conn:
+            await conn.execute("update request_dedup set result = result - 'pending', expires_at = now() + %s *"
+                               " interval '1 second' where scope = %s and key = %s", (KEY_TTL_S, scope, key))
 
     async def release_key(self, scope: str, key: str) -> None:
+        """The key's job could not be enqueued: the key is free again (a confirmed key is never released)."""
         async with self.pool.connection() as conn:
-            await conn.execute("delete from request_dedup where scope = %s and key = %s", (scope, key))
+            await conn.execute("delete from request_dedup where scope = %s and key = %s and result ? 'pending'",
+                               (scope, key))
 
     async def record_job(self, job_id: str, trace_id: str, kind: str, user_id: str | None,
                          session_id: str | None) -> None:

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # A provider that is down is probed again by a worker when its state is older than this.
     health_recheck_s: float = Field(10.0, alias="HEALTH_RECHECK_S", gt=0)
     health_retention_h: float = Field(24.0, alias="HEALTH_RETENTION_H", gt=0)
+    # housekeeping deletes the gateway's job owner rows (gateway_jobs) older than this
+    gateway_jobs_retention_days: float = Field(30.0, alias="GATEWAY_JOBS_RETENTION_DAYS", gt=0)
     health_providers: str = Field("chat,embedding", alias="HEALTH_PROVIDERS")  # letta too when LETTA_API_BASE_URL is set
     letta_api_base_url: str | None = Field(None, alias="LETTA_API_BASE_URL")
     letta_api_key: SecretStr | None = Field(None, alias="LETTA_API_KEY")

@@ -36,10 +36,10 @@ def stream_key(job_id: str) -> str:
 class FramePublisher:
     """Publishes a job's frames in order (seq 1, 2, ...); safe to share between the job's threads."""
 
-    def __init__(self, job_id: str, settings: Settings | None = None) -> None:
+    def __init__(self, job_id: str, settings: Settings | None = None, *, after_seq: int = 0) -> None:
         self.job_id = job_id
         self.settings = settings or get_settings()
-        self.seq = 0
+        self.seq = after_seq  # a retried job's next attempt goes on after the last attempt's frames
         self.sent: set[str] = set()  # the frame types published so far
         self.lock = threading.Lock()
         self._redis = None

@@ -5,12 +5,18 @@ page in a real headless Chromium (Debian's `chromium`, installed by `make system
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 
 import httpx
 import psycopg
 import pytest
+
+from shared.frames import channel
 
 from .embedding_support import docs, reset_sim
 from .gateway_support import chat_calls, fleet_with_gateway, get_sse, new_key, post_sse
@@ -75,6 +81,34 @@ def test_a_repeated_idempotency_key_replays_the_answer_with_one_provider_call(gf
     for replay in (again, by_body):
         assert replay.types()[-1] == "chat.done" and replay.frames[-1]["text"] == first.frames[-1]["text"]
     assert len(chat_calls(sim)) == 1
+
+
+def leave_claim(gf, key: str, *, expires_in_s: float) -> str:
+    """A claim as a gateway leaves it when it dies between claiming a key and enqueueing its job."""
+    ghost = str(uuid.uuid4())
+    with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
+        conn.execute("insert into request_dedup (scope, key, result, expires_at) values ('gateway.chat', %s, %s,"
+                     " now() + %s * interval '1 second')",
+                     (f"-:{key}", json.dumps({"job_id": ghost, "trace_id": str(uuid.uuid4()), "pending": True}),
+                      expires_in_s))
+    return ghost
+
+
+def test_a_key_left_pending_by_a_dead_request_is_refused_while_fresh_then_claimable_again(gf, sim):
+    fresh, expired = new_key(), new_key()
+    leave_claim(gf, fresh, expires_in_s=60)
+    r = ask(gf, key=fresh, timeout=10)
+    assert r.status == 409 and r.body["error"] == "idempotency_key_in_flight" and r.headers["retry-after"] == "1"
+    ghost = leave_claim(gf, expired, expires_in_s=-1)
+    r = ask(gf, key=expired, timeout=10)  # before: streamed the ghost job, which never came, until the timeout
+    assert r.status == 200 and r.headers["x-idempotent-replay"] == "false" and r.headers["x-job-id"] != ghost
+    assert r.types()[-1] == "chat.done" and stored(gf, r.headers["x-job-id"])["content"] == r.text()
+    again = ask(gf, key=expired, timeout=10)  # the key now holds its job
+    assert again.headers["x-idempotent-replay"] == "true" and again.headers["x-job-id"] == r.headers["x-job-id"]
+    with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
+        left = conn.execute("select result ? 'pending', expires_at > now() + interval '6 days' from request_dedup"
+                            " where scope = 'gateway.chat' and key = %s", (f"-:{expired}",)).fetchone()
+    assert left == (False, True)
 
 
 def test_last_event_id_resumes_from_the_frame_after_it(gf, sim):
@@ -177,3 +211,59 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
                               " and status = 'complete' order by id desc limit 1").fetchone()[0]
     assert answer == stored and len(answer.split()) == 12
     assert screenshot.stat().st_size > 1000
+
+
+def test_importing_the_gateway_app_builds_no_broker_and_imports_no_worker():
+    """The request models come from shared.jobs: the app's import alone declares no actors and starts nothing."""
+    code = ("import sys, gateway.app, gateway.models; "
+            "print(sorted(m for m in sys.modules if m == 'workers' or m.startswith('workers.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_housekeeping_prunes_old_gateway_jobs_and_expired_signatures(services):
+    old, new, sig = str(uuid.uuid4()), str(uuid.uuid4()), f"sig-{uuid.uuid4()}"
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("insert into gateway_jobs (job_id, trace_id, kind, created_at) values"
+                     " (%s, gen_random_uuid(), 'chat', now() - interval '3 days'), (%s, gen_random_uuid(), 'chat', now())",
+                     (old, new))
+        conn.execute("insert into gateway_signatures (signature, expires_at) values (%s, now() - interval '1 second')",
+                     (sig,))
+    env = os.environ | {"GATEWAY_JOBS_RETENTION_DAYS": "2"}
+    done = subprocess.run([sys.executable, "-c", "from workers.housekeeping import housekeeping; housekeeping.fn({})"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        jobs = {r[0] for r in conn.execute("select job_id from gateway_jobs where job_id = any(%s)", ([old, new],))}
+        sigs = conn.execute("select count(*) from gateway_signatures where signature = %s", (sig,)).fetchone()[0]
+    assert jobs == {new} and sigs == 0
+
+
+def test_a_stray_notification_does_not_stop_the_pgmq_listener(gf, sim):
+    if gf.fleet.kind != "pgmq":
+        pytest.skip("the NOTIFY listener is the pgmq transport's")
+    first = ask(gf, key=new_key(), stop_after=lambda frames: True)  # leaves: the job stays followed
+    with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
+        conn.execute("select pg_notify(%s, 'not a frame')", (channel(first.headers["x-job-id"]),))
+    r = ask(gf, key=new_key())  # heard through the same listener
+    assert r.types()[0] == "ready" and r.types()[-1] == "chat.done"
+    ready = httpx.get(f"{gf.url}/readyz", timeout=5)
+    assert ready.status_code == 200, ready.text
+    assert "gateway.bad_notification" in gf.gateway.logs()
+
+
+def test_sse_ids_keep_increasing_across_a_retried_attempt(gf, sim):
+    # attempt 1 sends `ready` and keepalives, then fails (its provider call and the call's retries), and is retried
+    httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500, 500, 500]})
+    r = ask(gf, key=new_key())
+    job_id = r.headers["x-job-id"]
+    assert r.types()[-1] == "chat.done" and r.types().count("ready") == 1, r.types()
+    seqs = [f["seq"] for f in r.frames]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs  # before: attempt 2 numbered its frames from 1 again
+    # a client resuming after one of attempt 2's frames gets exactly the frames after it
+    cut = r.frames[r.types().index("chat.delta")]["seq"]
+    rest = get_sse(gf.url, f"/v1/jobs/{job_id}/stream", headers={"Last-Event-ID": str(cut)})
+    assert rest.types()[-1] == "chat.done" and rest.frames[-1]["text"] == stored(gf, job_id)["content"]
+    if gf.fleet.kind == "redis":  # the job's Redis stream replays exactly
+        assert [f["seq"] for f in rest.frames] == seqs[seqs.index(cut) + 1:]

@@ -4,11 +4,18 @@ agreeing, Prometheus scraping it, and its systemd unit through systemd-analyze."
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import kubernetes_validate
+import pytest
 import yaml
+
+from gateway.app import create_app
+from gateway.process import ROOT
+from gateway.settings import GatewaySettings, UnprotectedGateway, require_protection
 
 from .test_deploy import DEPLOY, KUBERNETES_VERSION, by_kind, k8s
 
@@ -23,7 +30,8 @@ def test_the_gateway_deployment_is_probed_on_its_http_port_and_scaled_on_cpu():
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_DEV": "false"}
+    assert env == {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_DEV": "false", "GATEWAY_VERIFY_JWT": "true"}
+    assert {"secretRef": {"name": "fleet-secrets"}} in container["envFrom"]  # GATEWAY_JWT_SECRET
     hpa = by_kind("HorizontalPodAutoscaler")["fleet-gateway"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "fleet-gateway"
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
@@ -40,6 +48,9 @@ def test_compose_and_prometheus_run_and_scrape_the_gateway():
     gateway = services["gateway"]
     assert gateway["command"] == k8s.procfile()["gateway"]
     assert gateway["environment"]["GATEWAY_HOST"] == "0.0.0.0" and gateway["ports"] == ["8080:8080"]
+    # published on every interface: production mode with verified tokens unless told otherwise
+    assert gateway["environment"]["GATEWAY_DEV"] == "${GATEWAY_DEV:-false}"
+    assert gateway["environment"]["GATEWAY_VERIFY_JWT"] == "${GATEWAY_VERIFY_JWT:-true}"
     assert gateway["environment"]["DATABASE_URL"] == services["chat"]["environment"]["DATABASE_URL"]
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]}
@@ -58,3 +69,33 @@ def test_the_gateway_systemd_unit_is_valid(tmp_path):
     problems = [line for line in (done.stdout + done.stderr).splitlines()
                 if line.strip() and "is not executable: No such file or directory" not in line]
     assert not problems, problems
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({"GATEWAY_DEV": "false"}, True),
+    ({"GATEWAY_DEV": "false", "GATEWAY_VERIFY_JWT": "false", "GATEWAY_HMAC_KEY": ""}, True),
+    ({"GATEWAY_DEV": "false", "GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": "x" * 32}, False),
+    ({"GATEWAY_DEV": "false", "GATEWAY_HMAC_KEY": "k"}, False),
+    ({"GATEWAY_DEV": "true"}, False),
+])
+def test_the_gateway_refuses_to_start_unprotected_outside_development(monkeypatch, env, refused):
+    for name in ("GATEWAY_DEV", "GATEWAY_VERIFY_JWT", "GATEWAY_JWT_SECRET", "GATEWAY_JWKS_URL", "GATEWAY_HMAC_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    gw = GatewaySettings(_env_file=None)
+    if not refused:
+        require_protection(gw)
+        return
+    with pytest.raises(UnprotectedGateway, match="GATEWAY_VERIFY_JWT.*GATEWAY_HMAC_KEY"):
+        require_protection(gw)
+    with pytest.raises(UnprotectedGateway):
+        create_app()
+
+
+def test_fleet_gateway_exits_with_the_reason_when_unprotected(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"GATEWAY_DEV": "false"}
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "gateway", "--port", "0"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "GATEWAY_VERIFY_JWT" in done.stderr and "GATEWAY_HMAC_KEY" in done.stderr

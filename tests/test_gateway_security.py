@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway.signing import sign
 
 from .embedding_support import reset_sim
-from .gateway_support import chat_calls, fleet_with_gateway, new_key, post_sse
+from .gateway_support import Sse, chat_calls, fleet_with_gateway, new_key, post_sse
 
 SECRET = "super-secret-jwt-token-with-at-least-32-characters"
 HMAC_KEY = "hmac-key-for-the-gateway-tests"
@@ -207,3 +207,44 @@ def test_a_bad_last_event_id_is_refused_before_anything_is_written(sgw):
     assert queued_and_recorded(sgw) == before
     with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
         assert conn.execute("select count(*) from chat_sessions where id = %s", (session,)).fetchone()[0] == 0
+
+
+def embed(sgw, user_token: str, body: dict) -> Sse:
+    content = json.dumps(body | {"idempotency_key": new_key()}).encode()
+    return post_sse(sgw.url, "/v1/embed", content, headers=signed("POST", "/v1/embed", content, bearer=user_token))
+
+
+def vectors_of(sgw, *source_ids: str) -> dict[str, str]:
+    with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
+        rows = conn.execute("select source_id, content from vector_documents where source_id = any(%s)",
+                            (list(source_ids),)).fetchall()
+    return dict(rows)
+
+
+def test_a_users_inline_documents_stay_in_their_own_key_space(sgw):
+    alice, bob, doc = someone(), someone(), f"doc-{uuid.uuid4()}"
+    r = embed(sgw, token(alice), {"documents": [{"source_id": doc, "content": "alice's words"}]})
+    assert r.status == 200 and r.types()[-1] == "embed.done", (r.status, r.body, r.types())
+    r = embed(sgw, token(bob), {"documents": [{"source_id": doc, "content": "bob's words"}]})
+    assert r.status == 200 and r.types()[-1] == "embed.done", (r.status, r.body, r.types())
+    # the same id from two users: two rows, neither overwrites the other, no unscoped row
+    assert vectors_of(sgw, doc, f"u:{alice}:{doc}", f"u:{bob}:{doc}") == {
+        f"u:{alice}:{doc}": "alice's words", f"u:{bob}:{doc}": "bob's words"}
+    # an id already in the user's own space is kept as it is (not scoped twice)
+    r = embed(sgw, token(alice), {"documents": [{"source_id": f"u:{alice}:{doc}", "content": "alice again"}]})
+    assert r.status == 200 and vectors_of(sgw, f"u:{alice}:{doc}") == {f"u:{alice}:{doc}": "alice again"}
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"documents": [{"source_id": "u:{victim}:doc-1", "content": "overwrite"}]}, 403, "source_id_out_of_scope"),
+    ({"source": "articles", "ids": [1, 2]}, 403, "registered_source_refused"),
+])
+def test_a_user_cannot_write_another_users_or_a_registered_sources_vectors(sgw, body, status, code):
+    victim = someone()
+    body = json.loads(json.dumps(body).replace("{victim}", victim))
+    with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
+        before = conn.execute("select total_messages from pgmq.metrics('embed')").fetchone()[0]
+    r = embed(sgw, token(someone()), body)
+    assert r.status == status and r.body["error"] == code, r.body
+    with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
+        assert conn.execute("select total_messages from pgmq.metrics('embed')").fetchone()[0] == before

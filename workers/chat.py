@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-from uuid import UUID
-
 import dramatiq
 from dramatiq.middleware import CurrentMessage
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.chat import ChatRequest, publish_failure, run_chat
 from shared.config import get_settings
 from shared.errors import InvalidPayload
 from shared.frames import FramePublisher
+from shared.jobs import ChatJob
 from shared.middleware.events import job_fields
 from shared.middleware.retries import is_last_attempt
 from shared.providers.chat import ChatClient
@@ -21,34 +18,7 @@ from shared.ratelimit import per_minute
 from .actor import job
 
 READY_SENT = "chat_ready_sent"  # a message option
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
-
-
-class ChatJob(BaseModel):
-    """`content` (the next user message; history comes from the session) or a full `messages` list."""
-
-    model_config = ConfigDict(extra="forbid")
-    session_id: str = Field(min_length=1, max_length=200)
-    content: str | None = Field(None, min_length=1, max_length=200_000)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=500)
-    model: str | None = Field(None, min_length=1, max_length=200)
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1, le=32_000)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
-    user_id: UUID | None = None
-
-    @model_validator(mode="after")
-    def _one_input(self) -> "ChatJob":
-        if (self.content is None) == (self.messages is None):
-            raise ValueError("give either content or messages")
-        if self.messages is not None and self.messages[-1].role != "user":
-            raise ValueError("the last of messages must be the user's")
-        return self
+LAST_SEQ = "chat_last_seq"  # a message option: the seq of the last frame an earlier attempt published
 
 
 @job(ChatJob, min_backoff=1_000, max_backoff=60_000)
@@ -56,7 +26,7 @@ def chat_completion(job: ChatJob) -> None:
     settings = get_settings()
     message = CurrentMessage.get_current_message()
     job_id = message.message_id
-    publisher = FramePublisher(job_id, settings)
+    publisher = FramePublisher(job_id, settings, after_seq=int(message.options.get(LAST_SEQ, 0)))
     try:
         if settings.require_idempotency and job.idempotency_key is None:
             raise InvalidPayload("idempotency_key is required (REQUIRE_IDEMPOTENCY=true)")
@@ -67,6 +37,7 @@ def chat_completion(job: ChatJob) -> None:
     finally:
         if "ready" in publisher.sent:  # carried by the retried or deferred message: one `ready` per job
             message.options[READY_SENT] = True
+        message.options[LAST_SEQ] = publisher.seq  # SSE ids stay unique and increasing across attempts
         publisher.close()
 
 

@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 from dramatiq.middleware import CurrentMessage
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.config import get_settings
 from shared.db import get_pool
-from shared.embedding import TARGET_TABLES, Doc, delete_stale_chunks, load_source_docs, run_embedding
+from shared.embedding import Doc, delete_stale_chunks, load_source_docs, run_embedding
 from shared.deadletters import DeadLetter, record_dead_letter
 from shared.errors import PermanentError
+from shared.jobs import EmbedJob
 from shared.middleware.events import job_fields
 from shared.providers.embeddings import EmbeddingsClient
 from shared.ratelimit import per_minute
 
 from .actor import job
-
-
-class InlineDocument(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source_id: str = Field(min_length=1, max_length=512)
-    chunk_index: int = Field(0, ge=0, le=1_000_000)
-    content: str = Field(min_length=1, max_length=200_000)
-    metadata: dict = Field(default_factory=dict)
-
-
-class EmbedJob(BaseModel):
-    """Either inline `documents` (into `table`), or `source` + `ids` naming rows of a registered source."""
-
-    model_config = ConfigDict(extra="forbid")
-    documents: list[InlineDocument] | None = Field(None, min_length=1, max_length=10_000)
-    table: Literal[TARGET_TABLES] | None = None  # type: ignore[valid-type]
-    source: str | None = Field(None, min_length=1, max_length=100)
-    ids: list[str | int] | None = Field(None, min_length=1, max_length=10_000)
-    model: str | None = Field(None, min_length=1, max_length=200)
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "EmbedJob":
-        if (self.documents is None) == (self.source is None):
-            raise ValueError("give either documents, or source and ids")
-        if self.source is not None and self.ids is None:
-            raise ValueError("a source job needs ids")
-        if self.source is not None and self.table is not None:
-            raise ValueError("a source's target table comes from EMBED_SOURCES, not from the job")
-        return self
 
 
 def _client(settings) -> EmbeddingsClient:

@@ -7,7 +7,7 @@ depth read from pgmq), and a PodDisruptionBudget. Plus the scheduler (two replic
 lets one lead), the shared ConfigMap, and a PodMonitor for the Prometheus Operator.
 The HTTP gateway (the Procfile's `gateway`) is no queue consumer: a Deployment probed on its HTTP port,
 a Service, a HorizontalPodAutoscaler on CPU and a PodDisruptionBudget.
-Secrets (DATABASE_URL, provider keys) come from a Secret named fleet-secrets that you create.
+Secrets (DATABASE_URL, provider keys, the gateway's GATEWAY_JWT_SECRET) come from a Secret named fleet-secrets that you create.
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def gateway_deployment(args: list[str]) -> dict:
     container = spec["containers"][0]
     port = int(option(args, "--port")[0])
     container |= {
-        "env": [{"name": "GATEWAY_HOST", "value": "0.0.0.0"}, {"name": "GATEWAY_DEV", "value": "false"}],
+        # fail closed: GATEWAY_JWT_SECRET (or GATEWAY_JWKS_URL) comes from fleet-secrets (or fleet-config)
+        "env": [{"name": "GATEWAY_HOST", "value": "0.0.0.0"}, {"name": "GATEWAY_DEV", "value": "false"},
+                {"name": "GATEWAY_VERIFY_JWT", "value": "true"}],
         "ports": [{"name": "http", "containerPort": port}],
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 2},
