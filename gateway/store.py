@@ -111,11 +111,12 @@ class Store:
 
     async def remember_signature(self, signature: str, ttl_s: int) -> bool:
         """False when the signature was seen before (within its window): a replay."""
+        # Expired rows are pruned by housekeeping; one not pruned yet is taken over here, not scanned for.
         async with self.pool.connection() as conn:
-            await conn.execute("delete from gateway_signatures where expires_at < now()")
             cur = await conn.execute(
-                "insert into gateway_signatures (signature, expires_at) values (%s, now() + %s * interval '1 second')"
-                " on conflict (signature) do nothing returning 1", (signature, ttl_s))
+                "insert into gateway_signatures as g (signature, expires_at) values (%s, now() + %s * interval '1 second')"
+                " on conflict (signature) do update set expires_at = excluded.expires_at where g.expires_at < now()"
+                " returning 1", (signature, ttl_s))
             return await cur.fetchone() is not None
 
 
