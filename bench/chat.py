@@ -25,9 +25,9 @@ CHAT_S = 1.0  # throughput run: time to first token + 10 tokens at 20/s
 
 
 def start(config: dict):
-    from fleet.shared.cli import worker_command, worker_env
+    from fleet.ops.processes import worker_command, worker_env
     from fleet.shared.config import reset_settings
-    from fleet.shared.demo import start_simulator
+    from fleet.ops.processes import start_simulator
 
     sim, url = start_simulator(config)
     env = worker_env(["chat"], 0) | {"CHAT_API_BASE": f"{url}/v1", "CHAT_KEEPALIVE_S": "5"}
@@ -40,7 +40,7 @@ def start(config: dict):
 
 def latency(samples: int = 60) -> None:
     from fleet.shared.client import FleetClient
-    from fleet.shared.demo import stop_process
+    from fleet.ops.processes import stop_process
 
     sim, workers = start({"ttft_ms": TTFT_S * 1000, "answer_tokens": 3})
     client = FleetClient()
@@ -69,7 +69,7 @@ def latency(samples: int = 60) -> None:
 
 def throughput(chats: int = 64) -> None:
     from fleet.shared.client import FleetClient
-    from fleet.shared.demo import stop_process
+    from fleet.ops.processes import stop_process
 
     sim, workers = start({"ttft_ms": 500, "tokens_per_s": 20, "answer_tokens": 11})
     client = FleetClient()

@@ -24,9 +24,9 @@ DRAIN = 20_000  # messages read and deleted in each depth measurement
 
 
 def processes() -> None:
-    from fleet.shared.cli import worker_env
+    from fleet.ops.processes import worker_env
     from fleet.shared.client import FleetClient
-    from fleet.shared.processes import WorkerGroup, wait_for
+    from fleet.ops.processes import WorkerGroup, wait_for
 
     dsn = database_dsn(get_settings())
     client = FleetClient()

@@ -10,7 +10,7 @@ import time
 import uuid
 
 from fleet.shared.db import get_pool
-from fleet.shared.lifecycle import run_lifecycle
+from fleet.workers.lifecycle.actions import run_lifecycle
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ def measure(args: list[str], env_extra: dict) -> dict[str, float]:
 
 
 def main() -> int:
+    from fleet.ops.terminal import print_table, progress_bar
     from fleet.shared.config import get_settings
     from fleet.shared.db import connect, database_dsn, redis_url
     from fleet.shared.migrate import migrate
@@ -88,16 +89,18 @@ def main() -> int:
         with connect() as conn:
             migrate(conn)
         figures: dict[str, float] = {}
-        for label, args, env in MEASUREMENTS:
-            settle()
-            t = time.monotonic()
-            got = measure(args, env)
-            if "dramatiq_queue_prefetch" in env:
-                got = {f"{k}_prefetch64": v for k, v in got.items()}
-            figures |= got
-            print(f"# {label} ({time.monotonic() - t:.1f}s)", flush=True)
-            for k, v in got.items():
-                print(f"{k}: {v:g}", flush=True)
+        with progress_bar("benchmarks", len(MEASUREMENTS)) as bar:
+            for done, (label, args, env) in enumerate(MEASUREMENTS, 1):
+                settle()
+                t = time.monotonic()
+                got = measure(args, env)
+                if "dramatiq_queue_prefetch" in env:
+                    got = {f"{k}_prefetch64": v for k, v in got.items()}
+                figures |= got
+                print(f"# {label} ({time.monotonic() - t:.1f}s)", flush=True)
+                for k, v in got.items():
+                    print(f"{k}: {v:g}", flush=True)
+                bar.update(done)
     finally:
         for service in started:
             service.down()
@@ -124,8 +127,8 @@ def main() -> int:
          figures["growth_read_delete_after_purge_per_s"] / figures["growth_read_delete_10k_waiting_per_s"], "-"),
     ]
     print()
-    for name, value, target in ratios:
-        print(f"ratio {name}: {value:.2f} (target {target})")
+    print_table([{"ratio": name, "value": f"{value:.2f}", "target": target} for name, value, target in ratios],
+                ["ratio", "value", "target"])
     print(f"idle pickup p50: {figures['pickup_p50_ms']:.2f} ms (target < 15 ms), p99: {figures['pickup_p99_ms']:.2f} ms")
     print(f"chat added latency p50: {figures['chat_added_latency_p50_ms']:.1f} ms (target < 30 ms), "
           f"p99: {figures['chat_added_latency_p99_ms']:.1f} ms")

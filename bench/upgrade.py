@@ -10,11 +10,11 @@ import argparse
 import time
 import uuid
 
-from fleet.shared.agentfile import parse_agent_file
+from fleet.workers.agents.agentfile import parse_agent_file
 from fleet.shared.client import FleetClient
 from fleet.shared.db import get_pool
-from fleet.shared.templates import publish
-from fleet.shared.upgrades import fan_out
+from fleet.workers.agents.templates import publish
+from fleet.workers.agents.upgrades import fan_out
 
 TEMPLATE = {"agents": [{"name": "bench", "system": "s", "llm_config": {"model": "m", "model_endpoint_type": "openai",
                                                                       "context_window": 8000},

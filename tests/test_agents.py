@@ -11,7 +11,7 @@ import httpx
 import psycopg
 import pytest
 
-from fleet.shared.templates import publish
+from fleet.workers.agents.templates import publish
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY

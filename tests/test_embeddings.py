@@ -9,7 +9,7 @@ import httpx
 import psycopg
 import pytest
 
-from fleet.shared.embedding import content_hash
+from fleet.workers.embed.embedding import content_hash
 
 from .conftest import started_fleet
 from .helpers import dead_letters, wait_for

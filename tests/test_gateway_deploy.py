@@ -95,7 +95,7 @@ def test_the_gateway_refuses_to_start_unprotected_outside_development(monkeypatc
 
 def test_fleet_gateway_exits_with_the_reason_when_unprotected(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"GATEWAY_DEV": "false"}
-    done = subprocess.run([sys.executable, "-m", "fleet.shared.cli", "gateway", "--port", "0"], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "fleet.ops.cli", "gateway", "--port", "0"], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "GATEWAY_VERIFY_JWT" in done.stderr and "GATEWAY_HMAC_KEY" in done.stderr

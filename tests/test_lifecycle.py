@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from fleet.shared.config import Settings
-from fleet.shared.lifecycle import run_lifecycle, undo_run
+from fleet.workers.lifecycle.actions import run_lifecycle, undo_run
 from fleet.simulator import Simulator
 
 VEC = Simulator()

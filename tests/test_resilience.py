@@ -187,7 +187,7 @@ def leased_agent(services):
     """An agent upgrade attempt that is `running` under a live lease, as a first copy of the job leaves it."""
     import uuid
 
-    from fleet.shared.templates import publish
+    from fleet.workers.agents.templates import publish
 
     from .test_templates import AGENT
 
@@ -211,7 +211,7 @@ def leased_agent(services):
 def test_a_second_copy_cannot_take_an_agent_whose_upgrade_lease_is_live(leased_agent):
     from fleet.shared.config import Settings
     from fleet.shared.errors import DeferredError
-    from fleet.shared.upgrades import upgrade_one
+    from fleet.workers.agents.upgrades import upgrade_one
 
     conn, run, agent, lease = leased_agent
     with pytest.raises(DeferredError, match="another attempt holds the upgrade"):
@@ -221,7 +221,7 @@ def test_a_second_copy_cannot_take_an_agent_whose_upgrade_lease_is_live(leased_a
 
 
 def test_the_upgrade_heartbeat_survives_database_errors_and_the_fence_sees_a_lost_lease(leased_agent):
-    from fleet.shared.upgrades import Heartbeat, LeaseLost
+    from fleet.workers.agents.upgrades import Heartbeat, LeaseLost
 
     conn, run, agent, lease = leased_agent
     conn.execute("insert into test_heartbeat_block values (true)")
@@ -285,7 +285,7 @@ def test_an_attempt_whose_lease_was_taken_over_does_not_record_its_outcome(lease
 
     from psycopg.rows import dict_row
 
-    from fleet.shared.upgrades import _finish
+    from fleet.workers.agents.upgrades import _finish
 
     conn, run, agent, lease = leased_agent
     row = {"run_id": run, "agent_id": agent, "dry_run": False}

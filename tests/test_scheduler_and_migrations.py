@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from fleet.shared.migrate import MigrationError, migrate
-from fleet.shared.scheduler import Periodic, Scheduler, current_leader
+from fleet.shared.scheduler import Periodic, Scheduler
+from fleet.shared.leadership import current_leader
 
 from .conftest import make_client
 from .helpers import wait_for

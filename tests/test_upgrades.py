@@ -11,7 +11,7 @@ import httpx
 import psycopg
 import pytest
 
-from fleet.shared.templates import publish
+from fleet.workers.agents.templates import publish
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY
@@ -59,7 +59,7 @@ def cohort(ufleet, sim, users: int) -> tuple[str, list[str]]:
 
 
 def run_upgrade(ufleet, name: str, version: str, *, dry_run: bool, cohort_filter: dict | None = None) -> str:
-    from fleet.shared.upgrades import start_run
+    from fleet.workers.agents.upgrades import start_run
 
     run = start_run(name, version, cohort_filter or {}, dry_run, ufleet.client)  # SQL on pgmq, the SDK on Redis
 
@@ -164,7 +164,7 @@ def test_a_bad_template_halts_the_run(ufleet, sim):
 
 def test_stale_heartbeats_are_requeued_and_finished(ufleet, sim):
     from fleet.shared.config import Settings
-    from fleet.shared.upgrades import requeue_stale
+    from fleet.workers.agents.upgrades import requeue_stale
 
     name, users = cohort(ufleet, sim, 1)
     with psycopg.connect(ufleet.dsn, autocommit=True) as conn:

@@ -35,9 +35,9 @@ BLOCKING_THREADS = 32  # enqueues and stored-answer reads run in threads (the SD
 
 def fleet_broker():
     """The workers' broker: importing the actors registers the job types the SDK enqueues."""
-    from fleet import workers
+    from fleet.workers import start
 
-    return workers.broker
+    return start()
 
 
 def chat_hub(settings, gw):

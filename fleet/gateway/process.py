@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from fleet.shared.processes import wait_for
+from fleet.ops.processes import wait_for
 from fleet.shared.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ class GatewayProcess:
 
     def start(self, timeout: float = 60) -> "GatewayProcess":
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.shared.cli", "gateway", "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "gateway", "--port", str(self.port)],
                                      env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: self._ready() or self.proc.poll() is not None, timeout, 0.1, "the gateway to be ready")

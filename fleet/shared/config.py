@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     embed_max_tokens_per_request: int = Field(16_000, alias="EMBED_MAX_TOKENS_PER_REQUEST", ge=1)
     embed_chunk_tokens: int = Field(512, alias="EMBED_CHUNK_TOKENS", ge=16)
     # What each model reads of one input ({"model": tokens}); a longer input is cut by the server without a
-    # word, so chunks are kept within it (see fleet/shared/embedding.py KNOWN_INPUT_TOKENS for the built-in ones).
+    # word, so chunks are kept within it (see fleet/workers/embed/embedding.py KNOWN_INPUT_TOKENS for the built-in ones).
     embed_model_input_tokens: dict[str, int] = Field(default_factory=dict, alias="EMBED_MODEL_INPUT_TOKENS")
     embed_provider_max_retries: int = Field(2, alias="EMBED_PROVIDER_MAX_RETRIES", ge=0)
     embed_rate_limit_per_min: int = Field(0, alias="EMBED_RATE_LIMIT_PER_MIN", ge=0)  # 0: no limit

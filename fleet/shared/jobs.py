@@ -1,6 +1,6 @@
 """The payloads of the jobs the fleet's clients enqueue (chat, embed): defined here, apart from the
 actors, so that a client (the gateway) validates with the same models without importing the workers
-(whose package builds a broker at import)."""
+(whose actors need a broker)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fleet.shared.embedding import TARGET_TABLES
+TARGET_TABLES = ("vector_documents", "code_vectors")  # where inline documents may be embedded
 
 
 class ChatMessage(BaseModel):

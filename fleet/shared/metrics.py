@@ -134,7 +134,7 @@ def _fleet_wide_gauges():
     from prometheus_client.core import GaugeMetricFamily
 
     from fleet.shared.db import get_pool
-    from fleet.shared.scheduler import current_leader
+    from fleet.shared.leadership import current_leader
 
     leader = GaugeMetricFamily("fleet_scheduler_leader", "1 while a scheduler holds the leader lock.")
     leader.add_metric([], 1 if current_leader() else 0)

@@ -18,10 +18,10 @@ import structlog
 
 from fleet.shared.db import database_dsn
 from fleet.shared.errors import describe
+from fleet.shared.leadership import LEADER_LOCK_KEY
 
 log = structlog.get_logger(__name__)
 
-LEADER_LOCK_KEY = 0x666C656574_02
 APPLICATION_NAME = "fleet-scheduler"
 
 
@@ -117,17 +117,3 @@ class Scheduler:
                 enqueued.append(p.name)
                 log.info("scheduler.enqueued", periodic=p.name, job=p.job)
         return enqueued
-
-
-def current_leader() -> str | None:
-    """The application name of the connection holding the leader lock, if any."""
-    from fleet.shared.db import get_pool
-
-    with get_pool().connection() as conn:
-        row = conn.execute(
-            "select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid"
-            " where l.locktype = 'advisory' and l.granted"
-            " and ((l.classid::bigint << 32) | l.objid::bigint) = %s",
-            (LEADER_LOCK_KEY,),
-        ).fetchone()
-    return row[0] if row else None

@@ -1,6 +1,7 @@
 """`job`: declare a fleet actor whose single argument is validated by a pydantic model.
 
 Validation failure is permanent (InvalidPayload): straight to the dead letters, no retries.
+Actors are declared on the fleet's broker (`fleet.workers.start()`), whoever imports them first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pydantic
 from fleet.shared.errors import InvalidPayload, PermanentError, describe
 from fleet.shared.payloads import problem
 from fleet.shared.registry import job_type
+from fleet.workers import start
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -34,6 +36,6 @@ def job(model: type[M], **options: Any) -> Callable[[Callable[[M], Any]], dramat
 
         # Permanent errors are expected outcomes: dramatiq logs them without a traceback.
         options.setdefault("throws", (PermanentError,))
-        return dramatiq.actor(run, actor_name=jt.name, queue_name=jt.queue, **options)
+        return dramatiq.actor(run, actor_name=jt.name, queue_name=jt.queue, broker=start(), **options)
 
     return decorator

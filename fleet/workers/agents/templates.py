@@ -8,9 +8,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from fleet.shared.agentfile import diff, needs_definition, parse_agent_file, to_letta_file
+from fleet.workers.agents.agentfile import diff, needs_definition, parse_agent_file, to_letta_file
 from fleet.shared.db import get_pool
-from fleet.shared.semver import Version
+from fleet.workers.agents.semver import Version
 
 
 class TemplateError(ValueError):

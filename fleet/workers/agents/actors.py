@@ -11,14 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from dramatiq.middleware import CurrentMessage
 
 from fleet.shared import events
-from fleet.shared.agentfile import parse_agent_file
-from fleet.shared.agents import billing_endpoint, create_body
+from fleet.workers.agents.agentfile import parse_agent_file
+from fleet.workers.agents.creation import billing_endpoint, create_body
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import DeferredError, PermanentError
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.letta import LettaClient
-from fleet.shared.templates import get, list_templates
+from fleet.workers.agents.templates import get, list_templates
 
 from fleet.workers.actor import job
 

@@ -14,7 +14,7 @@ from fleet.shared.client import FleetClient
 from fleet.shared.config import get_settings
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.middleware.retries import is_last_attempt
-from fleet.shared.upgrades import fan_out, requeue_stale, upgrade_one
+from fleet.workers.agents.upgrades import fan_out, requeue_stale, upgrade_one
 
 from fleet.workers.actor import job
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,9 +15,7 @@ from typing import Any
 
 import psycopg
 from pgvector import Vector
-from pgvector.psycopg.vector import register_vector_info
 from psycopg import sql
-from psycopg.types import TypeInfo
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,9 +24,10 @@ from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import PermanentError, describe
 from fleet.shared.metrics import metrics
+from fleet.shared.jobs import TARGET_TABLES
 from fleet.shared.providers.embeddings import EmbeddingsClient, estimate_tokens, plan_batches
+from fleet.shared.vectors import vector_dim, with_vectors
 
-TARGET_TABLES = ("vector_documents", "code_vectors")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -151,28 +149,6 @@ def chunk_text(text: str, max_tokens: int) -> list[str]:
 
 
 # -- Postgres ---------------------------------------------------------------
-_vector_info: TypeInfo | None = None
-_vector_lock = threading.Lock()
-
-
-def with_vectors(conn: psycopg.Connection) -> psycopg.Connection:
-    """pgvector's binary dumper on this connection (the type's oid is looked up once per process)."""
-    global _vector_info
-    if _vector_info is None:
-        with _vector_lock:
-            if _vector_info is None:
-                _vector_info = TypeInfo.fetch(conn, "vector")
-    register_vector_info(conn, _vector_info)
-    return conn
-
-
-def vector_dim(conn: psycopg.Connection, table: str) -> int:
-    dim = conn.execute("select get_vector_dim(%s)", (table,)).fetchone()[0]
-    if not dim or dim < 1:
-        raise PermanentError(f"{table}.embedding has no fixed dimension")
-    return dim
-
-
 def unchanged(conn: psycopg.Connection, table: str, docs: list[Doc], model: str) -> set[tuple[str, int]]:
     """Keys whose stored row has the same content hash and model: nothing to pay for."""
     if not docs:

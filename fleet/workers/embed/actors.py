@@ -7,7 +7,7 @@ from dramatiq.middleware import CurrentMessage
 
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
-from fleet.shared.embedding import Doc, delete_stale_chunks, load_source_docs, run_embedding
+from fleet.workers.embed.embedding import Doc, delete_stale_chunks, load_source_docs, run_embedding
 from fleet.shared.deadletters import DeadLetter, record_dead_letter
 from fleet.shared.errors import PermanentError
 from fleet.shared.jobs import EmbedJob

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
-from fleet.shared.embedding import vector_dim, with_vectors
-from fleet.shared.lifecycle import ACTIONS, run_lifecycle
+from fleet.shared.vectors import vector_dim, with_vectors
+from fleet.workers.lifecycle.actions import ACTIONS, run_lifecycle
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.embeddings import EmbeddingsClient, plan_batches
 from fleet.shared.ratelimit import per_minute

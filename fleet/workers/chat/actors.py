@@ -5,7 +5,7 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from fleet.shared.chat import ChatRequest, publish_failure, run_chat
+from fleet.workers.chat.completion import ChatRequest, publish_failure, run_chat
 from fleet.shared.config import get_settings
 from fleet.shared.errors import InvalidPayload
 from fleet.shared.frames import FramePublisher

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from fleet.shared.agentfile import UPGRADED_FIELDS, AgentFile
+from fleet.workers.agents.agentfile import UPGRADED_FIELDS, AgentFile
 
 FLEET_METADATA_PREFIX = "fleet_"
 # rules the server adds by itself: for base tools when asked to (include_base_tool_rules), and

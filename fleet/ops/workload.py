@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fleet.shared.demo import DEMO_TEMPLATE
+from fleet.ops.demo_families import DEMO_TEMPLATE
 
 FINAL = ("job.succeeded", "job.dead")
 
@@ -91,7 +91,7 @@ class Workload:
 
     def agents(self, n: int) -> None:
         """Publish the template's two versions (once) and create n agents on 1.0.0."""
-        from fleet.shared.templates import publish
+        from fleet.workers.agents.templates import publish
 
         if not self.published:
             publish(self.template, "1.0.0", DEMO_TEMPLATE)
@@ -109,7 +109,7 @@ class Workload:
                                 (self.template,)).fetchone()[0]
 
     def upgrade(self, *, dry_run: bool = False) -> str:
-        from fleet.shared.upgrades import start_run
+        from fleet.workers.agents.upgrades import start_run
 
         run = start_run(self.template, "1.1.0", {}, dry_run, self.client)
         self.upgrade_runs.append(run)

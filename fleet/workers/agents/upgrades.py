@@ -12,16 +12,16 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from fleet.shared import events
-from fleet.shared.agentfile import parse_agent_file
-from fleet.shared.agents import billing_endpoint
-from fleet.shared.agentview import changes, patch_body
+from fleet.workers.agents.agentfile import parse_agent_file
+from fleet.workers.agents.creation import billing_endpoint
+from fleet.workers.agents.agentview import changes, patch_body
 from fleet.shared.config import Settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import DeferredError, PermanentError, classify, describe
 from fleet.shared.metrics import metrics
 from fleet.shared.providers.letta import LettaClient
 from fleet.shared.redact import redact
-from fleet.shared.templates import get
+from fleet.workers.agents.templates import get
 
 FINAL = ("succeeded", "failed", "skipped", "cancelled")
 

@@ -1,0 +1,5 @@
+import sys
+
+from fleet.ops.cli import main
+
+sys.exit(main())

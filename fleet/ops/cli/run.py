@@ -1,0 +1,78 @@
+"""Long-running processes: `fleet worker`, `scheduler`, `metrics`, `gateway`, `simulator`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from fleet.shared.config import get_settings
+
+
+def cmd_worker(args) -> int:
+    from fleet.ops.processes import worker_command, worker_env
+    from fleet.shared.registry import queues as known_queues
+
+    for q in args.queues or []:
+        if q not in known_queues():
+            print(f"fleet worker: unknown queue {q!r}; known: {', '.join(known_queues())}", file=sys.stderr)
+            return 2
+    from fleet.shared.middleware.startup import missing_settings
+
+    problems = missing_settings(get_settings(), set(args.queues) if args.queues else None)
+    if problems:
+        for p in problems:
+            print(f"fleet worker: {p}", file=sys.stderr)
+        return 2
+    env = worker_env(args.queues, args.metrics_port)
+    cmd = worker_command(args.queues, args.processes, args.threads, args.metrics_port)
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def cmd_scheduler(args) -> int:
+    import signal
+
+    from fleet.shared.logs import configure_logging
+    from fleet.shared.scheduler import Scheduler
+
+    configure_logging(get_settings().log_level)
+    scheduler = Scheduler(tick_s=args.tick)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
+    signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
+    scheduler.run()
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    from fleet.shared.metrics import serve
+
+    return serve(args.host, args.port)
+
+
+def register(sub) -> None:
+    s = sub.add_parser("worker", help="run dramatiq worker processes for some or all queues")
+    s.add_argument("--queues", nargs="*", help="queues to consume (default: all)")
+    s.add_argument("--processes", type=int, default=1)
+    s.add_argument("--threads", type=int, default=8)
+    s.add_argument("--metrics-port", type=int, default=None, help="exporter port (FLEET_METRICS_PORT); 0 disables it")
+    s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("scheduler", help="enqueue periodic jobs (one leader at a time)")
+    s.add_argument("--tick", type=float, default=1.0)
+    s.set_defaults(func=cmd_scheduler)
+
+    s = sub.add_parser("metrics", help="serve /metrics, /healthz, /readyz")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_metrics)
+
+    s = sub.add_parser("gateway", help="the HTTP gateway: chat and embed jobs over HTTP, their frames as SSE")
+    s.add_argument("--host", help="GATEWAY_HOST (127.0.0.1)")
+    s.add_argument("--port", type=int, help="GATEWAY_PORT (8080); 0 picks a free port")
+    s.set_defaults(func=lambda a: __import__("fleet.gateway.server", fromlist=["serve"]).serve(a.host, a.port))
+
+    s = sub.add_parser("simulator", help="run the provider simulator (OpenAI-compatible) on loopback")
+    s.add_argument("--port", type=int, default=8900)
+    s.add_argument("--config", default="{}", help="JSON object of simulator settings")
+    s.set_defaults(func=lambda a: __import__("fleet.simulator", fromlist=["main"]).main(
+        ["--port", str(a.port), "--config", a.config]))
