@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from bench.soak_checks import SECRET_KEY, Outcome, soak_report
 
-SECRET_KEY = "sk-soak-planted-secret-6f1d2c9a8b7e"  # must never appear in logs, events, dead letters, metrics
 # The provider fault storm (--faults): 30% 5xx, 10% 429 with Retry-After, 5% timeouts, 5% malformed bodies.
 STORM = {"error_rate_5xx": 0.30, "rate_429": 0.10, "retry_after_s": 1.0, "timeout_rate": 0.05, "timeout_s": 3.0,
          "malformed_rate": 0.05}
@@ -113,15 +112,67 @@ class Chaos(threading.Thread):
 
 
 def start_simulator(faults: bool):
-    from fleet.shared.demo import start_simulator as start
+    from fleet.ops.processes import start_simulator as start
 
     return start({**CALM, **(STORM if faults else {}), "api_key": SECRET_KEY})
 
 
 def start_scheduler(env: dict, logs: Path) -> subprocess.Popen:
     with open(logs / "scheduler.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "fleet.shared.cli", "scheduler"], env=env, start_new_session=True,
+        return subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "scheduler"], env=env, start_new_session=True,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+
+
+def soak_env(sim_url: str) -> dict:
+    """The workers' environment: the simulator for every provider, short timeouts so that the chaos shows."""
+    return dict(os.environ) | {
+        "EMBEDDING_API_BASE": f"{sim_url}/v1", "EMBEDDING_API_KEY": SECRET_KEY,
+        "CHAT_API_BASE": f"{sim_url}/v1", "CHAT_API_KEY": SECRET_KEY,
+        "LETTA_API_BASE_URL": sim_url, "LETTA_API_KEY": SECRET_KEY, "ZUPLO_BASE_URL": "https://billing.soak.invalid",
+        "HEALTH_PROVIDERS": "chat,embedding,letta",
+        "FLEET_VISIBILITY_TIMEOUT_S": "5", "FLEET_MAX_RETRIES": "8", "FLEET_MIN_BACKOFF_MS": "200",
+        "FLEET_MAX_BACKOFF_MS": "4000", "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000", "FLEET_LOG_LEVEL": "INFO",
+        "UPGRADE_STALE_AFTER_S": "10", "UPGRADE_HALT_MIN_SAMPLE": "100000",
+        "EMBED_PROVIDER_MAX_RETRIES": "1", "LETTA_MAX_RETRIES": "1",
+    }
+
+
+def produce_waves(work, mix: "Mix", waves: int = 5) -> None:
+    """The agents first, then the rest of the work in waves, a second apart."""
+    work.agents(mix.agents)
+    for w in range(waves):
+        share = lambda n: n // waves + (1 if w < n % waves else 0)  # noqa: E731
+        produce(lambda: work.echo(share(mix.echo)))
+        produce(lambda: work.embeddings(4 * share(mix.embed_jobs), docs_per_job=4))
+        produce(lambda: work.chats(share(mix.chats)))
+        produce(lambda: work.health(share(mix.health)))
+        produce(lambda: work.lifecycle(share(mix.lifecycle), memories_per_project=20))
+        time.sleep(1.0)
+
+
+def wait_to_settle(work, chaos: "Chaos", mix: "Mix", broker: str, t0: float, deadline: float, min_stops: int) -> bool:
+    """Start the upgrade once the agents exist, then wait until every job is final and the chaos has done its
+    part (or the deadline). Returns whether the upgrade was started."""
+    upgrade_started = False
+    last = 0.0
+    while time.monotonic() < deadline:
+        try:
+            if not upgrade_started and work.agents_created() >= mix.agents:
+                work.upgrade()
+                upgrade_started = True
+            restarts_done = (chaos.pg_restarts >= bool(chaos.pg_at) and chaos.redis_restarts >= bool(chaos.redis_at)
+                             and len(chaos.stopped_at) >= min_stops)
+            if upgrade_started and restarts_done and work.settled():
+                break
+            if time.monotonic() - last > 5:
+                done, total = work.progress()
+                print(f"  [{broker}] {time.monotonic() - t0:5.0f}s  {done}/{total} final, kills {chaos.kills},"
+                      f" pg restarts {chaos.pg_restarts}, redis restarts {chaos.redis_restarts}", flush=True)
+                last = time.monotonic()
+        except Exception as e:  # the database is restarting: read again shortly
+            print(f"  [{broker}] waiting: {type(e).__name__}", flush=True)
+        time.sleep(0.5)
+    return upgrade_started
 
 
 def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_every_s: float, seed: int,
@@ -135,9 +186,9 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
 
     reset_settings()
     from fleet.shared.db import close_pool, connect
-    from fleet.shared.demo import stop_process
+    from fleet.ops.processes import stop_process
     from fleet.shared.migrate import migrate
-    from fleet.shared.processes import WorkerGroup
+    from fleet.ops.processes import WorkerGroup
     from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
     pg, rd = EmbeddedPostgres(home), (EmbeddedRedis(home) if broker == "redis" else None)
@@ -153,16 +204,7 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         with connect() as conn:
             migrate(conn)
         simulator, sim_url = start_simulator(faults)
-        env = dict(os.environ) | {
-            "EMBEDDING_API_BASE": f"{sim_url}/v1", "EMBEDDING_API_KEY": SECRET_KEY,
-            "CHAT_API_BASE": f"{sim_url}/v1", "CHAT_API_KEY": SECRET_KEY,
-            "LETTA_API_BASE_URL": sim_url, "LETTA_API_KEY": SECRET_KEY, "ZUPLO_BASE_URL": "https://billing.soak.invalid",
-            "HEALTH_PROVIDERS": "chat,embedding,letta",
-            "FLEET_VISIBILITY_TIMEOUT_S": "5", "FLEET_MAX_RETRIES": "8", "FLEET_MIN_BACKOFF_MS": "200",
-            "FLEET_MAX_BACKOFF_MS": "4000", "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000", "FLEET_LOG_LEVEL": "INFO",
-            "UPGRADE_STALE_AFTER_S": "10", "UPGRADE_HALT_MIN_SAMPLE": "100000",
-            "EMBED_PROVIDER_MAX_RETRIES": "1", "LETTA_MAX_RETRIES": "1",
-        }
+        env = soak_env(sim_url)
         logs = home / "logs"
         logs.mkdir()
 
@@ -174,7 +216,7 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         # run again once it answers, and stale upgrade agents are requeued; the chaos leaves it running.
         scheduler = start_scheduler(env | {"HEALTH_REFRESH_INTERVAL_S": "5"}, logs)
         from fleet.shared.client import FleetClient
-        from fleet.shared.workload import Workload, problems
+        from fleet.ops.workload import Workload
 
         client = FleetClient()
         work = Workload(client, connect, seed=seed)
@@ -184,72 +226,15 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
                       seed=seed, pg_at=2.5 if chaos_on else 0, redis_at=5.0 if (rd and chaos_on) else 0)
         chaos.start()
         # The work arrives in waves while the chaos runs; producers retry through the restarts.
-        work.agents(mix.agents)
-        waves = 5
-        for w in range(waves):
-            share = lambda n: n // waves + (1 if w < n % waves else 0)  # noqa: E731
-            produce(lambda: work.echo(share(mix.echo)))
-            produce(lambda: work.embeddings(4 * share(mix.embed_jobs), docs_per_job=4))
-            produce(lambda: work.chats(share(mix.chats)))
-            produce(lambda: work.health(share(mix.health)))
-            produce(lambda: work.lifecycle(share(mix.lifecycle), memories_per_project=20))
-            time.sleep(1.0)
+        produce_waves(work, mix)
         enqueued_s = time.monotonic() - t0
-        upgrade_started = False
-        deadline = t0 + time_limit_s
-        last = 0.0
-        while time.monotonic() < deadline:
-            try:
-                if not upgrade_started and work.agents_created() >= mix.agents:
-                    work.upgrade()
-                    upgrade_started = True
-                restarts_done = (chaos.pg_restarts >= bool(chaos.pg_at) and chaos.redis_restarts >= bool(chaos.redis_at)
-                                 and len(chaos.stopped_at) >= min_stops)
-                if upgrade_started and restarts_done and work.settled():
-                    break
-                if time.monotonic() - last > 5:
-                    done, total = work.progress()
-                    print(f"  [{broker}] {time.monotonic() - t0:5.0f}s  {done}/{total} final, kills {chaos.kills},"
-                          f" pg restarts {chaos.pg_restarts}, redis restarts {chaos.redis_restarts}", flush=True)
-                    last = time.monotonic()
-            except Exception as e:  # the database is restarting: read again shortly
-                print(f"  [{broker}] waiting: {type(e).__name__}", flush=True)
-            time.sleep(0.5)
+        upgrade_started = wait_to_settle(work, chaos, mix, broker, t0, t0 + time_limit_s, min_stops)
         settled = upgrade_started and work.settled()
         settle_s = time.monotonic() - t0
         chaos.stopping.set()
         chaos.join()
-        patches = httpx.get(f"{sim_url}/_sim/letta").json()["patches"]
-        report = work.report(patches)
-        report.update({
-            "broker": broker, "faults": faults, "jobs_enqueued": sum(work.enqueued.values()),
-            "settled": settled, "enqueue_s": round(enqueued_s, 1), "settle_s": round(settle_s, 1),
-            "kills": chaos.kills, "groups_died": chaos.deaths, "sigterms": len(chaos.sigterm_stop_s),
-            "sigterm_stop_s_max": round(max(chaos.sigterm_stop_s, default=0), 2),
-            "stops_before_enqueue_end": sum(1 for t in chaos.stopped_at if t < enqueued_s), "pg_restarts": chaos.pg_restarts,
-            "redis_restarts": chaos.redis_restarts, "chaos_errors": chaos.errors[:5],
-        })
-        report["problems"] = problems(report) + ([] if settled else [f"did not settle within {time_limit_s:.0f}s"])
-        if not settled:
-            report["unfinished_sample"] = work.unfinished()
-            report["queues"] = queue_snapshot()
-        if scheduler.poll() is not None:
-            report["problems"].append(f"the scheduler exited with {scheduler.returncode}")
-        if not chaos_on and chaos.deaths:
-            report["problems"].append(f"{chaos.deaths} worker group(s) died without being killed")
-        report["secret_leaks"] = leaks(home, connect, chaos.groups)
-        if report["problems"]:  # keep what explains them: the home folder is removed below
-            kept = Path(tempfile.mkdtemp(prefix=f"fleet-soak-logs-{broker}-"))
-            shutil.copytree(logs, kept / "logs")
-            report["logs_kept"] = str(kept)
-        if report["secret_leaks"]:
-            report["problems"].append(f"a secret appears in {report['secret_leaks']}")
-        if faults:
-            # Each job attempt makes at most EMBED_PROVIDER_MAX_RETRIES + 1 calls, and a job has FLEET_MAX_RETRIES + 1.
-            sends_allowed = (int(env["FLEET_MAX_RETRIES"]) + 1) * (int(env["EMBED_PROVIDER_MAX_RETRIES"]) + 1)
-            report["provider_log"] = provider_log_checks(sim_url, sends_allowed)
-            report["problems"] += report["provider_log"]["problems"]
-        return report
+        return soak_report(work, chaos, Outcome(broker, faults, chaos_on, settled, enqueued_s, settle_s, time_limit_s),
+                           scheduler, home, logs, sim_url, env)
     finally:
         if chaos:
             chaos.stopping.set()
@@ -269,12 +254,6 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         shutil.rmtree(home, ignore_errors=True)
 
 
-def queue_snapshot() -> list[dict]:
-    from fleet.shared.status import queue_stats
-
-    return [q for q in queue_stats() if q["depth"]]
-
-
 def produce(enqueue, attempts: int = 60) -> None:
     """Enqueue, retrying while the database or Redis restarts (a producer that gives up loses work)."""
     for attempt in range(attempts):
@@ -285,80 +264,6 @@ def produce(enqueue, attempts: int = 60) -> None:
                 raise
             print(f"  enqueue retried: {type(e).__name__}", flush=True)
             time.sleep(0.5)
-
-
-def secrets_in_play() -> dict[str, str]:
-    """The planted provider key and the real passwords of the database and Redis this run uses."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    found = {"provider key": SECRET_KEY, "database password": conninfo_to_dict(os.environ["DATABASE_URL"])["password"]}
-    if os.environ.get("REDIS_URL"):
-        from urllib.parse import urlsplit
-
-        found["redis password"] = urlsplit(os.environ["REDIS_URL"]).password
-    return {name: value for name, value in found.items() if value}
-
-
-def scrape(port: int) -> bytes:
-    """The exporter of a group the chaos just restarted may not listen yet: wait for it."""
-    from fleet.shared.processes import wait_for
-
-    def get():
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).content
-        except httpx.TransportError:
-            return None
-
-    return wait_for(get, 30, 0.2, what=f"the exporter on port {port}")
-
-
-def leaks(home: Path, connect, groups) -> list[str]:
-    """Where a secret shows up: worker logs, metrics files and a live scrape, bus_events, dead letters."""
-    found = []
-    secrets = secrets_in_play()
-    blobs = [(str(p.relative_to(home)), p.read_bytes()) for p in home.rglob("*")
-             if p.is_file() and p.suffix in (".log", ".db") and "pg" not in p.relative_to(home).parts[:1]]
-    for group in groups:
-        if group.alive() and group.metrics_port:
-            blobs.append((f"/metrics of {group.log_path.name}", scrape(group.metrics_port)))
-    for where, blob in blobs:
-        found += [f"{where}: {name}" for name, value in secrets.items() if value.encode() in blob]
-    with connect() as conn:
-        for table, column in (("bus_events", "payload::text"),
-                              ("dead_letters", "coalesce(reason, '') || coalesce(error, '') || coalesce(message::text, '')"
-                                               " || coalesce(raw::text, '')")):
-            for name, value in secrets.items():
-                n = conn.execute(f"select count(*) from {table} where strpos({column}, %s) > 0", (value,)).fetchone()[0]
-                if n:
-                    found.append(f"{table} ({n} rows): {name}")
-    return found
-
-
-def provider_log_checks(sim_url: str, sends_allowed: int) -> dict:
-    """From the simulator's request log: a retry of an embedding request that got 429 waited for
-    Retry-After, and no documents were sent more often than the retry policy allows (no retry storm).
-    (Permanent failures not retried is read from the dead letters' attempts.)"""
-    log = httpx.get(f"{sim_url}/_sim/log").json()
-    out = {"requests": len(log), "statuses": {}, "retry_after_violations": 0, "problems": []}
-    for entry in log:
-        out["statuses"][str(entry.get("status"))] = out["statuses"].get(str(entry.get("status")), 0) + 1
-    from fleet.shared.health import PROBE_INPUT
-
-    by_input: dict = {}  # a job's embedding request carries its documents: a retry sends the same ones
-    for entry in log:
-        if entry.get("inputs") and entry["inputs"] != PROBE_INPUT:  # probes from different jobs look alike
-            by_input.setdefault(json.dumps(entry["inputs"], sort_keys=True), []).append(entry)
-    out["retried_inputs"] = sum(1 for entries in by_input.values() if len(entries) > 1)
-    for entries in by_input.values():
-        for before, after in zip(entries, entries[1:]):
-            if before.get("status") == 429 and after["t"] - before["t"] < 0.9:  # Retry-After is 1 s
-                out["retry_after_violations"] += 1
-    if out["retry_after_violations"]:
-        out["problems"].append(f"{out['retry_after_violations']} request(s) retried before Retry-After")
-    out["max_sends_per_input"] = max((len(entries) for entries in by_input.values()), default=0)
-    if out["max_sends_per_input"] > sends_allowed:
-        out["problems"].append(f"documents sent {out['max_sends_per_input']} times, the retry policy allows {sends_allowed}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

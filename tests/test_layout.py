@@ -1,0 +1,175 @@
+"""The house rules of the layout (README "Layout"), read from the source with ast, nothing imported:
+no import cycle between the modules of `fleet`; the platform (fleet.shared) imports no family and no tool;
+a family imports no other family; no function over 80 lines and no module over 400 lines in fleet/ and bench/."""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 400
+TOOLS = ("fleet.ops", "fleet.simulator", "fleet.gateway")
+FAMILY_COMMON = {"fleet.workers", "fleet.workers.actor"}  # the assembly point and the job decorator
+
+
+def modules(root: Path, package: str = "fleet") -> dict[str, Path]:
+    found = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _typing_only(node: ast.If) -> bool:
+    return isinstance(node.test, (ast.Name, ast.Attribute)) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imports(tree: ast.AST):
+    """Every import statement, at any depth (a function's lazy import is a dependency too), except those
+    under `if TYPE_CHECKING:` (annotations only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and _typing_only(node):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from _imports(node)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the modules of the package it imports (`from a import b` is a.b when a.b is a module)."""
+    mods = modules(root)
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        is_package = path.name == "__init__.py"
+        edges = set()
+        for node in _imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    pkg = name.split(".") if is_package else name.split(".")[:-1]
+                    pkg = pkg[: len(pkg) - (node.level - 1)]
+                    base = ".".join(pkg + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            edges |= {t for t in targets if t in mods and t != name}
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each as a sorted list."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def family_of(name: str) -> str | None:
+    if not _within(name, "fleet.workers") or name in FAMILY_COMMON:
+        return None
+    return ".".join(name.split(".")[:3])
+
+
+def crossings(graph: dict[str, set[str]]) -> list[str]:
+    """Arrows that point the wrong way: platform -> family or tool, family -> another family or a tool."""
+    wrong = []
+    for source, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if _within(source, "fleet.shared") and (family_of(target) or any(_within(target, t) for t in TOOLS)):
+                wrong.append(f"{source} -> {target} (the platform imports no family or tool)")
+            elif family_of(source) and any(_within(target, t) for t in TOOLS):
+                wrong.append(f"{source} -> {target} (a family imports no tool)")
+            elif family_of(source) and family_of(target) and family_of(source) != family_of(target):
+                wrong.append(f"{source} -> {target} (a family imports no other family)")
+    return wrong
+
+
+def oversized(root: Path, folders=("fleet", "bench")) -> list[str]:
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            text = path.read_text()
+            rel = path.relative_to(root)
+            if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+                found.append(f"{rel}: {n} lines (module)")
+            for node in ast.walk(ast.parse(text, str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > MAX_FUNCTION_LINES:
+                        found.append(f"{rel}:{node.lineno} {node.name}: {length} lines (function)")
+    return found
+
+
+def test_no_import_cycle_between_modules_of_fleet():
+    assert cycles(import_graph(ROOT)) == []
+
+
+def test_arrows_point_down_only():
+    assert crossings(import_graph(ROOT)) == []
+
+
+def test_no_long_function_and_no_large_module():
+    assert oversized(ROOT) == []
+
+
+def test_the_checks_find_a_cycle_a_crossing_and_a_long_function(tmp_path):
+    """The checks above can fail: on a small tree with each fault they name it."""
+    files = {
+        "fleet/__init__.py": "",
+        "fleet/shared/__init__.py": "",
+        "fleet/shared/metrics.py": "def leader():\n    from fleet.shared import scheduler\n",
+        "fleet/shared/scheduler.py": "from fleet.shared.metrics import leader\nfrom fleet.workers.chat import tokens\n",
+        "fleet/workers/__init__.py": "",
+        "fleet/workers/chat/__init__.py": "",
+        "fleet/workers/chat/tokens.py": "from fleet.workers.embed.embedding import chunk\n",
+        "fleet/workers/embed/__init__.py": "",
+        "fleet/workers/embed/embedding.py": "def chunk():\n" + "    pass\n" * 90,
+        "bench/__init__.py": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(textwrap.dedent(text))
+    graph = import_graph(tmp_path)
+    assert cycles(graph) == [["fleet.shared.metrics", "fleet.shared.scheduler"]]
+    assert crossings(graph) == [
+        "fleet.shared.scheduler -> fleet.workers.chat.tokens (the platform imports no family or tool)",
+        "fleet.workers.chat.tokens -> fleet.workers.embed.embedding (a family imports no other family)",
+    ]
+    assert oversized(tmp_path) == ["fleet/workers/embed/embedding.py:1 chunk: 91 lines (function)"]
