@@ -24,10 +24,8 @@ from fleet.shared.redact import redact_value
 log = structlog.get_logger(__name__)
 
 FLUSH_INTERVAL_S = 0.05
-INSERT_ROWS = (
-    "insert into bus_events (trace_id, job_id, queue, actor, type, payload)"
-    " select (e->>0)::uuid, e->>1, e->>2, e->>3, e->>4, e->5 from jsonb_array_elements(%s::jsonb) e"
-)
+# The one definition of the insert is in SQL (fleet_insert_events), shared with the pgmq consumer's ack.
+INSERT_ROWS = "select fleet_insert_events(%s::jsonb)"
 
 
 def as_uuid(value: Any) -> uuid.UUID | None:
