@@ -7,7 +7,7 @@ import uuid
 
 import psycopg
 
-from shared.services import EmbeddedPostgres, EmbeddedRedis
+from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
 from .helpers import dead_letters, fleet_cli, wait_for
 

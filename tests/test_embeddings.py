@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from shared.embedding import content_hash
+from fleet.shared.embedding import content_hash
 
 from .conftest import started_fleet
 from .helpers import dead_letters, wait_for
@@ -250,7 +250,7 @@ def test_one_oversized_input_is_dead_lettered_alone_and_the_rest_stored(efleet, 
     assert "String should have at most 1000 characters (string_too_long)" in dl["reason"]
     assert "xxxxxxxxxx" not in dl["reason"]  # the refused text is not echoed into the reason
     assert [e["type"] for e in evs if e["type"] in ("job.succeeded", "job.dead")].count("job.succeeded") == 1
-    from shared.deadletters import get_dead_letter, payload_of  # a retry of the letter embeds that input alone
+    from fleet.shared.deadletters import get_dead_letter, payload_of  # a retry of the letter embeds that input alone
 
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
         letter_id = conn.execute("select id from dead_letters where trace_id = %s", (trace,)).fetchone()[0]

@@ -9,8 +9,8 @@ import httpx
 import psycopg
 import pytest
 
-from shared.config import Settings
-from shared.health import ProviderDown, refresh
+from fleet.shared.config import Settings
+from fleet.shared.health import ProviderDown, refresh
 
 from .conftest import make_client, worker_env
 from .embedding_support import API_KEY, docs, embed_env, sim_log, stored
@@ -146,7 +146,7 @@ def test_letta_is_probed_on_its_health_endpoint_when_configured(services, sim):
 
 def test_a_stale_row_of_a_model_no_longer_configured_defers_nothing(services, sim):
     """Only the configured model's state counts; an old row left `down` is history."""
-    from shared.health import _cache, check_available
+    from fleet.shared.health import _cache, check_available
 
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
@@ -196,8 +196,8 @@ def test_a_provider_that_answers_some_calls_is_degraded_not_down(services, sim):
     HEALTH_DOWN_QUIET_S: under a storm of failures with successes among them, the jobs keep running."""
     import time
 
-    from shared.errors import TransientError
-    from shared.health import _cache, _success_written, note_failure, note_success
+    from fleet.shared.errors import TransientError
+    from fleet.shared.health import _cache, _success_written, note_failure, note_success
 
     settings = settings_for(sim, HEALTH_DOWN_AFTER=3, HEALTH_DOWN_QUIET_S=1.0)
     _cache.clear()
@@ -234,8 +234,8 @@ def _allow_health_writes(dsn: str) -> None:
 def test_a_failed_health_write_never_resends_a_paid_embedding_call(services, sim):
     """After a failure, a job's successful call resets the run of failures; if that write fails, the
     answer (already paid for) is still returned, and the provider is called exactly once."""
-    from shared.health import _cache
-    from shared.providers.embeddings import EmbeddingsClient
+    from fleet.shared.health import _cache
+    from fleet.shared.providers.embeddings import EmbeddingsClient
 
     settings = settings_for(sim, EMBED_PROVIDER_MAX_RETRIES=2)
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
@@ -254,9 +254,9 @@ def test_a_failed_health_write_never_resends_a_paid_embedding_call(services, sim
 def test_a_failed_health_write_leaves_the_providers_own_error_to_surface(services, sim):
     """A provider fault is noted as a failed check; if that write fails, the provider's error (with its
     status and Retry-After) is still the one raised, and nothing is sent again because of the database."""
-    from shared.errors import ProviderError
-    from shared.health import _cache
-    from shared.providers.chat import ChatClient
+    from fleet.shared.errors import ProviderError
+    from fleet.shared.health import _cache
+    from fleet.shared.providers.chat import ChatClient
 
     httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500]})
     _fail_health_writes(services["dsn"])
@@ -278,8 +278,8 @@ def test_no_database_connection_is_held_while_a_down_provider_is_probed_again(se
     import threading
     import time
 
-    from shared.db import get_pool
-    from shared.health import _cache, check_available
+    from fleet.shared.db import get_pool
+    from fleet.shared.health import _cache, check_available
 
     settings = settings_for(sim, HEALTH_RECHECK_S=1, HEALTH_PROBE_TIMEOUT_S=5)
     httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 2000})  # the probe takes 2 s

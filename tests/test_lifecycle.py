@@ -9,9 +9,9 @@ import uuid
 import psycopg
 import pytest
 
-from shared.config import Settings
-from shared.lifecycle import run_lifecycle, undo_run
-from shared.simulator import Simulator
+from fleet.shared.config import Settings
+from fleet.shared.lifecycle import run_lifecycle, undo_run
+from fleet.simulator import Simulator
 
 VEC = Simulator()
 
