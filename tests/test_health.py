@@ -33,7 +33,7 @@ def clean_health(services):
 
 def settings_for(sim, **extra) -> Settings:
     values = {"CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "EMBEDDING_API_BASE": f"{sim.url}/v1",
-              "EMBEDDING_API_KEY": API_KEY, "HEALTH_DEGRADED_MS": 150, "HEALTH_DOWN_AFTER": 2,
+              "EMBEDDING_API_KEY": API_KEY, "HEALTH_DEGRADED_MS": 1000, "HEALTH_DOWN_AFTER": 2,
               "HEALTH_PROBE_TIMEOUT_S": 2} | extra
     return Settings(**values)
 
@@ -48,7 +48,7 @@ def test_states_follow_the_provider_healthy_degraded_down_healthy(services, sim)
     refresh(settings)
     assert states(services["dsn"]) == {"chat": "healthy", "embeddings": "healthy"}
 
-    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 300, "ttft_ms": 300})  # slow, still answering
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 1200, "ttft_ms": 1200})  # slow, still answering
     refresh(settings)
     assert states(services["dsn"]) == {"chat": "degraded", "embeddings": "degraded"}
 
@@ -189,6 +189,27 @@ def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim,
         client.broker.close()
     kinds = [e["type"] for e in events(services["dsn"], trace_id=stream.trace_id)]
     assert "job.dead" not in kinds and kinds.count("job.retrying") <= 1
+
+
+def test_a_provider_that_answers_some_calls_is_degraded_not_down(services, sim):
+    """Jobs' failed calls mark a provider down only when none of its calls got through for
+    HEALTH_DOWN_QUIET_S: under a storm of failures with successes among them, the jobs keep running."""
+    import time
+
+    from fleet.shared.errors import TransientError
+    from fleet.shared.health import _cache, _success_written, note_failure, note_success
+
+    settings = settings_for(sim, HEALTH_DOWN_AFTER=3, HEALTH_DOWN_QUIET_S=1.0)
+    _cache.clear()
+    _success_written.clear()
+    note_success("embeddings", settings)
+    for _ in range(3):
+        note_failure("embeddings", TransientError("a 5xx among successes"), settings)
+    assert states(services["dsn"])["embeddings"] == "degraded"
+    time.sleep(1.1)  # HEALTH_DOWN_QUIET_S with no success: now the failures mean an outage
+    for _ in range(3):
+        note_failure("embeddings", TransientError("nothing gets through"), settings)
+    assert states(services["dsn"])["embeddings"] == "down"
 
 
 # -- the health bookkeeping never changes the outcome of a provider call --

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     health_probe_timeout_s: float = Field(5.0, alias="HEALTH_PROBE_TIMEOUT_S", gt=0)
     health_degraded_ms: float = Field(2000.0, alias="HEALTH_DEGRADED_MS", gt=0)
     health_down_after: int = Field(3, alias="HEALTH_DOWN_AFTER", ge=1)
+    # Jobs' failed calls mark a provider down only if none of its calls succeeded for this long: a provider
+    # that answers some calls is degraded, and deferring every job would stop the work it can still do.
+    health_down_quiet_s: float = Field(1.0, alias="HEALTH_DOWN_QUIET_S", gt=0)
     # A provider that is down is probed again by a worker when its state is older than this.
     health_recheck_s: float = Field(10.0, alias="HEALTH_RECHECK_S", gt=0)
     health_retention_h: float = Field(24.0, alias="HEALTH_RETENTION_H", gt=0)

@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 from fleet.shared.db import get_pool
 from fleet.shared.events import as_uuid, emit
 from fleet.shared.payloads import storable, storable_text
-from fleet.shared.redact import redact, redact_value
+from fleet.shared.redact import MASK, redact, redact_value
 
 
 @dataclass
@@ -106,3 +106,13 @@ def payload_of(row: dict) -> tuple[str, str | None, Any]:
     if row.get("raw"):
         return row["queue"], row.get("actor"), json.loads(row["raw"])
     raise ValueError(f"dead letter {row['id']} has no payload to retry")
+
+
+def masked_fields(payload: Any, path: str = "$") -> list[str]:
+    """Where the stored payload holds a value that redaction masked when it was dead-lettered: enqueued
+    again, the job would receive the mask instead of the value, so such a dead letter is not retried."""
+    if isinstance(payload, dict):
+        return [f for k, v in payload.items() for f in masked_fields(v, f"{path}.{k}")]
+    if isinstance(payload, list):
+        return [f for i, v in enumerate(payload) for f in masked_fields(v, f"{path}[{i}]")]
+    return [path] if isinstance(payload, str) and MASK in payload else []

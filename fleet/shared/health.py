@@ -10,8 +10,10 @@ Only the row of the model configured now counts: rows of models no longer config
 
 The jobs' own calls count too (`note_failure`, `note_success`): a provider fault seen by a job is a
 failed check, so an outage is noticed after HEALTH_DOWN_AFTER failed calls, within the first attempts
-of the first jobs, not only after HEALTH_DOWN_AFTER scheduled probes (minutes). A provider that is down
-is probed again by the first worker that finds its state older than HEALTH_RECHECK_S.
+of the first jobs, not only after HEALTH_DOWN_AFTER scheduled probes (minutes). But only if none of its
+calls succeeded for HEALTH_DOWN_QUIET_S: a provider that fails half its calls is degraded, not down, and
+deferring every job would stop the half it still does. A provider that is down is probed again by the
+first worker that finds its state older than HEALTH_RECHECK_S.
 """
 
 from __future__ import annotations
@@ -98,13 +100,15 @@ def run_probe(probe: Probe, timeout_s: float) -> ProbeResult:
 def _record(conn, settings: Settings, r: ProbeResult, origin: str = "probe") -> dict:
     """One check into provider_health (the state) and provider_health_checks (the history)."""
     p = r.probe
-    row = conn.execute("select consecutive_failures from provider_health where provider = %s and model = %s"
-                       " for update", (p.provider, p.model)).fetchone()
+    row = conn.execute("select consecutive_failures, coalesce(last_success_at < now() - %s * interval '1 second',"
+                       " true) from provider_health where provider = %s and model = %s for update",
+                       (settings.health_down_quiet_s, p.provider, p.model)).fetchone()
     failures = 0 if r.ok else (row[0] if row else 0) + 1
+    quiet = row is None or row[1] or origin == "probe"  # a job's failures say "down" only if nothing got through
     if r.ok:
         status = "healthy" if r.latency_ms <= settings.health_degraded_ms else "degraded"
     else:
-        status = "down" if failures >= settings.health_down_after else "degraded"
+        status = "down" if failures >= settings.health_down_after and quiet else "degraded"
     conn.execute(
         "insert into provider_health (provider, model, kind, status, latency_ms, consecutive_failures,"
         " last_error_class, last_error, last_success_at, checked_at)"
@@ -173,7 +177,9 @@ class _Known:
 
 
 _cache: dict[str, _Known] = {}
+_success_written: dict[str, float] = {}  # when this process last wrote a success, per provider
 _cache_lock = threading.Lock()
+SUCCESS_WRITE_S = 0.25  # well under HEALTH_DOWN_QUIET_S, so the last success on record is never much older
 
 
 def _state(provider: str, settings: Settings) -> _Known:
@@ -253,25 +259,35 @@ def note_failure(provider: str, error: BaseException, settings: Settings | None 
 
 
 def note_success(provider: str, settings: Settings | None = None) -> None:
-    """A job's successful call ends a run of failures (consecutive means consecutive); no write otherwise.
+    """A job's successful call ends a run of failures (consecutive means consecutive) and is the proof that
+    the provider still answers (see HEALTH_DOWN_QUIET_S). Written at most every SUCCESS_WRITE_S per process.
     Bookkeeping only: a database fault here is logged, never turned into a failure of the (paid) call."""
     settings = settings or get_settings()
+    now = time.monotonic()
+    with _cache_lock:
+        if now - _success_written.get(provider, float("-inf")) < min(SUCCESS_WRITE_S, settings.health_down_quiet_s / 4):
+            return
+        _success_written[provider] = now
     try:
-        _reset_failures(provider, settings)
+        _record_success(provider, settings)
     except Exception as e:  # noqa: BLE001 - the provider's answer must stand; logged and counted below
         _bookkeeping_failed(provider, "note_success", e)
 
 
-def _reset_failures(provider: str, settings: Settings) -> None:
-    known = _state(provider, settings)
+def _record_success(provider: str, settings: Settings) -> None:
     probe = probe_for(provider, settings)
-    if known.failures == 0 or known.down or probe is None:
+    if probe is None:
         return
     with get_pool().connection() as conn:
-        conn.execute("update provider_health set consecutive_failures = 0, status = 'healthy', last_success_at = now()"
-                     " where provider = %s and model = %s and status <> 'down'", (provider, probe.model))
-    with _cache_lock:
-        _cache[provider] = _Known(time.monotonic(), False, 0)
+        # A provider marked down stays down until a probe finds it back: in-flight calls prove little.
+        row = conn.execute(
+            "insert into provider_health (provider, model, kind, status, last_success_at) values (%s, %s, %s,"
+            " 'healthy', now()) on conflict (provider, model) do update set consecutive_failures = 0,"
+            " last_success_at = now(), status = case when provider_health.status = 'down' then 'down' else 'healthy' end"
+            " returning status = 'down'", (provider, probe.model, probe.kind)).fetchone()
+    if row is not None and not row[0]:
+        with _cache_lock:
+            _cache[provider] = _Known(time.monotonic(), False, 0)
 
 
 def _bookkeeping_failed(provider: str, step: str, error: BaseException) -> None:

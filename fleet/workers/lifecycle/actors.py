@@ -63,7 +63,10 @@ def embed_memories(job: EmbedMemoriesJob) -> None:
     for batch in plan_batches([r[1] for r in rows], settings.embed_max_batch, settings.embed_max_tokens_per_request):
         group = [rows[i] for i in batch]
         vectors = client.embed([c for _, c in group], model=model, expected_dim=dim).vectors
-        with get_pool().connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with get_pool().connection() as conn:
+            # Before the cursor: a cursor takes a copy of its connection's adapters when it is made.
             with_vectors(conn)
-            cur.executemany("update memories set embedding = %s, embedding_model = %s, updated_at = now() where id = %s",
-                            [(Vector(v), model, mid) for (mid, _), v in zip(group, vectors)])
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(
+                    "update memories set embedding = %s, embedding_model = %s, updated_at = now() where id = %s",
+                    [(Vector(v), model, mid) for (mid, _), v in zip(group, vectors)])
