@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -11,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from fleet.ops.processes import wait_for
+from fleet.ops.processes import stop_process, wait_for
 from fleet.shared.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,15 +49,9 @@ class GatewayProcess:
     def stop(self, timeout: float = 15) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        code = stop_process(self.proc, timeout, group=False)
         self.log.close()
-        return self.proc.returncode
+        return code
 
     def __enter__(self) -> "GatewayProcess":
         return self.start()

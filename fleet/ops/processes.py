@@ -107,30 +107,25 @@ class WorkerGroup:
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM to dramatiq's main process, which stops its workers gracefully."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        code = stop_process(self.proc, timeout) if self.proc else 0
         self.log.close()
-        return self.proc.returncode if self.proc else 0
+        return code
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM (workers finish or requeue what they hold), SIGKILL only if it will not stop."""
-    if proc.poll() is not None:
-        return
-    os.kill(proc.pid, signal.SIGTERM)  # dramatiq's main process passes it on to its workers
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def stop_process(proc: subprocess.Popen, timeout: float = 30, *, group: bool = True) -> int:
+    """SIGTERM (workers finish or requeue what they hold), SIGKILL only if it will not stop: to its whole
+    process group when it leads one (started with start_new_session). Returns its exit code."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)  # dramatiq's main process passes it on to its workers
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
 
 
 def start_simulator(config: dict) -> tuple[subprocess.Popen, str]:
