@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import threading
@@ -22,7 +23,7 @@ from shared.config import get_settings
 from shared.db import database_dsn, redis_url
 
 QUEUE = "bench_noop"
-THREADS = 8
+THREADS = int(os.environ.get("BENCH_THREADS", "8"))  # one process x 8 threads, as the targets say
 
 
 def fresh_queue(dsn: str, name: str = QUEUE) -> None:
@@ -33,23 +34,26 @@ def fresh_queue(dsn: str, name: str = QUEUE) -> None:
 
 
 def make_broker(kind: str) -> dramatiq.Broker:
+    """stub, redis, pgmq: the library's broker with dramatiq's default middleware, as stock brokers get;
+    pgmq-fleet, redis-fleet: the fleet's broker as `fleet worker` builds it, every middleware on."""
     from dramatiq.brokers.redis import RedisBroker
     from dramatiq.brokers.stub import StubBroker
 
+    from shared.brokers import build_broker
     from shared.brokers.pgmq import PgmqBroker
-    from shared.middleware import fleet_middleware
 
     settings = get_settings()
     if kind == "stub":
         return StubBroker()
-    if kind == "redis":
-        broker = RedisBroker(url=redis_url(settings))
+    if kind.startswith("redis"):
+        broker = RedisBroker(url=redis_url(settings)) if kind == "redis" else \
+            build_broker(settings.model_copy(update={"broker": "redis"}))
         broker.flush_all()
         return broker
     fresh_queue(database_dsn(settings))
     if kind == "pgmq":
-        return PgmqBroker(settings=settings)  # dramatiq's default middleware, as the stock brokers get
-    return PgmqBroker(settings=settings, middleware=fleet_middleware(settings))  # pgmq-fleet: the full fleet stack
+        return PgmqBroker(settings=settings)
+    return build_broker(settings.model_copy(update={"broker": "pgmq"}))
 
 
 def drain(kind: str, jobs: int) -> None:
