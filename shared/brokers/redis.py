@@ -29,6 +29,19 @@ from .hooks import ImplementedHooksOnly
 
 log = structlog.get_logger(__name__)
 
+# dramatiq's own ack (dispatch.lua, "ack"), for many messages of one queue in one call: each id leaves this
+# worker's ack set and, if it was there, the queue's message hash. (Heartbeats and maintenance ride on the
+# consumer's fetches, which call dramatiq's dispatch script as usual.)
+ACK_MANY = """
+local acked = 0
+for i = 1, #ARGV do
+    if redis.call("srem", KEYS[1], ARGV[i]) > 0 then
+        redis.call("hdel", KEYS[2], ARGV[i])
+        acked = acked + 1
+    end
+end
+return acked
+"""
 IDLE_FLUSH_S = 0.05  # events that no ack waits for (a producer's, a retry's) are written this often
 MAX_BACKOFF_S = 2.0
 CLOSE_WAIT_S = 10.0
@@ -47,6 +60,7 @@ class FleetRedisBroker(ImplementedHooksOnly, RedisBroker):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
+        self._ack_many = self.client.register_script(ACK_MANY)
         self._writer: AckWriter | None = None
         self._writer_lock = threading.Lock()
 
@@ -68,14 +82,20 @@ class FleetRedisBroker(ImplementedHooksOnly, RedisBroker):
         super().close()
 
     def send_acks(self, batch: list[HeldAck]) -> None:
-        """One pipelined round trip: dramatiq's own ack/nack script for each message."""
-        dispatch = self.scripts["dispatch"]
+        """One pipelined round trip: one ACK_MANY call per queue for the acks, dramatiq's nack per nack."""
         pipe = self.client.pipeline(transaction=False)
+        acks: dict[str, list[str]] = {}
         for held in batch:
-            args = [held.command, current_millis(), held.consumer.queue_name, self.broker_id, self.heartbeat_timeout,
-                    self.dead_message_ttl, self._should_do_maintenance(held.command), self._max_unpack_size(),
-                    held.redis_message_id]
-            dispatch(keys=[self.namespace], args=args, client=pipe)
+            if held.command == "ack":
+                acks.setdefault(held.consumer.queue_name, []).append(held.redis_message_id)
+            else:
+                args = ["nack", current_millis(), held.consumer.queue_name, self.broker_id, self.heartbeat_timeout,
+                        self.dead_message_ttl, self._should_do_maintenance("nack"), self._max_unpack_size(),
+                        held.redis_message_id]
+                self.scripts["dispatch"](keys=[self.namespace], args=args, client=pipe)
+        for queue_name, ids in acks.items():
+            keys = [f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}", f"{self.namespace}:{queue_name}.msgs"]
+            self._ack_many(keys=keys, args=ids, client=pipe)
         pipe.execute()
 
 
