@@ -28,7 +28,9 @@ conformance: $(STAMP) system-deps
 	@bash conformance/install.sh
 	@$(PY) -m pytest -q -p no:cacheprovider conformance
 
+# The peers it measures against (pgqueuer, asyncpg) are the `bench` extra, installed here only.
 bench: $(STAMP) system-deps
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	@$(PY) -m bench.run
 
 # The full chaos soak (10,000 jobs per broker, SIGKILLs, PostgreSQL and Redis restarts), then the

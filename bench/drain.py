@@ -57,6 +57,10 @@ def make_broker(kind: str) -> dramatiq.Broker:
 
 
 def drain(kind: str, jobs: int) -> None:
+    """Enqueue `jobs` no-op jobs, then time one worker process (THREADS threads) running them all, until
+    the broker has them acknowledged. The PostgreSQL server's CPU over enqueue and drain is read too."""
+    from bench.dbcpu import ServerCpu
+
     broker = make_broker(kind)
     dramatiq.set_broker(broker)
     done = threading.Semaphore(0)
@@ -66,27 +70,39 @@ def drain(kind: str, jobs: int) -> None:
         done.release()
 
     messages = [noop.message({"i": i}) for i in range(jobs)]
-    t = time.perf_counter()
-    if hasattr(broker, "enqueue_many"):
-        broker.enqueue_many(messages)
-    else:
-        for m in messages:
-            broker.enqueue(m)
-    enqueue_s = time.perf_counter() - t
-    worker = Worker(broker, queues={QUEUE}, worker_threads=THREADS, worker_timeout=100)
-    t = time.perf_counter()
-    worker.start()
-    for _ in range(jobs):
-        if not done.acquire(timeout=120):
-            raise SystemExit(f"drain {kind}: stalled")
-    if kind.startswith("pgmq"):
-        while broker.pending(QUEUE):  # the acks have reached Postgres too
-            time.sleep(0.005)
-    elapsed = time.perf_counter() - t
+    with ServerCpu(database_dsn()) as db_cpu:
+        t = time.perf_counter()
+        if hasattr(broker, "enqueue_many"):
+            broker.enqueue_many(messages)
+        else:
+            for m in messages:
+                broker.enqueue(m)
+        enqueue_s = time.perf_counter() - t
+        worker = Worker(broker, queues={QUEUE}, worker_threads=THREADS, worker_timeout=100)
+        t = time.perf_counter()
+        worker.start()
+        for _ in range(jobs):
+            if not done.acquire(timeout=120):
+                raise SystemExit(f"drain {kind}: stalled")
+        wait_acknowledged(kind, broker)
+        elapsed = time.perf_counter() - t
     worker.stop()
     broker.close()
-    print(f"drain_{kind.replace('-', '_')}_jobs_per_s: {jobs / elapsed:.0f}")
-    print(f"drain_{kind.replace('-', '_')}_enqueue_jobs_per_s: {jobs / enqueue_s:.0f}")
+    name = kind.replace("-", "_")
+    print(f"drain_{name}_jobs_per_s: {jobs / elapsed:.0f}")
+    print(f"drain_{name}_enqueue_jobs_per_s: {jobs / enqueue_s:.0f}")
+    if db_cpu.seconds is not None and kind != "stub":
+        print(f"drain_{name}_db_cpu_ms_per_1k: {db_cpu.per_1k_ms(jobs):.1f}")
+
+
+def wait_acknowledged(kind: str, broker) -> None:
+    """Until every message is acknowledged in the broker (pgmq: deleted; Redis: gone from the queue's hash)."""
+    if kind.startswith("pgmq"):
+        while broker.pending(QUEUE):
+            time.sleep(0.005)
+    elif kind.startswith("redis"):
+        while broker.client.hlen(f"{broker.namespace}:{QUEUE}.msgs"):
+            time.sleep(0.005)
 
 
 def raw_pgmq(jobs: int) -> None:
