@@ -17,7 +17,7 @@ import uuid
 
 import psycopg
 
-from shared.db import database_dsn
+from fleet.shared.db import database_dsn
 
 TTFT_S = 0.2
 THREADS = 8
@@ -25,9 +25,9 @@ CHAT_S = 1.0  # throughput run: time to first token + 10 tokens at 20/s
 
 
 def start(config: dict):
-    from shared.cli import worker_command, worker_env
-    from shared.config import reset_settings
-    from shared.demo import start_simulator
+    from fleet.shared.cli import worker_command, worker_env
+    from fleet.shared.config import reset_settings
+    from fleet.shared.demo import start_simulator
 
     sim, url = start_simulator(config)
     env = worker_env(["chat"], 0) | {"CHAT_API_BASE": f"{url}/v1", "CHAT_KEEPALIVE_S": "5"}
@@ -39,8 +39,8 @@ def start(config: dict):
 
 
 def latency(samples: int = 60) -> None:
-    from shared.client import FleetClient
-    from shared.demo import stop_process
+    from fleet.shared.client import FleetClient
+    from fleet.shared.demo import stop_process
 
     sim, workers = start({"ttft_ms": TTFT_S * 1000, "answer_tokens": 3})
     client = FleetClient()
@@ -68,8 +68,8 @@ def latency(samples: int = 60) -> None:
 
 
 def throughput(chats: int = 64) -> None:
-    from shared.client import FleetClient
-    from shared.demo import stop_process
+    from fleet.shared.client import FleetClient
+    from fleet.shared.demo import stop_process
 
     sim, workers = start({"ttft_ms": 500, "tokens_per_s": 20, "answer_tokens": 11})
     client = FleetClient()
@@ -94,7 +94,7 @@ def throughput(chats: int = 64) -> None:
 
 
 def main() -> None:
-    from shared.logs import configure_logging
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

@@ -19,8 +19,8 @@ import dramatiq
 import psycopg
 from dramatiq import Worker
 
-from shared.config import get_settings
-from shared.db import database_dsn, redis_url
+from fleet.shared.config import get_settings
+from fleet.shared.db import database_dsn, redis_url
 
 QUEUE = "bench_noop"
 THREADS = int(os.environ.get("BENCH_THREADS", "8"))  # one process x 8 threads, as the targets say
@@ -39,8 +39,8 @@ def make_broker(kind: str) -> dramatiq.Broker:
     from dramatiq.brokers.redis import RedisBroker
     from dramatiq.brokers.stub import StubBroker
 
-    from shared.brokers import build_broker
-    from shared.brokers.pgmq import PgmqBroker
+    from fleet.shared.brokers import build_broker
+    from fleet.shared.brokers.pgmq import PgmqBroker
 
     settings = get_settings()
     if kind == "stub":
@@ -128,7 +128,7 @@ def raw_pgmq(jobs: int) -> None:
 def enqueue(jobs: int, rounds: int = 3) -> None:
     """SDK enqueue_many against raw send_batch of the same envelopes, interleaved; best round of each
     (the raw figure alone varies by 20% between runs here)."""
-    from shared.client import FleetClient
+    from fleet.shared.client import FleetClient
 
     dsn = database_dsn()
     payloads = [{"message": f"job {i}"} for i in range(jobs)]
@@ -181,7 +181,7 @@ def pickup(samples: int) -> None:
 
 
 def main() -> None:
-    from shared.logs import configure_logging
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

@@ -18,11 +18,11 @@ import uuid
 import psycopg
 from pgvector import Vector
 
-from shared.db import database_dsn, get_pool
+from fleet.shared.db import database_dsn, get_pool
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from shared.embedding import Doc, upsert_vectors, with_vectors
+from fleet.shared.embedding import Doc, upsert_vectors, with_vectors
 
 # A provider's batch of 32 typically answers in 0.5-2 s. At 2 s the provider is the binding limit
 # here (128 docs/s); pgvector's HNSW insert on this machine (~8 ms a 1024-dim row) would bind first
@@ -35,9 +35,9 @@ DOCS_PER_JOB = 4 * BATCH
 
 
 def bench_docs() -> None:
-    from shared.cli import worker_command, worker_env
-    from shared.client import FleetClient
-    from shared.demo import start_simulator, stop_process
+    from fleet.shared.cli import worker_command, worker_env
+    from fleet.shared.client import FleetClient
+    from fleet.shared.demo import start_simulator, stop_process
 
     sim, url = start_simulator({"latency_ms": LATENCY_S * 1000})
     env = worker_env(["embed"], 0) | {"EMBEDDING_API_BASE": f"{url}/v1", "EMBED_MAX_BATCH": str(BATCH)}
@@ -123,7 +123,7 @@ def bench_upsert(rows: int = 1000, dim: int = 1024) -> None:
 
 
 def main() -> None:
-    from shared.logs import configure_logging
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

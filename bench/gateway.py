@@ -30,14 +30,14 @@ IDLE_HOLD_S = 12.0
 
 
 def fleet_env(broker: str, sim_url: str) -> dict:
-    from shared.cli import worker_env
+    from fleet.shared.cli import worker_env
 
     return worker_env(["chat"], 0) | {"FLEET_BROKER": broker, "CHAT_API_BASE": f"{sim_url}/v1",
                                       "CHAT_KEEPALIVE_S": "5", "GATEWAY_KEEPALIVE_S": "5"}
 
 
 def start_workers(env: dict, threads: int = 8) -> subprocess.Popen:
-    from shared.cli import worker_command
+    from fleet.shared.cli import worker_command
 
     return subprocess.Popen(worker_command(["chat"], 1, threads, 0), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -73,10 +73,10 @@ def first_delta_via_sdk(client, i: int) -> float:
 
 
 def latency(broker: str, samples: int = 60) -> None:
-    from gateway.process import GatewayProcess
-    from shared.client import FleetClient
-    from shared.config import Settings
-    from shared.demo import start_simulator, stop_process
+    from fleet.gateway.process import GatewayProcess
+    from fleet.shared.client import FleetClient
+    from fleet.shared.config import Settings
+    from fleet.shared.demo import start_simulator, stop_process
 
     via_gw, via_sdk = [], []
     with ExitStack() as stack:  # whatever fails to start, what did start is stopped
@@ -120,7 +120,7 @@ async def hold_stream(client: httpx.AsyncClient, url: str, opened: asyncio.Event
 
 
 async def many_streams(url: str, env: dict, n: int) -> dict:
-    from shared.demo import stop_process
+    from fleet.shared.demo import stop_process
 
     counts = {"open": 0, "refused": 0, "keepalives": 0, "want": n}
     opened = asyncio.Event()
@@ -149,8 +149,8 @@ async def many_streams(url: str, env: dict, n: int) -> dict:
 
 
 def streams(broker: str, n: int = STREAMS) -> None:
-    from gateway.process import GatewayProcess
-    from shared.demo import start_simulator, stop_process
+    from fleet.gateway.process import GatewayProcess
+    from fleet.shared.demo import start_simulator, stop_process
 
     with ExitStack() as stack:
         sim, sim_url = start_simulator({"answer_tokens": 3})
@@ -168,7 +168,7 @@ def streams(broker: str, n: int = STREAMS) -> None:
 
 
 def main() -> None:
-    from shared.logs import configure_logging
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

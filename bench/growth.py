@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psycopg
 
-from shared.config import get_settings
-from shared.db import database_dsn
+from fleet.shared.config import get_settings
+from fleet.shared.db import database_dsn
 
 JOBS = 20_000
 DEPTH_QUEUE = "bench_depth"
@@ -24,9 +24,9 @@ DRAIN = 20_000  # messages read and deleted in each depth measurement
 
 
 def processes() -> None:
-    from shared.cli import worker_env
-    from shared.client import FleetClient
-    from shared.processes import WorkerGroup, wait_for
+    from fleet.shared.cli import worker_env
+    from fleet.shared.client import FleetClient
+    from fleet.shared.processes import WorkerGroup, wait_for
 
     dsn = database_dsn(get_settings())
     client = FleetClient()

@@ -9,12 +9,12 @@ import argparse
 import time
 import uuid
 
-from shared.db import get_pool
-from shared.lifecycle import run_lifecycle
+from fleet.shared.db import get_pool
+from fleet.shared.lifecycle import run_lifecycle
 
 
 def main() -> None:
-    from shared.logs import configure_logging
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

@@ -16,7 +16,7 @@ ENTRYPOINT = "bench_noop"
 async def _connect():
     import asyncpg
 
-    from shared.db import database_dsn
+    from fleet.shared.db import database_dsn
 
     return await asyncpg.connect(database_dsn())
 
@@ -65,7 +65,7 @@ async def drain(jobs: int) -> float:
 
 
 def main() -> None:
-    from shared.logs import configure_logging
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

@@ -20,7 +20,7 @@ import time
 
 import psycopg
 
-from shared.db import database_dsn
+from fleet.shared.db import database_dsn
 
 QUEUE = "echo"
 PLAIN_QUEUE = "bench_send_plain"  # pgmq.create only: no fleet trigger
@@ -89,9 +89,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    from shared.client import FleetClient
-    from shared.db import size_pool_for_threads
-    from shared.logs import configure_logging
+    from fleet.shared.client import FleetClient
+    from fleet.shared.db import size_pool_for_threads
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

@@ -67,7 +67,7 @@ def profile_threads(profiles: list[cProfile.Profile]) -> None:
 
     def start(*_):
         sys.setprofile(None)
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(time.thread_time)  # CPU, not time spent waiting
         profiles.append(profile)
         profile.enable()
 
@@ -75,8 +75,8 @@ def profile_threads(profiles: list[cProfile.Profile]) -> None:
 
 
 def drain(kind: str, jobs: int, cprofile_to: str | None, bare: bool = False) -> None:
-    from shared.logs import configure_logging
-    from shared.config import get_settings
+    from fleet.shared.logs import configure_logging
+    from fleet.shared.config import get_settings
 
     configure_logging(get_settings().log_level)  # what a worker runs at (INFO by default)
     profiles: list[cProfile.Profile] = []

@@ -45,7 +45,7 @@ MEASUREMENTS = [
 def settle() -> None:
     """Let the previous measurement's writes land (checkpoint, autovacuum) before the next one starts:
     on two cores, a write-heavy benchmark otherwise slows the latency one after it."""
-    from shared.db import connect
+    from fleet.shared.db import connect
 
     with connect() as conn:
         conn.execute("vacuum analyze")
@@ -70,10 +70,10 @@ def measure(args: list[str], env_extra: dict) -> dict[str, float]:
 
 
 def main() -> int:
-    from shared.config import get_settings
-    from shared.db import connect, database_dsn, redis_url
-    from shared.migrate import migrate
-    from shared.services import EmbeddedPostgres, EmbeddedRedis
+    from fleet.shared.config import get_settings
+    from fleet.shared.db import connect, database_dsn, redis_url
+    from fleet.shared.migrate import migrate
+    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
     settings = get_settings()
     started = []

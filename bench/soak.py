@@ -113,14 +113,14 @@ class Chaos(threading.Thread):
 
 
 def start_simulator(faults: bool):
-    from shared.demo import start_simulator as start
+    from fleet.shared.demo import start_simulator as start
 
     return start({**CALM, **(STORM if faults else {}), "api_key": SECRET_KEY})
 
 
 def start_scheduler(env: dict, logs: Path) -> subprocess.Popen:
     with open(logs / "scheduler.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "shared.cli", "scheduler"], env=env, start_new_session=True,
+        return subprocess.Popen([sys.executable, "-m", "fleet.shared.cli", "scheduler"], env=env, start_new_session=True,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
 
 
@@ -131,14 +131,14 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
     os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": broker})
     for var in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "FLEET_SIGNING_KEY"):
         os.environ.pop(var, None)
-    from shared.config import reset_settings
+    from fleet.shared.config import reset_settings
 
     reset_settings()
-    from shared.db import close_pool, connect
-    from shared.demo import stop_process
-    from shared.migrate import migrate
-    from shared.processes import WorkerGroup
-    from shared.services import EmbeddedPostgres, EmbeddedRedis
+    from fleet.shared.db import close_pool, connect
+    from fleet.shared.demo import stop_process
+    from fleet.shared.migrate import migrate
+    from fleet.shared.processes import WorkerGroup
+    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
     pg, rd = EmbeddedPostgres(home), (EmbeddedRedis(home) if broker == "redis" else None)
     simulator = scheduler = None
@@ -173,8 +173,8 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         # As in production, a scheduler re-probes the providers, so jobs deferred by a probe that found one down
         # run again once it answers, and stale upgrade agents are requeued; the chaos leaves it running.
         scheduler = start_scheduler(env | {"HEALTH_REFRESH_INTERVAL_S": "5"}, logs)
-        from shared.client import FleetClient
-        from shared.workload import Workload, problems
+        from fleet.shared.client import FleetClient
+        from fleet.shared.workload import Workload, problems
 
         client = FleetClient()
         work = Workload(client, connect, seed=seed)
@@ -270,7 +270,7 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
 
 
 def queue_snapshot() -> list[dict]:
-    from shared.status import queue_stats
+    from fleet.shared.status import queue_stats
 
     return [q for q in queue_stats() if q["depth"]]
 
@@ -301,7 +301,7 @@ def secrets_in_play() -> dict[str, str]:
 
 def scrape(port: int) -> bytes:
     """The exporter of a group the chaos just restarted may not listen yet: wait for it."""
-    from shared.processes import wait_for
+    from fleet.shared.processes import wait_for
 
     def get():
         try:
@@ -342,7 +342,7 @@ def provider_log_checks(sim_url: str, sends_allowed: int) -> dict:
     out = {"requests": len(log), "statuses": {}, "retry_after_violations": 0, "problems": []}
     for entry in log:
         out["statuses"][str(entry.get("status"))] = out["statuses"].get(str(entry.get("status")), 0) + 1
-    from shared.health import PROBE_INPUT
+    from fleet.shared.health import PROBE_INPUT
 
     by_input: dict = {}  # a job's embedding request carries its documents: a retry sends the same ones
     for entry in log:

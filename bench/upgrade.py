@@ -10,11 +10,11 @@ import argparse
 import time
 import uuid
 
-from shared.agentfile import parse_agent_file
-from shared.client import FleetClient
-from shared.db import get_pool
-from shared.templates import publish
-from shared.upgrades import fan_out
+from fleet.shared.agentfile import parse_agent_file
+from fleet.shared.client import FleetClient
+from fleet.shared.db import get_pool
+from fleet.shared.templates import publish
+from fleet.shared.upgrades import fan_out
 
 TEMPLATE = {"agents": [{"name": "bench", "system": "s", "llm_config": {"model": "m", "model_endpoint_type": "openai",
                                                                       "context_window": 8000},
@@ -23,7 +23,7 @@ TEMPLATE = {"agents": [{"name": "bench", "system": "s", "llm_config": {"model": 
 
 
 def main() -> None:
-    from shared.logs import configure_logging
+    from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
     p = argparse.ArgumentParser()

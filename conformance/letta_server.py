@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from shared.services import EmbeddedPostgres, free_port
+from fleet.shared.services import EmbeddedPostgres, free_port
 
 VERSION = "0.16.8"
 START_TIMEOUT_S = 240.0  # a cold start imports ~500 packages on 2 cores

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.services import free_port
+from fleet.shared.services import free_port
 
 CHAT_MODEL = "smollm2"
 CHAT_CONTEXT = 2048

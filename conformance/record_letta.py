@@ -6,7 +6,7 @@
 
 Each fixture is one exchange: the request (method, path, body) and the server's answer (status, the
 Location header of a redirect, the JSON body). Requests are the fleet's own where the fleet makes them
-(the create body comes from shared.agents.create_body).
+(the create body comes from fleet.shared.agents.create_body).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from shared.agentfile import parse_agent_file
-from shared.agents import create_body
+from fleet.shared.agentfile import parse_agent_file
+from fleet.shared.agents import create_body
 from tests.test_templates import AGENT
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "letta"

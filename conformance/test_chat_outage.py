@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from shared.services import free_port
+from fleet.shared.services import free_port
 from tests.conftest import make_client, worker_env
 from tests.helpers import WorkerGroup, events, wait_for
 

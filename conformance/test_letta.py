@@ -21,12 +21,12 @@ import httpx
 import psycopg
 import pytest
 
-from shared.agentfile import parse_agent_file
-from shared.agentview import changes
-from shared.config import Settings
-from shared.errors import ProviderError, classify
-from shared.providers.letta import LettaClient
-from shared.templates import publish
+from fleet.shared.agentfile import parse_agent_file
+from fleet.shared.agentview import changes
+from fleet.shared.config import Settings
+from fleet.shared.errors import ProviderError, classify
+from fleet.shared.providers.letta import LettaClient
+from fleet.shared.templates import publish
 from tests import test_letta_fidelity as fidelity
 from tests.conftest import started_fleet
 from tests.helpers import wait_for
@@ -117,7 +117,7 @@ def test_agents_are_created_as_the_template_says(lfleet, letta):
 
 
 def upgrade(lfleet, name: str, version: str, dry_run: bool) -> list[tuple]:
-    from shared.upgrades import start_run
+    from fleet.shared.upgrades import start_run
 
     run = start_run(name, version, {}, dry_run, lfleet.client)
 
@@ -219,7 +219,7 @@ def test_templates_export_writes_a_file_the_server_imports(lfleet, letta, letta_
     publish(name, "1.0.0", TEMPLATE)
     path = tmp_path / "agent.af"
     env = dict(os.environ) | {"LETTA_API_BASE_URL": letta_url}
-    subprocess.run([sys.executable, "-m", "shared.cli", "templates", "export", name, "1.0.0", "-o", str(path)],
+    subprocess.run([sys.executable, "-m", "fleet.shared.cli", "templates", "export", name, "1.0.0", "-o", str(path)],
                    env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
     (agent_id,) = letta.import_agent(json.loads(path.read_text()))
     imported = letta.get_agent(agent_id)

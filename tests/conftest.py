@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Settings, reset_settings
+from fleet.shared.config import Settings, reset_settings
 
 from .helpers import WorkerGroup, events, wait_for
 
@@ -34,9 +34,9 @@ def services():
     for var in ("DATABASE_URL", "REDIS_URL", "FLEET_BROKER", "FLEET_SIGNING_KEY", "PROMETHEUS_MULTIPROC_DIR"):
         os.environ.pop(var, None)
     reset_settings()
-    from shared.db import close_pool, connect
-    from shared.migrate import migrate
-    from shared.services import EmbeddedPostgres, EmbeddedRedis
+    from fleet.shared.db import close_pool, connect
+    from fleet.shared.migrate import migrate
+    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
     pg, rd = EmbeddedPostgres(home), EmbeddedRedis(home)
     try:
@@ -84,8 +84,8 @@ class Fleet:
 
 
 def make_client(kind: str, **settings):
-    from shared.brokers import build_broker
-    from shared.client import FleetClient
+    from fleet.shared.brokers import build_broker
+    from fleet.shared.client import FleetClient
 
     settings = Settings(FLEET_BROKER=kind, **settings)
     return FleetClient(build_broker(settings), settings)
@@ -133,7 +133,7 @@ def pgmq_fleet(services, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sim():
     """The provider simulator on loopback, in this process; workers reach it over real HTTP."""
-    from shared.simulator import SimConfig, SimulatorServer
+    from fleet.simulator import SimConfig, SimulatorServer
 
     from .embedding_support import API_KEY
 

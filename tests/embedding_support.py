@@ -23,7 +23,7 @@ def reset_sim(sim) -> None:
     """Every setting back to its default (with the test key), the log and the one-shot faults cleared."""
     from dataclasses import asdict
 
-    from shared.simulator import SimConfig
+    from fleet.simulator import SimConfig
 
     httpx.post(f"{sim.url}/_sim/reset")
     httpx.post(f"{sim.url}/_sim/config", json=asdict(SimConfig(api_key=API_KEY)))

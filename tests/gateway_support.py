@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from gateway.process import GatewayProcess
+from fleet.gateway.process import GatewayProcess
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import psycopg
 
-from shared.processes import WorkerGroup, wait_for  # noqa: F401 (the tests import them from here)
+from fleet.shared.processes import WorkerGroup, wait_for  # noqa: F401 (the tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def fleet_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """The `fleet` command as an operator runs it, in its own process."""
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "fleet.shared.cli", *args], capture_output=True, text=True,
                           env=env or dict(os.environ), cwd=ROOT, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stderr

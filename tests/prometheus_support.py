@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from shared.services import free_port
+from fleet.shared.services import free_port
 
 from .helpers import wait_for
 

@@ -11,7 +11,7 @@ import httpx
 import psycopg
 import pytest
 
-from shared.templates import publish
+from fleet.shared.templates import publish
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY
@@ -116,9 +116,9 @@ def test_a_block_without_a_limit_gets_the_servers_default(afleet, sim):
 
 
 def test_lettas_409_is_permanent_and_not_retried(afleet, sim):
-    from shared.config import Settings
-    from shared.errors import ProviderError, classify
-    from shared.providers.letta import LettaClient
+    from fleet.shared.config import Settings
+    from fleet.shared.errors import ProviderError, classify
+    from fleet.shared.providers.letta import LettaClient
 
     name = f"a-{uuid.uuid4().hex[:8]}"
     publish(name, "1.0.0", AGENT)

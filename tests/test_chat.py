@@ -11,8 +11,8 @@ import httpx
 import psycopg
 import pytest
 
-from shared.frames import FrameListener
-from shared.health import CACHE_S
+from fleet.shared.frames import FrameListener
+from fleet.shared.health import CACHE_S
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY

@@ -7,7 +7,7 @@ import uuid
 
 import psycopg
 
-from shared.services import EmbeddedPostgres, EmbeddedRedis
+from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
 from .helpers import dead_letters, fleet_cli, wait_for
 
@@ -59,6 +59,22 @@ def test_enqueue_jsonl_status_events_and_dlq_retry(pgmq_fleet, tmp_path):
     # it fails again (the payload still asks to), so a second dead letter appears, with the same trace
     wait_for(lambda: len(dead_letters(pgmq_fleet.dsn, trace)) == 2, 20, what="the retried job's second dead letter")
     assert "re-enqueued 0 dead letter(s)" in fleet_cli("dlq", "retry", str(mine[0]["id"])).stdout  # once only
+
+
+def test_dlq_retry_refuses_a_payload_whose_secrets_were_masked(pgmq_fleet):
+    """A dead letter's payload is stored with secret-looking values masked: enqueued again it would carry
+    the mask, so retry refuses it by name and says which fields; an unmasked one beside it is retried."""
+    secret, plain = str(uuid.uuid4()), str(uuid.uuid4())
+    pgmq_fleet.client.enqueue("echo", {"message": "with a secret", "meta": {"api_key": "k-1"}}, trace_id=secret)
+    pgmq_fleet.client.enqueue("echo", {"message": "plain", "fail": "permanent"}, trace_id=plain)
+    pgmq_fleet.wait_done(secret, 1)
+    pgmq_fleet.wait_done(plain, 1)
+    listed = {d["trace_id"]: d["id"] for d in json.loads(fleet_cli("dlq", "list", "--queue", "echo", "--json").stdout)}
+    masked, unmasked = listed[secret], listed[plain]
+    out = fleet_cli("dlq", "retry", str(masked), str(unmasked), check=False)
+    assert out.returncode == 1 and "re-enqueued 1 dead letter(s)" in out.stdout
+    assert f"dead letter {masked} not retried" in out.stderr and "$.meta.api_key" in out.stderr
+    assert "k-1" not in out.stderr
 
 
 def test_enqueue_payload_after_options(pgmq_fleet):

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import yaml
 
-from shared.registry import queues as registered_queues
+from fleet.shared.registry import queues as registered_queues
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

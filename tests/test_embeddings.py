@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import contextmanager
 
 import httpx
 import psycopg
 import pytest
 
-from shared.embedding import content_hash
+from fleet.shared.embedding import content_hash
 
 from .conftest import started_fleet
 from .helpers import dead_letters, wait_for
@@ -123,14 +124,30 @@ def test_unregistered_source_and_bad_payloads_are_rejected(efleet):
     assert sum("table: Input should be 'vector_documents' or 'code_vectors'" in r for r in reasons) == 2
 
 
-def test_trigger_enqueues_and_rows_get_embeddings(efleet, sim):
-    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-        conn.execute("drop trigger if exists test_docs_embed_insert on test_docs")
-        conn.execute("drop trigger if exists test_docs_embed_update on test_docs")
+@contextmanager
+def embedding_triggers(dsn: str):
+    """The auto-embedding triggers on test_docs for one test only: left in place, they would enqueue a
+    default-model job for every row later tests insert, racing those tests' own jobs on the same rows."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("create trigger test_docs_embed_insert after insert on test_docs referencing new table as new_rows"
                      " for each statement execute function fleet_enqueue_embedding('docs', 'id', '3')")
         conn.execute("create trigger test_docs_embed_update after update on test_docs referencing new table as new_rows"
                      " for each statement execute function fleet_enqueue_embedding('docs', 'id')")
+    try:
+        yield
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("drop trigger test_docs_embed_insert on test_docs")
+            conn.execute("drop trigger test_docs_embed_update on test_docs")
+
+
+def test_trigger_enqueues_and_rows_get_embeddings(efleet, sim):
+    with embedding_triggers(efleet.dsn):
+        check_trigger_embeddings(efleet, sim)
+
+
+def check_trigger_embeddings(efleet, sim):
+    with psycopg.connect(efleet.dsn, autocommit=True) as conn:
         ids = [r[0] for r in conn.execute(
             "insert into test_docs (body, lang) select 'row text ' || g, 'en' from generate_series(1, 7) g returning id")]
     keys = {f"docs:{i}" for i in ids}
@@ -233,7 +250,7 @@ def test_one_oversized_input_is_dead_lettered_alone_and_the_rest_stored(efleet, 
     assert "String should have at most 1000 characters (string_too_long)" in dl["reason"]
     assert "xxxxxxxxxx" not in dl["reason"]  # the refused text is not echoed into the reason
     assert [e["type"] for e in evs if e["type"] in ("job.succeeded", "job.dead")].count("job.succeeded") == 1
-    from shared.deadletters import get_dead_letter, payload_of  # a retry of the letter embeds that input alone
+    from fleet.shared.deadletters import get_dead_letter, payload_of  # a retry of the letter embeds that input alone
 
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
         letter_id = conn.execute("select id from dead_letters where trace_id = %s", (trace,)).fetchone()[0]

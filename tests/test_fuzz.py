@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from shared.errors import InvalidPayload
-from shared.registry import JOB_TYPES
+from fleet.shared.errors import InvalidPayload
+from fleet.shared.registry import JOB_TYPES
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY, embed_env
@@ -107,8 +107,8 @@ def fuzz(strategy, act, label: str) -> int:
 
 @pytest.mark.parametrize("actor", ACTORS)
 def test_every_actor_survives_hostile_payloads(fuzz_fleet, actor):
-    from shared.client import FleetClient
-    from shared.config import Settings
+    from fleet.shared.client import FleetClient
+    from fleet.shared.config import Settings
 
     client = FleetClient(fuzz_fleet.client.broker, Settings(FLEET_BROKER=fuzz_fleet.kind, FLEET_MAX_PAYLOAD_BYTES=MAX_PAYLOAD))
     trace, sent = str(uuid.uuid4()), []

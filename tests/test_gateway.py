@@ -16,7 +16,7 @@ import httpx
 import psycopg
 import pytest
 
-from shared.frames import channel
+from fleet.shared.frames import channel
 
 from .embedding_support import docs, reset_sim
 from .gateway_support import chat_calls, fleet_with_gateway, get_sse, new_key, post_sse
@@ -214,9 +214,9 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
 
 
 def test_importing_the_gateway_app_builds_no_broker_and_imports_no_worker():
-    """The request models come from shared.jobs: the app's import alone declares no actors and starts nothing."""
-    code = ("import sys, gateway.app, gateway.models; "
-            "print(sorted(m for m in sys.modules if m == 'workers' or m.startswith('workers.')))")
+    """The request models come from fleet.shared.jobs: the app's import alone declares no actors and starts nothing."""
+    code = ("import sys, fleet.gateway.app, fleet.gateway.models; "
+            "print(sorted(m for m in sys.modules if m == 'fleet.workers' or m.startswith('fleet.workers.')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -231,7 +231,7 @@ def test_housekeeping_prunes_old_gateway_jobs_and_expired_signatures(services):
         conn.execute("insert into gateway_signatures (signature, expires_at) values (%s, now() - interval '1 second')",
                      (sig,))
     env = os.environ | {"GATEWAY_JOBS_RETENTION_DAYS": "2"}
-    done = subprocess.run([sys.executable, "-c", "from workers.housekeeping import housekeeping; housekeeping.fn({})"],
+    done = subprocess.run([sys.executable, "-c", "from fleet.workers.housekeeping import housekeeping; housekeeping.fn({})"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     with psycopg.connect(services["dsn"], autocommit=True) as conn:

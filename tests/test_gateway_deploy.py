@@ -13,9 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.app import create_app
-from gateway.process import ROOT
-from gateway.settings import GatewaySettings, UnprotectedGateway, require_protection
+from fleet.gateway.app import create_app
+from fleet.gateway.process import ROOT
+from fleet.gateway.settings import GatewaySettings, UnprotectedGateway, require_protection
 
 from .test_deploy import DEPLOY, KUBERNETES_VERSION, by_kind, k8s
 
@@ -55,7 +55,7 @@ def test_compose_and_prometheus_run_and_scrape_the_gateway():
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]}
     assert jobs["fleet-gateway"] == ["gateway:8080"]
-    assert "COPY gateway ./gateway" in (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert "COPY fleet ./fleet" in (DEPLOY / "docker" / "Dockerfile").read_text()  # the gateway is fleet/gateway
 
 
 def test_the_gateway_systemd_unit_is_valid(tmp_path):
@@ -95,7 +95,7 @@ def test_the_gateway_refuses_to_start_unprotected_outside_development(monkeypatc
 
 def test_fleet_gateway_exits_with_the_reason_when_unprotected(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"GATEWAY_DEV": "false"}
-    done = subprocess.run([sys.executable, "-m", "shared.cli", "gateway", "--port", "0"], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "fleet.shared.cli", "gateway", "--port", "0"], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "GATEWAY_VERIFY_JWT" in done.stderr and "GATEWAY_HMAC_KEY" in done.stderr

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.signing import sign
+from fleet.gateway.signing import sign
 
 from .embedding_support import reset_sim
 from .gateway_support import Sse, chat_calls, fleet_with_gateway, new_key, post_sse

@@ -9,8 +9,8 @@ import httpx
 import psycopg
 import pytest
 
-from shared.config import Settings
-from shared.health import ProviderDown, refresh
+from fleet.shared.config import Settings
+from fleet.shared.health import ProviderDown, refresh
 
 from .conftest import make_client, worker_env
 from .embedding_support import API_KEY, docs, embed_env, sim_log, stored
@@ -33,7 +33,7 @@ def clean_health(services):
 
 def settings_for(sim, **extra) -> Settings:
     values = {"CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "EMBEDDING_API_BASE": f"{sim.url}/v1",
-              "EMBEDDING_API_KEY": API_KEY, "HEALTH_DEGRADED_MS": 150, "HEALTH_DOWN_AFTER": 2,
+              "EMBEDDING_API_KEY": API_KEY, "HEALTH_DEGRADED_MS": 1000, "HEALTH_DOWN_AFTER": 2,
               "HEALTH_PROBE_TIMEOUT_S": 2} | extra
     return Settings(**values)
 
@@ -48,7 +48,7 @@ def test_states_follow_the_provider_healthy_degraded_down_healthy(services, sim)
     refresh(settings)
     assert states(services["dsn"]) == {"chat": "healthy", "embeddings": "healthy"}
 
-    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 300, "ttft_ms": 300})  # slow, still answering
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 1200, "ttft_ms": 1200})  # slow, still answering
     refresh(settings)
     assert states(services["dsn"]) == {"chat": "degraded", "embeddings": "degraded"}
 
@@ -146,7 +146,7 @@ def test_letta_is_probed_on_its_health_endpoint_when_configured(services, sim):
 
 def test_a_stale_row_of_a_model_no_longer_configured_defers_nothing(services, sim):
     """Only the configured model's state counts; an old row left `down` is history."""
-    from shared.health import _cache, check_available
+    from fleet.shared.health import _cache, check_available
 
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
@@ -191,6 +191,27 @@ def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim,
     assert "job.dead" not in kinds and kinds.count("job.retrying") <= 1
 
 
+def test_a_provider_that_answers_some_calls_is_degraded_not_down(services, sim):
+    """Jobs' failed calls mark a provider down only when none of its calls got through for
+    HEALTH_DOWN_QUIET_S: under a storm of failures with successes among them, the jobs keep running."""
+    import time
+
+    from fleet.shared.errors import TransientError
+    from fleet.shared.health import _cache, _success_written, note_failure, note_success
+
+    settings = settings_for(sim, HEALTH_DOWN_AFTER=3, HEALTH_DOWN_QUIET_S=1.0)
+    _cache.clear()
+    _success_written.clear()
+    note_success("embeddings", settings)
+    for _ in range(3):
+        note_failure("embeddings", TransientError("a 5xx among successes"), settings)
+    assert states(services["dsn"])["embeddings"] == "degraded"
+    time.sleep(1.1)  # HEALTH_DOWN_QUIET_S with no success: now the failures mean an outage
+    for _ in range(3):
+        note_failure("embeddings", TransientError("nothing gets through"), settings)
+    assert states(services["dsn"])["embeddings"] == "down"
+
+
 # -- the health bookkeeping never changes the outcome of a provider call --
 
 def _fail_health_writes(dsn: str) -> None:
@@ -213,8 +234,8 @@ def _allow_health_writes(dsn: str) -> None:
 def test_a_failed_health_write_never_resends_a_paid_embedding_call(services, sim):
     """After a failure, a job's successful call resets the run of failures; if that write fails, the
     answer (already paid for) is still returned, and the provider is called exactly once."""
-    from shared.health import _cache
-    from shared.providers.embeddings import EmbeddingsClient
+    from fleet.shared.health import _cache
+    from fleet.shared.providers.embeddings import EmbeddingsClient
 
     settings = settings_for(sim, EMBED_PROVIDER_MAX_RETRIES=2)
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
@@ -233,9 +254,9 @@ def test_a_failed_health_write_never_resends_a_paid_embedding_call(services, sim
 def test_a_failed_health_write_leaves_the_providers_own_error_to_surface(services, sim):
     """A provider fault is noted as a failed check; if that write fails, the provider's error (with its
     status and Retry-After) is still the one raised, and nothing is sent again because of the database."""
-    from shared.errors import ProviderError
-    from shared.health import _cache
-    from shared.providers.chat import ChatClient
+    from fleet.shared.errors import ProviderError
+    from fleet.shared.health import _cache
+    from fleet.shared.providers.chat import ChatClient
 
     httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500]})
     _fail_health_writes(services["dsn"])
@@ -257,8 +278,8 @@ def test_no_database_connection_is_held_while_a_down_provider_is_probed_again(se
     import threading
     import time
 
-    from shared.db import get_pool
-    from shared.health import _cache, check_available
+    from fleet.shared.db import get_pool
+    from fleet.shared.health import _cache, check_available
 
     settings = settings_for(sim, HEALTH_RECHECK_S=1, HEALTH_PROBE_TIMEOUT_S=5)
     httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 2000})  # the probe takes 2 s

@@ -9,9 +9,9 @@ import uuid
 import psycopg
 import pytest
 
-from shared.config import Settings
-from shared.lifecycle import run_lifecycle, undo_run
-from shared.simulator import Simulator
+from fleet.shared.config import Settings
+from fleet.shared.lifecycle import run_lifecycle, undo_run
+from fleet.simulator import Simulator
 
 VEC = Simulator()
 
@@ -211,6 +211,7 @@ def test_cli_runs_the_lifecycle_job_and_reembeds_through_the_workers(services, s
     from .test_cli_and_services import fleet_cli
 
     reset_sim(sim)
+    started = db.execute("select now()").fetchone()[0]
     stale = add(db, project, accessed_days=45)
     needs_vector = add(db, project, text="remember the release checklist")
     env = worker_env(services, "pgmq", **embed_env(sim))
@@ -225,6 +226,9 @@ def test_cli_runs_the_lifecycle_job_and_reembeds_through_the_workers(services, s
         assert status(db, stale) == "archived"
         wait_for(lambda: db.execute("select embedding_model from memories where id = %s", (needs_vector,)).fetchone()[0]
                  == "BAAI/bge-m3", 30, what="the memory's embedding")
+        # The worker's connections are all new here: the vector must be written on the first attempt.
+        assert db.execute("select count(*) from bus_events where actor = 'embed_memories' and type = 'job.retrying'"
+                          " and created_at >= %s", (started,)).fetchone()[0] == 0
         import httpx
 
         metrics = httpx.get(f"http://127.0.0.1:{group.metrics_port}/metrics").text

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import yaml
 
-from shared.db import connect
-from shared.services import free_port
-from shared.workload import Workload
+from fleet.shared.db import connect
+from fleet.shared.services import free_port
+from fleet.shared.workload import Workload
 
 from .conftest import make_client, worker_env
 from .embedding_support import API_KEY, embed_env
@@ -176,7 +176,7 @@ class blind_exporter:
         mdir.mkdir()
         blind_env = env | {"DATABASE_URL": f"postgresql://fleet@127.0.0.1:{free_port()}/nothing",
                            "PROMETHEUS_MULTIPROC_DIR": str(mdir), "FLEET_METRICS_PORT": str(self.port)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "metrics"], env=blind_env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.shared.cli", "metrics"], env=blind_env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _answers(self.port), 20, 0.2, what="the blind exporter")
 

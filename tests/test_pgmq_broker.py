@@ -143,8 +143,8 @@ def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
     process's outstanding set (no heartbeat, no prefetch slot) and come back after one visibility timeout."""
     import dramatiq
 
-    from shared.brokers.pgmq import PgmqBroker
-    from shared.config import Settings
+    from fleet.shared.brokers.pgmq import PgmqBroker
+    from fleet.shared.config import Settings
 
     queue = "test_abandoned"
     broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq", FLEET_VISIBILITY_TIMEOUT_S=2))
@@ -177,8 +177,8 @@ def test_lazy_commit_is_scoped_to_the_round_trip_and_off_for_rejects_and_failed_
     session setting reaches other clients' transactions), and applies only to plain acks of succeeded jobs."""
     import dramatiq
 
-    from shared.brokers.pgmq import PgmqBroker
-    from shared.config import Settings
+    from fleet.shared.brokers.pgmq import PgmqBroker
+    from fleet.shared.config import Settings
 
     queue = "test_commit_scope"
     broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq"))

@@ -101,8 +101,8 @@ def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kin
     Redis the original's ack must wait until the retry is enqueued; on pgmq the original is left
     unacknowledged and delivered again. Either way the job runs again and succeeds once the broker is back.
     The broker here is a PostgreSQL or Redis of the test's own, so stopping it leaves the others alone."""
-    from shared.migrate import migrate
-    from shared.services import EmbeddedPostgres, EmbeddedRedis
+    from fleet.shared.migrate import migrate
+    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
     if kind == "pgmq":
         broker_service = EmbeddedPostgres(tmp_path / "own-pg")
@@ -187,7 +187,7 @@ def leased_agent(services):
     """An agent upgrade attempt that is `running` under a live lease, as a first copy of the job leaves it."""
     import uuid
 
-    from shared.templates import publish
+    from fleet.shared.templates import publish
 
     from .test_templates import AGENT
 
@@ -209,9 +209,9 @@ def leased_agent(services):
 
 
 def test_a_second_copy_cannot_take_an_agent_whose_upgrade_lease_is_live(leased_agent):
-    from shared.config import Settings
-    from shared.errors import DeferredError
-    from shared.upgrades import upgrade_one
+    from fleet.shared.config import Settings
+    from fleet.shared.errors import DeferredError
+    from fleet.shared.upgrades import upgrade_one
 
     conn, run, agent, lease = leased_agent
     with pytest.raises(DeferredError, match="another attempt holds the upgrade"):
@@ -221,7 +221,7 @@ def test_a_second_copy_cannot_take_an_agent_whose_upgrade_lease_is_live(leased_a
 
 
 def test_the_upgrade_heartbeat_survives_database_errors_and_the_fence_sees_a_lost_lease(leased_agent):
-    from shared.upgrades import Heartbeat, LeaseLost
+    from fleet.shared.upgrades import Heartbeat, LeaseLost
 
     conn, run, agent, lease = leased_agent
     conn.execute("insert into test_heartbeat_block values (true)")
@@ -285,7 +285,7 @@ def test_an_attempt_whose_lease_was_taken_over_does_not_record_its_outcome(lease
 
     from psycopg.rows import dict_row
 
-    from shared.upgrades import _finish
+    from fleet.shared.upgrades import _finish
 
     conn, run, agent, lease = leased_agent
     row = {"run_id": run, "agent_id": agent, "dry_run": False}

@@ -9,8 +9,8 @@ import uuid
 import psycopg
 import pytest
 
-from shared.migrate import MigrationError, migrate
-from shared.scheduler import Periodic, Scheduler, current_leader
+from fleet.shared.migrate import MigrationError, migrate
+from fleet.shared.scheduler import Periodic, Scheduler, current_leader
 
 from .conftest import make_client
 from .helpers import wait_for
@@ -53,7 +53,7 @@ def test_scheduler_does_not_repeat_a_job_that_is_not_due(services):
 
 def test_scheduler_keeps_a_job_due_while_the_broker_is_unreachable(services):
     """A broker outage must not kill the scheduler nor skip the job: it stays due and goes out once the broker is back."""
-    from shared.services import free_port
+    from fleet.shared.services import free_port
 
     name = f"outage-{uuid.uuid4().hex[:8]}"
     down = make_client("redis", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from shared.errors import InvalidPayload
-from shared.registry import UnknownJobType
+from fleet.shared.errors import InvalidPayload
+from fleet.shared.registry import UnknownJobType
 
 from .conftest import make_client, worker_env
 from .embedding_support import API_KEY, embed_env
@@ -128,8 +128,8 @@ def test_payloads_cannot_name_an_unregistered_queue_or_another_queues_actor(serv
 
 def test_values_under_secret_looking_keys_are_masked_in_dead_letters_and_events(services):
     """Redaction looks at dict keys too: a password or API key in a payload is stored masked, at any depth."""
-    from shared import events as bus
-    from shared.deadletters import DeadLetter, record_dead_letter
+    from fleet.shared import events as bus
+    from fleet.shared.deadletters import DeadLetter, record_dead_letter
 
     trace = str(uuid.uuid4())
     planted = {"password": "hunter2-planted", "api_key": "plain-planted-1", "Authorization": "Token planted-2",

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from shared.middleware.signing import EnvelopeSigning
+from fleet.shared.middleware.signing import EnvelopeSigning
 
 from .conftest import make_client, started_fleet
 from .helpers import dead_letters, pgmq_send, wait_for

@@ -10,9 +10,9 @@ import uuid
 import psycopg
 import pytest
 
-from shared.agentfile import InvalidAgentFile, parse_agent_file
-from shared.semver import InvalidVersion, Version
-from shared.templates import TemplateError, diff_versions, list_templates, publish
+from fleet.shared.agentfile import InvalidAgentFile, parse_agent_file
+from fleet.shared.semver import InvalidVersion, Version
+from fleet.shared.templates import TemplateError, diff_versions, list_templates, publish
 
 # SemVer 2.0 section 11's own example, plus build metadata and numeric vs alphanumeric identifiers
 ORDERED = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",

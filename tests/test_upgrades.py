@@ -11,7 +11,7 @@ import httpx
 import psycopg
 import pytest
 
-from shared.templates import publish
+from fleet.shared.templates import publish
 
 from .conftest import started_fleet
 from .embedding_support import API_KEY
@@ -59,7 +59,7 @@ def cohort(ufleet, sim, users: int) -> tuple[str, list[str]]:
 
 
 def run_upgrade(ufleet, name: str, version: str, *, dry_run: bool, cohort_filter: dict | None = None) -> str:
-    from shared.upgrades import start_run
+    from fleet.shared.upgrades import start_run
 
     run = start_run(name, version, cohort_filter or {}, dry_run, ufleet.client)  # SQL on pgmq, the SDK on Redis
 
@@ -163,8 +163,8 @@ def test_a_bad_template_halts_the_run(ufleet, sim):
 
 
 def test_stale_heartbeats_are_requeued_and_finished(ufleet, sim):
-    from shared.config import Settings
-    from shared.upgrades import requeue_stale
+    from fleet.shared.config import Settings
+    from fleet.shared.upgrades import requeue_stale
 
     name, users = cohort(ufleet, sim, 1)
     with psycopg.connect(ufleet.dsn, autocommit=True) as conn:

@@ -9,8 +9,8 @@ import uuid
 import httpx
 import psycopg
 
-from shared.templates import publish
-from shared.upgrades import start_run
+from fleet.shared.templates import publish
+from fleet.shared.upgrades import start_run
 
 from .conftest import make_client, worker_env
 from .embedding_support import API_KEY

@@ -1,0 +1,129 @@
+"""The ASGI app: lifespan (store, hubs, SDK client), error handlers, health, metrics, the chat page."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fleet.shared.client import FleetClient
+from fleet.shared.config import get_settings
+
+from fleet.gateway.auth import Authenticator
+from fleet.gateway.bodylimit import BodyLimitMiddleware
+from fleet.gateway.errors import (
+    ApiError, InvalidBody, api_error_handler, error_response, invalid_body_handler, unexpected_handler,
+    validation_handler,
+)
+from fleet.gateway.hub_embed import EmbedHub
+from fleet.gateway.metrics import MetricsMiddleware, gateway_metrics
+from fleet.gateway.models import ChatBody, EmbedBody
+from fleet.gateway.page import chat_page
+from fleet.gateway.routes import router
+from fleet.gateway.settings import gateway_settings, require_protection
+from fleet.gateway.state import Gateway
+from fleet.gateway.store import Store
+
+BLOCKING_THREADS = 32  # enqueues and stored-answer reads run in threads (the SDK is synchronous)
+
+
+def fleet_broker():
+    """The workers' broker: importing the actors registers the job types the SDK enqueues."""
+    from fleet import workers
+
+    return workers.broker
+
+
+def chat_hub(settings, gw):
+    if settings.broker == "redis":
+        from fleet.gateway.hub_redis import RedisHub
+
+        return RedisHub(gw.keep_frames_s, gw.stream_timeout_s)
+    from fleet.gateway.hub_pg import PgHub
+
+    return PgHub(gw.keep_frames_s, gw.stream_timeout_s)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(BLOCKING_THREADS, "gateway-io"))
+    settings, gw = get_settings(), gateway_settings()
+    store = Store()
+    await store.open()
+    hubs = [chat_hub(settings, gw), EmbedHub(store, gw.keep_frames_s, gw.stream_timeout_s)]
+    started = []
+    try:
+        for hub in hubs:
+            await hub.start()
+            started.append(hub)
+        client = FleetClient(fleet_broker(), settings)
+        app.state.gateway = Gateway(settings, gw, store, hubs[0], hubs[1], client, Authenticator(gw))
+        yield
+    finally:
+        for hub in reversed(started):
+            await hub.stop()
+        await store.close()
+
+
+def openapi_with_bodies(app: FastAPI):
+    """FastAPI's document, plus the request bodies the routes parse themselves (so that auth and
+    signature checks come before the body's validation)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title="Fleet gateway", version="1", routes=app.routes,
+                             description="Chat and embed jobs over HTTP; their frames as Server-Sent Events.")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ChatBody, EmbedBody):
+            doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(doc.pop("$defs", {}))
+            components[model.model_config["title"]] = doc
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app() -> FastAPI:
+    gw = gateway_settings()
+    require_protection(gw)
+    app = FastAPI(title="Fleet gateway", lifespan=lifespan, docs_url="/docs" if gw.dev else None, redoc_url=None)
+    app.include_router(router)
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(InvalidBody, invalid_body_handler)
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(Exception, unexpected_handler)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=gw.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    app.openapi = lambda: openapi_with_bodies(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request):
+        g: Gateway = request.app.state.gateway
+        try:
+            await asyncio.wait_for(g.store.ping(), 2.0)
+        except Exception as e:  # not ready: say why (no secrets: the error names no DSN)
+            return error_response(503, "not_ready", f"database unreachable: {type(e).__name__}")
+        dead = g.chat_hub.stopped_tasks() + g.embed_hub.stopped_tasks()
+        if dead:
+            return error_response(503, "not_ready", f"stopped: {', '.join(dead)}")
+        return {"status": "ready", "open_streams": g.chat_hub.open_streams() + g.embed_hub.open_streams()}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(generate_latest(gateway_metrics().registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        if not gw.dev:
+            return JSONResponse({"error": "not_found", "message": "the chat page is served with GATEWAY_DEV=true"},
+                                status_code=404)
+        return HTMLResponse(chat_page())
+
+    return app

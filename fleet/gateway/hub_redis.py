@@ -1,0 +1,88 @@
+"""The Redis transport: one XREAD loop per process over the frame streams of every followed job.
+
+The loop also reads the process's own wake stream, which `follow` writes to, so a new job joins the
+next XREAD at once. A job's stream is read from its start, so nothing is missed on Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import redis.asyncio as aioredis
+import structlog
+
+from fleet.shared.db import redis_url
+from fleet.shared.frames import stream_key
+
+from fleet.gateway.hub import Hub
+
+log = structlog.get_logger(__name__)
+
+BLOCK_MS = 5000
+WAKE_TTL_S = 3600
+
+
+class RedisHub(Hub):
+    kind = "redis"
+
+    def __init__(self, keep_frames_s: float, idle_drop_s: float) -> None:
+        super().__init__(keep_frames_s, idle_drop_s)
+        self.wake = f"fleet:gateway:wake:{uuid.uuid4().hex}"
+        self.positions: dict[str, str] = {}  # stream key -> last entry id read
+        self.jobs: dict[str, str] = {}  # stream key -> job id
+        self._reader = aioredis.Redis.from_url(redis_url())
+        self._writer = aioredis.Redis.from_url(redis_url())
+
+    async def start(self) -> None:
+        self._wake_last = await self._writer.xadd(self.wake, {"w": "1"}, maxlen=10)
+        await self._writer.expire(self.wake, WAKE_TTL_S)
+        self._tasks.append(asyncio.create_task(self._read_loop(), name="hub-redis-read"))
+        await super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._writer.delete(self.wake)
+        await self._reader.aclose()
+        await self._writer.aclose()
+
+    async def _watch(self, job_id: str) -> None:
+        key = stream_key(job_id)
+        self.jobs[key], self.positions[key] = job_id, "0"
+        await self._writer.xadd(self.wake, {"w": "1"}, maxlen=10)
+
+    async def _unwatch(self, job_id: str) -> None:
+        key = stream_key(job_id)
+        self.jobs.pop(key, None)
+        self.positions.pop(key, None)
+
+    async def _read_loop(self) -> None:
+        wake_last, refreshed = self._wake_last, time.monotonic()
+        while True:
+            try:
+                streams = {self.wake: wake_last} | dict(self.positions)
+                replies = await self._reader.xread(streams, block=BLOCK_MS, count=1000)
+                for key, entries in replies or []:
+                    key = key.decode()
+                    if key == self.wake:
+                        wake_last = entries[-1][0]
+                        continue
+                    self._deliver_entries(key, entries)
+                if time.monotonic() - refreshed > WAKE_TTL_S / 4:
+                    await self._writer.expire(self.wake, WAKE_TTL_S)
+                    refreshed = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except aioredis.RedisError as e:
+                log.warning("gateway.xread_retry", error=str(e))
+                await asyncio.sleep(1.0)
+
+    def _deliver_entries(self, key: str, entries) -> None:
+        job_id = self.jobs.get(key)
+        if job_id is None:
+            return
+        for entry_id, fields in entries:
+            self.positions[key] = entry_id
+            self.deliver(job_id, json.loads(fields[b"frame"]))

@@ -1,0 +1,39 @@
+"""The broker is a setting, not a code path: FLEET_BROKER=pgmq (default) or redis."""
+
+from __future__ import annotations
+
+import dramatiq
+
+from fleet.shared.config import Settings, get_settings
+from fleet.shared.db import redis_url
+from fleet.shared.middleware import fleet_middleware
+from fleet.shared.brokers.pgmq import PgmqBroker
+from fleet.shared.brokers.redis import FleetRedisBroker
+
+
+def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
+    settings = settings or get_settings()
+    middleware = fleet_middleware(settings)
+    if settings.broker == "redis":
+        broker = FleetRedisBroker(
+            url=redis_url(settings), middleware=middleware,
+            heartbeat_timeout=settings.visibility_timeout_s * 1000,  # a dead worker's messages come back after this
+            maintenance_chance=settings.redis_maintenance_chance,
+        )
+    else:
+        broker = PgmqBroker(settings=settings, middleware=middleware)
+    return broker
+
+
+def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message], *, delay: int | None = None,
+                 conn=None) -> None:
+    """One round trip per batch where the broker can (pgmq, inside `conn`'s transaction when given), one per
+    message otherwise (Redis)."""
+    if isinstance(broker, PgmqBroker):
+        broker.enqueue_many(messages, delay=delay, conn=conn)
+    else:
+        for message in messages:
+            broker.enqueue(message, delay=delay)
+
+
+__all__ = ["build_broker", "enqueue_many", "FleetRedisBroker", "PgmqBroker"]

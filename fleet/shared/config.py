@@ -1,0 +1,157 @@
+"""Settings, environment first (a `.env` file is read too).
+
+Names follow the platform's existing variables (DATABASE_URL, REDIS_URL, ...);
+the fleet's own knobs are prefixed FLEET_.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    # Aliases only: a field name such as `home` must never pick up an unrelated variable like HOME.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=False)
+
+    database_url: SecretStr | None = Field(None, alias="DATABASE_URL")
+    redis_url: SecretStr | None = Field(None, alias="REDIS_URL")
+    broker: Literal["pgmq", "redis"] = Field("pgmq", alias="FLEET_BROKER")
+    home: Path = Field(Path(".fleet"), alias="FLEET_HOME")
+
+    # Delivery.
+    visibility_timeout_s: int = Field(30, alias="FLEET_VISIBILITY_TIMEOUT_S", ge=2)
+    poll_interval_ms: int = Field(1000, alias="FLEET_POLL_INTERVAL_MS", ge=10)
+    pooler: bool | None = Field(None, alias="FLEET_DB_POOLER")
+    # Redis broker: how often (per million commands) a worker looks for dead workers' messages.
+    redis_maintenance_chance: int = Field(50_000, alias="FLEET_REDIS_MAINTENANCE_CHANCE", ge=1, le=1_000_000)
+
+    # Retries (job level) and limits.
+    max_retries: int = Field(5, alias="FLEET_MAX_RETRIES", ge=0)
+    min_backoff_ms: int = Field(1000, alias="FLEET_MIN_BACKOFF_MS", ge=1)
+    max_backoff_ms: int = Field(300_000, alias="FLEET_MAX_BACKOFF_MS", ge=1)
+    time_limit_ms: int = Field(600_000, alias="FLEET_TIME_LIMIT_MS", ge=100)
+    max_payload_bytes: int = Field(1_000_000, alias="FLEET_MAX_PAYLOAD_BYTES", ge=1024)
+    # How long a retry's enqueue, a dead letter or a job's events wait out an unreachable database or Redis.
+    unreachable_budget_s: float = Field(60.0, alias="FLEET_UNREACHABLE_BUDGET_S", gt=0)
+
+    # Envelope signing (off unless a key is set).
+    signing_key: SecretStr | None = Field(None, alias="FLEET_SIGNING_KEY")
+    signing_window_s: int = Field(300, alias="FLEET_SIGNING_WINDOW_S", ge=1)
+
+    # Observability.
+    metrics_host: str = Field("127.0.0.1", alias="FLEET_METRICS_HOST")
+    metrics_port: int = Field(9191, alias="FLEET_METRICS_PORT")
+    log_level: str = Field("INFO", alias="FLEET_LOG_LEVEL")
+
+    # Embeddings (OpenAI-compatible; DeepInfra by default).
+    embedding_api_base: str = Field("https://api.deepinfra.com/v1/openai", alias="EMBEDDING_API_BASE")
+    embedding_model_default: str = Field("BAAI/bge-m3", alias="EMBEDDING_MODEL_DEFAULT")
+    embedding_api_key: SecretStr | None = Field(None, alias="EMBEDDING_API_KEY")
+    embed_max_batch: int = Field(64, alias="EMBED_MAX_BATCH", ge=1, le=2048)
+    embed_max_tokens_per_request: int = Field(16_000, alias="EMBED_MAX_TOKENS_PER_REQUEST", ge=1)
+    embed_chunk_tokens: int = Field(512, alias="EMBED_CHUNK_TOKENS", ge=16)
+    # What each model reads of one input ({"model": tokens}); a longer input is cut by the server without a
+    # word, so chunks are kept within it (see fleet/shared/embedding.py KNOWN_INPUT_TOKENS for the built-in ones).
+    embed_model_input_tokens: dict[str, int] = Field(default_factory=dict, alias="EMBED_MODEL_INPUT_TOKENS")
+    embed_provider_max_retries: int = Field(2, alias="EMBED_PROVIDER_MAX_RETRIES", ge=0)
+    embed_rate_limit_per_min: int = Field(0, alias="EMBED_RATE_LIMIT_PER_MIN", ge=0)  # 0: no limit
+    embed_timeout_s: float = Field(30.0, alias="EMBED_TIMEOUT_S", gt=0)
+    embed_sources: dict[str, dict] = Field(default_factory=dict, alias="EMBED_SOURCES")
+
+    # Chat (OpenAI-compatible, streaming).
+    chat_api_base: str = Field("https://api.deepinfra.com/v1/openai", alias="CHAT_API_BASE")
+    chat_model_default: str = Field("meta-llama/Meta-Llama-3.1-8B-Instruct", alias="CHAT_MODEL_DEFAULT")
+    chat_api_key: SecretStr | None = Field(None, alias="CHAT_API_KEY")
+    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
+    chat_rate_limit_per_min: int = Field(0, alias="CHAT_RATE_LIMIT_PER_MIN", ge=0)  # 0: no limit
+    require_idempotency: bool = Field(False, alias="REQUIRE_IDEMPOTENCY")
+    chat_context_tokens: int = Field(6000, alias="CHAT_CONTEXT_TOKENS", ge=100)  # the history's budget
+    # Each model's context window ({"model": tokens}); the history is fitted into it, leaving room for
+    # the answer (max_tokens, else CHAT_ANSWER_RESERVE_TOKENS) and the chat template's own tokens.
+    chat_context_windows: dict[str, int] = Field(default_factory=dict, alias="CHAT_CONTEXT_WINDOWS")
+    chat_answer_reserve_tokens: int = Field(512, alias="CHAT_ANSWER_RESERVE_TOKENS", ge=1)
+    # What the chat template adds to the text (role markers per message; the reply's opening and any
+    # system prompt the template puts in by itself): counted in estimates when the server sends no usage.
+    chat_template_tokens_per_message: int = Field(4, alias="CHAT_TEMPLATE_TOKENS_PER_MESSAGE", ge=0)
+    chat_template_tokens: int = Field(3, alias="CHAT_TEMPLATE_TOKENS", ge=0)
+    chat_keepalive_s: float = Field(5.0, alias="CHAT_KEEPALIVE_S", gt=0)
+    chat_timeout_s: float = Field(120.0, alias="CHAT_TIMEOUT_S", gt=0)
+    chat_provider_max_retries: int = Field(2, alias="CHAT_PROVIDER_MAX_RETRIES", ge=0)
+
+    # Provider health.
+    health_refresh_interval_s: float = Field(60.0, alias="HEALTH_REFRESH_INTERVAL_S", gt=0)
+    health_probe_timeout_s: float = Field(5.0, alias="HEALTH_PROBE_TIMEOUT_S", gt=0)
+    health_degraded_ms: float = Field(2000.0, alias="HEALTH_DEGRADED_MS", gt=0)
+    health_down_after: int = Field(3, alias="HEALTH_DOWN_AFTER", ge=1)
+    # Jobs' failed calls mark a provider down only if none of its calls succeeded for this long: a provider
+    # that answers some calls is degraded, and deferring every job would stop the work it can still do.
+    health_down_quiet_s: float = Field(1.0, alias="HEALTH_DOWN_QUIET_S", gt=0)
+    # A provider that is down is probed again by a worker when its state is older than this.
+    health_recheck_s: float = Field(10.0, alias="HEALTH_RECHECK_S", gt=0)
+    health_retention_h: float = Field(24.0, alias="HEALTH_RETENTION_H", gt=0)
+    # housekeeping deletes the gateway's job owner rows (gateway_jobs) older than this
+    gateway_jobs_retention_days: float = Field(30.0, alias="GATEWAY_JOBS_RETENTION_DAYS", gt=0)
+    health_providers: str = Field("chat,embedding", alias="HEALTH_PROVIDERS")  # letta too when LETTA_API_BASE_URL is set
+    letta_api_base_url: str | None = Field(None, alias="LETTA_API_BASE_URL")
+    letta_api_key: SecretStr | None = Field(None, alias="LETTA_API_KEY")
+    letta_max_retries: int = Field(2, alias="LETTA_MAX_RETRIES", ge=0)
+    zuplo_base_url: str | None = Field(None, alias="ZUPLO_BASE_URL")  # the billing proxy every agent must use
+    upgrade_halt_failure_rate: float = Field(0.2, alias="UPGRADE_HALT_FAILURE_RATE", gt=0, le=1)
+    upgrade_halt_min_sample: int = Field(20, alias="UPGRADE_HALT_MIN_SAMPLE", ge=1)
+    upgrade_heartbeat_s: float = Field(5.0, alias="UPGRADE_HEARTBEAT_S", gt=0)
+    upgrade_stale_after_s: float = Field(60.0, alias="UPGRADE_STALE_AFTER_S", gt=0)
+
+    # Memory lifecycle.
+    lifecycle_interval_s: float = Field(3600.0, alias="LIFECYCLE_INTERVAL_S", gt=0)
+    lifecycle_archive_after_days: float = Field(30.0, alias="LIFECYCLE_ARCHIVE_AFTER_DAYS", gt=0)
+    lifecycle_decay_half_life_days: float = Field(30.0, alias="LIFECYCLE_DECAY_HALF_LIFE_DAYS", gt=0)
+    lifecycle_min_confidence: float = Field(0.05, alias="LIFECYCLE_MIN_CONFIDENCE", ge=0, le=1)
+    lifecycle_merge_threshold: float = Field(0.95, alias="LIFECYCLE_MERGE_THRESHOLD", gt=0, le=1)
+    lifecycle_purge_after_days: float = Field(30.0, alias="LIFECYCLE_PURGE_AFTER_DAYS", ge=0)
+    lifecycle_batch_size: int = Field(1000, alias="LIFECYCLE_BATCH_SIZE", ge=1, le=100_000)
+    lifecycle_type_caps: dict[str, int] = Field(default_factory=dict, alias="LIFECYCLE_TYPE_CAPS")
+
+    @property
+    def chat_key(self) -> str | None:
+        """CHAT_API_KEY, falling back to OPENAI_API_KEY."""
+        key = self.chat_api_key or self.openai_api_key
+        return key.get_secret_value() if key else None
+
+    @property
+    def uses_pooler(self) -> bool:
+        """A transaction pooler (Supavisor, PgBouncer) cannot keep prepared statements or LISTEN."""
+        if self.pooler is not None:
+            return self.pooler
+        if self.database_url is None:
+            return False
+        return urlsplit(self.database_url.get_secret_value()).port == 6543
+
+    def secrets(self) -> list[str]:
+        """Every secret value this process knows, for redaction."""
+        values: list[str] = []
+        for secret in (self.signing_key, self.database_url, self.redis_url, self.embedding_api_key,
+                       self.chat_api_key, self.openai_api_key, self.letta_api_key):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        for url in (self.database_url, self.redis_url):
+            if url is not None:
+                password = urlsplit(url.get_secret_value()).password
+                if password:
+                    values.append(password)
+        return [v for v in values if len(v) >= 6]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests and the CLI change the environment)."""
+    get_settings.cache_clear()

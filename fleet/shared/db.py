@@ -1,0 +1,96 @@
+"""Postgres connections: where the database is, and connections that work through a transaction pooler."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from fleet.shared.config import Settings, get_settings
+from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
+
+_lock = threading.RLock()
+
+
+def database_dsn(settings: Settings | None = None) -> str:
+    """DATABASE_URL, else the embedded PostgreSQL under FLEET_HOME (started if needed)."""
+    settings = settings or get_settings()
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    with _lock:
+        return EmbeddedPostgres(settings.home).up()
+
+
+def redis_url(settings: Settings | None = None) -> str:
+    """REDIS_URL, else the embedded Redis under FLEET_HOME (started if needed)."""
+    settings = settings or get_settings()
+    if settings.redis_url is not None:
+        return settings.redis_url.get_secret_value()
+    with _lock:
+        return EmbeddedRedis(settings.home).up()
+
+
+def connect_kwargs(settings: Settings | None = None) -> dict:
+    settings = settings or get_settings()
+    kwargs: dict = {"autocommit": True, "application_name": "fleet"}
+    if settings.uses_pooler:
+        # Transaction poolers hand each transaction to any server connection.
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
+def connect(settings: Settings | None = None, **overrides) -> psycopg.Connection:
+    settings = settings or get_settings()
+    kwargs = connect_kwargs(settings) | overrides
+    return psycopg.connect(database_dsn(settings), **kwargs)
+
+
+def make_pool(settings: Settings | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "fleet") -> ConnectionPool:
+    settings = settings or get_settings()
+    kwargs = connect_kwargs(settings)
+    return ConnectionPool(
+        database_dsn(settings), min_size=min_size, max_size=max_size, kwargs=kwargs,
+        name=name, open=True, check=ConnectionPool.check_connection,
+    )
+
+
+_pool: ConnectionPool | None = None
+_pool_size = 10  # a producer's; a worker process sizes it from its threads (size_pool_for_threads)
+
+
+def pool_size_for_threads(threads: int) -> int:
+    """Connections a worker process can need at once: each job thread holds at most one at a time (no
+    connection is held across a provider call or while taking another), and as many helper threads can
+    each hold one beside it (an upgrade's heartbeat, a chat's keepalive frames); plus the events writer,
+    the metrics exporter's queue read and spare room."""
+    return 2 * threads + 4
+
+
+def size_pool_for_threads(threads: int) -> None:
+    global _pool_size
+    with _lock:
+        _pool_size = max(_pool_size, pool_size_for_threads(threads))
+        if _pool is not None and _pool.max_size < _pool_size:
+            _pool.resize(min_size=_pool.min_size, max_size=_pool_size)
+
+
+def get_pool() -> ConnectionPool:
+    """The process's shared pool (created on first use, so forked workers each get their own)."""
+    global _pool
+    if _pool is None:
+        with _lock:
+            if _pool is None:
+                _pool = make_pool(max_size=_pool_size)
+    return _pool
+
+
+def close_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.close()
+        _pool = None
+
+
+__all__ = ["connect", "make_pool", "get_pool", "close_pool", "database_dsn", "redis_url", "dict_row"]

@@ -1,0 +1,51 @@
+"""structlog JSON logs, one line per event, with trace context and secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from fleet.shared.redact import redact_value
+
+_configured = False
+
+
+def _redact_processor(_logger, _name, event_dict):
+    return redact_value(event_dict)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _redact_processor,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # dramatiq and libraries log through stdlib logging: render them the same way.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.JSONRenderer()],
+            foreign_pre_chain=[*shared[:-2], structlog.stdlib.add_logger_name, structlog.processors.format_exc_info, _redact_processor],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

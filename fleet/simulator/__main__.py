@@ -1,0 +1,3 @@
+from fleet.simulator.server import main
+
+raise SystemExit(main())

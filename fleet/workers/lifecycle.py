@@ -1,0 +1,72 @@
+"""`memory_lifecycle` on queue `lifecycle` (scheduled, and on demand), and `embed_memories`, the
+embedding-family job that gives memories their vectors."""
+
+from __future__ import annotations
+
+from dramatiq.middleware import CurrentMessage
+from pgvector import Vector
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fleet.shared.config import get_settings
+from fleet.shared.db import get_pool
+from fleet.shared.embedding import vector_dim, with_vectors
+from fleet.shared.lifecycle import ACTIONS, run_lifecycle
+from fleet.shared.middleware.events import job_fields
+from fleet.shared.providers.embeddings import EmbeddingsClient, plan_batches
+from fleet.shared.ratelimit import per_minute
+
+from fleet.workers.actor import job
+
+
+class LifecycleJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project_id: str | None = Field(None, min_length=1, max_length=200)
+    dry_run: bool = False
+    actions: list[str] | None = None
+    batch_size: int | None = Field(None, ge=1, le=100_000)
+
+    @field_validator("actions")
+    @classmethod
+    def _known(cls, v):
+        unknown = sorted(set(v or []) - set(ACTIONS))
+        if unknown:
+            raise ValueError(f"unknown actions {unknown}; known: {', '.join(ACTIONS)}")
+        return v
+
+
+@job(LifecycleJob, max_retries=3)
+def memory_lifecycle(job: LifecycleJob) -> None:
+    message = CurrentMessage.get_current_message()
+    run_lifecycle(project=job.project_id, dry_run=job.dry_run, actions=job.actions, batch_size=job.batch_size,
+                  trace=job_fields(message) if message else None)
+
+
+class EmbedMemoriesJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] = Field(min_length=1, max_length=1000)
+
+
+@job(EmbedMemoriesJob)
+def embed_memories(job: EmbedMemoriesJob) -> None:
+    settings = get_settings()
+    model = settings.embedding_model_default
+    with get_pool().connection() as conn:
+        rows = conn.execute(
+            "select m.id, p.content from memories m join memory_payloads p on p.memory_id = m.id"
+            " where m.id = any(%s::uuid[]) and m.status = 'activated' and p.content is not null"
+            " and (m.embedding is null or m.embedding_model is distinct from %s)", (job.ids, model)).fetchall()
+        dim = vector_dim(conn, "memories")
+    if not rows:
+        return
+    limiter = per_minute("embeddings", settings.embed_rate_limit_per_min)
+    client = EmbeddingsClient(settings, rate_limit=limiter.acquire if limiter else None)
+    for batch in plan_batches([r[1] for r in rows], settings.embed_max_batch, settings.embed_max_tokens_per_request):
+        group = [rows[i] for i in batch]
+        vectors = client.embed([c for _, c in group], model=model, expected_dim=dim).vectors
+        with get_pool().connection() as conn:
+            # Before the cursor: a cursor takes a copy of its connection's adapters when it is made.
+            with_vectors(conn)
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(
+                    "update memories set embedding = %s, embedding_model = %s, updated_at = now() where id = %s",
+                    [(Vector(v), model, mid) for (mid, _), v in zip(group, vectors)])

@@ -1,3 +1,0 @@
-from .server import main
-
-raise SystemExit(main())
