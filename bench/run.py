@@ -172,6 +172,10 @@ def evaluate(f: dict[str, float]) -> list[tuple[str, float, str, bool | None]]:
          *at_least(f["enqueue_sdk_jobs_per_s"] / f["enqueue_raw_send_batch_one_transaction_per_s"], 0.8)),
         ("8 producers: SDK enqueue / raw pgmq.send, jobs/s",
          *at_least(f["producers8_sdk_jobs_per_s"] / f["producers8_raw_jobs_per_s"], 0.8)),
+        ("8 producers: raw pgmq.send p50 latency / SDK p50 latency",
+         *at_least(f["producers8_raw_p50_ms"] / f["producers8_sdk_p50_ms"], 0.8)),
+        ("8 producers: raw pgmq.send p99 latency / SDK p99 latency",
+         *at_least(f["producers8_raw_p99_ms"] / f["producers8_sdk_p99_ms"], 0.8)),
         ("embedding docs/s / the provider's measured direct rate",
          *at_least(f["embed_docs_per_s"] / f["embed_provider_direct_docs_per_s"], 0.95)),
         ("PostgreSQL CPU per job, fleet on pgmq / pgqueuer",
@@ -253,7 +257,7 @@ def write_results(figures: dict[str, float], targets: list) -> None:
     ]
     lines += [f"| {name} | {value:.2f} | {target} | {'-' if met is None else 'met' if met else 'not met'} |"
               for name, value, target, met in targets]
-    lines += ["", *summary_lines(figures), "", "Where a full-stack job's CPU goes (bench/profile.py, 5,000 jobs, thread CPU time):",
+    lines += ["", *(f"- {line}" for line in summary_lines(figures)), "", "Where a full-stack job's CPU goes (bench/profile.py, 5,000 jobs, thread CPU time):",
               "", *profile_table(figures), "", "| figure | value |", "|---|---|"]
     lines += [f"| `{k}` | {v:,.2f} |" for k, v in figures.items()]
     lines += ["", f"Memory lifecycle (expire, archive, decay) on {figures['lifecycle_rows']:,.0f} memories: "
