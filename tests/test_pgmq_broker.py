@@ -6,6 +6,7 @@ import json
 import uuid
 
 import psycopg
+import pytest
 
 from .conftest import make_client, started_fleet
 from .helpers import dead_letters, events, pgmq_send, wait_for
@@ -198,6 +199,54 @@ def test_lazy_commit_is_scoped_to_the_round_trip_and_off_for_rejects_and_failed_
                 assert conn.execute("show synchronous_commit").fetchone()[0] == "on"
     finally:
         consumer.close()
+        broker.close()
+        with psycopg.connect(services["dsn"], autocommit=True) as admin:
+            admin.execute("select pgmq.drop_queue(%s)", (queue,))
+
+
+@pytest.mark.parametrize("path", ["payloads", "messages"])
+def test_a_bulk_send_whose_commit_fails_raises_and_keeps_nothing(services, path):
+    """Both producing paths share the bulk sender. A batch of several chunks is sent on a thread; when the
+    commit itself fails (after the last chunk was handed over), the caller gets the error instead of waiting
+    forever for the thread, and no message of the batch is kept."""
+    import threading
+
+    import dramatiq
+
+    from fleet.shared.brokers.pgmq import PgmqBroker
+    from fleet.shared.config import Settings
+
+    queue = f"test_commit_{path}"
+    broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq"))
+    broker.declare_queue(queue)
+    broker.ensure_queue(queue)
+    with psycopg.connect(services["dsn"], autocommit=True) as admin:
+        admin.execute("create or replace function test_refuse_at_commit() returns trigger language plpgsql"
+                      " as $$ begin raise exception 'refused at commit'; end $$")
+        admin.execute(f"create constraint trigger refuse_at_commit after insert on pgmq.q_{queue}"
+                      " deferrable initially deferred for each row execute function test_refuse_at_commit()")
+    payloads = [{"n": i} for i in range(2500)]  # three chunks: sent by the sender thread
+    outcome: list[BaseException | None] = []
+
+    def send() -> None:
+        try:
+            if path == "payloads":
+                broker.enqueue_payloads(queue, "nobody", payloads)
+            else:
+                broker.enqueue_many([dramatiq.Message(queue_name=queue, actor_name="nobody", args=(p,), kwargs={},
+                                                      options={}) for p in payloads])
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001  (handed to the test's thread)
+            outcome.append(e)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        sender.join(60)
+        assert not sender.is_alive(), "the producer still waits for a sender whose commit failed"
+        assert isinstance(outcome[0], psycopg.errors.RaiseException) and "refused at commit" in str(outcome[0])
+        assert broker.pending(queue) == 0
+    finally:
         broker.close()
         with psycopg.connect(services["dsn"], autocommit=True) as admin:
             admin.execute("select pgmq.drop_queue(%s)", (queue,))

@@ -154,3 +154,32 @@ def test_a_forged_copy_of_a_retry_cannot_cancel_the_genuine_one(signed_fleet):
     done = wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 20,
                     what="the genuine retry to run")
     assert [e["payload"]["message"] for e in done] == ["genuine retry"]
+
+
+@pytest.mark.parametrize("kind", ["pgmq", "redis"])
+def test_a_signed_job_whose_worker_was_killed_runs_again_when_redelivered(services, kind, tmp_path):
+    """A redelivery after the worker died is no replay: on pgmq it carries its message id; on Redis the claim's
+    holder (the dead worker's broker id) has no heartbeat, by which Redis gave the message back. Two copies at
+    once are still refused (test_two_copies_of_a_signed_envelope_at_once_run_only_once)."""
+    from .conftest import worker_env
+    from .helpers import WorkerGroup, events
+
+    env = worker_env(services, kind, FLEET_SIGNING_KEY=KEY)  # FLEET_VISIBILITY_TIMEOUT_S=4
+    client = make_client(kind, FLEET_SIGNING_KEY=KEY)
+    trace = str(uuid.uuid4())
+    first = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
+    try:
+        client.enqueue("echo", {"message": "killed mid-run", "sleep_ms": 2000, "record": True}, trace_id=trace)
+        wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.started"], 30,
+                 what="the signed job to start")
+        first.kill()
+        second = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
+        try:
+            wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "echo.done"], 40,
+                     what="the redelivered job to run")
+        finally:
+            assert second.terminate() == 0
+    finally:
+        first.kill()
+        client.broker.close()
+    assert dead_letters(services["dsn"], trace) == []

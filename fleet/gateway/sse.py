@@ -30,6 +30,12 @@ def _after(frames: list[dict], last_seq: int | None) -> list[dict]:
     return [f for f in frames if f.get("seq") is not None and f["seq"] > last_seq]
 
 
+def numbered(frames: list[dict], after: int) -> list[dict]:
+    """A stored answer's frames (rebuilt from the database, so without seq) numbered on after the last frame
+    the client has, so SSE ids keep increasing when the live final frame is overtaken by the stored one."""
+    return [f if f.get("seq") is not None else f | {"seq": after + i} for i, f in enumerate(frames, 1)]
+
+
 async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[dict]], *, last_seq: int | None,
                      ended: Ended | None, check_first: bool, keepalive_s: float,
                      timeout_s: float) -> AsyncIterator[bytes]:
@@ -39,14 +45,15 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
     queue, backlog = followed
     gauge = gateway_metrics().open_streams.labels(hub.kind)
     gauge.inc()
+    sent = last_seq or 0  # the last seq the client has: a stored answer's frames are numbered on from it
     try:
         if check_first and not backlog and ended is not None and (stored := await ended(job_id)) is not None:
-            for frame in stored[-1:] if last_seq is not None else stored:  # after a resume only the final frame
-                yield encode(frame)
-            return
+            yield b"".join(map(encode, numbered(stored[-1:] if last_seq is not None else stored, sent)))
+            return  # after a resume only the final frame
         heard = bool(backlog)
         for frame in _after(backlog, last_seq):
             yield encode(frame)
+            sent = frame.get("seq") or sent
             if frame["type"] in hub.finals:
                 return
         deadline = time.monotonic() + timeout_s
@@ -60,13 +67,14 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
                     return
                 yield KEEPALIVE
                 if ended is not None and (stored := await ended(job_id)) is not None:
-                    yield encode(stored[-1]) if heard or last_seq is not None else b"".join(map(encode, stored))
+                    yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
                     return
                 continue
             heard = True
             if last_seq is not None and (frame.get("seq") or 0) <= last_seq:
                 continue
             yield encode(frame)
+            sent = frame.get("seq") or sent
             if frame["type"] in hub.finals:
                 return
     finally:

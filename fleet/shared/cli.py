@@ -442,17 +442,23 @@ def cmd_dlq(args) -> int:
                 queue=args.queue, error_class=args.error_class, older_than_s=args.older_than,
                 newer_than_s=args.newer_than, limit=args.limit)]
         client = FleetClient()
-        retried = []
+        retried, refused = [], 0
         for row in rows:
             if row["retried_at"] is not None:
                 continue
             _, actor, payload = dl.payload_of(row)
+            masked = dl.masked_fields(payload)
+            if masked:
+                refused += 1
+                print(f"fleet dlq: dead letter {row['id']} not retried: its payload was stored with masked values"
+                      f" ({', '.join(masked)}); enqueue it again from its producer", file=sys.stderr)
+                continue
             client.enqueue(actor or row["queue"], payload, trace_id=row["trace_id"])
             retried.append(row["id"])
         if retried:
             dl.mark_retried(retried)
         print(f"re-enqueued {len(retried)} dead letter(s)")
-        return 0
+        return 1 if refused else 0
     if args.action == "purge":
         if not args.yes:
             print("fleet dlq purge deletes dead letters for good: add --yes", file=sys.stderr)

@@ -16,6 +16,7 @@ import json
 import time
 from datetime import datetime, timezone
 
+from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, MiddlewareError
 from psycopg.types.json import Jsonb
 
@@ -72,28 +73,35 @@ class EnvelopeVerification(EnvelopeSigning):
         age_ms = int(time.time() * 1000) - signed_at
         if age_ms > self.window_ms or age_ms < -60_000:
             raise SignatureRejected(f"envelope signed {age_ms // 1000}s ago is outside the replay window ({self.window_ms // 1000}s)")
-        self._claim(message, signed_at)
+        self._claim(broker, message, signed_at)
 
-    def _claim(self, message, signed_at: int) -> None:
+    def _claim(self, broker, message, signed_at: int) -> None:
         """Claim the signature before the job runs, so two copies running at once cannot both pass. A claim
-        whose job is still running is taken over only by a redelivery of the same pgmq message (a worker
-        died) or once the job's time limit has passed since it was claimed."""
-        delivery = getattr(message, "pgmq_id", None)
+        whose job is still running is taken over only by a redelivery of the same pgmq message, by any copy
+        once the Redis worker that holds it is dead (the judgement by which Redis gives its messages back),
+        or once the job's time limit has passed since it was claimed."""
+        sig, holder = message.options["sig"], redis_holder(broker)
         expires = datetime.fromtimestamp((signed_at + self.window_ms) / 1000, tz=timezone.utc)
+        claim = Jsonb({"state": "running", "delivery": getattr(message, "pgmq_id", None), "holder": holder})
         with get_pool().connection() as conn:
             claimed = conn.execute(
                 "insert into request_dedup as d (scope, key, result, expires_at) values ('envelope', %s, %s, %s)"
                 " on conflict (scope, key) do update set result = excluded.result, created_at = now()"
                 " where d.result->>'state' = 'running' and ((excluded.result->>'delivery') = (d.result->>'delivery')"
                 "  or d.created_at < now() - %s * interval '1 millisecond') returning 1",
-                (message.options["sig"], Jsonb({"state": "running", "delivery": delivery}), expires,
-                 self.time_limit_ms),
-            ).fetchone()
+                (sig, claim, expires, self.time_limit_ms)).fetchone()
             if claimed:
                 return
-            state = conn.execute("select result->>'state' from request_dedup where scope = 'envelope' and key = %s",
-                                 (message.options["sig"],)).fetchone()
-        if state and state[0] == "running":
+            state, old_holder = conn.execute(
+                "select result->>'state', result->>'holder' from request_dedup where scope = 'envelope' and key = %s",
+                (sig,)).fetchone() or (None, None)
+            if state == "running" and old_holder and holder and redis_worker_dead(broker, old_holder):
+                if conn.execute(
+                        "update request_dedup set result = %s, created_at = now() where scope = 'envelope'"
+                        " and key = %s and result->>'state' = 'running' and result->>'holder' = %s returning 1",
+                        (claim, sig, old_holder)).fetchone():
+                    return
+        if state == "running":
             raise SignatureRejected("replayed envelope: a copy of this signed message is already running")
         raise SignatureRejected("replayed envelope: this signed message already completed")
 
@@ -106,3 +114,15 @@ class EnvelopeVerification(EnvelopeSigning):
         with get_pool().connection() as conn:
             conn.execute("update request_dedup set result = jsonb_set(result, '{state}', '\"done\"')"
                          " where scope = 'envelope' and key = %s", (sig,))
+
+
+def redis_holder(broker) -> str | None:
+    """The Redis worker process that claims a signature: dramatiq's broker id, which it heartbeats."""
+    return broker.broker_id if isinstance(broker, RedisBroker) else None
+
+
+def redis_worker_dead(broker, worker_id: str) -> bool:
+    """Dead as dramatiq's RedisBroker decides it: no heartbeat within its heartbeat timeout (its maintenance
+    then puts that worker's unacknowledged messages back, which is how the copy in hand came to us)."""
+    beat = broker.client.zscore(f"{broker.namespace}:__heartbeats__", worker_id)
+    return beat is None or beat < time.time() * 1000 - broker.heartbeat_timeout
