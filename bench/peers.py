@@ -65,6 +65,8 @@ async def drain(jobs: int) -> float:
 
 
 def main() -> None:
+    from bench.dbcpu import ServerCpu
+    from fleet.shared.db import database_dsn
     from fleet.shared.logs import configure_logging
 
     configure_logging("WARNING")
@@ -72,10 +74,13 @@ def main() -> None:
     p.add_argument("what", choices=["drain"])
     p.add_argument("--jobs", type=int, default=20000)
     a = p.parse_args()
-    enqueue_s = asyncio.run(prepare(a.jobs))
-    drain_s = asyncio.run(drain(a.jobs))
+    with ServerCpu(database_dsn()) as db_cpu:  # the PostgreSQL server's CPU over enqueue and drain
+        enqueue_s = asyncio.run(prepare(a.jobs))
+        drain_s = asyncio.run(drain(a.jobs))
     print(f"drain_pgqueuer_jobs_per_s: {a.jobs / drain_s:.0f}")
     print(f"drain_pgqueuer_enqueue_jobs_per_s: {a.jobs / enqueue_s:.0f}")
+    if db_cpu.seconds is not None:
+        print(f"drain_pgqueuer_db_cpu_ms_per_1k: {db_cpu.per_1k_ms(a.jobs):.1f}")
 
 
 if __name__ == "__main__":
