@@ -99,3 +99,16 @@ def test_a_graceful_stop_commits_the_held_acks(services, tmp_path):
     succeeded = {e["job_id"] for e in events(services["dsn"], trace_id=trace, type="job.succeeded")}
     # Every job that finished is acknowledged (none left to run again); the rest were requeued unstarted.
     assert unacked(env, trace) == 20 - len(succeeded)
+
+
+def test_events_go_back_to_the_background_writer_once_the_broker_is_closed(services):
+    from fleet.shared import events as bus
+
+    client = make_client("redis")
+    consumer = client.broker.consume("echo")  # a consumer: its process's events wait for the ack writer
+    assert not bus._writer.background
+    client.broker.close()
+    assert consumer.writer.is_alive() is False
+    trace = str(uuid.uuid4())
+    bus.emit("test.after_close", trace_id=trace)  # nothing acks any more: the background writer takes it
+    wait_for(lambda: events(services["dsn"], trace_id=trace), 10, what="the event emitted after the close")

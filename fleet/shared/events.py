@@ -73,7 +73,7 @@ class EventWriter:
         self._ensure_thread()
 
     def _ensure_thread(self) -> None:
-        if self.background and (self._thread is None or self._pid != os.getpid()):
+        if self.background and (self._thread is None or self._pid != os.getpid() or not self._thread.is_alive()):
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="bus-events", daemon=True)
             self._thread.start()
@@ -164,6 +164,14 @@ def written_by_ack_writer() -> None:
     background writer stops, so no row is in flight outside that writer's commit)."""
     with _writer._lock:
         _writer.background = False
+
+
+def written_in_background() -> None:
+    """The ack writer has stopped (its broker closed): rows emitted from now on go back to the background
+    writer, so a process that goes on after closing its Redis broker still writes its events."""
+    with _writer._lock:
+        _writer.background = True
+    _writer._ensure_thread()
 
 
 def flush_quietly() -> None:

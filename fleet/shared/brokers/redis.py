@@ -126,6 +126,8 @@ class AckWriter(threading.Thread):
         with self.cond:
             self.cond.notify()
         self.join(timeout=max(deadline - time.monotonic(), 0.1))
+        if not self.is_alive():
+            events.written_in_background()
 
     def run(self) -> None:
         while self.running:
