@@ -20,7 +20,8 @@ from .test_templates import AGENT
 
 def test_a_worker_killed_mid_run_loses_no_agent_and_upgrades_none_twice(services, sim, tmp_path):
     env = worker_env(services, "pgmq", LETTA_API_BASE_URL=sim.url, LETTA_API_KEY=API_KEY,
-                     ZUPLO_BASE_URL="https://billing.example.test")
+                     ZUPLO_BASE_URL="https://billing.example.test",
+                     UPGRADE_STALE_AFTER_S="6", UPGRADE_HEARTBEAT_S="1")  # the takeover after the kill within seconds
     client = make_client("pgmq")
     name = f"k-{uuid.uuid4().hex[:8]}"
     publish(name, "1.0.0", AGENT)
