@@ -30,11 +30,13 @@ from fleet.shared.brokers.hooks import ImplementedHooksOnly
 log = structlog.get_logger(__name__)
 
 # dramatiq's own ack (dispatch.lua, "ack"), for many messages of one queue in one call: each id leaves this
-# worker's ack set and, if it was there, the queue's message hash. (Heartbeats and maintenance ride on the
-# consumer's fetches, which call dramatiq's dispatch script as usual.)
+# worker's ack set and, if it was there, the queue's message hash; the worker's heartbeat is refreshed as
+# dispatch.lua does on every call. (Maintenance rides on the consumers' fetches, dramatiq's own script.)
+# KEYS: ack set, message hash, heartbeats; ARGV: timestamp, worker id, message ids...
 ACK_MANY = """
+redis.call("zadd", KEYS[3], ARGV[1], ARGV[2])
 local acked = 0
-for i = 1, #ARGV do
+for i = 3, #ARGV do
     if redis.call("srem", KEYS[1], ARGV[i]) > 0 then
         redis.call("hdel", KEYS[2], ARGV[i])
         acked = acked + 1
@@ -94,8 +96,9 @@ class FleetRedisBroker(ImplementedHooksOnly, RedisBroker):
                         held.redis_message_id]
                 self.scripts["dispatch"](keys=[self.namespace], args=args, client=pipe)
         for queue_name, ids in acks.items():
-            keys = [f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}", f"{self.namespace}:{queue_name}.msgs"]
-            self._ack_many(keys=keys, args=ids, client=pipe)
+            keys = [f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}", f"{self.namespace}:{queue_name}.msgs",
+                    f"{self.namespace}:__heartbeats__"]
+            self._ack_many(keys=keys, args=[current_millis(), self.broker_id, *ids], client=pipe)
         pipe.execute()
 
 
