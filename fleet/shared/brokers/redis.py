@@ -47,6 +47,7 @@ return acked
 IDLE_FLUSH_S = 0.05  # events that no ack waits for (a producer's, a retry's) are written this often
 MAX_BACKOFF_S = 2.0
 CLOSE_WAIT_S = 10.0
+GATHER_AT, GATHER_S = 16, 0.002  # a batch smaller than this waits this long for more acks
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,10 @@ class AckWriter(threading.Thread):
             with self.cond:
                 if not self.pending:
                     self.cond.wait(IDLE_FLUSH_S)
+                small = 0 < len(self.pending) < GATHER_AT
+            if small:  # let the other worker threads' acks join this batch: one commit and one round trip for all
+                time.sleep(GATHER_S)
+            with self.cond:
                 batch, self.pending = self.pending, []
             if not self.commit(batch):
                 with self.cond:
