@@ -28,7 +28,13 @@ conformance: $(STAMP) system-deps
 	@bash conformance/install.sh
 	@$(PY) -m pytest -q -p no:cacheprovider conformance
 
-bench: $(STAMP) system-deps
+# The peers it measures against (pgqueuer, asyncpg) are the `bench` extra, installed for it only.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) system-deps
 	@$(PY) -m bench.run
 
 # The full chaos soak (10,000 jobs per broker, SIGKILLs, PostgreSQL and Redis restarts), then the

@@ -3,7 +3,8 @@
     python -m bench.chat latency    the fleet's added latency: time to the first delta at a listener
                                     minus the simulator's time to first token, idle, p50 and p99
     python -m bench.chat throughput chats/s through real worker processes with the simulator at a
-                                    fixed latency, against the provider-bound limit of the same set-up
+                                    fixed latency, against the simulator's rate measured directly
+                                    (8 streaming clients, no fleet) in the same run
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from fleet.shared.db import database_dsn
 
 TTFT_S = 0.2
 THREADS = 8
-CHAT_S = 1.0  # throughput run: time to first token + 10 tokens at 20/s
 
 
 def start(config: dict):
@@ -68,8 +68,10 @@ def latency(samples: int = 60) -> None:
 
 
 def throughput(chats: int = 64) -> None:
+    from bench.provider import direct_rate
     from fleet.shared.client import FleetClient
     from fleet.ops.processes import stop_process
+    from fleet.shared.config import get_settings
 
     sim, workers = start({"ttft_ms": 500, "tokens_per_s": 20, "answer_tokens": 11})
     client = FleetClient()
@@ -85,12 +87,16 @@ def throughput(chats: int = 64) -> None:
                                (trace,)).fetchone()[0] < chats:
                 time.sleep(0.02)
         elapsed = time.perf_counter() - t
+        body = {"model": get_settings().chat_model_default, "stream": True,
+                "messages": [{"role": "user", "content": "q"}]}
+        provider = direct_rate(f"{os.environ['CHAT_API_BASE']}/chat/completions", [body] * chats, THREADS,
+                               units_per_request=1)
     finally:
         stop_process(workers)
         stop_process(sim, 5)
         client.broker.close()
     print(f"chat_per_s: {chats / elapsed:.2f}")
-    print(f"chat_provider_bound_per_s: {THREADS / CHAT_S:.2f}")
+    print(f"chat_provider_direct_per_s: {provider:.2f}")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import threading
@@ -22,7 +23,7 @@ from fleet.shared.config import get_settings
 from fleet.shared.db import database_dsn, redis_url
 
 QUEUE = "bench_noop"
-THREADS = 8
+THREADS = int(os.environ.get("BENCH_THREADS", "8"))  # one process x 8 threads, as the targets say
 
 
 def fresh_queue(dsn: str, name: str = QUEUE) -> None:
@@ -33,26 +34,33 @@ def fresh_queue(dsn: str, name: str = QUEUE) -> None:
 
 
 def make_broker(kind: str) -> dramatiq.Broker:
+    """stub, redis, pgmq: the library's broker with dramatiq's default middleware, as stock brokers get;
+    pgmq-fleet, redis-fleet: the fleet's broker as `fleet worker` builds it, every middleware on."""
     from dramatiq.brokers.redis import RedisBroker
     from dramatiq.brokers.stub import StubBroker
 
+    from fleet.shared.brokers import build_broker
     from fleet.shared.brokers.pgmq import PgmqBroker
-    from fleet.shared.middleware import fleet_middleware
 
     settings = get_settings()
     if kind == "stub":
         return StubBroker()
-    if kind == "redis":
-        broker = RedisBroker(url=redis_url(settings))
+    if kind.startswith("redis"):
+        broker = RedisBroker(url=redis_url(settings)) if kind == "redis" else \
+            build_broker(settings.model_copy(update={"broker": "redis"}))
         broker.flush_all()
         return broker
     fresh_queue(database_dsn(settings))
     if kind == "pgmq":
-        return PgmqBroker(settings=settings)  # dramatiq's default middleware, as the stock brokers get
-    return PgmqBroker(settings=settings, middleware=fleet_middleware(settings))  # pgmq-fleet: the full fleet stack
+        return PgmqBroker(settings=settings)
+    return build_broker(settings.model_copy(update={"broker": "pgmq"}))
 
 
 def drain(kind: str, jobs: int) -> None:
+    """Enqueue `jobs` no-op jobs, then time one worker process (THREADS threads) running them all, until
+    the broker has them acknowledged. The PostgreSQL server's CPU over enqueue and drain is read too."""
+    from bench.dbcpu import ServerCpu
+
     broker = make_broker(kind)
     dramatiq.set_broker(broker)
     done = threading.Semaphore(0)
@@ -62,27 +70,39 @@ def drain(kind: str, jobs: int) -> None:
         done.release()
 
     messages = [noop.message({"i": i}) for i in range(jobs)]
-    t = time.perf_counter()
-    if hasattr(broker, "enqueue_many"):
-        broker.enqueue_many(messages)
-    else:
-        for m in messages:
-            broker.enqueue(m)
-    enqueue_s = time.perf_counter() - t
-    worker = Worker(broker, queues={QUEUE}, worker_threads=THREADS, worker_timeout=100)
-    t = time.perf_counter()
-    worker.start()
-    for _ in range(jobs):
-        if not done.acquire(timeout=120):
-            raise SystemExit(f"drain {kind}: stalled")
-    if kind.startswith("pgmq"):
-        while broker.pending(QUEUE):  # the acks have reached Postgres too
-            time.sleep(0.005)
-    elapsed = time.perf_counter() - t
+    with ServerCpu(database_dsn()) as db_cpu:
+        t = time.perf_counter()
+        if hasattr(broker, "enqueue_many"):
+            broker.enqueue_many(messages)
+        else:
+            for m in messages:
+                broker.enqueue(m)
+        enqueue_s = time.perf_counter() - t
+        worker = Worker(broker, queues={QUEUE}, worker_threads=THREADS, worker_timeout=100)
+        t = time.perf_counter()
+        worker.start()
+        for _ in range(jobs):
+            if not done.acquire(timeout=120):
+                raise SystemExit(f"drain {kind}: stalled")
+        wait_acknowledged(kind, broker)
+        elapsed = time.perf_counter() - t
     worker.stop()
     broker.close()
-    print(f"drain_{kind.replace('-', '_')}_jobs_per_s: {jobs / elapsed:.0f}")
-    print(f"drain_{kind.replace('-', '_')}_enqueue_jobs_per_s: {jobs / enqueue_s:.0f}")
+    name = kind.replace("-", "_")
+    print(f"drain_{name}_jobs_per_s: {jobs / elapsed:.0f}")
+    print(f"drain_{name}_enqueue_jobs_per_s: {jobs / enqueue_s:.0f}")
+    if db_cpu.seconds is not None and kind != "stub":
+        print(f"drain_{name}_db_cpu_ms_per_1k: {db_cpu.per_1k_ms(jobs):.1f}")
+
+
+def wait_acknowledged(kind: str, broker) -> None:
+    """Until every message is acknowledged in the broker (pgmq: deleted; Redis: gone from the queue's hash)."""
+    if kind.startswith("pgmq"):
+        while broker.pending(QUEUE):
+            time.sleep(0.005)
+    elif kind.startswith("redis"):
+        while broker.client.hlen(f"{broker.namespace}:{QUEUE}.msgs"):
+            time.sleep(0.005)
 
 
 def raw_pgmq(jobs: int) -> None:
@@ -102,12 +122,12 @@ def raw_pgmq(jobs: int) -> None:
             conn.execute("select pgmq.delete('bench_raw', %s::bigint[])", (ids,))
             n += len(ids)
         elapsed = time.perf_counter() - t
-    print(f"raw_pgmq_read_delete_per_s: {n / elapsed:.0f}")
+    print(f"raw_pgmq_read100_delete_loop_per_s: {n / elapsed:.0f}")
 
 
 def enqueue(jobs: int, rounds: int = 3) -> None:
-    """SDK enqueue_many against raw send_batch of the same envelopes, interleaved; best round of each
-    (the raw figure alone varies by 20% between runs here)."""
+    """SDK enqueue_many (one transaction) against raw send_batch of the same envelopes in one transaction,
+    interleaved; the median round of each."""
     from fleet.shared.client import FleetClient
 
     dsn = database_dsn()
@@ -115,23 +135,24 @@ def enqueue(jobs: int, rounds: int = 3) -> None:
     client = FleetClient()
     client.enqueue("echo", {"message": "warm-up"})
     bodies = [m.encode().decode() for m in (client.message("echo", p, None) for p in payloads)]
-    best_sdk = best_raw = 0.0
+    sdk, raw = [], []
     with psycopg.connect(dsn, autocommit=True) as conn:
         for _ in range(rounds):
             conn.execute("select pgmq.purge_queue('echo')")
             t = time.perf_counter()
             client.enqueue_many("echo", payloads)
-            best_sdk = max(best_sdk, jobs / (time.perf_counter() - t))
+            sdk.append(jobs / (time.perf_counter() - t))
             conn.execute("select pgmq.purge_queue('echo')")
             t = time.perf_counter()
-            for start in range(0, jobs, 1000):  # the fastest raw form: one JSON array per batch
-                conn.execute("select pgmq.send_batch('echo', array(select jsonb_array_elements(%s::jsonb)))",
-                             ("[" + ",".join(bodies[start : start + 1000]) + "]",))
-            best_raw = max(best_raw, jobs / (time.perf_counter() - t))
+            with conn.transaction():  # atomic like the SDK's: one commit for the whole batch
+                for start in range(0, jobs, 1000):  # the fastest raw form: one JSON array per send_batch
+                    conn.execute("select pgmq.send_batch('echo', array(select jsonb_array_elements(%s::jsonb)))",
+                                 ("[" + ",".join(bodies[start : start + 1000]) + "]",))
+            raw.append(jobs / (time.perf_counter() - t))
         conn.execute("select pgmq.purge_queue('echo')")
     client.broker.close()
-    print(f"enqueue_sdk_jobs_per_s: {best_sdk:.0f}")
-    print(f"enqueue_raw_send_batch_per_s: {best_raw:.0f}")
+    print(f"enqueue_sdk_jobs_per_s: {statistics.median(sdk):.0f}")
+    print(f"enqueue_raw_send_batch_one_transaction_per_s: {statistics.median(raw):.0f}")
 
 
 def pickup(samples: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
+import re
 import threading
 import time
 import uuid
@@ -28,16 +30,24 @@ FLUSH_INTERVAL_S = 0.05
 INSERT_ROWS = "select fleet_insert_events(%s::jsonb)"
 
 
-def as_uuid(value: Any) -> uuid.UUID | None:
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def as_uuid(value: Any) -> str | None:
+    """The canonical text of a UUID, or None when `value` is not one."""
     if value is None:
         return None
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return value  # what the fleet's own trace ids look like: no need to parse them
     try:
-        return uuid.UUID(str(value))
+        return str(uuid.UUID(str(value)))
     except ValueError:
         return None
 
 
 Row = tuple  # (queue or None, the row's JSON text)
+# One encoder for every row: json.dumps(..., default=str) would build a new JSONEncoder on each call.
+_encode = json.JSONEncoder(default=str).encode
 
 
 class EventWriter:
@@ -52,17 +62,16 @@ class EventWriter:
 
     def emit(self, type: str, *, trace_id: Any = None, job_id: str | None = None, queue: str | None = None,
              actor: str | None = None, **payload: Any) -> None:
-        trace = as_uuid(trace_id)
-        row = storable(json.dumps([str(trace) if trace else None, job_id, queue, actor, type, redact_value(payload)],
-                                  default=str))
+        row = storable(_encode([as_uuid(trace_id), job_id, queue, actor, type, redact_value(payload)]))
+        self.append(queue, row)
+
+    def append(self, queue: str | None, row: str) -> None:
         with self._lock:
             self._buffer.append((queue, row))
         self._ensure_thread()
 
     def _ensure_thread(self) -> None:
-        import os
-
-        if self.background and (self._thread is None or self._pid != os.getpid()):
+        if self.background and (self._thread is None or self._pid != os.getpid() or not self._thread.is_alive()):
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="bus-events", daemon=True)
             self._thread.start()
@@ -117,6 +126,17 @@ def emit(type: str, **fields: Any) -> None:
     _writer.emit(type, **fields)
 
 
+def job_head(trace_id: Any, job_id: str | None, queue: str | None, actor: str | None) -> str:
+    """The first four columns of a job's rows as JSON text (an open array), encoded once per job and shared
+    by each of its events (see emit_for)."""
+    return storable(_encode([as_uuid(trace_id), job_id, queue, actor]))[:-1]
+
+
+def emit_for(head: str, queue: str | None, type: str, **payload: Any) -> None:
+    """emit() for a job whose head is already encoded: the row is its head, the type and the payload."""
+    _writer.append(queue, f"{head},{_encode(type)},{storable(_encode(redact_value(payload)))}]")
+
+
 def flush() -> int:
     return _writer.flush()
 
@@ -135,6 +155,21 @@ def written_with_acks(queue: str) -> None:
     with _writer._lock:
         _writer.claimed.add(queue)
         _writer.background = False
+
+
+def written_by_ack_writer() -> None:
+    """A Redis worker process: its ack writer writes every row before the acks of their jobs (and the
+    background writer stops, so no row is in flight outside that writer's commit)."""
+    with _writer._lock:
+        _writer.background = False
+
+
+def written_in_background() -> None:
+    """The ack writer has stopped (its broker closed): rows emitted from now on go back to the background
+    writer, so a process that goes on after closing its Redis broker still writes its events."""
+    with _writer._lock:
+        _writer.background = True
+    _writer._ensure_thread()
 
 
 def flush_quietly() -> None:

@@ -38,6 +38,8 @@ def problem(payload: Any) -> str | None:
 
 def storable(json_text: str) -> str:
     """JSON text that jsonb accepts: an escaped NUL becomes U+FFFD (the replacement character)."""
+    if "\\u0000" not in json_text:  # the common case, without the regex
+        return json_text
     return _ESCAPED_NUL.sub(r"\1\\ufffd", json_text)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 from fleet.shared.config import get_settings
@@ -16,11 +17,19 @@ _PATTERNS = [
 ]
 
 
+_secrets_of: tuple[object, list[str]] | None = None  # (the settings object, its secrets): redact() runs per event
+
+
 def _known_secrets() -> list[str]:
+    global _secrets_of
     try:
-        return get_settings().secrets()
+        settings = get_settings()
     except Exception:  # settings invalid: patterns still apply
         return []
+    cached = _secrets_of
+    if cached is None or cached[0] is not settings:  # new settings (reset_settings) are read again
+        cached = _secrets_of = (settings, settings.secrets())
+    return cached[1]
 
 
 def redact(text: str) -> str:
@@ -46,6 +55,11 @@ _SECRET_SUFFIXES = ("password", "passwd", "passphrase", "secret", "secrets", "to
 def is_secret_key(key: Any) -> bool:
     if not isinstance(key, str):
         return False
+    return _is_secret_name(key)
+
+
+@lru_cache(maxsize=4096)  # the keys of events and logs are a small set: decide each once
+def _is_secret_name(key: str) -> bool:
     name = re.sub(r"[^a-z0-9]", "", key.lower())
     return name in _SECRET_KEYS or name.endswith(_SECRET_SUFFIXES)
 
@@ -58,4 +72,4 @@ def redact_value(value: Any) -> Any:
         return {k: MASK if is_secret_key(k) and v not in (None, "") else redact_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact_value(v) for v in value]
-    return value
+    return value  # numbers, booleans, None: nothing to redact

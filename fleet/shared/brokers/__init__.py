@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
 
 from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import redis_url
 from fleet.shared.middleware import fleet_middleware
 from fleet.shared.brokers.pgmq import PgmqBroker
+from fleet.shared.brokers.redis import FleetRedisBroker
 
 
 def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
     settings = settings or get_settings()
     middleware = fleet_middleware(settings)
     if settings.broker == "redis":
-        broker = RedisBroker(
+        broker = FleetRedisBroker(
             url=redis_url(settings), middleware=middleware,
             heartbeat_timeout=settings.visibility_timeout_s * 1000,  # a dead worker's messages come back after this
             maintenance_chance=settings.redis_maintenance_chance,
@@ -36,4 +36,4 @@ def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message], *, d
             broker.enqueue(message, delay=delay)
 
 
-__all__ = ["build_broker", "enqueue_many", "PgmqBroker"]
+__all__ = ["build_broker", "enqueue_many", "FleetRedisBroker", "PgmqBroker"]

@@ -27,9 +27,14 @@ class EventsNotRecorded(MiddlewareError, BrokerConnectionError):
     it, a BrokerConnectionError so dramatiq's worker keeps the message and tries the ack again shortly."""
 
 
+def job_head(message) -> str:
+    return events.job_head(message.options.get("trace_id"), message.message_id, message.queue_name,
+                           message.actor_name)
+
+
 class JobEvents(Middleware):
     def __init__(self) -> None:
-        self._started: dict[str, float] = {}
+        self._started: dict[str, tuple[float, str]] = {}  # message id -> (start, its rows' encoded head)
 
     def before_worker_shutdown(self, broker, worker):
         events.flush_quietly()
@@ -38,16 +43,21 @@ class JobEvents(Middleware):
         events.flush_quietly()
 
     def before_process_message(self, broker, message):
-        self._started[message.message_id] = time.monotonic()
+        head = job_head(message)
+        self._started[message.message_id] = (time.monotonic(), head)
+        options = message.options
         # The delivery (pgmq or Redis message id) and the deferrals tell two copies of one attempt apart.
-        events.emit("job.started", **job_fields(message), attempt=message.options.get("retries", 0) + 1,
-                    deferrals=message.options.get("deferrals", 0), delivery=delivery_of(message))
+        events.emit_for(head, message.queue_name, "job.started", attempt=options.get("retries", 0) + 1,
+                        deferrals=options.get("deferrals", 0), delivery=delivery_of(message))
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
         started = self._started.pop(message.message_id, None)
         if exception is None:
-            duration_ms = round((time.monotonic() - started) * 1000, 3) if started else None
-            events.emit("job.succeeded", **job_fields(message), duration_ms=duration_ms)
+            if started is None:
+                events.emit_for(job_head(message), message.queue_name, "job.succeeded", duration_ms=None)
+                return
+            events.emit_for(started[1], message.queue_name, "job.succeeded",
+                            duration_ms=round((time.monotonic() - started[0]) * 1000, 3))
 
     # On Redis the ack is Redis's and the events are Postgres's: write a job's events before its ack, so
     # a worker killed in between leaves a job that runs again, never one done without a record. (The

@@ -11,10 +11,30 @@ from fleet.shared.errors import classify
 from fleet.shared.metrics import metrics
 
 
+class JobSeries:
+    """One (queue, actor)'s labelled children, looked up once: prometheus_client's `labels()` takes a lock
+    and builds the label tuple on every call, six times per job otherwise."""
+
+    def __init__(self, queue: str, actor: str) -> None:
+        m = metrics()
+        self.inprogress = m.inprogress.labels(queue, actor)
+        self.messages = m.messages.labels(queue, actor)
+        self.duration_ms = m.duration.labels(queue, actor)
+        self.duration_s = m.job_seconds.labels(queue, actor)
+        self.succeeded = m.jobs.labels(queue, actor, "succeeded")
+
+
 class Metrics(Middleware):
     def __init__(self) -> None:
         self._started: dict[str, float] = {}
+        self._series: dict[tuple[str, str], JobSeries] = {}
 
+    def series(self, message) -> JobSeries:
+        key = (message.queue_name, message.actor_name)
+        found = self._series.get(key)
+        if found is None:  # a race here builds the same children twice: harmless
+            found = self._series[key] = JobSeries(*key)
+        return found
     def after_process_boot(self, broker):
         queues = os.environ.get("FLEET_WORKER_QUEUES", "all")
         metrics().worker_processes.labels(queues).inc()
@@ -35,23 +55,23 @@ class Metrics(Middleware):
         metrics().enqueued.labels(message.queue_name).inc()
 
     def before_process_message(self, broker, message):
-        m = metrics()
-        m.inprogress.labels(message.queue_name, message.actor_name).inc()
+        self.series(message).inprogress.inc()
         self._started[message.message_id] = time.monotonic()
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
-        m = metrics()
-        labels = (message.queue_name, message.actor_name)
+        series = self.series(message)
         started = self._started.pop(message.message_id, None)
-        m.inprogress.labels(*labels).dec()
-        m.messages.labels(*labels).inc()
+        series.inprogress.dec()
+        series.messages.inc()
         if started is not None:
             elapsed = time.monotonic() - started
-            m.duration.labels(*labels).observe(elapsed * 1000)
-            m.job_seconds.labels(*labels).observe(elapsed)
+            series.duration_ms.observe(elapsed * 1000)
+            series.duration_s.observe(elapsed)
         if exception is None:
-            m.jobs.labels(*labels, "succeeded").inc()
+            series.succeeded.inc()
             return
+        m = metrics()
+        labels = (message.queue_name, message.actor_name)
         m.errors.labels(*labels).inc()
         if not message.failed:
             kind = classify(exception)
@@ -61,7 +81,7 @@ class Metrics(Middleware):
 
     def after_skip_message(self, broker, message):
         self._started.pop(message.message_id, None)
-        metrics().inprogress.labels(message.queue_name, message.actor_name).dec()
+        self.series(message).inprogress.dec()
 
     def after_nack(self, broker, message):
         m = metrics()

@@ -13,9 +13,9 @@ import dramatiq
 import psycopg
 from dramatiq.broker import Broker, Consumer
 from dramatiq.errors import ConnectionClosed, QueueNotFound
-from dramatiq.middleware import Middleware, MiddlewareError
 from psycopg import sql
 
+from fleet.shared.brokers.hooks import ImplementedHooksOnly
 from fleet.shared.brokers.pgmq.consumer import PgmqConsumer
 from fleet.shared.brokers.pgmq.heartbeat import Heartbeat
 from fleet.shared.brokers.pgmq.notifier import Notifier
@@ -33,7 +33,9 @@ def validate_queue_name(name: str) -> str:
     return name
 
 
-class PgmqBroker(Broker):
+# Signals reach only the middleware that implement them (ImplementedHooksOnly): enqueue_many's
+# per-message cost stays low.
+class PgmqBroker(ImplementedHooksOnly, Broker):
     events_ride_with_acks = True  # the consumer inserts the jobs' bus_events in its ack transaction
     redelivers_held_messages = True  # a message held back from its ack (HOLD_ACK) returns after its vt
 
@@ -47,36 +49,6 @@ class PgmqBroker(Broker):
         self._states_lock = threading.Lock()
         self._notifier: Notifier | None = None
         self._heartbeat: Heartbeat | None = None
-
-    # -- signals -----------------------------------------------------------
-    # dramatiq calls every middleware's hook for every signal; most are the base class's no-op.
-    # Calling only the middleware that implement a hook keeps enqueue_many's per-message cost low.
-    def add_middleware(self, middleware, *, before=None, after=None) -> None:
-        super().add_middleware(middleware, before=before, after=after)
-        self._hooks = {}
-
-    def _implementing(self, name: str) -> list:
-        hooks = self.__dict__.setdefault("_hooks", {})
-        if name not in hooks:
-            base = getattr(Middleware, name, None)
-            hooks[name] = [m for m in self.middleware if getattr(type(m), name, None) is not base]
-        return hooks[name]
-
-    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        for middleware in self._implementing("before_" + signal):
-            try:
-                getattr(middleware, "before_" + signal)(self, *args, **kwargs)
-            except MiddlewareError:
-                raise
-            except Exception:
-                self.logger.critical("Unexpected failure in before_%s of %r.", signal, middleware, exc_info=True)
-
-    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        for middleware in reversed(self._implementing("after_" + signal)):
-            try:
-                getattr(middleware, "after_" + signal)(self, *args, **kwargs)
-            except Exception:
-                self.logger.critical("Unexpected failure in after_%s of %r.", signal, middleware, exc_info=True)
 
     # -- connections and per-queue state -----------------------------------
     @property
