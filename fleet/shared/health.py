@@ -173,7 +173,6 @@ def probe_for(provider: str, settings: Settings) -> Probe | None:
 class _Known:
     at: float
     down: bool
-    failures: int
 
 
 _cache: dict[str, _Known] = {}
@@ -190,24 +189,24 @@ def _state(provider: str, settings: Settings) -> _Known:
     if known is not None and now - known.at <= CACHE_S:
         return known
     probe = probe_for(provider, settings)
-    down, failures = False, 0
+    down = False
     if probe is not None:
         with get_pool().connection() as conn:
             row = conn.execute(
-                "select status, consecutive_failures, checked_at <= now() - %s * interval '1 second'"
+                "select status, checked_at <= now() - %s * interval '1 second'"
                 " from provider_health where provider = %s and model = %s",
                 (settings.health_recheck_s, provider, probe.model)).fetchone()
-        if row is not None and row[0] == "down" and row[2]:
-            down, failures = _recheck(probe, settings)  # down, and not looked at for a while: look now
+        if row is not None and row[0] == "down" and row[1]:
+            down = _recheck(probe, settings)  # down, and not looked at for a while: look now
         elif row is not None:
-            down, failures = row[0] == "down", row[1]
-    known = _Known(now, down, failures)
+            down = row[0] == "down"
+    known = _Known(now, down)
     with _cache_lock:
         _cache[provider] = known
     return known
 
 
-def _recheck(probe: Probe, settings: Settings) -> tuple[bool, int]:
+def _recheck(probe: Probe, settings: Settings) -> bool:
     """Probe a provider that is down now, once across all workers (whoever claims the row), so jobs
     resume within HEALTH_RECHECK_S of its return instead of waiting for the next scheduled refresh.
     No database connection is held during the probe: it may take HEALTH_PROBE_TIMEOUT_S, and the
@@ -218,11 +217,11 @@ def _recheck(probe: Probe, settings: Settings) -> tuple[bool, int]:
             " and checked_at <= now() - %s * interval '1 second' returning 1",
             (probe.provider, probe.model, settings.health_recheck_s)).fetchone()
     if claimed is None:
-        return (True, settings.health_down_after)
+        return True
     result = run_probe(probe, settings.health_probe_timeout_s)
     with get_pool().connection() as conn, conn.transaction():
         state = _record(conn, settings, result)
-    return (state["status"] == "down", state["consecutive_failures"])
+    return state["status"] == "down"
 
 
 def check_available(provider: str, settings: Settings | None = None) -> None:
@@ -255,7 +254,7 @@ def note_failure(provider: str, error: BaseException, settings: Settings | None 
         _bookkeeping_failed(provider, "note_failure", e)
         return
     with _cache_lock:
-        _cache[provider] = _Known(time.monotonic(), state["status"] == "down", state["consecutive_failures"])
+        _cache[provider] = _Known(time.monotonic(), state["status"] == "down")
 
 
 def note_success(provider: str, settings: Settings | None = None) -> None:
@@ -287,7 +286,7 @@ def _record_success(provider: str, settings: Settings) -> None:
             " returning status = 'down'", (provider, probe.model, probe.kind)).fetchone()
     if row is not None and not row[0]:
         with _cache_lock:
-            _cache[provider] = _Known(time.monotonic(), False, 0)
+            _cache[provider] = _Known(time.monotonic(), False)
 
 
 def _bookkeeping_failed(provider: str, step: str, error: BaseException) -> None:
