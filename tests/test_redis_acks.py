@@ -112,3 +112,30 @@ def test_events_go_back_to_the_background_writer_once_the_broker_is_closed(servi
     trace = str(uuid.uuid4())
     bus.emit("test.after_close", trace_id=trace)  # nothing acks any more: the background writer takes it
     wait_for(lambda: events(services["dsn"], trace_id=trace), 10, what="the event emitted after the close")
+
+
+def test_a_stopping_consumer_puts_back_what_it_fetched_but_never_handed_out(services):
+    """dramatiq's Redis consumer fetches a batch and hands it out one message at a time. A graceful stop
+    must put the rest of the batch back in the queue at once, not leave it in the worker's ack set until
+    the heartbeat timeout."""
+    from dramatiq import Message
+
+    from fleet.shared.brokers.redis import FleetRedisBroker
+
+    broker = FleetRedisBroker(url=services["redis_url"])
+    queue = f"unread_{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    r = redis.Redis.from_url(services["redis_url"])
+    try:
+        for i in range(5):
+            broker.enqueue(Message(queue_name=queue, actor_name="echo", args=(), kwargs={"i": i}, options={}))
+        consumer = broker.consume(queue, prefetch=5, timeout=100)
+        taken = next(consumer)
+        assert taken is not None and r.llen(f"dramatiq:{queue}") == 0  # all 5 fetched, one handed out
+        consumer.close()
+        back = set(r.lrange(f"dramatiq:{queue}", 0, -1))
+        assert len(back) == 4 and taken.options["redis_message_id"].encode() not in back
+    finally:
+        r.delete(f"dramatiq:{queue}", f"dramatiq:{queue}.msgs", *r.keys(f"dramatiq:__acks__.*.{queue}"))
+        r.close()
+        broker.close()

@@ -19,9 +19,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+import redis
 import structlog
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis
+from dramatiq.message import Message
 
 from fleet.shared import events
 from fleet.shared.redact import redact
@@ -190,8 +192,10 @@ class _HeldAckConsumer(_RedisConsumer):
         self.room.set()
 
     def close(self) -> None:
-        """The worker is stopping (its threads are done): wait a while for the held acks to be committed, so
-        a graceful stop does not leave finished jobs to be redelivered and run again."""
+        """The worker is stopping (its threads are done): put back what was fetched but never handed to the
+        worker, then wait a while for the held acks to be committed, so a graceful stop does not leave
+        finished jobs to be redelivered and run again."""
+        self.requeue_unread()
         deadline = time.monotonic() + CLOSE_WAIT_S
         while self.held and self.writer.is_alive() and time.monotonic() < deadline:
             self.room.clear()
@@ -199,6 +203,19 @@ class _HeldAckConsumer(_RedisConsumer):
         if self.held:
             log.warning("acks.unsettled_at_close", queue=self.queue_name, messages=len(self.held),
                         note="not acknowledged: Redis redelivers them after the heartbeat timeout")
+
+    def requeue_unread(self) -> None:
+        """dramatiq's consumer fetches a batch into its cache and hands it out one at a time; what is still in
+        the cache when the consumer thread stops sits in this worker's ack set, which stock dramatiq leaves to
+        be redelivered after the heartbeat timeout. Put it back in the queue now."""
+        unread, self.message_cache = [data for data in self.message_cache if data is not None], []
+        if not unread:
+            return
+        try:
+            self.requeue(Message.decode(data) for data in unread)
+        except redis.ConnectionError as e:
+            log.warning("unread.not_requeued", queue=self.queue_name, messages=len(unread), error=redact(str(e)),
+                        note="Redis redelivers them after the heartbeat timeout")
 
     def __next__(self):
         # Prefetch full (held acks count): wait for the writer to settle some instead of dramatiq's sleep
