@@ -250,3 +250,24 @@ def test_a_bulk_send_whose_commit_fails_raises_and_keeps_nothing(services, path)
         broker.close()
         with psycopg.connect(services["dsn"], autocommit=True) as admin:
             admin.execute("select pgmq.drop_queue(%s)", (queue,))
+
+
+def test_a_pooled_connection_the_server_ended_is_replaced_at_checkout(services):
+    """The pool checks a connection before handing it out only when the server has written to it while it
+    sat idle (a terminated backend's FATAL, a shutdown): a healthy one costs no round trip, an ended one is
+    replaced and the caller's statement runs on a new connection."""
+    from fleet.shared.db import make_pool
+
+    pool = make_pool(min_size=1, max_size=1, name="checkout-test")
+    try:
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(services["dsn"], autocommit=True) as admin:
+            assert admin.execute("select pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+            wait_for(lambda: not admin.execute("select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone(),
+                     10, what="the backend to end")
+        with pool.connection() as conn:
+            assert conn.execute("select 1").fetchone()[0] == 1
+            assert conn.info.backend_pid != pid
+    finally:
+        pool.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import threading
 
 import psycopg
@@ -52,8 +53,18 @@ def make_pool(settings: Settings | None = None, *, min_size: int = 1, max_size: 
     kwargs = connect_kwargs(settings)
     return ConnectionPool(
         database_dsn(settings), min_size=min_size, max_size=max_size, kwargs=kwargs,
-        name=name, open=True, check=ConnectionPool.check_connection,
+        name=name, open=True, check=check_if_server_spoke,
     )
+
+
+def check_if_server_spoke(conn: psycopg.Connection) -> None:
+    """The pool's check before it hands out a connection, without a round trip for a healthy one: an idle
+    connection the server has written to (the FATAL of a shutdown or crash, the socket's end) is readable,
+    and only then is psycopg_pool's own check (an empty query) run, which discards it if it is broken.
+    Checking every connection costs a round trip per checkout: for a producer's single enqueue, a third of
+    its round trips."""
+    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+        ConnectionPool.check_connection(conn)
 
 
 _pool: ConnectionPool | None = None

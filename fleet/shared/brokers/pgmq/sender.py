@@ -1,5 +1,6 @@
 """The one bulk-send path: chunks of encoded envelopes, one `pgmq.send_batch` per chunk, all in one
-transaction (on the caller's connection, inside its transaction, when it gives one).
+transaction (on the caller's connection, inside its transaction, when it gives one). A lone chunk on a
+pooled connection is one statement, atomic without BEGIN and COMMIT; a lone job is one `pgmq.send`.
 
 A batch of more than one chunk is sent by a thread while the caller's thread encodes the next chunk; a
 batch of one chunk (a single enqueue) is sent on the caller's thread, with no thread to start."""
@@ -33,7 +34,7 @@ def send_in_bulk(broker: PgmqBroker, queue_names: Iterable[str], chunks: Iterato
     pgmq ids. `background`: send on a thread, so encoding and inserting overlap."""
     try:
         if not background:
-            return _send(broker, list(queue_names), chunks, delay_ms, conn)
+            return _send(broker, list(queue_names), list(chunks), delay_ms, conn)
         sender = _SenderThread(broker, list(queue_names), delay_ms, conn)
         sender.start()
         try:
@@ -49,7 +50,10 @@ def send_in_bulk(broker: PgmqBroker, queue_names: Iterable[str], chunks: Iterato
 
 
 def send_encoded(conn: psycopg.Connection, queue_name: str, bodies: list[str], delay_ms: int | None) -> list[int]:
-    """One send_batch; the bodies travel as one JSON array (psycopg's text[] escaping is 4x slower)."""
+    """One send_batch; the bodies travel as one JSON array (psycopg's text[] escaping is 4x slower). A
+    single body goes by pgmq.send, which the server runs in about half the time (no array to build)."""
+    if len(bodies) == 1:
+        return [_send_one(conn, queue_name, bodies[0], delay_ms)]
     array = "[" + ",".join(bodies) + "]"
     if delay_ms:
         cur = conn.execute(
@@ -61,6 +65,15 @@ def send_encoded(conn: psycopg.Connection, queue_name: str, bodies: list[str], d
         cur = conn.execute("select * from pgmq.send_batch(%s, array(select jsonb_array_elements(%s::jsonb)))",
                            (queue_name, array))
     return [row[0] for row in cur.fetchall()]
+
+
+def _send_one(conn: psycopg.Connection, queue_name: str, body: str, delay_ms: int | None) -> int:
+    if delay_ms:
+        cur = conn.execute("select pgmq.send(%s, %s::jsonb, clock_timestamp() + %s * interval '1 millisecond')",
+                           (queue_name, body, delay_ms))
+    else:
+        cur = conn.execute("select pgmq.send(%s, %s::jsonb)", (queue_name, body))
+    return cur.fetchone()[0]
 
 
 def payload_envelopes(queue_name: str, actor_name: str, payloads: list, trace_id: str | None, max_bytes: int,
@@ -98,6 +111,10 @@ def _send(broker: PgmqBroker, queue_names: list[str], chunks: Iterable[Chunk], d
     with _connection(broker, conn) as c:
         for queue_name in queue_names:
             broker.ensure_queue(queue_name, c)
+        if conn is None and isinstance(chunks, list) and len(chunks) == 1:
+            # One statement on a pooled (autocommit) connection is atomic by itself: BEGIN and COMMIT
+            # would be two more round trips for every single enqueue.
+            return send_encoded(c, *chunks[0], delay_ms)
         ids: list[int] = []
         with c.transaction():
             for queue_name, bodies in chunks:
