@@ -137,6 +137,17 @@ def emit_for(head: str, queue: str | None, type: str, **payload: Any) -> None:
     _writer.append(queue, f"{head},{_encode(type)},{storable(_encode(redact_value(payload)))}]")
 
 
+def encode_json(value: Any) -> str:
+    """A value as JSON text a jsonb column accepts (see storable)."""
+    return storable(_encode(value))
+
+
+def emit_encoded(head: str, queue: str | None, type_json: str, payload_json: str) -> None:
+    """emit_for() for the fleet's own job-life rows, whose type and payload the caller has written as JSON
+    text: payloads of numbers and ids the fleet made itself, with no secret to redact and no NUL."""
+    _writer.append(queue, f"{head},{type_json},{payload_json}]")
+
+
 def flush() -> int:
     return _writer.flush()
 

@@ -32,6 +32,10 @@ def job_head(message) -> str:
                            message.actor_name)
 
 
+def _number(value) -> str:
+    return str(value) if type(value) is int else events.encode_json(value)
+
+
 class JobEvents(Middleware):
     def __init__(self) -> None:
         self._started: dict[str, tuple[float, str]] = {}  # message id -> (start, its rows' encoded head)
@@ -47,17 +51,19 @@ class JobEvents(Middleware):
         self._started[message.message_id] = (time.monotonic(), head)
         options = message.options
         # The delivery (pgmq or Redis message id) and the deferrals tell two copies of one attempt apart.
-        events.emit_for(head, message.queue_name, "job.started", attempt=options.get("retries", 0) + 1,
-                        deferrals=options.get("deferrals", 0), delivery=delivery_of(message))
+        # Written as text: this row and job.succeeded are two of every job's rows, on every job's path.
+        attempt, deferrals = options.get("retries", 0) + 1, options.get("deferrals", 0)
+        events.emit_encoded(head, message.queue_name, '"job.started"', f'{{"attempt":{_number(attempt)},'
+                            f'"deferrals":{_number(deferrals)},"delivery":{events.encode_json(delivery_of(message))}}}')
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
         started = self._started.pop(message.message_id, None)
         if exception is None:
             if started is None:
-                events.emit_for(job_head(message), message.queue_name, "job.succeeded", duration_ms=None)
+                events.emit_encoded(job_head(message), message.queue_name, '"job.succeeded"', '{"duration_ms":null}')
                 return
-            events.emit_for(started[1], message.queue_name, "job.succeeded",
-                            duration_ms=round((time.monotonic() - started[0]) * 1000, 3))
+            duration_ms = round((time.monotonic() - started[0]) * 1000, 3)
+            events.emit_encoded(started[1], message.queue_name, '"job.succeeded"', f'{{"duration_ms":{duration_ms!r}}}')
 
     # On Redis the ack is Redis's and the events are Postgres's: write a job's events before its ack, so
     # a worker killed in between leaves a job that runs again, never one done without a record. (The
