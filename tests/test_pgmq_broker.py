@@ -206,9 +206,9 @@ def test_lazy_commit_is_scoped_to_the_round_trip_and_off_for_rejects_and_failed_
 
 @pytest.mark.parametrize("path", ["payloads", "messages"])
 def test_a_bulk_send_whose_commit_fails_raises_and_keeps_nothing(services, path):
-    """Both producing paths share the bulk sender. A batch of several chunks is sent on a thread; when the
-    commit itself fails (after the last chunk was handed over), the caller gets the error instead of waiting
-    forever for the thread, and no message of the batch is kept."""
+    """Both producing paths share the bulk sender. A batch of several chunks is pipelined; when the commit
+    itself fails (after the last chunk was sent), the caller gets the error, and no message of the batch is
+    kept."""
     import threading
 
     import dramatiq
@@ -225,7 +225,7 @@ def test_a_bulk_send_whose_commit_fails_raises_and_keeps_nothing(services, path)
                       " as $$ begin raise exception 'refused at commit'; end $$")
         admin.execute(f"create constraint trigger refuse_at_commit after insert on pgmq.q_{queue}"
                       " deferrable initially deferred for each row execute function test_refuse_at_commit()")
-    payloads = [{"n": i} for i in range(2500)]  # three chunks: sent by the sender thread
+    payloads = [{"n": i} for i in range(2500)]  # three chunks, pipelined
     outcome: list[BaseException | None] = []
 
     def send() -> None:
@@ -243,7 +243,7 @@ def test_a_bulk_send_whose_commit_fails_raises_and_keeps_nothing(services, path)
     sender.start()
     try:
         sender.join(60)
-        assert not sender.is_alive(), "the producer still waits for a sender whose commit failed"
+        assert not sender.is_alive(), "the producer still waits after its commit failed"
         assert isinstance(outcome[0], psycopg.errors.RaiseException) and "refused at commit" in str(outcome[0])
         assert broker.pending(queue) == 0
     finally:
@@ -271,3 +271,22 @@ def test_a_pooled_connection_the_server_ended_is_replaced_at_checkout(services):
             assert conn.info.backend_pid != pid
     finally:
         pool.close()
+
+
+def test_a_payload_too_large_in_a_later_chunk_sends_nothing_of_the_batch(services):
+    """Chunks are sent as they are encoded: the first ones reached the server before the third one's
+    oversized payload was found, and the whole batch must still be rolled back."""
+    from fleet.shared.errors import PayloadTooLarge
+
+    client = make_client("pgmq")
+    trace = str(uuid.uuid4())
+    payloads = [{"message": str(i)} for i in range(2500)]
+    payloads[2200] = {"message": "x" * (client.settings.max_payload_bytes + 1)}
+    try:
+        with pytest.raises(PayloadTooLarge, match="FLEET_MAX_PAYLOAD_BYTES"):
+            client.enqueue_many("echo", payloads, trace_id=trace, delay_ms=3_600_000)
+        with psycopg.connect(services["dsn"], autocommit=True) as conn:
+            assert conn.execute("select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s",
+                                (trace,)).fetchone()[0] == 0
+    finally:
+        client.broker.close()

@@ -147,3 +147,10 @@ def test_values_under_secret_looking_keys_are_masked_in_dead_letters_and_events(
         assert "planted" not in text, text
         assert '"idempotency_key": "order-7"' in text and '"total_tokens": 12' in text  # not secrets: kept
         assert text.count("[redacted]") == 8
+
+
+def test_nan_and_infinite_numbers_are_refused_at_enqueue(services, pgmq_fleet):
+    """JSON has no NaN: a payload holding one is refused by name at the SDK, not stored as null."""
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(InvalidPayload, match=r"\$\.scores\[1\]"):
+            pgmq_fleet.client.enqueue("echo", {"message": "m", "scores": [1.0, value]})

@@ -35,7 +35,7 @@ log = structlog.get_logger(__name__)
 __all__ = ["FleetClient", "Enqueued", "PayloadTooLarge"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a bulk enqueue builds one per job
 class Enqueued:
     job_id: str
     trace_id: str

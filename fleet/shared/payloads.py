@@ -1,10 +1,11 @@
-"""What any job payload must be, beyond its actor's model: nested at most MAX_DEPTH deep, and free of
-NUL characters, which Postgres text and jsonb cannot store. Checked where input enters (the SDK at
+"""What any job payload must be, beyond its actor's model: nested at most MAX_DEPTH deep, free of NUL
+characters, which Postgres text and jsonb cannot store, and of NaN and infinite numbers, which JSON has not. Checked where input enters (the SDK at
 enqueue, the pgmq consumer for raw messages, every actor), so it is refused with a reason there.
 `storable` makes text that must be kept anyway (events, dead letters) safe for Postgres."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -20,6 +21,10 @@ def problem(payload: Any) -> str | None:
         if isinstance(value, str):
             if "\x00" in value:
                 return f"a NUL character at {path} (Postgres cannot store it)"
+            continue
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return f"{value} at {path} (JSON has no NaN or infinite numbers)"
             continue
         if isinstance(value, dict):
             items = list(value.items())

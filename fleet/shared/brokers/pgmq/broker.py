@@ -116,8 +116,8 @@ class PgmqBroker(ImplementedHooksOnly, Broker):
                 raise QueueNotFound(message.queue_name)
             by_queue.setdefault(message.queue_name, []).append(message)
         count = sum(len(batch) for batch in by_queue.values())
-        ids = send_in_bulk(self, by_queue, self._encoded(by_queue, delay), delay, conn,
-                           background=count > SEND_BATCH_SIZE)
+        chunks = self._encoded(by_queue, delay)
+        ids = send_in_bulk(self, by_queue, chunks if count > SEND_BATCH_SIZE else list(chunks), delay, conn)
         for batch in by_queue.values():
             for message in batch:
                 self.emit_after("enqueue", message, delay)
@@ -147,7 +147,7 @@ class PgmqBroker(ImplementedHooksOnly, Broker):
             raise QueueNotFound(queue_name)
         ids: list[tuple[str, str]] = []
         chunks = payload_envelopes(queue_name, actor_name, payloads, trace_id, self.settings.max_payload_bytes, ids)
-        send_in_bulk(self, [queue_name], chunks, delay_ms, background=len(payloads) > SEND_BATCH_SIZE)
+        send_in_bulk(self, [queue_name], chunks if len(payloads) > SEND_BATCH_SIZE else list(chunks), delay_ms)
         from fleet.shared.metrics import metrics
 
         metrics().enqueued.labels(queue_name).inc(len(ids))
