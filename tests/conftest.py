@@ -50,6 +50,9 @@ def services():
             migrate(conn)
         yield {"dsn": dsn, "redis_url": redis_url, "home": home}
     finally:
+        from fleet.shared import events
+
+        events.flush_quietly()  # before the database goes: the exit-time flush would wait 30 s for it
         close_pool()
         rd.down()
         pg.down()

@@ -290,3 +290,72 @@ def test_a_payload_too_large_in_a_later_chunk_sends_nothing_of_the_batch(service
                                 (trace,)).fetchone()[0] == 0
     finally:
         client.broker.close()
+
+
+def test_a_consumer_reads_ahead_while_jobs_finish_fast_and_keeps_its_prefetch_for_slow_ones(services):
+    """Jobs that finish at once let a consumer hold more than its prefetch (a round trip per batch would
+    otherwise idle every worker thread); jobs of 100 ms bring it back to its prefetch once it has worked
+    through what it read ahead."""
+    import time
+
+    import dramatiq
+
+    from fleet.shared.brokers.pgmq import PgmqBroker
+    from fleet.shared.config import Settings
+
+    queue = "test_read_ahead"
+    broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq"))
+    broker.declare_queue(queue)
+    broker.enqueue_many([dramatiq.Message(queue_name=queue, actor_name="nobody", args=({"n": i},), kwargs={},
+                                          options={}) for i in range(400)])
+    consumer = broker.consume(queue, prefetch=2, timeout=1000)
+    state = broker.state(queue)
+
+    def held() -> int:  # read and not settled: in the consumer's buffer or in a worker's hands
+        return len(state.outstanding) - len(state.acks) - len(state.nacks)
+
+    try:
+        fast = []
+        for _ in range(300):
+            consumer.ack(next(consumer))
+            fast.append(held())
+        assert max(fast) > 2, "jobs that finish at once: the consumer never held more than its prefetch"
+        slow = []
+        for _ in range(45):  # jobs of 60 ms: longer than the read-ahead window (50 ms)
+            message = next(consumer)
+            slow.append(held())
+            time.sleep(0.06)
+            consumer.ack(message)
+        # What was read ahead is worked through (16 at most, 8 x the prefetch), and a window that still
+        # counted fast jobs may read 16 more once; from then on the consumer holds its prefetch.
+        over = [i for i, n in enumerate(slow) if n > 2]
+        assert not over or over[-1] < 2 * 16, slow
+    finally:
+        consumer.close()
+        broker.close()
+        with psycopg.connect(services["dsn"], autocommit=True) as admin:
+            admin.execute("select pgmq.drop_queue(%s)", (queue,))
+
+
+def test_events_emitted_after_a_consumer_closed_are_still_written(services):
+    """A pgmq consumer writes its queue's events with its acks and stops the background writer; once it
+    has closed, a process that goes on must write its events again instead of keeping them forever."""
+    import dramatiq
+
+    from fleet.shared import events as bus
+    from fleet.shared.brokers.pgmq import PgmqBroker
+    from fleet.shared.config import Settings
+
+    queue = "test_after_close"
+    broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq"))
+    broker.declare_queue(queue)
+    broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="nobody", args=({},), kwargs={}, options={}))
+    consumer = broker.consume(queue, prefetch=2, timeout=1000)
+    consumer.ack(next(consumer))
+    consumer.close()
+    broker.close()
+    trace = str(uuid.uuid4())
+    bus.emit("test.after_close", trace_id=trace, queue=queue)
+    wait_for(lambda: events(services["dsn"], trace_id=trace), 5, what="the event to be written in the background")
+    with psycopg.connect(services["dsn"], autocommit=True) as admin:
+        admin.execute("select pgmq.drop_queue(%s)", (queue,))

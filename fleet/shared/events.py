@@ -168,6 +168,17 @@ def written_with_acks(queue: str) -> None:
         _writer.background = False
 
 
+def not_written_with_acks(queue: str) -> None:
+    """The pgmq consumer of `queue` in this process has closed: that queue's rows go back to the background
+    writer, and every row does once no consumer is left (a process that goes on, as a test or a restarting
+    consumer thread, still writes its events; rows written early are safe, only later than an ack is not)."""
+    with _writer._lock:
+        _writer.claimed.discard(queue)
+        if not _writer.claimed:
+            _writer.background = True
+    _writer._ensure_thread()
+
+
 def written_by_ack_writer() -> None:
     """A Redis worker process: its ack writer writes every row before the acks of their jobs (and the
     background writer stops, so no row is in flight outside that writer's commit)."""

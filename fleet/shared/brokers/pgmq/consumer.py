@@ -15,6 +15,7 @@ from dramatiq.errors import ConnectionClosed
 from psycopg import sql
 
 from fleet.shared import events
+from fleet.shared.brokers.pgmq.readahead import ReadAhead
 from fleet.shared.brokers.pgmq.messages import JsonbAsText, PgmqMessage, Undeliverable, decode, identity
 from fleet.shared.deadletters import DeadLetter, record_dead_letter
 from fleet.shared.durable import HOLD_ACK
@@ -34,6 +35,7 @@ class PgmqConsumer(Consumer):
         self.broker = broker
         self.queue_name = queue_name
         self.prefetch = max(1, prefetch)
+        self.read_ahead = ReadAhead(self.prefetch)
         self.timeout = timeout / 1000
         self.settings = broker.settings
         self.state = broker.state(queue_name)
@@ -100,6 +102,7 @@ class PgmqConsumer(Consumer):
             finally:
                 self.buffer.clear()
                 self.conn.close()
+                events.not_written_with_acks(self.queue_name)
 
     def __next__(self) -> MessageProxy | None:
         deadline = time.monotonic() + self.timeout
@@ -109,15 +112,16 @@ class PgmqConsumer(Consumer):
                 if len(self.state.acks) >= ACK_FLUSH_AT:
                     self._flush()
                 return self.buffer.popleft()
-            # Acked-but-unsent ids count as free: read again once half the prefetch is free, so each
+            # Acked-but-unsent ids count as free: read again once half the limit is free, so each
             # round trip carries a batch of acks and a batch of messages rather than one of each.
             with self.state.lock:
                 settled = len(self.state.acks) + len(self.state.nacks)
                 busy = len(self.state.outstanding) - settled
-            room = self.prefetch - busy
+            limit = self.read_ahead.limit
+            room = limit - busy
             backing_off = self.backoff_until - time.monotonic()
-            if backing_off <= 0 and (room >= (self.prefetch + 1) // 2 or busy == 0):
-                if self._exchange(room):
+            if backing_off <= 0 and (room >= (limit + 1) // 2 or busy == 0):
+                if self._exchange(read=True):
                     continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -145,16 +149,22 @@ class PgmqConsumer(Consumer):
         return wait
 
     def _flush(self) -> None:
-        self._exchange(0)
+        self._exchange(read=False)
 
-    def _exchange(self, qty: int) -> bool:
-        """One round trip and one transaction: delete the acked ids, archive the rejected ones and read
-        up to `qty` new messages. Returns True when messages were buffered."""
+    def _exchange(self, read: bool) -> bool:
+        """One round trip and one transaction: delete the acked ids, archive the rejected ones and, when
+        `read`, read as many new messages as the read-ahead limit leaves room for. Returns True when
+        messages were buffered."""
         state = self.state
         with state.lock:
             acks, state.acks = state.acks, []
             nacks, state.nacks = state.nacks, []
             durable, state.durable = state.durable or bool(nacks), False
+            busy = len(state.outstanding) - len(acks) - len(nacks) - len(state.acks) - len(state.nacks)
+        # The limit is updated before it sizes this read: a round trip that finds the jobs slow reads no more
+        # than the prefetch. (Acks put back by a failed round trip are counted again: a limit, not a tally.)
+        self.read_ahead.settled(len(acks) + len(nacks), time.monotonic())
+        qty = max(self.read_ahead.limit - busy, 0) if read else 0
         if not acks and not nacks and qty <= 0:
             return False
         # This queue's bus_events ride along, so they commit with the acks that end those jobs.
