@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import psycopg
@@ -258,8 +259,17 @@ def test_a_pooled_connection_the_server_ended_is_replaced_at_checkout(services):
     replaced and the caller's statement runs on a new connection."""
     from fleet.shared.db import make_pool
 
+    import resource
+
+    # Past descriptor 1024, as in a gateway holding a thousand streams (select.select cannot watch those).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     pool = make_pool(min_size=1, max_size=1, name="checkout-test")
     try:
+        with pool.connection() as conn:
+            assert conn.fileno() > 1024
         with pool.connection() as conn:
             pid = conn.info.backend_pid
         with psycopg.connect(services["dsn"], autocommit=True) as admin:
@@ -271,6 +281,8 @@ def test_a_pooled_connection_the_server_ended_is_replaced_at_checkout(services):
             assert conn.info.backend_pid != pid
     finally:
         pool.close()
+        for fd in spare:
+            os.close(fd)
 
 
 def test_a_payload_too_large_in_a_later_chunk_sends_nothing_of_the_batch(services):

@@ -63,7 +63,12 @@ def check_if_server_spoke(conn: psycopg.Connection) -> None:
     and only then is psycopg_pool's own check (an empty query) run, which discards it if it is broken.
     Checking every connection costs a round trip per checkout: for a producer's single enqueue, a third of
     its round trips."""
-    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+    if conn.closed:
+        ConnectionPool.check_connection(conn)
+        return
+    poller = select.poll()  # not select.select: a process holding many sockets has descriptors past 1024
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
         ConnectionPool.check_connection(conn)
 
 
