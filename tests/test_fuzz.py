@@ -171,3 +171,22 @@ def test_raw_sql_messages_are_wrapped_or_dead_lettered(fuzz_fleet):
 def test_invalid_utf8_from_a_raw_producer_is_refused_by_postgres(fuzz_fleet):
     with psycopg.connect(fuzz_fleet.dsn, autocommit=True) as conn, pytest.raises(psycopg.errors.CharacterNotInRepertoire):
         conn.execute("select pgmq.send('echo', convert_from('\\x7b2261223a22ff227d'::bytea, 'UTF8')::jsonb)")
+
+
+any_floats = st.floats()  # NaN and the infinities included
+awkward = st.recursive(
+    st.none() | st.booleans() | st.integers() | any_floats | st.text(alphabet=st.sampled_from(["a", "\x00", "é"])),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(alphabet=st.sampled_from(["k", "\x00"]), max_size=3) | st.integers(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=500, database=None, deadline=None)
+@given(st.one_of(awkward, st.integers(60, 70).map(lambda depth: nested(depth, dict)),
+                 st.integers(60, 70).map(lambda depth: nested(depth, list))))
+def test_the_quick_payload_check_agrees_with_the_one_that_names_the_problem(payload):
+    """payloads.problem answers most payloads with a scan that builds no paths; it must refuse exactly
+    what the full walk refuses, with the full walk's reason."""
+    from fleet.shared.payloads import _described, problem
+
+    assert problem(payload) == _described(payload)
