@@ -90,3 +90,27 @@ def test_failed_migration_is_rolled_back(services, tmp_path):
             migrate(conn, tmp_path)
         assert conn.execute("select to_regclass(%s)", (f"half_{version}",)).fetchone()[0] is None
         assert conn.execute("select count(*) from fleet_migrations where version = %s", (version,)).fetchone()[0] == 0
+
+
+def test_a_built_wheel_carries_every_migration(tmp_path):
+    """`fleet migrate` from an installed wheel: the migrations ship inside the package (fleet/migrations,
+    a link to sql/ in the repository), byte for byte."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "fleet", "sql"):  # a clean tree: the build leaves its files there
+        copy = shutil.copytree if (root / name).is_dir() else shutil.copy2
+        copy(root / name, src / name, **({"symlinks": True} if copy is shutil.copytree else {}))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                           capture_output=True, text=True, timeout=240)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("fleet-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {Path(n).name: z.read(n) for n in z.namelist() if n.startswith("fleet/migrations/")}
+    assert shipped == {p.name: p.read_bytes() for p in (root / "sql").glob("*.sql")}

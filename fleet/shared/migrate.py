@@ -15,7 +15,8 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"  # the repository's sql/ (fleet/shared/migrate.py)
+# fleet/migrations: in the repository a link to sql/, in an installed wheel a copy of its files.
+SQL_DIR = Path(__file__).resolve().parents[1] / "migrations"
 LOCK_KEY = 0x666C656574_01  # advisory lock: one migrator at a time
 
 
