@@ -160,7 +160,7 @@ class PgmqConsumer(Consumer):
             acks, state.acks = state.acks, []
             nacks, state.nacks = state.nacks, []
             durable, state.durable = state.durable or bool(nacks), False
-            busy = len(state.outstanding) - len(acks) - len(nacks) - len(state.acks) - len(state.nacks)
+            busy = len(state.outstanding) - len(acks) - len(nacks)  # read and not yet settled
         # The limit is updated before it sizes this read: a round trip that finds the jobs slow reads no more
         # than the prefetch. (Acks put back by a failed round trip are counted again: a limit, not a tally.)
         self.read_ahead.settled(len(acks) + len(nacks), time.monotonic())
