@@ -50,6 +50,11 @@ Row = tuple  # (queue or None, the row's JSON text)
 _encode = json.JSONEncoder(default=str).encode
 
 
+def encode_json(value: Any) -> str:
+    """A value as JSON text a jsonb column accepts (see storable)."""
+    return storable(_encode(value))
+
+
 class EventWriter:
     def __init__(self) -> None:
         self._buffer: list[Row] = []
@@ -62,7 +67,7 @@ class EventWriter:
 
     def emit(self, type: str, *, trace_id: Any = None, job_id: str | None = None, queue: str | None = None,
              actor: str | None = None, **payload: Any) -> None:
-        row = storable(_encode([as_uuid(trace_id), job_id, queue, actor, type, redact_value(payload)]))
+        row = encode_json([as_uuid(trace_id), job_id, queue, actor, type, redact_value(payload)])
         self.append(queue, row)
 
     def append(self, queue: str | None, row: str) -> None:
@@ -129,17 +134,12 @@ def emit(type: str, **fields: Any) -> None:
 def job_head(trace_id: Any, job_id: str | None, queue: str | None, actor: str | None) -> str:
     """The first four columns of a job's rows as JSON text (an open array), encoded once per job and shared
     by each of its events (see emit_for)."""
-    return storable(_encode([as_uuid(trace_id), job_id, queue, actor]))[:-1]
+    return encode_json([as_uuid(trace_id), job_id, queue, actor])[:-1]
 
 
 def emit_for(head: str, queue: str | None, type: str, **payload: Any) -> None:
     """emit() for a job whose head is already encoded: the row is its head, the type and the payload."""
-    _writer.append(queue, f"{head},{_encode(type)},{storable(_encode(redact_value(payload)))}]")
-
-
-def encode_json(value: Any) -> str:
-    """A value as JSON text a jsonb column accepts (see storable)."""
-    return storable(_encode(value))
+    _writer.append(queue, f"{head},{_encode(type)},{encode_json(redact_value(payload))}]")
 
 
 def emit_encoded(head: str, queue: str | None, type_json: str, payload_json: str) -> None:
