@@ -56,26 +56,58 @@ def record_dead_letter(dl: DeadLetter) -> int:
     return row[0]
 
 
-def list_dead_letters(*, queue: str | None = None, error_class: str | None = None,
-                      older_than_s: float | None = None, newer_than_s: float | None = None,
-                      include_retried: bool = False, limit: int = 100) -> list[dict]:
-    where, params = ["true"], []
-    if queue:
-        where.append("queue = %s"); params.append(queue)
-    if error_class:
-        where.append("error_class = %s"); params.append(error_class)
-    if older_than_s is not None:
-        where.append("created_at < now() - %s * interval '1 second'"); params.append(older_than_s)
-    if newer_than_s is not None:
-        where.append("created_at >= now() - %s * interval '1 second'"); params.append(newer_than_s)
-    if not include_retried:
-        where.append("retried_at is null")
-    params.append(limit)
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters an action applies to: those matching every filter given. `list`, `retry` and
+    `purge` take the same selection, so what `fleet dlq list` shows is what the others touch."""
+
+    ids: tuple[int, ...] = ()
+    queue: str | None = None
+    error_class: str | None = None
+    older_than_s: float | None = None
+    newer_than_s: float | None = None
+    include_retried: bool = False
+
+    def where(self) -> tuple[str, list]:
+        where, params = ["true"], []
+        if self.ids:
+            where.append("id = any(%s)"); params.append(list(self.ids))
+        if self.queue:
+            where.append("queue = %s"); params.append(self.queue)
+        if self.error_class:
+            where.append("error_class = %s"); params.append(self.error_class)
+        if self.older_than_s is not None:
+            where.append("created_at < now() - %s * interval '1 second'"); params.append(self.older_than_s)
+        if self.newer_than_s is not None:
+            where.append("created_at >= now() - %s * interval '1 second'"); params.append(self.newer_than_s)
+        if not self.include_retried:
+            where.append("retried_at is null")
+        return " and ".join(where), params
+
+
+SUMMARY_COLUMNS = "id, queue, actor, message_id, reason, error_class, attempts, trace_id, created_at, retried_at"
+
+
+def list_dead_letters(selection: Selection = Selection(), *, limit: int | None = 100) -> list[dict]:
+    """The selected dead letters, newest first, at most `limit` of them (None: all)."""
+    where, params = selection.where()
     with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "select id, queue, actor, message_id, reason, error_class, attempts, trace_id, created_at, retried_at"
-            f" from dead_letters where {' and '.join(where)} order by id desc limit %s", params,
-        ).fetchall()
+        return cur.execute(f"select {SUMMARY_COLUMNS} from dead_letters where {where} order by id desc limit %s",
+                           [*params, limit]).fetchall()
+
+
+def count_dead_letters(selection: Selection = Selection()) -> int:
+    where, params = selection.where()
+    with get_pool().connection() as conn:
+        return conn.execute(f"select count(*) from dead_letters where {where}", params).fetchone()[0]
+
+
+def selected_ids(selection: Selection, *, limit: int | None = None) -> list[int]:
+    """The ids of the selected dead letters, oldest first, at most `limit` of them (None: all)."""
+    where, params = selection.where()
+    with get_pool().connection() as conn:
+        rows = conn.execute(f"select id from dead_letters where {where} order by id limit %s", [*params, limit])
+        return [r[0] for r in rows.fetchall()]
 
 
 def get_dead_letter(dl_id: int) -> dict | None:
@@ -83,19 +115,26 @@ def get_dead_letter(dl_id: int) -> dict | None:
         return cur.execute("select * from dead_letters where id = %s", (dl_id,)).fetchone()
 
 
-def mark_retried(ids: list[int]) -> None:
-    with get_pool().connection() as conn:
-        conn.execute("update dead_letters set retried_at = now() where id = any(%s)", (ids,))
+def claim_for_retry(ids: list[int]) -> list[dict]:
+    """Marks those of `ids` not yet retried as retried and returns them whole: two operators retrying the
+    same dead letters at once re-enqueue each of them once. A claimed letter that is not re-enqueued after
+    all is handed back with `release`."""
+    with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("update dead_letters set retried_at = now() where id = any(%s) and retried_at is null"
+                           " returning *", (ids,)).fetchall()
 
 
-def purge_dead_letters(*, queue: str | None = None, older_than_s: float | None = None) -> int:
-    where, params = ["true"], []
-    if queue:
-        where.append("queue = %s"); params.append(queue)
-    if older_than_s is not None:
-        where.append("created_at < now() - %s * interval '1 second'"); params.append(older_than_s)
+def release(ids: list[int]) -> None:
+    if ids:
+        with get_pool().connection() as conn:
+            conn.execute("update dead_letters set retried_at = null where id = any(%s)", (ids,))
+
+
+def purge_dead_letters(selection: Selection) -> int:
+    """Deletes the selected dead letters for good; returns how many."""
+    where, params = selection.where()
     with get_pool().connection() as conn:
-        return conn.execute(f"delete from dead_letters where {' and '.join(where)}", params).rowcount
+        return conn.execute(f"delete from dead_letters where {where}", params).rowcount
 
 
 def payload_of(row: dict) -> tuple[str, str | None, Any]:

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from fleet.ops.cli.output import print_json, print_table
+from fleet.ops.cli.output import print_json, print_table, report_cut
 from fleet.ops.terminal import interactive
 from fleet.shared.config import get_settings
 
@@ -71,12 +71,16 @@ def cmd_events(args) -> int:
     if not (args.trace or args.job):
         print("fleet events: give --trace or --job", file=sys.stderr)
         return 2
-    rows = job_events(trace_id=args.trace, job_id=args.job, limit=args.limit)
+    rows = job_events(trace_id=args.trace, job_id=args.job, limit=args.limit + 1)
+    cut = len(rows) > args.limit
+    del rows[args.limit:]
     if args.json:
         print_json(rows)
     else:
         for r in rows:
             print(f"{r['created_at']:%Y-%m-%d %H:%M:%S.%f}  {r['type']:<16} {r['queue'] or '':<12} {r['job_id'] or ''}  {json.dumps(r['payload'])}")
+    if cut:
+        report_cut("fleet events", args.limit, None, "events")
     return 0
 
 
