@@ -72,11 +72,12 @@ def cmd_upgrade(args) -> int:
         from fleet.workers.agents.upgrades import start_run
 
         try:
+            agents = _cohort_size(args.args[0], cohort)
             run = start_run(args.args[0], args.args[1], cohort, args.dry_run, FleetClient())
         except Exception as e:  # the database says why (unknown template version)
             print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
             return 2
-        print(f"upgrade run {run} enqueued{' (dry run)' if args.dry_run else ''}")
+        print(f"upgrade run {run} enqueued{' (dry run)' if args.dry_run else ''}: {agents} agent(s) in the cohort")
         return _follow(run, args.timeout) if args.wait else 0
     if len(args.args) != 1:
         raise SystemExit(f"fleet upgrade {args.action} RUN_ID")
@@ -85,6 +86,15 @@ def cmd_upgrade(args) -> int:
         print(f"halted; {halt(run_id)} pending agent(s) cancelled")
         return 0
     return _show_run(run_id, as_json=args.json)
+
+
+def _cohort_size(template: str, cohort: dict) -> int:
+    """How many agents the run will touch, as its fan-out selects them (now; profiles may change before it runs)."""
+    from fleet.shared.db import get_pool
+    from fleet.workers.agents.upgrades import select_cohort
+
+    with get_pool().connection() as conn:
+        return len(select_cohort(conn, {"template_name": template, "cohort": cohort}))
 
 
 def _follow(run_id: str, timeout_s: float) -> int:

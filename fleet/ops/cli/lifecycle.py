@@ -26,6 +26,7 @@ def cmd_lifecycle(args) -> int:
     done = FleetClient().enqueue("memory_lifecycle", payload)
     print(f"enqueued lifecycle run (job {done.job_id}, trace {done.trace_id})", file=sys.stderr)
     if args.no_wait:
+        print(f"its counts come in its lifecycle.done event: fleet events --trace {done.trace_id}", file=sys.stderr)
         return 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -48,6 +49,8 @@ def _show_outcome(kind: str, result: dict, *, as_json: bool) -> int:
         print(f"run {result['run_id']}{' (dry run)' if result['dry_run'] else ''} in {result['duration_ms']:.0f} ms")
         for action in ACTIONS:
             print(f"  {action:<8} {result['counts'].get(action, 0)}")
+        total = sum(result["counts"].values())
+        print(f"{'would make' if result['dry_run'] else 'made'} {total} change(s) in all")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""`fleet dlq` as an operator runs it in an incident: every filter and id that `list`, `retry` and `purge`
-accept selects the same dead letters, a destructive action says how many it touches, and a limit that cuts
-a result says so. Each test's dead letters are on a queue of its own, so nothing else is touched."""
+"""The CLI's destructive actions as an operator runs them in an incident: every filter and id that `fleet dlq
+list`, `retry` and `purge` accept selects the same dead letters, a destructive action says how many rows it
+touches, and a limit that cuts a result says so. Each test's rows are its own (a queue, a template), so
+nothing else is touched."""
 
 from __future__ import annotations
 
@@ -117,3 +118,30 @@ def test_retry_pages_through_every_selected_letter_and_a_limit_says_it_cut(dsn):
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("delete from pgmq.q_echo where message::text like %s", (f"%{marker}%",))
+
+
+def test_upgrade_run_says_how_many_agents_its_cohort_filters_select(dsn):
+    from fleet.workers.agents.templates import publish
+
+    from .test_templates import AGENT
+
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    publish(name, "1.0.0", AGENT)
+    publish(name, "1.1.0", AGENT)
+    users = {str(uuid.uuid4()): version for version in ("1.0.0", "1.0.0", "1.0.0", "0.9.0")}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for user, version in users.items():
+            conn.execute("insert into user_profiles (user_id, letta_agent_id, template_name, template_version)"
+                         " values (%s, %s, %s, %s)", (user, f"agent-{user}", name, version))
+    runs = []
+    try:
+        for cohort, agents in (({}, 4), ({"from_version": "1.0.0"}, 3), ({"user_ids": list(users)[:2]}, 2)):
+            out = fleet_cli("upgrade", "run", name, "1.1.0", "--dry-run", "--cohort", json.dumps(cohort)).stdout
+            runs.append(out.split()[2])
+            assert f"(dry run): {agents} agent(s) in the cohort" in out, (cohort, out)
+    finally:  # no worker runs here: the runs' fan-outs are taken off the queue
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("delete from pgmq.q_upgrade_jobs where message->>'run_id' = any(%s)", (runs,))
+            conn.execute("update upgrade_runs set status = 'halted', finished_at = now() where id = any(%s::uuid[])",
+                         (runs,))
+            conn.execute("delete from user_profiles where template_name = %s", (name,))
