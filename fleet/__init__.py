@@ -1,14 +1,20 @@
 """Fleet: a queue-driven worker fleet for AI-agent backends.
 
-The producer API is this package's top level:
+Declare your own job types and enqueue them; this package's top level is the public API:
 
-    from fleet import FleetClient
+    from fleet import FleetClient, job
+
+    @job(SummarizeJob, queue="summaries", max_retries=5, rate_limit=60)
+    def summarize(payload: SummarizeJob) -> None: ...
+
     client = FleetClient()
-    client.enqueue("echo", {"message": "hi"}, idempotency_key="order-42")
+    client.enqueue(summarize, SummarizeJob(document_id="doc-1"), idempotency_key="doc-1")
+    client.enqueue("echo", {"message": "hi"})  # by name
 
-Everything else lives in sub-packages: `fleet.shared` (the platform), `fleet.workers` (one package per job
-family), `fleet.ops` (operator tools), `fleet.simulator` and `fleet.gateway`. The names below are loaded on
-first use, so `import fleet.shared.config` (and every worker process) does not pay for the SDK's imports.
+A worker serves them with `fleet worker --jobs myapp.jobs` (or FLEET_JOBS=myapp.jobs). Everything else lives
+in sub-packages: `fleet.shared` (the platform), `fleet.workers` (one package per job family), `fleet.ops`
+(operator tools), `fleet.simulator` and `fleet.gateway`. The names below are loaded on first use, so
+`import fleet.shared.config` (and every worker process) does not pay for the SDK's imports.
 """
 
 from __future__ import annotations
@@ -18,6 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "job": "fleet.shared.registry",
+    "Job": "fleet.shared.registry",
+    "JobOptions": "fleet.shared.registry",
+    "JobType": "fleet.shared.registry",
+    "Lease": "fleet.shared.registry",
+    "RateLimit": "fleet.shared.registry",
+    "InvalidJobDeclaration": "fleet.shared.registry",
+    "UnknownJobType": "fleet.shared.registry",
     "FleetClient": "fleet.shared.client",
     "Enqueued": "fleet.shared.client",
     "ChatStream": "fleet.shared.client",
@@ -26,6 +40,9 @@ _EXPORTS = {
     "EmbedJob": "fleet.shared.jobs",
     "InlineDocument": "fleet.shared.jobs",
     "FleetError": "fleet.shared.errors",
+    "PermanentError": "fleet.shared.errors",
+    "TransientError": "fleet.shared.errors",
+    "DeferredError": "fleet.shared.errors",
     "InvalidPayload": "fleet.shared.errors",
     "PayloadTooLarge": "fleet.shared.errors",
 }
@@ -34,8 +51,11 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from fleet.shared.client import ChatStream, Enqueued, FleetClient
-    from fleet.shared.errors import FleetError, InvalidPayload, PayloadTooLarge
+    from fleet.shared.errors import (DeferredError, FleetError, InvalidPayload, PayloadTooLarge, PermanentError,
+                                     TransientError)
     from fleet.shared.jobs import ChatJob, ChatMessage, EmbedJob, InlineDocument
+    from fleet.shared.registry import (InvalidJobDeclaration, Job, JobOptions, JobType, Lease, RateLimit,
+                                       UnknownJobType, job)
 
 
 def __getattr__(name: str) -> Any:

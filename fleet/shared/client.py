@@ -2,17 +2,24 @@
 
     from fleet import FleetClient
     fleet = FleetClient()
-    fleet.enqueue("echo", {"message": "hi"}, idempotency_key="order-42")
+    fleet.enqueue(summarize, SummarizeJob(document_id="doc-1"))  # a declared job (`@job`) and its model
+    fleet.enqueue("echo", {"message": "hi"}, idempotency_key="order-42")  # by name
     fleet.enqueue_many("echo", [{"message": str(i)} for i in range(10_000)])
+
+Every payload is checked by its job type's model before it is sent, wherever the model is at hand (the
+job is declared in this process, or its module is importable: FLEET_JOBS): a bad payload is an
+InvalidPayload here, not a dead letter later. A job known only from the job_types table is checked by
+the worker.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar, overload
 
 import dramatiq
+import pydantic
 import structlog
 from dramatiq.broker import Broker
 from psycopg.types.json import Jsonb
@@ -21,10 +28,14 @@ from fleet.shared.brokers import PgmqBroker, build_broker, enqueue_many
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.durable import while_unreachable
-from fleet.shared.errors import InvalidPayload, PayloadTooLarge, describe
-from fleet.shared.payloads import problem
+from fleet.shared.errors import PayloadTooLarge, describe
 from fleet.shared.redact import redact
-from fleet.shared.registry import job_type
+from fleet.shared.registry import Job, JobType, job_type
+
+if TYPE_CHECKING:
+    from fleet.shared.config import Settings
+
+M = TypeVar("M", bound=pydantic.BaseModel)
 
 IDEMPOTENCY_SCOPE = "enqueue"
 IDEMPOTENCY_TTL_S = 7 * 86400
@@ -47,7 +58,7 @@ class FleetClient:
     idempotency_ttl_s: float = IDEMPOTENCY_TTL_S
     pending_ttl_s: float = PENDING_TTL_S
 
-    def __init__(self, broker: Broker | None = None, settings=None) -> None:
+    def __init__(self, broker: Broker | None = None, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.broker = broker or build_broker(self.settings)
 
@@ -62,25 +73,43 @@ class FleetClient:
             raise PayloadTooLarge(f"payload of {size} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
         return message
 
-    def enqueue(self, name: str, payload: Any, *, idempotency_key: str | None = None, trace_id: str | None = None,
-                delay_ms: int | None = None, job_id: str | None = None) -> Enqueued:
-        """Enqueue one job. `job_id` fixes its id in advance (a listener can subscribe before it runs)."""
+    @overload
+    def enqueue(self, job: Job[M], payload: M | dict[str, Any], *, idempotency_key: str | None = None,
+                trace_id: str | None = None, delay_ms: int | None = None, job_id: str | None = None) -> Enqueued: ...
+
+    @overload
+    def enqueue(self, job: str, payload: Any, *, idempotency_key: str | None = None, trace_id: str | None = None,
+                delay_ms: int | None = None, job_id: str | None = None) -> Enqueued: ...
+
+    def enqueue(self, job: Job[Any] | str, payload: Any, *, idempotency_key: str | None = None,
+                trace_id: str | None = None, delay_ms: int | None = None, job_id: str | None = None) -> Enqueued:
+        """Enqueue one job: a declared job (its model's instance, or a dict the model accepts) or a job type by
+        name. `job_id` fixes its id in advance (a listener can subscribe before it runs)."""
         if job_id is not None:
             if idempotency_key is not None:
                 raise ValueError("give either job_id or idempotency_key")
-            jt = job_type(name)
+            jt, (checked,) = self._checked(job, [payload])
             trace = str(uuid.UUID(str(trace_id))) if trace_id else str(uuid.uuid4())
-            (job, trace), = self._send(name, [payload], trace, delay_ms, [(job_id, trace)])
-            return Enqueued(job, trace, jt.queue)
+            (sent, trace), = self._send(jt.name, [checked], trace, delay_ms, [(job_id, trace)])
+            return Enqueued(sent, trace, jt.queue)
         keys = [idempotency_key] if idempotency_key is not None else None
-        return self.enqueue_many(name, [payload], idempotency_keys=keys, trace_id=trace_id, delay_ms=delay_ms)[0]
+        return self.enqueue_many(job, [payload], idempotency_keys=keys, trace_id=trace_id, delay_ms=delay_ms)[0]
 
-    def enqueue_many(self, name: str, payloads: Iterable[Any], *, idempotency_keys: list[str] | None = None,
+    @overload
+    def enqueue_many(self, job: Job[M], payloads: Iterable[M | dict[str, Any]], *,
+                     idempotency_keys: list[str] | None = None, trace_id: str | None = None,
+                     delay_ms: int | None = None) -> list[Enqueued]: ...
+
+    @overload
+    def enqueue_many(self, job: str, payloads: Iterable[Any], *, idempotency_keys: list[str] | None = None,
+                     trace_id: str | None = None, delay_ms: int | None = None) -> list[Enqueued]: ...
+
+    def enqueue_many(self, job: Job[Any] | str, payloads: Iterable[Any], *, idempotency_keys: list[str] | None = None,
                      trace_id: str | None = None, delay_ms: int | None = None) -> list[Enqueued]:
         """Enqueue a batch, atomically on pgmq. With keys, a key seen before enqueues nothing new.
         A given trace_id is shared by the batch; otherwise each job gets its own."""
-        payloads = list(payloads)
-        jt = job_type(name)
+        jt, payloads = self._checked(job, list(payloads))
+        name = jt.name
         if trace_id is not None:
             trace_id = str(uuid.UUID(str(trace_id)))  # a trace id is a UUID: refuse anything else early
         if idempotency_keys is not None and len(idempotency_keys) != len(payloads):
@@ -117,6 +146,12 @@ class FleetClient:
             raise
         while_unreachable(lambda: self._confirm_keys(mine), what="idempotency key confirmation")
         return self._merge_results(queue, fresh, results, sent, len(payloads))
+
+    @staticmethod
+    def _checked(job: Job[Any] | str, payloads: list[Any]) -> tuple[JobType, list[Any]]:
+        """The job type, and the payloads as JSON-ready data checked by its model (InvalidPayload if one fails)."""
+        jt = job.type if isinstance(job, Job) else job_type(job)
+        return jt, [jt.validate(p) for p in payloads]
 
     @staticmethod
     def _merge_results(queue: str, fresh: list[int], results: dict[int, Enqueued], sent: list[tuple[str, str]],
@@ -175,9 +210,6 @@ class FleetClient:
               preassigned: list[tuple[str, str]] | None, conn=None) -> list[tuple[str, str]]:
         if not payloads:
             return []
-        for payload in payloads:
-            if (why := problem(payload)) is not None:
-                raise InvalidPayload(f"{name} payload refused: {why}")
         jt = job_type(name)
         self.broker.declare_queue(jt.queue)
         broker = self.broker

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     min_backoff_ms: int = Field(1000, alias="FLEET_MIN_BACKOFF_MS", ge=1)
     max_backoff_ms: int = Field(300_000, alias="FLEET_MAX_BACKOFF_MS", ge=1)
     time_limit_ms: int = Field(600_000, alias="FLEET_TIME_LIMIT_MS", ge=100)
+    jobs: str = Field("", alias="FLEET_JOBS", description=(
+        "Modules declaring your own job types (`@job`), comma-separated, for example myapp.jobs,other.jobs:"
+        " workers load them beside the fleet's own families (`fleet worker --jobs` adds to it), and producers"
+        " load them to enqueue those jobs by name."))
     max_payload_bytes: int = Field(1_000_000, alias="FLEET_MAX_PAYLOAD_BYTES", ge=1024)
     # How long a retry's enqueue, a dead letter or a job's events wait out an unreachable database or Redis.
     unreachable_budget_s: float = Field(60.0, alias="FLEET_UNREACHABLE_BUDGET_S", gt=0)

@@ -45,7 +45,7 @@ class DeferredError(FleetError):
     kind: ErrorKind = "deferred"
 
 
-class InvalidPayload(PermanentError):
+class InvalidPayload(PermanentError, ValueError):
     pass
 
 

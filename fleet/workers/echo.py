@@ -11,7 +11,7 @@ from fleet.shared import events
 from fleet.shared.errors import PermanentError, TransientError
 from dramatiq.middleware import CurrentMessage
 
-from fleet.workers.actor import job
+from fleet import job
 
 
 class EchoJob(BaseModel):
@@ -25,8 +25,9 @@ class EchoJob(BaseModel):
     record: bool = False  # write an echo.done event with the message
 
 
-@job(EchoJob, min_backoff=200, max_backoff=5_000)
+@job(EchoJob, queue="echo", min_backoff=200, max_backoff=5_000)
 def echo(job: EchoJob) -> None:
+    """No-op/echo job: the spine's own workload (sleep, fail on demand)."""
     message = CurrentMessage.get_current_message()
     attempt = message.options.get("retries", 0) + 1 if message else 1
     if job.sleep_ms:

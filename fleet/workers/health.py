@@ -9,14 +9,15 @@ from pydantic import BaseModel, ConfigDict
 from fleet.shared.health import refresh
 from fleet.shared.middleware.events import job_fields
 
-from fleet.workers.actor import job
+from fleet import job
 
 
 class HealthJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@job(HealthJob, max_retries=0)
+@job(HealthJob, queue="health", max_retries=0)
 def refresh_provider_health(job: HealthJob) -> None:
+    """Probes the configured providers into provider_health."""
     message = CurrentMessage.get_current_message()
     refresh(trace=job_fields(message) if message else None)

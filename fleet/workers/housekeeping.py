@@ -9,7 +9,7 @@ from fleet.shared import events
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
 
-from fleet.workers.actor import job
+from fleet import job
 
 # table -> the rows to delete (%s: the age limit in seconds, where there is one); fixed SQL, no input in it
 PRUNED = {
@@ -36,8 +36,9 @@ def delete_in_batches(conn, table: str, batch_size: int, max_age_s: float) -> in
             return deleted
 
 
-@job(HousekeepingJob)
+@job(HousekeepingJob, queue="maintenance")
 def housekeeping(job: HousekeepingJob) -> None:
+    """Prunes expired idempotency records (scheduled hourly)."""
     max_age_s = get_settings().gateway_jobs_retention_days * 86400
     with get_pool().connection() as conn:
         deleted = {table: delete_in_batches(conn, table, job.batch_size, max_age_s) for table in PRUNED}

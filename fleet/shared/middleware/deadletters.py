@@ -6,9 +6,11 @@ import structlog
 from dramatiq.errors import ActorNotFound, BrokerConnectionError
 from dramatiq.middleware import Middleware, MiddlewareError
 
+from fleet.shared import events
 from fleet.shared.deadletters import DeadLetter, record_dead_letter
 from fleet.shared.durable import while_unreachable
 from fleet.shared.errors import describe
+from fleet.shared.middleware.events import job_fields
 from fleet.shared.redact import redact
 
 log = structlog.get_logger(__name__)
@@ -32,10 +34,19 @@ class DeadLetterNotRecorded(MiddlewareError, BrokerConnectionError):
 
 
 class DeadLetters(Middleware):
+    @property
+    def actor_options(self):
+        return {"dead_letters"}  # False (`@job(..., dead_letters=False)`): the job.dead event only, no row
+
     # Before the nack: the row and its job.dead event exist before the broker lets go of the message.
     def before_nack(self, broker, message):
         exception = getattr(message, "_exception", None)
         reason = reason_for(message, exception)
+        actor = broker.actors.get(message.actor_name)
+        if actor is not None and actor.options.get("dead_letters") is False:
+            events.emit("job.dead", **job_fields(message), reason=redact(reason), dead_letter=False)
+            log.warning("job.dead", reason=reason, dead_letter=False)
+            return
         letter = DeadLetter(
             queue=message.queue_name, actor=message.actor_name, message_id=message.message_id,
             message=message.asdict(), reason=reason,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field
 
 from dramatiq.middleware import CurrentMessage
@@ -16,11 +15,12 @@ from fleet.workers.agents.creation import billing_endpoint, create_body
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import DeferredError, PermanentError
+from fleet.shared.guards import claim, release
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.letta import LettaClient
 from fleet.workers.agents.templates import get, list_templates
 
-from fleet.workers.actor import job
+from fleet import job
 
 
 class CreateAgentJob(BaseModel):
@@ -37,24 +37,17 @@ def claim_creation(user_id: str, job_id: str) -> None:
     """Claim the creation of this user's agent for this job (its retries and redeliveries keep the job id, so
     they take their own claim back at once); another job for the same user is deferred until the claim is
     released or expires."""
-    with get_pool().connection() as conn:
-        claimed = conn.execute(
-            "insert into request_dedup as d (scope, key, result, expires_at) values ('create_agent', %s, %s,"
-            " now() + %s * interval '1 second') on conflict (scope, key) do update set result = excluded.result,"
-            " expires_at = excluded.expires_at where d.expires_at < now() or d.result->>'job_id' = %s returning 1",
-            (user_id, Jsonb({"job_id": job_id}), CLAIM_S, job_id)).fetchone()
-    if not claimed:
+    if not claim("create_agent", user_id, job_id, CLAIM_S):
         raise DeferredError(f"another job is creating the agent of user {user_id}", retry_after_s=5)
 
 
 def release_creation(user_id: str, job_id: str) -> None:
-    with get_pool().connection() as conn:
-        conn.execute("delete from request_dedup where scope = 'create_agent' and key = %s and result->>'job_id' = %s",
-                     (user_id, job_id))
+    release("create_agent", user_id, job_id)
 
 
-@job(CreateAgentJob)
+@job(CreateAgentJob, queue="agents")
 def create_agent(job: CreateAgentJob) -> None:
+    """Creates a Letta agent from a template for a user (billing proxy forced)."""
     settings = get_settings()
     endpoint = billing_endpoint(settings, str(job.user_id))
     version = job.version or next(iter(reversed(list_templates(job.template))), {}).get("version")

@@ -16,7 +16,7 @@ from fleet.shared.middleware.events import job_fields
 from fleet.shared.middleware.retries import is_last_attempt
 from fleet.workers.agents.upgrades import fan_out, requeue_stale, upgrade_one
 
-from fleet.workers.actor import job
+from fleet import job
 
 
 class FanoutJob(BaseModel):
@@ -44,18 +44,21 @@ def client() -> FleetClient:
     return _client
 
 
-@job(FanoutJob)
+@job(FanoutJob, queue="upgrade_jobs")
 def upgrade_fanout(job: FanoutJob) -> None:
+    """Selects a run's cohort and enqueues one upgrade per agent."""
     fan_out(str(job.run_id), client())
 
 
-@job(UpgradeAgentJob)
+@job(UpgradeAgentJob, queue="upgrade_agents")
 def upgrade_agent(job: UpgradeAgentJob) -> None:
+    """Upgrades one agent to a template version (diff, one PATCH, verify)."""
     message = CurrentMessage.get_current_message()
     upgrade_one(str(job.run_id), job.agent_id, get_settings(), job_fields(message) if message else {},
                 last_attempt=is_last_attempt(dramatiq.get_broker(), message) if message else True)
 
 
-@job(RequeueJob, max_retries=0)
+@job(RequeueJob, queue="maintenance", max_retries=0)
 def requeue_stale_upgrades(job: RequeueJob) -> None:
+    """Requeues upgrades whose heartbeat went stale."""
     requeue_stale(get_settings(), client())

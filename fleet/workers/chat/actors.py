@@ -15,14 +15,15 @@ from fleet.shared.middleware.retries import is_last_attempt
 from fleet.shared.providers.chat import ChatClient
 from fleet.shared.ratelimit import per_minute
 
-from fleet.workers.actor import job
+from fleet import job
 
 READY_SENT = "chat_ready_sent"  # a message option
 LAST_SEQ = "chat_last_seq"  # a message option: the seq of the last frame an earlier attempt published
 
 
-@job(ChatJob, min_backoff=1_000, max_backoff=60_000)
+@job(ChatJob, queue="chat", min_backoff=1_000, max_backoff=60_000)
 def chat_completion(job: ChatJob) -> None:
+    """Streams a chat answer to listeners and stores the messages."""
     settings = get_settings()
     message = CurrentMessage.get_current_message()
     job_id = message.message_id

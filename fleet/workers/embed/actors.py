@@ -15,7 +15,7 @@ from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.embeddings import EmbeddingsClient
 from fleet.shared.ratelimit import per_minute
 
-from fleet.workers.actor import job
+from fleet import job
 
 
 def _client(settings) -> EmbeddingsClient:
@@ -23,8 +23,9 @@ def _client(settings) -> EmbeddingsClient:
     return EmbeddingsClient(settings, rate_limit=limiter.acquire if limiter else None)
 
 
-@job(EmbedJob, min_backoff=2_000, max_backoff=300_000)
+@job(EmbedJob, queue="embed", min_backoff=2_000, max_backoff=300_000)
 def embed_documents(job: EmbedJob) -> None:
+    """Embeds documents (inline or rows of a registered source) into pgvector."""
     settings = get_settings()
     message = CurrentMessage.get_current_message()
     trace = job_fields(message) if message else {}

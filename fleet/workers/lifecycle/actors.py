@@ -15,7 +15,7 @@ from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.embeddings import EmbeddingsClient, plan_batches
 from fleet.shared.ratelimit import per_minute
 
-from fleet.workers.actor import job
+from fleet import job
 
 
 class LifecycleJob(BaseModel):
@@ -34,8 +34,9 @@ class LifecycleJob(BaseModel):
         return v
 
 
-@job(LifecycleJob, max_retries=3)
+@job(LifecycleJob, queue="lifecycle", max_retries=3)
 def memory_lifecycle(job: LifecycleJob) -> None:
+    """Expires, archives, decays, evicts, merges and re-embeds memories."""
     message = CurrentMessage.get_current_message()
     run_lifecycle(project=job.project_id, dry_run=job.dry_run, actions=job.actions, batch_size=job.batch_size,
                   trace=job_fields(message) if message else None)
@@ -46,8 +47,9 @@ class EmbedMemoriesJob(BaseModel):
     ids: list[str] = Field(min_length=1, max_length=1000)
 
 
-@job(EmbedMemoriesJob)
+@job(EmbedMemoriesJob, queue="embed_memories")
 def embed_memories(job: EmbedMemoriesJob) -> None:
+    """Embeds memories' payloads into memories.embedding."""
     settings = get_settings()
     model = settings.embedding_model_default
     with get_pool().connection() as conn:
