@@ -10,8 +10,19 @@ from fleet.shared.config import get_settings
 
 def cmd_worker(args) -> int:
     from fleet.ops.processes import worker_command, worker_env
+    from fleet.shared.config import reset_settings
+    from fleet.shared.registry import job_modules, load
     from fleet.shared.registry import queues as known_queues
 
+    extra = [m for text in args.jobs or [] for m in job_modules(text)]
+    if extra:  # the worker processes read FLEET_JOBS: --jobs adds to it
+        os.environ["FLEET_JOBS"] = ",".join(dict.fromkeys([*job_modules(os.environ.get("FLEET_JOBS")), *extra]))
+        reset_settings()
+    try:
+        load()  # here first, so a module that cannot be imported or declares a bad job is named at once
+    except Exception as e:
+        print(f"fleet worker: {e}", file=sys.stderr)
+        return 2
     for q in args.queues or []:
         if q not in known_queues():
             print(f"fleet worker: unknown queue {q!r}; known: {', '.join(known_queues())}", file=sys.stderr)
@@ -52,6 +63,8 @@ def cmd_metrics(args) -> int:
 def register(sub) -> None:
     s = sub.add_parser("worker", help="run dramatiq worker processes for some or all queues")
     s.add_argument("--queues", nargs="*", help="queues to consume (default: all)")
+    s.add_argument("--jobs", action="append", metavar="MODULE[,MODULE]",
+                   help="modules declaring your own job types (`@job`), served beside the fleet's own; adds to FLEET_JOBS")
     s.add_argument("--processes", type=int, default=1)
     s.add_argument("--threads", type=int, default=8)
     s.add_argument("--metrics-port", type=int, default=None, help="exporter port (FLEET_METRICS_PORT); 0 disables it")
