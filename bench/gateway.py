@@ -33,7 +33,7 @@ def fleet_env(broker: str, sim_url: str) -> dict:
     from fleet.ops.processes import worker_env
 
     return worker_env(["chat"], 0) | {"FLEET_BROKER": broker, "CHAT_API_BASE": f"{sim_url}/v1",
-                                      "CHAT_KEEPALIVE_S": "5", "GATEWAY_KEEPALIVE_S": "5"}
+                                      "CHAT_KEEPALIVE_S": "5", "GATEWAY_KEEPALIVE_S": "5", "GATEWAY_DEV": "true"}
 
 
 def start_workers(env: dict, threads: int = 8) -> subprocess.Popen:

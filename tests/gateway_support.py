@@ -94,7 +94,9 @@ class GatewayFleet:
 def fleet_with_gateway(services, sim, kind: str, log_dir, gateway_env: dict | None = None, **worker_env):
     env = CHAT_ENV | {"CHAT_API_BASE": f"{sim.url}/v1", "EMBEDDING_API_BASE": f"{sim.url}/v1"} | worker_env
     with started_fleet(services, kind, log_dir, **env) as fleet:
-        gw_env = fleet.env | {"GATEWAY_KEEPALIVE_S": "0.5"} | (gateway_env or {})
+        # development mode unless the test asks for production (gateway_env GATEWAY_DEV=false)
+        gw_env = fleet.env | {"GATEWAY_KEEPALIVE_S": "0.5", "GATEWAY_DEV": "true", "GATEWAY_DOCS": "true"} | (
+            gateway_env or {})
         gateway = GatewayProcess(gw_env, log_dir).start()
         try:
             yield GatewayFleet(fleet, gateway)

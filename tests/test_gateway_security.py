@@ -33,15 +33,21 @@ def someone() -> str:
 
 
 class JwksServer:
-    """A JWKS endpoint on loopback, as an identity provider publishes its public keys."""
+    """A JWKS endpoint on loopback, as an identity provider publishes its public keys: `keys` (kid: RSA
+    private key) may be changed while it runs, and `fetches` counts the requests it answered."""
 
-    def __init__(self) -> None:
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key())) | {"kid": "k1", "use": "sig",
-                                                                                          "alg": "RS256"}
-        body = json.dumps({"keys": [jwk]}).encode()
+    def __init__(self, keys: dict | None = None) -> None:
+        self.keys = dict(keys) if keys is not None else {"k1": RSA_KEY}
+        self.fetches = 0
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                server.fetches += 1
+                jwks = [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(k.public_key())) | {"kid": kid, "use": "sig",
+                                                                                         "alg": "RS256"}
+                        for kid, k in list(server.keys.items())]
+                body = json.dumps({"keys": jwks}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -65,16 +71,21 @@ def token(sub: str, *, exp_in: float = 300, key=SECRET, alg="HS256", kid=None) -
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid} if kid else None)
 
 
-def signed(method: str, path: str, body: bytes, *, bearer: str | None, ts: float | None = None, key=HMAC_KEY) -> dict:
-    stamp = str(int(ts if ts is not None else time.time()))
-    headers = {"X-Timestamp": stamp, "X-Signature": sign(key, stamp, method, path, body)}
-    return headers | ({"Authorization": f"Bearer {bearer}"} if bearer else {})
+def signed(method: str, path: str, body: bytes, *, bearer: str | None, ts: float | str | None = None, key=HMAC_KEY,
+           idempotency_key: str | None = None) -> dict:
+    """Headers for a signed request; `path` is the target as sent (with its query string)."""
+    stamp = ts if isinstance(ts, str) else str(int(ts if ts is not None else time.time()))
+    auth = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    idem = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    signature = sign(key, stamp, method, path, body, authorization=auth.get("Authorization", ""),
+                     idempotency_key=idempotency_key or "")
+    return {"X-Timestamp": stamp, "X-Signature": signature} | auth | idem
 
 
 @pytest.fixture(scope="module")
 def sgw(services, sim, tmp_path_factory):
     jwks = JwksServer()
-    env = {"GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": jwks.url,
+    env = {"GATEWAY_DEV": "false", "GATEWAY_DOCS": "false", "GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": jwks.url,
            "GATEWAY_HMAC_KEY": HMAC_KEY, "GATEWAY_HMAC_WINDOW_S": "60", "GATEWAY_MAX_BODY_BYTES": "4096",
            "CHAT_RATE_LIMIT_PER_MIN": "3", "REQUIRE_IDEMPOTENCY": "true", "FLEET_MAX_PAYLOAD_BYTES": "1024"}
     try:
@@ -144,13 +155,21 @@ def test_bad_tokens_get_401_and_enqueue_nothing(sgw, bad, why):
     assert queued_and_recorded(sgw) == before
 
 
-def test_a_session_of_another_user_is_refused(sgw):
-    session = f"s-{uuid.uuid4()}"
-    assert chat(sgw, token(someone()), question(session)).status == 200
-    before = queued_and_recorded(sgw)
-    r = chat(sgw, token(someone()), question(session))
-    assert r.status == 403 and r.body["error"] == "session_of_another_user" and session in r.body["message"]
-    assert queued_and_recorded(sgw) == before
+def test_session_ids_are_each_users_own_so_none_can_be_squatted_or_probed(sgw):
+    """Two users sending the same session id get two sessions: no 403 tells the second that the id is
+    taken (which would reveal the first user's session), and neither sees the other's history."""
+    alice, bob, session = someone(), someone(), "s1"
+    first = chat(sgw, token(alice), question(session, content="alice's secret"))
+    assert first.status == 200 and first.types()[-1] == "chat.done", (first.status, first.body)
+    second = chat(sgw, token(bob), question(session, content="bob asks"))
+    assert second.status == 200 and second.types()[-1] == "chat.done", (second.status, second.body)
+    with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
+        owners = dict(conn.execute("select id, user_id::text from chat_sessions where id = any(%s)",
+                                   ([f"u:{alice}:{session}", f"u:{bob}:{session}", session],)).fetchall())
+        bobs = [r[0] for r in conn.execute("select content from messages where session_id = %s and role = 'user'",
+                                           (f"u:{bob}:{session}",))]
+    assert owners == {f"u:{alice}:{session}": alice, f"u:{bob}:{session}": bob}
+    assert bobs == ["bob asks"]
 
 
 def test_hmac_signatures_forged_stale_and_replayed_are_refused(sgw):

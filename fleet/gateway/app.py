@@ -89,7 +89,8 @@ def openapi_with_bodies(app: FastAPI):
 def create_app() -> FastAPI:
     gw = gateway_settings()
     require_protection(gw)
-    app = FastAPI(title="Fleet gateway", lifespan=lifespan, docs_url="/docs" if gw.dev else None, redoc_url=None)
+    app = FastAPI(title="Fleet gateway", lifespan=lifespan, openapi_url="/openapi.json" if gw.docs else None,
+                  docs_url="/docs" if gw.docs else None, redoc_url=None)
     app.include_router(router)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(InvalidBody, invalid_body_handler)
@@ -113,6 +114,8 @@ def create_app() -> FastAPI:
         dead = g.chat_hub.stopped_tasks() + g.embed_hub.stopped_tasks()
         if dead:
             return error_response(503, "not_ready", f"stopped: {', '.join(dead)}")
+        if not gw.dev:  # how busy the gateway is, and on what: for the operator (/metrics), not for anyone
+            return {"status": "ready"}
         return {"status": "ready", "open_streams": g.chat_hub.open_streams() + g.embed_hub.open_streams()}
 
     @app.get("/metrics", include_in_schema=False)

@@ -1,5 +1,6 @@
 """Refuses a request body over GATEWAY_MAX_BODY_BYTES with a 413 before anything reads it
-(declared by Content-Length, or counted as a chunked body arrives)."""
+(declared by Content-Length, or counted as a chunked body arrives), whatever the method: a GET's
+body is bounded as a POST's is, and the limit applies before any credential is checked."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ class BodyLimitMiddleware:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

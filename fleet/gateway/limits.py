@@ -1,9 +1,17 @@
-"""Per-user request limits (CHAT_RATE_LIMIT_PER_MIN, EMBED_RATE_LIMIT_PER_MIN) on dramatiq's window
-rate limiter over the fleet's shared backend (Redis or Postgres), so they hold across processes."""
+"""Per-caller limits.
+
+- Requests a minute: CHAT_RATE_LIMIT_PER_MIN and EMBED_RATE_LIMIT_PER_MIN on the POST routes,
+  GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate limiter over the fleet's
+  shared backend (Redis or Postgres), so they hold across processes.
+- Open streams: GATEWAY_MAX_STREAMS_PER_USER SSE streams per verified user in one process.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import weakref
+from contextlib import aclosing
+from typing import AsyncIterator
 
 from dramatiq.rate_limits import WindowRateLimiter
 
@@ -11,12 +19,14 @@ from fleet.shared.config import Settings
 from fleet.shared.ratelimit import backend
 
 from fleet.gateway.errors import ApiError
+from fleet.gateway.settings import GatewaySettings
 
 WINDOW_S = 60
 
 
-def _limit(settings: Settings, kind: str) -> int:
-    return settings.chat_rate_limit_per_min if kind == "chat" else settings.embed_rate_limit_per_min
+def _limit(settings: Settings, gw: GatewaySettings, kind: str) -> int:
+    return {"chat": settings.chat_rate_limit_per_min, "embed": settings.embed_rate_limit_per_min}.get(
+        kind, gw.read_rate_limit_per_min)
 
 
 def _try(limiter: WindowRateLimiter) -> bool:
@@ -24,13 +34,54 @@ def _try(limiter: WindowRateLimiter) -> bool:
         return acquired
 
 
-async def check_rate(settings: Settings, kind: str, client: str) -> None:
+async def check_rate(settings: Settings, gw: GatewaySettings, kind: str, client: str) -> None:
     """429 with Retry-After when `client` has used its requests of this minute. Retry-After is the
-    window: by then every request counted against the client has left it."""
-    limit = _limit(settings, kind)
+    window: by then every request counted against the client has left it. `kind` is chat, embed or read."""
+    limit = _limit(settings, gw, kind)
     if limit <= 0:
         return
     limiter = WindowRateLimiter(backend(), f"fleet:gateway:{kind}:{client}", limit=limit, window=WINDOW_S)
     if not await asyncio.to_thread(_try, limiter):
         raise ApiError(429, "rate_limited", f"more than {limit} {kind} requests a minute",
                        {"Retry-After": str(WINDOW_S)})
+
+
+class StreamSlot:
+    """One open stream of a user: held by the stream's generator, so a stream that never started
+    (its client left before the first byte) frees its slot with it."""
+
+    __slots__ = ("__weakref__",)
+
+
+class StreamCap:
+    def __init__(self, per_user: int) -> None:
+        self.per_user = per_user
+        self._open: dict[str, weakref.WeakSet] = {}
+
+    def take(self, user_id: str | None) -> StreamSlot | None:
+        """A slot for one more stream of this user, or a 429 (no cap without a verified user)."""
+        if user_id is None or self.per_user <= 0:
+            return None
+        slots = self._open.setdefault(user_id, weakref.WeakSet())
+        if len(slots) >= self.per_user:
+            raise ApiError(429, "too_many_streams", f"{self.per_user} streams of yours are open already"
+                           " (GATEWAY_MAX_STREAMS_PER_USER); close one first", {"Retry-After": "1"})
+        slot = StreamSlot()
+        slots.add(slot)
+        return slot
+
+    def give_back(self, user_id: str | None, slot: StreamSlot | None) -> None:
+        if slot is not None and (slots := self._open.get(user_id)) is not None:
+            slots.discard(slot)
+            if not slots:
+                del self._open[user_id]
+
+    async def held(self, user_id: str | None, slot: StreamSlot | None,
+                   stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The stream, its slot given back when it ends."""
+        try:
+            async with aclosing(stream):
+                async for chunk in stream:
+                    yield chunk
+        finally:
+            self.give_back(user_id, slot)

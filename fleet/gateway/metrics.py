@@ -26,8 +26,18 @@ def gateway_metrics() -> GatewayMetrics:
     return GatewayMetrics()
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """A request's method as a label: a made-up method is "other", so clients cannot add series."""
+    return method if method in METHODS else "other"
+
+
 class MetricsMiddleware:
-    """Counts requests and times them to their response headers (pure ASGI: streams pass untouched)."""
+    """Counts requests and times them to their response headers (pure ASGI: streams pass untouched).
+    Every label is bounded: the method (METHODS, else "other"), the route's template (never the path
+    a client sent), the status."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -40,9 +50,9 @@ class MetricsMiddleware:
 
         async def timed_send(message):
             if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", "unmatched")
-                m.requests.labels(scope["method"], route, str(message["status"])).inc()
-                m.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+                route, method = getattr(scope.get("route"), "path", "unmatched"), method_label(scope["method"])
+                m.requests.labels(method, route, str(message["status"])).inc()
+                m.latency.labels(method, route).observe(time.perf_counter() - started)
             await send(message)
 
         await self.app(scope, receive, timed_send)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from fastapi import APIRouter, Request
@@ -16,10 +17,12 @@ from fleet.gateway.signing import check_signature
 from fleet.gateway.sse import job_stream
 from fleet.gateway.state import Gateway
 from fleet.gateway.store import job_state
-from fleet.gateway.tenancy import embed_payload
+from fleet.gateway.tenancy import chat_checks, embed_payload, scoped_session_id
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SEQ = re.compile(r"[0-9]{1,18}")  # a frame's seq as Last-Event-ID (ASCII digits; int() would take others)
+JOB_ID = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, as the ids jobs get
 
 
 def body_doc(model: type) -> dict:
@@ -32,14 +35,14 @@ def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-async def admitted(request: Request, kind: str | None = None) -> tuple[Caller, bytes]:
-    """Token, signature and rate limit, in that order; returns the caller and the raw body."""
+async def admitted(request: Request, kind: str = "read") -> tuple[Caller, bytes]:
+    """Token, signature and rate limit (chat, embed, or read for the GET routes), in that order;
+    returns the caller and the raw body (bounded by GATEWAY_MAX_BODY_BYTES before this reads it)."""
     g = gateway(request)
     caller = await g.auth.caller(request)
     raw = await request.body()
     await check_signature(request, raw, g.gw, g.store)
-    if kind is not None:
-        await check_rate(g.settings, kind, caller.client)
+    await check_rate(g.settings, g.gw, kind, caller.client)
     last_event_id(request)  # a bad header is refused before anything is written
     return caller, raw
 
@@ -48,9 +51,10 @@ def last_event_id(request: Request) -> int | None:
     value = request.headers.get("last-event-id")
     if value is None or not value.strip():
         return None
-    if not value.strip().isdigit():
-        raise ApiError(400, "bad_last_event_id", "Last-Event-ID must be the seq of a frame (an integer)")
-    return int(value)
+    if not SEQ.fullmatch(value.strip()):
+        raise ApiError(400, "bad_last_event_id", "Last-Event-ID must be the seq of a frame (an integer of up"
+                       " to 18 digits)")
+    return int(value.strip())
 
 
 def idempotency_key(request: Request, body_key: str | None, required: bool) -> str | None:
@@ -72,6 +76,16 @@ async def start_job(request: Request, caller: Caller, kind: str, name: str, payl
     """Follow the job, then enqueue it (a key seen before enqueues nothing: its job is streamed)."""
     g = gateway(request)
     last_seq = last_event_id(request)
+    slot = g.streams.take(caller.user_id)  # before anything is enqueued: a refused stream starts no job
+    try:
+        return await _start_job(request, g, caller, kind, name, payload, key, session_id, last_seq, slot)
+    except BaseException:
+        g.streams.give_back(caller.user_id, slot)
+        raise
+
+
+async def _start_job(request: Request, g: Gateway, caller: Caller, kind: str, name: str, payload: dict,
+                     key: str | None, session_id: str | None, last_seq: int | None, slot) -> StreamingResponse:
     claim = KeyClaim(g.store, f"gateway.{kind}", f"{caller.user_id or '-'}:{key}") if key is not None else None
     if claim is not None:
         job_id, trace_id, state = await g.store.claim_key(claim.scope, claim.key)
@@ -91,7 +105,7 @@ async def start_job(request: Request, caller: Caller, kind: str, name: str, payl
                         ended=g.chat_ended if kind == "chat" else None, check_first=hub.kind == "pgmq",
                         keepalive_s=g.gw.keepalive_s, timeout_s=g.gw.stream_timeout_s)
     headers = SSE_HEADERS | {"X-Job-Id": job_id, "X-Trace-Id": trace_id, "X-Idempotent-Replay": str(repeat).lower()}
-    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(g.streams.held(caller.user_id, slot, stream), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/v1/chat", openapi_extra=body_doc(ChatBody), summary="Ask a question; the answer streams as SSE")
@@ -99,13 +113,15 @@ async def chat(request: Request):
     g = gateway(request)
     caller, raw = await admitted(request, "chat")
     body = parse(ChatBody, raw)
+    chat_checks(body, g.settings, g.gw)
     key = idempotency_key(request, body.idempotency_key, g.settings.require_idempotency)
-    owner = await g.store.claim_session(body.session_id, caller.user_id)
-    if caller.user_id is not None and owner != caller.user_id:
-        raise ApiError(403, "session_of_another_user", f"session {body.session_id!r} belongs to another user")
-    payload = body.model_dump(exclude_none=True, exclude={"user_id"}) | (
+    session_id = scoped_session_id(body.session_id, caller)
+    owner = await g.store.claim_session(session_id, caller.user_id)
+    if caller.user_id is not None and owner != caller.user_id:  # an id in the user's space created outside the gateway
+        raise ApiError(403, "session_refused", f"session {body.session_id!r} cannot be used")
+    payload = body.model_dump(exclude_none=True, exclude={"user_id"}) | {"session_id": session_id} | (
         {"idempotency_key": key} if key else {}) | ({"user_id": caller.user_id} if caller.user_id else {})
-    return await start_job(request, caller, "chat", "chat_completion", payload, key, body.session_id)
+    return await start_job(request, caller, "chat", "chat_completion", payload, key, session_id)
 
 
 @router.post("/v1/embed", openapi_extra=body_doc(EmbedBody),
@@ -115,22 +131,24 @@ async def embed(request: Request):
     caller, raw = await admitted(request, "embed")
     body = parse(EmbedBody, raw)
     key = idempotency_key(request, body.idempotency_key, g.settings.require_idempotency)
-    payload = embed_payload(caller, body, g.gw)
+    payload = embed_payload(caller, body, g.settings, g.gw)
     return await start_job(request, caller, "embed", "embed_documents", payload, key)
 
 
-async def owned_job(request: Request, job_id: str) -> tuple[Gateway, dict | None]:
+async def owned_job(request: Request, job_id: str) -> tuple[Gateway, Caller, dict | None]:
     g = gateway(request)
     caller, _ = await admitted(request)
+    if not JOB_ID.fullmatch(job_id):
+        raise ApiError(404, "job_not_found", "no such job (a job id is 1 to 200 printable ASCII characters)")
     row = await g.store.job(job_id)
     if caller.user_id is not None and (row is None or not caller.may_see(row["user_id"])):
         raise ApiError(404, "job_not_found", f"no job {job_id!r} of yours")
-    return g, row
+    return g, caller, row
 
 
 @router.get("/v1/jobs/{job_id}", summary="A job's state, attempts and dead-letter reason")
 async def job(request: Request, job_id: str):
-    g, row = await owned_job(request, job_id)
+    g, _, row = await owned_job(request, job_id)
     events = await g.store.events(job_id=job_id)
     if row is None and not events:
         raise ApiError(404, "job_not_found", f"no job {job_id!r}")
@@ -145,14 +163,21 @@ async def job(request: Request, job_id: str):
 @router.get("/v1/jobs/{job_id}/stream", summary="Resume a job's SSE stream (Last-Event-ID honoured)",
             responses={200: {"content": {"text/event-stream": {}}}})
 async def job_stream_again(request: Request, job_id: str):
-    g, row = await owned_job(request, job_id)
+    g, caller, row = await owned_job(request, job_id)
+    caller_id = caller.user_id
     kind = row["kind"] if row else "chat"
     hub = g.hub(kind)
     last_seq = last_event_id(request)
-    sub = await hub.follow(job_id)
+    slot = g.streams.take(caller_id)
+    try:
+        sub = await hub.follow(job_id)
+    except BaseException:
+        g.streams.give_back(caller_id, slot)
+        raise
     stream = job_stream(hub, job_id, sub, last_seq=last_seq, ended=g.chat_ended if kind == "chat" else None,
                         check_first=hub.kind == "pgmq", keepalive_s=g.gw.keepalive_s, timeout_s=g.gw.stream_timeout_s)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS | {"X-Job-Id": job_id})
+    return StreamingResponse(g.streams.held(caller_id, slot, stream), media_type="text/event-stream",
+                             headers=SSE_HEADERS | {"X-Job-Id": job_id})
 
 
 @router.get("/v1/traces/{trace_id}", summary="The bus_events of a trace")

@@ -6,7 +6,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+MIN_HS256_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key is at least as long as the hash (256 bits)
 
 
 class GatewaySettings(BaseSettings):
@@ -14,27 +17,72 @@ class GatewaySettings(BaseSettings):
 
     host: str = Field("127.0.0.1", alias="GATEWAY_HOST")
     port: int = Field(8080, alias="GATEWAY_PORT", ge=0, le=65535)
-    dev: bool = Field(True, alias="GATEWAY_DEV")  # the chat page at `/`
+    dev: bool = Field(False, alias="GATEWAY_DEV", description=(
+        "development mode: the chat page at `/`, the gateway may start without JWT or HMAC, /readyz counts"
+        " open streams; never in production"))
+    docs: bool = Field(False, alias="GATEWAY_DOCS", description="serve /openapi.json and /docs")
     max_body_bytes: int = Field(1_000_000, alias="GATEWAY_MAX_BODY_BYTES", ge=256)
     keepalive_s: float = Field(15.0, alias="GATEWAY_KEEPALIVE_S", gt=0)
     stream_timeout_s: float = Field(600.0, alias="GATEWAY_STREAM_TIMEOUT_S", gt=0)
     keep_frames_s: float = Field(300.0, alias="GATEWAY_KEEP_FRAMES_S", ge=0)  # pgmq resume buffer after a job's end
+
+    # Connection limits, enforced by the gateway's own HTTP protocol (fleet.gateway.connections).
+    max_connections: int = Field(2048, alias="GATEWAY_MAX_CONNECTIONS", ge=1, description=(
+        "open connections per process; one more gets a 503 and is closed (SSE streams count)"))
+    idle_timeout_s: float = Field(5.0, alias="GATEWAY_IDLE_TIMEOUT_S", gt=0, description=(
+        "a connection with no request in progress (new, or kept alive after a response) is closed after this"))
+    header_timeout_s: float = Field(10.0, alias="GATEWAY_HEADER_TIMEOUT_S", gt=0, description=(
+        "a request's headers must be complete this long after its first byte"))
+    body_timeout_s: float = Field(30.0, alias="GATEWAY_BODY_TIMEOUT_S", gt=0, description=(
+        "a request's body must be complete this long after its headers"))
+    max_streams_per_user: int = Field(10, alias="GATEWAY_MAX_STREAMS_PER_USER", ge=0, description=(
+        "SSE streams one verified user may hold open at once in a process (0: no cap); one more is a 429"))
+    read_rate_limit_per_min: int = Field(600, alias="GATEWAY_READ_RATE_LIMIT_PER_MIN", ge=0, description=(
+        "requests a minute per caller on the GET routes (job, trace, stream resume), across processes;"
+        " 0: no limit"))
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="GATEWAY_MODELS", description=(
+        "comma-separated chat models a client may name; empty: only CHAT_MODEL_DEFAULT. Embed jobs may"
+        " name only EMBEDDING_MODEL_DEFAULT"))
+    client_roles: Annotated[list[str], NoDecode] = Field(["user"], alias="GATEWAY_CLIENT_ROLES", description=(
+        "comma-separated message roles a client may send in `messages` (of user, assistant, system)"))
 
     # Production toggles, off by default.
     verify_jwt: bool = Field(False, alias="GATEWAY_VERIFY_JWT")
     jwt_secret: SecretStr | None = Field(None, alias="GATEWAY_JWT_SECRET")  # HS256 (Supabase's JWT secret)
     jwks_url: str | None = Field(None, alias="GATEWAY_JWKS_URL")  # asymmetric keys (RS256, ES256)
     jwt_audience: str | None = Field("authenticated", alias="GATEWAY_JWT_AUDIENCE")
+    jwt_issuer: str | None = Field(None, alias="GATEWAY_JWT_ISSUER", description=(
+        "when set, a token's iss must equal it (Supabase: https://<project>.supabase.co/auth/v1)"))
+    jwks_ttl_s: float = Field(300.0, alias="GATEWAY_JWKS_TTL_S", gt=0, description=(
+        "how long keys fetched from GATEWAY_JWKS_URL are trusted before the set is fetched again; a key"
+        " removed from the set is refused once this has passed"))
+    jwks_min_refetch_s: float = Field(30.0, alias="GATEWAY_JWKS_MIN_REFETCH_S", ge=0, description=(
+        "a token with an unknown kid fetches the set again at most once per this many seconds"))
     hmac_key: SecretStr | None = Field(None, alias="GATEWAY_HMAC_KEY")
     hmac_window_s: int = Field(300, alias="GATEWAY_HMAC_WINDOW_S", ge=1)
     # May verified users embed registered sources (`source` + `ids`)? Their rows are the operator's.
     users_embed_sources: bool = Field(False, alias="GATEWAY_USERS_EMBED_SOURCES")
 
-    @field_validator("jwt_secret", "jwks_url", "hmac_key", mode="before")
+    @field_validator("jwt_secret", "jwks_url", "hmac_key", "jwt_issuer", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         """`GATEWAY_HMAC_KEY=` (as compose passes an unset variable) is no key, not an empty one."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("models", "client_roles", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("client_roles")
+    @classmethod
+    def _known_roles(cls, value: list[str]) -> list[str]:
+        unknown = set(value) - {"user", "assistant", "system"}
+        if unknown or "user" not in value:
+            raise ValueError("GATEWAY_CLIENT_ROLES is a list of user, assistant, system and includes user")
+        return value
 
 
 class UnprotectedGateway(RuntimeError):
@@ -42,7 +90,12 @@ class UnprotectedGateway(RuntimeError):
 
 
 def require_protection(gw: GatewaySettings) -> None:
-    """Fail closed: with GATEWAY_DEV=false, GATEWAY_VERIFY_JWT or GATEWAY_HMAC_KEY must be on."""
+    """Fail closed: with GATEWAY_DEV=false, GATEWAY_VERIFY_JWT or GATEWAY_HMAC_KEY must be on; an HS256
+    secret has at least MIN_HS256_SECRET_BYTES bytes (checked here, not in a validator, whose error
+    would quote the secret)."""
+    if gw.jwt_secret is not None and len(gw.jwt_secret.get_secret_value().encode()) < MIN_HS256_SECRET_BYTES:
+        raise UnprotectedGateway(f"GATEWAY_JWT_SECRET has fewer than {MIN_HS256_SECRET_BYTES} bytes;"
+                                 " an HS256 secret needs at least 256 bits")
     if not gw.dev and not gw.verify_jwt and gw.hmac_key is None:
         raise UnprotectedGateway(
             "the gateway refuses to start unprotected: GATEWAY_DEV=false, but neither GATEWAY_VERIFY_JWT=true"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fleet.shared.client import FleetClient
 from fleet.shared.config import Settings
@@ -11,6 +11,7 @@ from fleet.shared.frames import dead_frame, stored_answer
 
 from fleet.gateway.auth import Authenticator
 from fleet.gateway.hub import Hub
+from fleet.gateway.limits import StreamCap
 from fleet.gateway.settings import GatewaySettings
 from fleet.gateway.store import Store
 
@@ -24,6 +25,10 @@ class Gateway:
     embed_hub: Hub
     client: FleetClient
     auth: Authenticator
+    streams: StreamCap = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.streams = StreamCap(self.gw.max_streams_per_user)
 
     async def chat_ended(self, job_id: str) -> list[dict] | None:
         """The stored answer's frames, or an `error` frame from the dead letters, once the job has ended."""

@@ -1,4 +1,13 @@
-"""Which vectors an embed request may write. `upsert_vectors` overwrites rows by (source_id, chunk_index)
+"""What a caller may ask for.
+
+Sessions: a verified user's session ids are their own namespace (`u:{sub}:` before the id they send),
+so two users' "s1" are two sessions, and no answer tells a user that another user's session exists.
+
+Models and roles: a client names only a configured model (GATEWAY_MODELS, else the family's own list:
+CHAT_MODEL_DEFAULT and the models of CHAT_CONTEXT_WINDOWS; for embeddings EMBEDDING_MODEL_DEFAULT and
+the models of EMBED_MODEL_INPUT_TOKENS), and sends only the message roles of GATEWAY_CLIENT_ROLES.
+
+Vectors: which vectors an embed request may write. `upsert_vectors` overwrites rows by (source_id, chunk_index)
 in tables every caller shares, so a verified user's inline documents are kept to the user's own key space
 (`u:{sub}:` before each source_id), and registered sources (`{name}:{row id}` keys, filled from the
 operator's tables) are embedded by users only when GATEWAY_USERS_EMBED_SOURCES allows it. Without JWT
@@ -6,9 +15,11 @@ operator's tables) are embedded by users only when GATEWAY_USERS_EMBED_SOURCES a
 
 from __future__ import annotations
 
+from fleet.shared.config import Settings
+
 from fleet.gateway.auth import Caller
 from fleet.gateway.errors import ApiError
-from fleet.gateway.models import EmbedBody
+from fleet.gateway.models import ChatBody, EmbedBody
 from fleet.gateway.settings import GatewaySettings
 
 USER_SCOPE = "u:"  # the prefix of every user's key space; MAX_SOURCE_ID is checked after it is added
@@ -33,8 +44,37 @@ def scoped_source_id(source_id: str, user_id: str) -> str:
     return prefix + source_id
 
 
-def embed_payload(caller: Caller, body: EmbedBody, gw: GatewaySettings) -> dict:
+def scoped_session_id(session_id: str, caller: Caller) -> str:
+    """The stored id of the caller's session (unchanged without verified users)."""
+    return session_id if caller.user_id is None else user_prefix(caller.user_id) + session_id
+
+
+def chat_models(settings: Settings, gw: GatewaySettings) -> list[str]:
+    return gw.models or [settings.chat_model_default, *settings.chat_context_windows]
+
+
+def embed_models(settings: Settings) -> list[str]:
+    return [settings.embedding_model_default, *settings.embed_model_input_tokens]
+
+
+def _model_allowed(model: str | None, allowed: list[str], setting: str) -> None:
+    if model is not None and model not in allowed:
+        raise ApiError(422, "model_not_allowed", f"model {model!r} is not configured ({setting}); the models"
+                       f" you may name: {', '.join(allowed)}")
+
+
+def chat_checks(body: ChatBody, settings: Settings, gw: GatewaySettings) -> None:
+    """422 for a model that is not configured, or a message role clients may not send."""
+    _model_allowed(body.model, chat_models(settings, gw), "GATEWAY_MODELS")
+    for i, message in enumerate(body.messages or ()):
+        if message.role not in gw.client_roles:
+            raise ApiError(422, "role_not_allowed", f"messages[{i}] has role {message.role!r}; clients may send"
+                           f" {', '.join(gw.client_roles)} (GATEWAY_CLIENT_ROLES)")
+
+
+def embed_payload(caller: Caller, body: EmbedBody, settings: Settings, gw: GatewaySettings) -> dict:
     """The job's payload for this caller, or an ApiError for what the caller may not write."""
+    _model_allowed(body.model, embed_models(settings), "EMBEDDING_MODEL_DEFAULT, EMBED_MODEL_INPUT_TOKENS")
     payload = body.model_dump(exclude_none=True, exclude={"idempotency_key"})
     if caller.user_id is None:
         return payload
