@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from fleet.gateway.process import GatewayProcess
 from fleet.ops.processes import wait_for
 
-from .embedding_support import reset_sim
 from .gateway_support import fleet_with_gateway, new_key, post_sse
 from .test_gateway_security import HMAC_KEY, RSA_KEY, SECRET, JwksServer, queued_and_recorded, signed, token
+from .test_gateway_security import quick_sim  # noqa: F401  (autouse: a fast simulator for every test here)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 ISSUER = "https://project.example.test/auth/v1"
@@ -46,12 +46,6 @@ def agw(services, sim, tmp_path_factory):
             yield f
     finally:
         jwks.stop()
-
-
-@pytest.fixture(autouse=True)
-def quick_sim(sim):
-    reset_sim(sim)
-    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 0, "tokens_per_s": 0, "answer_tokens": 6})
 
 
 @contextmanager
