@@ -108,20 +108,11 @@ def interleaved_rounds() -> dict[str, float]:
 
 def main() -> int:
     from fleet.ops.terminal import print_table, progress_bar
-    from fleet.shared.config import get_settings
-    from fleet.shared.db import connect, database_dsn, redis_url
+    from fleet.shared.db import connect
     from fleet.shared.migrate import migrate
-    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
+    from fleet.shared.services import use_embedded
 
-    settings = get_settings()
-    started = []
-    if settings.database_url is None and not EmbeddedPostgres(settings.home).running():
-        started.append(EmbeddedPostgres(settings.home))
-    if settings.redis_url is None and not EmbeddedRedis(settings.home).running():
-        started.append(EmbeddedRedis(settings.home))
-    os.environ["DATABASE_URL"] = database_dsn(settings)
-    os.environ["REDIS_URL"] = redis_url(settings)
-    os.environ.setdefault("FLEET_DB_POOLER", "false")
+    started = use_embedded(redis=True)  # where DATABASE_URL / REDIS_URL are not set
     try:
         with connect() as conn:
             migrate(conn)

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleet.shared.client import FleetClient
 from fleet.shared.config import get_settings
+from fleet.shared.db import connections
 
 from fleet.gateway.auth import Authenticator
 from fleet.gateway.bodylimit import BodyLimitMiddleware
@@ -116,7 +117,8 @@ def create_app() -> FastAPI:
             return error_response(503, "not_ready", f"stopped: {', '.join(dead)}")
         if not gw.dev:  # how busy the gateway is, and on what: for the operator (/metrics), not for anyone
             return {"status": "ready"}
-        return {"status": "ready", "open_streams": g.chat_hub.open_streams() + g.embed_hub.open_streams()}
+        return {"status": "ready", "open_streams": g.chat_hub.open_streams() + g.embed_hub.open_streams(),
+                **connections()}  # which database and broker, credentials masked
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():

@@ -21,11 +21,11 @@ CHAT_QUESTIONS = ["What is the fleet?", "How do retries work?", "Where are answe
 
 def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_services: bool = False,
              documents: int = 3000, chats: int = 3) -> int:
-    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
+    from fleet.shared.services import use_embedded
 
+    # The demo asks for embedded services: those that DATABASE_URL / REDIS_URL do not name are started here.
+    started = use_embedded(redis=get_settings().broker == "redis")
     settings = get_settings()
-    started_pg = settings.database_url is None and not EmbeddedPostgres(settings.home).running()
-    started_redis = settings.broker == "redis" and settings.redis_url is None and not EmbeddedRedis(settings.home).running()
     print(f"fleet demo: broker={settings.broker}, {jobs} jobs, {processes} worker process(es) x {threads} threads")
     _migrate()
     simulator = workers = None
@@ -41,10 +41,8 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
         if keep_services:
             print("  stopped the workers; services left running (fleet services down)")
         else:
-            if started_redis:
-                EmbeddedRedis(settings.home).down()
-            if started_pg:
-                EmbeddedPostgres(settings.home).down()
+            for service in reversed(started):
+                service.down()
             print("  stopped the workers and the services this demo started")
 
 

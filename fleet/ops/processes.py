@@ -27,8 +27,9 @@ def worker_command(queues: list[str] | None, processes: int, threads: int, metri
 
 
 def worker_env(queues: list[str] | None, metrics_port: int | None = None) -> dict[str, str]:
-    """Environment for worker processes: a resolved DATABASE_URL (so children never race to start
-    the embedded server) and a fresh multiprocess metrics directory."""
+    """Environment for worker processes: a resolved DATABASE_URL (with FLEET_EMBEDDED=1, the embedded
+    server's, so children never race to start it; without it and without DATABASE_URL, NotConfigured)
+    and a fresh multiprocess metrics directory."""
     from fleet.shared.db import database_dsn, redis_url
 
     settings = get_settings()

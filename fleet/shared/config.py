@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(None, alias="REDIS_URL")
     broker: Literal["pgmq", "redis"] = Field("pgmq", alias="FLEET_BROKER")
     home: Path = Field(Path(".fleet"), alias="FLEET_HOME")
+    embedded: bool = Field(False, alias="FLEET_EMBEDDED", description=(
+        "Development only: with no DATABASE_URL (or no REDIS_URL on the Redis broker), use an embedded"
+        " PostgreSQL (Redis) under FLEET_HOME, started if it is not running. Off, a process without them exits"
+        " at once saying so. `fleet demo`, `fleet services up` and the Makefile's targets start their own."))
 
     # Delivery.
     visibility_timeout_s: int = Field(30, alias="FLEET_VISIBILITY_TIMEOUT_S", ge=2)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import select
 import threading
+from urllib.parse import urlsplit
 
 import psycopg
+import psycopg.conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -15,22 +17,84 @@ from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 _lock = threading.RLock()
 
 
+class NotConfigured(RuntimeError):
+    """A process was started without the setting that says where its database (or Redis) is."""
+
+
+_EMBEDDED_HINT = ("; for development, FLEET_EMBEDDED=1 starts an embedded one under FLEET_HOME instead"
+                  " (`fleet demo` and `fleet services up` start their own)")
+
+
+def missing_connections(settings: Settings | None = None) -> list[str]:
+    """What this process lacks to find its database and broker: DATABASE_URL, and REDIS_URL on the Redis
+    broker (none with FLEET_EMBEDDED=1)."""
+    settings = settings or get_settings()
+    if settings.embedded:
+        return []
+    missing = []
+    if settings.database_url is None:
+        missing.append("DATABASE_URL is not set: set it to the PostgreSQL this process uses"
+                       " (postgresql://USER:PASSWORD@HOST:5432/DATABASE)" + _EMBEDDED_HINT)
+    if settings.broker == "redis" and settings.redis_url is None:
+        missing.append("REDIS_URL is not set, and FLEET_BROKER=redis needs it: set it to the Redis this process"
+                       " uses (redis://:PASSWORD@HOST:6379/0)" + _EMBEDDED_HINT)
+    return missing
+
+
 def database_dsn(settings: Settings | None = None) -> str:
-    """DATABASE_URL, else the embedded PostgreSQL under FLEET_HOME (started if needed)."""
+    """DATABASE_URL; with FLEET_EMBEDDED=1 and no DATABASE_URL, the embedded PostgreSQL under FLEET_HOME
+    (started if needed). Without either, NotConfigured: a process never falls back to a database of its own."""
     settings = settings or get_settings()
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
+    if not settings.embedded:
+        raise NotConfigured(missing_connections(settings)[0])
     with _lock:
         return EmbeddedPostgres(settings.home).up()
 
 
 def redis_url(settings: Settings | None = None) -> str:
-    """REDIS_URL, else the embedded Redis under FLEET_HOME (started if needed)."""
+    """REDIS_URL; with FLEET_EMBEDDED=1 and no REDIS_URL, the embedded Redis under FLEET_HOME (started if
+    needed). Without either, NotConfigured."""
     settings = settings or get_settings()
     if settings.redis_url is not None:
         return settings.redis_url.get_secret_value()
+    if not settings.embedded:
+        raise NotConfigured("REDIS_URL is not set: set it to the Redis this process uses"
+                            " (redis://:PASSWORD@HOST:6379/0)" + _EMBEDDED_HINT)
     with _lock:
         return EmbeddedRedis(settings.home).up()
+
+
+def masked_dsn(dsn: str) -> str:
+    """A PostgreSQL connection string (URL or key=value) as user@host:port/database, the password shown as ***."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    user = info.get("user") or ""
+    secret = ":***" if info.get("password") else ""
+    at = f"{user}{secret}@" if user or secret else ""
+    return f"postgresql://{at}{info.get('host') or 'localhost'}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
+
+
+def masked_redis_url(url: str) -> str:
+    """A Redis URL as scheme://host:port/db, the password shown as ***."""
+    parts = urlsplit(url)
+    user = parts.username or ""
+    at = f"{user}:***@" if parts.password else (f"{user}@" if user else "")
+    return f"{parts.scheme}://{at}{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path}"
+
+
+def connections(settings: Settings | None = None) -> dict[str, str | None]:
+    """Which database and broker this process uses, with credentials masked: for `/readyz` and `fleet status`.
+    None where it is not set (the process then refuses to start)."""
+    settings = settings or get_settings()
+    embedded = f"embedded under {settings.home}" if settings.embedded else None
+    redis = None
+    if settings.redis_url is not None:
+        redis = masked_redis_url(settings.redis_url.get_secret_value())
+    elif settings.broker == "redis":
+        redis = embedded
+    database = masked_dsn(settings.database_url.get_secret_value()) if settings.database_url is not None else embedded
+    return {"database": database, "broker": settings.broker, "redis": redis}
 
 
 def connect_kwargs(settings: Settings | None = None) -> dict:
@@ -109,4 +173,5 @@ def close_pool() -> None:
         _pool = None
 
 
-__all__ = ["connect", "make_pool", "get_pool", "close_pool", "database_dsn", "redis_url", "dict_row"]
+__all__ = ["connect", "make_pool", "get_pool", "close_pool", "database_dsn", "redis_url", "connections",
+           "missing_connections", "NotConfigured", "dict_row"]

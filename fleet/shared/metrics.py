@@ -167,15 +167,18 @@ def render(scrape_timeout_s: float | None = None) -> tuple[bytes, str]:
 
 
 def _ready() -> tuple[bool, str]:
+    """The first line says ready or why not; the next ones which database and broker (credentials masked)."""
+    from fleet.shared.db import connections
     from fleet.shared.status import check_ready
 
+    where = "".join(f"\n{name}: {value}" for name, value in connections().items() if value)
     try:
         check_ready()
-        return True, "ready"
+        return True, "ready" + where
     except Exception as e:
         from fleet.shared.redact import redact
 
-        return False, redact(f"not ready: {type(e).__name__}: {e}")
+        return False, redact(f"not ready: {type(e).__name__}: {e}") + where
 
 
 def _scrape_timeout(header: str | None) -> float | None:

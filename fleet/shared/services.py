@@ -262,3 +262,27 @@ class EmbeddedRedis(_EmbeddedService):
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         return True
+
+
+def use_embedded(*, redis: bool) -> list[_EmbeddedService]:
+    """For the commands that ask for embedded services (`fleet demo`, the benchmarks): starts PostgreSQL (and
+    Redis, with `redis`) under FLEET_HOME where DATABASE_URL (REDIS_URL) is not set, and sets that variable in
+    this process's environment, so that every process it starts uses the same servers. Returns the services
+    it started (not those that were running already), for the caller to stop."""
+    from fleet.shared.config import get_settings, reset_settings
+
+    settings = get_settings()
+    started: list[_EmbeddedService] = []
+    wanted = [("DATABASE_URL", settings.database_url, EmbeddedPostgres(settings.home))]
+    if redis:
+        wanted.append(("REDIS_URL", settings.redis_url, EmbeddedRedis(settings.home)))
+    for var, configured, service in wanted:
+        if configured is not None:
+            continue
+        if not service.running():
+            started.append(service)
+        os.environ[var] = service.up()
+        if var == "DATABASE_URL":
+            os.environ.setdefault("FLEET_DB_POOLER", "false")
+    reset_settings()
+    return started

@@ -11,6 +11,8 @@ from fleet.ops.cli import agents, demo, dlq, jobs, lifecycle, observe, run, serv
 
 # The order of the commands in `fleet --help`.
 GROUPS = (services, run, jobs, lifecycle, agents, observe, dlq, demo)
+# The commands that need no DATABASE_URL: they start their own services, or use none.
+OWN_SERVICES = {"services", "demo", "simulator"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         from fleet.shared.logs import configure_logging
 
         configure_logging(os.environ.get("FLEET_LOG_LEVEL", "WARNING"))
+    if args.command not in OWN_SERVICES:
+        from fleet.shared.db import missing_connections
+
+        # At once, before any work: never a silent fallback to a database or Redis of the process's own.
+        problems = missing_connections()
+        if problems:
+            for problem in problems:
+                print(f"fleet {args.command}: {problem}", file=sys.stderr)
+            return 2
     try:
         return args.func(args) or 0
     except BrokenPipeError:  # `fleet events ... | head`

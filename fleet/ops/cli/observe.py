@@ -16,12 +16,14 @@ HEALTH_COLUMNS = ["provider", "model", "kind", "status", "latency_ms", "consecut
 
 
 def status_snapshot() -> dict:
+    from fleet.shared.db import connections
     from fleet.shared.health import current_health
     from fleet.shared.leadership import current_leader
     from fleet.shared.status import queue_stats
 
-    return {"broker": get_settings().broker, "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader(),
-            "providers": current_health()}
+    where = connections()
+    return {"broker": get_settings().broker, "database": where["database"], "redis": where["redis"],
+            "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader(), "providers": current_health()}
 
 
 def cmd_health(args) -> int:
@@ -56,6 +58,7 @@ def cmd_status(args) -> int:
 
 
 def _show_status(snap: dict) -> None:
+    print(f"database: {snap['database']}" + (f"    redis: {snap['redis']}" if snap["redis"] else ""))
     print(f"broker: {snap['broker']}    scheduler leader: {snap['scheduler_leader'] or 'none'}")
     print_table(snap["queues"], QUEUE_COLUMNS)
     print()

@@ -24,6 +24,9 @@ def cmd_services(args) -> int:
                 print("redis:", redact(rd.up()))
             else:
                 print("redis: REDIS_URL is set; nothing to start")
+        if settings.database_url is None or (want_redis and settings.redis_url is None):
+            print("other fleet processes use these servers with FLEET_EMBEDDED=1 (or DATABASE_URL / REDIS_URL set"
+                  " to them); without either they refuse to start")
     elif args.action == "down":
         print("postgres:", "stopped" if pg.down() else "not running")
         print("redis:", "stopped" if rd.down() else "not running")
@@ -48,7 +51,7 @@ def cmd_migrate(args) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("services", help="embedded PostgreSQL (and Redis) for machines without DATABASE_URL/REDIS_URL")
+    s = sub.add_parser("services", help="embedded PostgreSQL (and Redis) for development, under FLEET_HOME")
     s.add_argument("action", choices=["up", "down", "status"])
     s.add_argument("--redis", action="store_true", help="start Redis too, whatever FLEET_BROKER says")
     s.set_defaults(func=cmd_services)
