@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 import jwt
+import structlog
 from fastapi import Request
 
 from fleet.gateway.errors import ApiError
@@ -25,6 +26,8 @@ from fleet.gateway.settings import GatewaySettings
 KEY_TYPES = {"RS256": "RSA", "RS384": "RSA", "RS512": "RSA", "PS256": "RSA", "PS384": "RSA", "PS512": "RSA",
              "ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP"}
 JWKS_FETCH_TIMEOUT_S = 5.0
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,10 @@ class JwksKeys:
                             keys[str(data["kid"])] = (jwt.PyJWK(data), data.get("alg"))
                         except jwt.PyJWKError:
                             continue  # a key of a type this gateway cannot use: not one it verifies with
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return  # the old keys stay until their time-to-live; the caller answers 503 after that
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            # the old keys stay until their time-to-live; the caller answers 503 after that
+            log.warning("gateway.jwks_fetch_failed", error_class=type(e).__name__, keys_held=len(self.keys))
+            return
         self.keys, self.fetched_at = keys, now
 
 
