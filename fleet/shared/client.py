@@ -66,8 +66,9 @@ class FleetClient:
         """A dramatiq message for a registered job type (the unit the per-message path enqueues)."""
         jt = job_type(name)
         self.broker.declare_queue(jt.queue)
-        message = dramatiq.Message(queue_name=jt.queue, actor_name=jt.name, args=(payload,), kwargs={},
-                                   options={"trace_id": trace_id or str(uuid.uuid4())})
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=jt.queue, actor_name=jt.name, args=(payload,), kwargs={},
+            options={"trace_id": trace_id or str(uuid.uuid4())})
         size = len(message.encode())
         if size > self.settings.max_payload_bytes:
             raise PayloadTooLarge(f"payload of {size} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
@@ -185,7 +186,7 @@ class FleetClient:
         stream holds the final `text`, `usage`, `finish_reason` and `status`."""
         from fleet.shared.frames import FrameListener
 
-        payload = {"session_id": session_id}
+        payload: dict[str, Any] = {"session_id": session_id}
         for k, v in (("content", content), ("messages", messages), ("model", model), ("temperature", temperature),
                      ("max_tokens", max_tokens), ("idempotency_key", idempotency_key), ("user_id", user_id)):
             if v is not None:

@@ -199,8 +199,9 @@ class Job(Generic[M]):
 
             run.__name__ = run.__qualname__ = self.name
             # Permanent errors are expected outcomes: dramatiq logs them without a traceback.
-            self._actor = dramatiq.actor(run, actor_name=self.name, queue_name=self.queue, broker=broker,
-                                         throws=(PermanentError,), **self.type.options.actor_options())
+            declare = dramatiq.actor(actor_name=self.name, queue_name=self.queue, broker=broker,
+                                     throws=(PermanentError,), **self.type.options.actor_options())
+            self._actor = declare(run)
         return self._actor
 
     def __repr__(self) -> str:
