@@ -94,8 +94,11 @@ def test_a_fleet_on_the_worker_role_runs_jobs_and_refuses_hostile_payloads(servi
                               "llm_config": {"model_endpoint": canary.url}}),
             ("memory_lifecycle", {"project_id": "p", "actions": ["expire; drop table memories"]}),
         ]
-        for actor, payload in hostile:
-            client.enqueue(actor, payload, trace_id=trace)
+        for actor, payload in hostile:  # what the SDK's models refuse, the workers must refuse too: sent raw
+            try:
+                client.enqueue(actor, payload, trace_id=trace)
+            except InvalidPayload:
+                client.broker.enqueue(client.message(actor, payload, trace))
         client.enqueue("echo", {"message": "the worker role works"}, trace_id=trace)
         wait_for(lambda: len(dead_letters(services["dsn"], trace)) == len(hostile), 60, what="the hostile jobs' dead letters")
         reasons = [d["reason"] for d in dead_letters(services["dsn"], trace)]
