@@ -264,3 +264,24 @@ def test_fleet_worker_serves_the_modules_jobs_names(ufleet):
         stop_process(proc, 60)
         log.close()
         ufleet.workers = group(ufleet)
+
+
+def test_the_kubernetes_renderer_deploys_the_applications_worker_type(services):
+    """deploy/k8s/render.py on the example's Procfile: a Deployment running `fleet worker --jobs`, probed on its
+    metrics port, and a KEDA trigger on the summaries queue's depth whose query the database answers."""
+    import kubernetes_validate
+    from .test_deploy import KUBERNETES_VERSION, k8s
+
+    image = "ghcr.io/your-org/summaries:1"
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in k8s.objects(EXAMPLE / "Procfile", image)}
+    dep, scaled = objs[("Deployment", "fleet-summaries")], objs[("ScaledObject", "fleet-summaries")]
+    kubernetes_validate.validate(dep, KUBERNETES_VERSION, strict=True)
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == image and k8s.option(container["args"], "--jobs") == ["summaries.jobs"]
+    assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == k8s.DEFAULT_TIME_LIMIT_S + 30
+    (trigger,) = scaled["spec"]["triggers"]
+    assert "pgmq.metrics('summaries')" in trigger["metadata"]["query"]
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute("select pgmq.create('summaries')")
+        assert isinstance(conn.execute(trigger["metadata"]["query"]).fetchone()[0], int)

@@ -1,5 +1,8 @@
 """Writes fleet.yaml, the Kubernetes objects for every worker type of the Procfile:
-`python deploy/k8s/render.py`.
+`python deploy/k8s/render.py`. For an application with job types of its own, give it your Procfile, whose
+worker lines name your modules (`fleet worker --jobs myapp.jobs --queues summaries ...`), and your image:
+`python deploy/k8s/render.py --procfile Procfile --image ghcr.io/you/myapp:1 --out myapp.yaml`. A worker
+type the fleet does not know gets DEFAULT_TIME_LIMIT_S and DEFAULT_MAX_REPLICAS.
 
 Per worker type: a Deployment (liveness /healthz, readiness /readyz on the metrics port, a termination
 grace longer than its longest job), a KEDA ScaledObject with one trigger per queue it consumes (queue
@@ -25,6 +28,8 @@ COMPONENT = "app.kubernetes.io/component"
 TIME_LIMIT_S = {"echo": 60, "embed": 300, "chat": 300, "health": 60, "lifecycle": 600, "agents": 300,
                 "maintenance": 600}
 MAX_REPLICAS = {"echo": 10, "embed": 20, "chat": 20, "health": 2, "lifecycle": 2, "agents": 10, "maintenance": 2}
+DEFAULT_TIME_LIMIT_S = 600  # FLEET_TIME_LIMIT_MS's default
+DEFAULT_MAX_REPLICAS = 10
 TARGET_DEPTH_PER_REPLICA = 100
 GATEWAY_GRACE_S = 60  # the readiness probe fails first; uvicorn then closes open streams after 5 s (clients resume)
 GATEWAY_MAX_REPLICAS = 10
@@ -33,10 +38,10 @@ CONFIG = {"FLEET_BROKER": "pgmq", "FLEET_METRICS_HOST": "0.0.0.0", "FLEET_LOG_LE
           "PROMETHEUS_MULTIPROC_DIR": "/tmp/fleet-metrics"}
 
 
-def procfile() -> dict[str, list[str]]:
+def procfile(path: Path = ROOT / "Procfile") -> dict[str, list[str]]:
     """Worker type -> its `fleet` arguments, from the Procfile."""
     types = {}
-    for line in (ROOT / "Procfile").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, command = line.split(":", 1)
             args = shlex.split(command)
@@ -61,19 +66,20 @@ def labels(kind: str) -> dict:
     return {LABEL: "fleet", COMPONENT: kind}
 
 
-def deployment(kind: str, args: list[str]) -> dict:
+def deployment(kind: str, args: list[str], image: str = IMAGE) -> dict:
     container = {
-        "name": kind, "image": IMAGE, "args": args,
+        "name": kind, "image": image, "args": args,
         "envFrom": [{"configMapRef": {"name": "fleet-config"}}, {"secretRef": {"name": "fleet-secrets"}}],
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     grace = 30
-    if kind in TIME_LIMIT_S:  # a worker type
-        grace = TIME_LIMIT_S[kind] + 30
+    if args[0] == "worker":
+        time_limit_s = TIME_LIMIT_S.get(kind, DEFAULT_TIME_LIMIT_S)
+        grace = time_limit_s + 30
         port = int(option(args, "--metrics-port")[0])
-        container["env"] = [{"name": "FLEET_TIME_LIMIT_MS", "value": str(TIME_LIMIT_S[kind] * 1000)}]
+        container["env"] = [{"name": "FLEET_TIME_LIMIT_MS", "value": str(time_limit_s * 1000)}]
         container["ports"] = [{"name": "metrics", "containerPort": port}]
         container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10,
                                       "failureThreshold": 3}
@@ -104,7 +110,7 @@ def scaled_object(kind: str, queues: list[str]) -> dict:
         "metadata": {"name": f"fleet-{kind}", "labels": labels(kind)},
         "spec": {
             "scaleTargetRef": {"name": f"fleet-{kind}"},
-            "minReplicaCount": 1, "maxReplicaCount": MAX_REPLICAS[kind],
+            "minReplicaCount": 1, "maxReplicaCount": MAX_REPLICAS.get(kind, DEFAULT_MAX_REPLICAS),
             "pollingInterval": 15, "cooldownPeriod": 300,
             "triggers": [{
                 "type": "postgresql", "name": f"queue-{q.replace('_', '-')}",
@@ -126,9 +132,9 @@ def disruption_budget(kind: str) -> dict:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(kind)}}}
 
 
-def gateway_deployment(args: list[str]) -> dict:
+def gateway_deployment(args: list[str], image: str = IMAGE) -> dict:
     """The gateway holds long SSE streams: a slow, surge-first rollout, and a grace that lets them end."""
-    dep = deployment("gateway", args)
+    dep = deployment("gateway", args, image)
     dep["spec"]["replicas"] = 2
     dep["spec"]["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     spec = dep["spec"]["template"]["spec"]
@@ -147,7 +153,7 @@ def gateway_deployment(args: list[str]) -> dict:
     return dep
 
 
-def gateway_objects(args: list[str]) -> list[dict]:
+def gateway_objects(args: list[str], image: str = IMAGE) -> list[dict]:
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fleet-gateway", "labels": labels("gateway")},
                "spec": {"selector": labels("gateway"), "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
     hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
@@ -159,17 +165,17 @@ def gateway_objects(args: list[str]) -> list[dict]:
                     # streams are long: scale down slowly so that few clients have to reconnect
                     "behavior": {"scaleDown": {"stabilizationWindowSeconds": 600,
                                                "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]}}}}
-    return [gateway_deployment(args), service, hpa, disruption_budget("gateway")]
+    return [gateway_deployment(args, image), service, hpa, disruption_budget("gateway")]
 
 
-def objects() -> list[dict]:
+def objects(path: Path = ROOT / "Procfile", image: str = IMAGE) -> list[dict]:
     out = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fleet-config", "labels": labels("config")},
             "data": CONFIG}]
-    for kind, args in procfile().items():
+    for kind, args in procfile(path).items():
         if kind == "gateway":
-            out.extend(gateway_objects(args))
+            out.extend(gateway_objects(args, image))
             continue
-        out.append(deployment(kind, args))
+        out.append(deployment(kind, args, image))
         if kind != "scheduler":
             out.append(scaled_object(kind, option(args, "--queues")))
         out.append(disruption_budget(kind))
@@ -181,12 +187,18 @@ def objects() -> list[dict]:
     return out
 
 
-def render() -> str:
+def render(path: Path = ROOT / "Procfile", image: str = IMAGE) -> str:
     header = "# Generated by deploy/k8s/render.py from the Procfile: edit those, then run it.\n"
-    return header + yaml.safe_dump_all(objects(), sort_keys=False, explicit_start=True)
+    return header + yaml.safe_dump_all(objects(path, image), sort_keys=False, explicit_start=True)
 
 
 if __name__ == "__main__":
-    target = Path(__file__).resolve().parent / "fleet.yaml"
-    target.write_text(render())
-    print(f"wrote {target}")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Kubernetes objects for every worker type of a Procfile")
+    parser.add_argument("--procfile", type=Path, default=ROOT / "Procfile")
+    parser.add_argument("--image", default=IMAGE)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "fleet.yaml")
+    args = parser.parse_args()
+    args.out.write_text(render(args.procfile.resolve(), args.image))
+    print(f"wrote {args.out}")
