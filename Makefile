@@ -48,3 +48,15 @@ services-down: $(STAMP)
 
 clean: services-down
 	rm -rf .fleet
+
+# The documentation site, into site/: the reference pages generated from the code (docs/gen_reference.py),
+# then mkdocs with --strict, so any warning fails the build (a broken link or anchor among them).
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[docs]'
+	@touch $(DOCS_STAMP)
+
+.PHONY: docs
+docs: $(DOCS_STAMP)
+	@$(PY) docs/gen_reference.py
+	@$(VENV)/bin/mkdocs build --strict
