@@ -285,3 +285,52 @@ def test_the_kubernetes_renderer_deploys_the_applications_worker_type(services):
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         conn.execute("select pgmq.create('summaries')")
         assert isinstance(conn.execute(trigger["metadata"]["query"]).fetchone()[0], int)
+
+
+def test_a_lease_defers_a_second_job_for_the_same_document(ufleet, sim):
+    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 2000})  # the first holds the lease for two seconds
+    doc = store_document(ufleet.dsn)
+    first, second = ufleet.client.enqueue_many(summarize, [SummarizeJob(document_id=doc)] * 2)
+
+    def both_done():
+        return all(of_type(ufleet.dsn, s.job_id, "job.succeeded") for s in (first, second))
+
+    wait_for(both_done, 90, what="both jobs to succeed")
+    deferred = [e["payload"] for s in (first, second) for e in of_type(ufleet.dsn, s.job_id, "job.deferred")]
+    assert deferred and all(d["error_class"] == "LeaseHeld" for d in deferred), deferred
+    assert f"document_id={doc}" in deferred[0]["error"]
+
+
+def test_dead_letters_false_records_the_death_without_a_row(services):
+    """In one process on dramatiq's StubBroker, with the fleet's retry and dead-letter middleware."""
+    from dramatiq import Worker
+    from dramatiq.brokers.stub import StubBroker
+    from dramatiq.middleware import CurrentMessage
+
+    from fleet.shared import events as event_sink
+    from fleet.shared.errors import PermanentError
+    from fleet.shared.middleware import ClassifiedRetries, DeadLetters
+
+    broker = StubBroker(middleware=[CurrentMessage(), ClassifiedRetries(max_retries=0), DeadLetters()])
+    suffix = uuid.uuid4().hex[:8]
+
+    def failing(payload: SummarizeJob) -> None:
+        raise PermanentError("refused on purpose")
+
+    kept = job(SummarizeJob, queue="kept_letters", name=f"kept_{suffix}")(failing)
+    quiet = job(SummarizeJob, queue="quiet_letters", name=f"quiet_{suffix}", dead_letters=False)(failing)
+    sent = {j.name: j.declare(broker).send({"document_id": "d"}).message_id for j in (kept, quiet)}
+    worker = Worker(broker, worker_timeout=100)
+    worker.start()
+    try:
+        broker.join("kept_letters", fail_fast=False)
+        broker.join("quiet_letters", fail_fast=False)
+    finally:
+        worker.stop()
+    event_sink.flush()
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        rows = dict(conn.execute("select message_id, reason from dead_letters where message_id = any(%s)",
+                                 (list(sent.values()),)).fetchall())
+    assert rows == {sent[kept.name]: "permanent error: PermanentError: refused on purpose"}
+    deaths = wait_for(lambda: of_type(services["dsn"], sent[quiet.name], "job.dead"), 30, what="the job.dead event")
+    assert deaths[0]["payload"]["dead_letter"] is False
