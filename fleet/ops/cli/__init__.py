@@ -35,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from fleet.shared.logs import configure_logging
 
         configure_logging(os.environ.get("FLEET_LOG_LEVEL", "WARNING"))
-    if args.command not in OWN_SERVICES:
-        from fleet.shared.db import missing_connections
+    from fleet.shared.db import NotConfigured, missing_connections
+    from fleet.shared.services import ServiceError
 
+    if args.command not in OWN_SERVICES:
         # At once, before any work: never a silent fallback to a database or Redis of the process's own.
         problems = missing_connections()
         if problems:
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args) or 0
+    except (NotConfigured, ServiceError) as e:  # what to set or install, said without a traceback
+        print(f"fleet {args.command}: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `fleet events ... | head`
         sys.stderr.close()
         return 0

@@ -60,6 +60,18 @@ def cmd_metrics(args) -> int:
     return serve(args.host, args.port)
 
 
+def cmd_gateway(args) -> int:
+    try:
+        import fastapi, jwt, uvicorn  # noqa: F401, E401  (the gateway extra)
+    except ImportError as e:
+        print(f"fleet gateway: needs the gateway extra ({e.name} is not installed): pip install 'fleet[gateway]'",
+              file=sys.stderr)
+        return 2
+    from fleet.gateway.server import serve
+
+    return serve(args.host, args.port)
+
+
 def register(sub) -> None:
     s = sub.add_parser("worker", help="run dramatiq worker processes for some or all queues")
     s.add_argument("--queues", nargs="*", help="queues to consume (default: all)")
@@ -82,7 +94,7 @@ def register(sub) -> None:
     s = sub.add_parser("gateway", help="the HTTP gateway: chat and embed jobs over HTTP, their frames as SSE")
     s.add_argument("--host", help="GATEWAY_HOST (127.0.0.1)")
     s.add_argument("--port", type=int, help="GATEWAY_PORT (8080); 0 picks a free port")
-    s.set_defaults(func=lambda a: __import__("fleet.gateway.server", fromlist=["serve"]).serve(a.host, a.port))
+    s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("simulator", help="run the provider simulator (OpenAI-compatible) on loopback")
     s.add_argument("--port", type=int, default=8900)
