@@ -59,4 +59,4 @@ $(DOCS_STAMP): $(STAMP)
 .PHONY: docs
 docs: $(DOCS_STAMP)
 	@$(PY) docs/gen_reference.py
-	@$(VENV)/bin/mkdocs build --strict
+	@NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
