@@ -270,10 +270,13 @@ def test_a_users_concurrent_streams_are_capped(agw, sim):
         path = f"/v1/jobs/{job_id}/stream"
         with http.stream("GET", f"{agw.url}{path}", headers=signed("GET", path, b"", bearer=user)) as second:
             assert second.status_code == 200
-            before = queued_and_recorded(agw)
-            r = chat(agw, user, question())
+            before, refused = queued_and_recorded(agw), question()
+            r = chat(agw, user, refused)
             assert r.status == 429 and r.body["error"] == "too_many_streams", r.body
-            assert queued_and_recorded(agw) == before  # the refused stream started no job
+            assert queued_and_recorded(agw) == before  # the refused stream started no job, nor a session
+            with psycopg.connect(agw.fleet.dsn, autocommit=True) as conn:
+                assert conn.execute("select count(*) from chat_sessions where id like %s",
+                                    (f"%{refused['session_id']}",)).fetchone()[0] == 0
             third = get(agw.url, path, user)
             assert third.status_code == 429 and third.json()["error"] == "too_many_streams"
             assert chat(agw, token(someone()), question()).status == 200  # another user has their own cap

@@ -58,16 +58,19 @@ class StreamCap:
         self.per_user = per_user
         self._open: dict[str, weakref.WeakSet] = {}
 
-    def take(self, user_id: str | None) -> StreamSlot | None:
-        """A slot for one more stream of this user, or a 429 (no cap without a verified user)."""
-        if user_id is None or self.per_user <= 0:
-            return None
-        slots = self._open.setdefault(user_id, weakref.WeakSet())
-        if len(slots) >= self.per_user:
+    def check(self, user_id: str | None) -> None:
+        """A 429 when this user has no stream to spare (before a request writes anything)."""
+        if user_id is not None and 0 < self.per_user <= len(self._open.get(user_id, ())):
             raise ApiError(429, "too_many_streams", f"{self.per_user} streams of yours are open already"
                            " (GATEWAY_MAX_STREAMS_PER_USER); close one first", {"Retry-After": "1"})
+
+    def take(self, user_id: str | None) -> StreamSlot | None:
+        """A slot for one more stream of this user, or a 429 (no cap without a verified user)."""
+        self.check(user_id)
+        if user_id is None or self.per_user <= 0:
+            return None
         slot = StreamSlot()
-        slots.add(slot)
+        self._open.setdefault(user_id, weakref.WeakSet()).add(slot)
         return slot
 
     def give_back(self, user_id: str | None, slot: StreamSlot | None) -> None:

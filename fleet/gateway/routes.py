@@ -115,6 +115,7 @@ async def chat(request: Request):
     body = parse(ChatBody, raw)
     chat_checks(body, g.settings, g.gw)
     key = idempotency_key(request, body.idempotency_key, g.settings.require_idempotency)
+    g.streams.check(caller.user_id)  # before the session is written
     session_id = scoped_session_id(body.session_id, caller)
     owner = await g.store.claim_session(session_id, caller.user_id)
     if caller.user_id is not None and owner != caller.user_id:  # an id in the user's space created outside the gateway
