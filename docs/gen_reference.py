@@ -177,7 +177,8 @@ def _field_rows(cls: type, prefix: str = "") -> list[tuple[str, list[str]]]:
     for name, field in cls.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
-            rows += [(section or (field.description or name), cells) for section, cells in _field_rows(annotation)]
+            title = field.description or (annotation.__doc__ or "").strip().split("\n")[0].rstrip(".") or name
+            rows += [(f"{title}: {section}" if section else title, cells) for section, cells in _field_rows(annotation)]
             continue
         description = field.description or comments.get(name, "")
         rows.append((sections.get(name, ""), [code(_env_name(cls, name, field)), code(_type_name(annotation)),
@@ -190,7 +191,9 @@ def gen_settings() -> int:
     text += ("Every setting is an environment variable; a `.env` file in the working directory is read too.\n"
              "An unset secret or URL is shown as *unset*.\n\n")
     count = 0
-    for cls in settings_classes():
+    classes = settings_classes()
+    nested = {f.annotation for cls in classes for f in cls.model_fields.values()}
+    for cls in [c for c in classes if c not in nested]:  # a group of another class is shown inside it
         doc = (cls.__doc__ or "").strip().split("\n\n")[0]
         text += f"## {cls.__name__}\n\n<small>`{cls.__module__}`</small>\n\n"
         if doc and "Usage docs" not in doc:
