@@ -145,3 +145,23 @@ def test_upgrade_run_says_how_many_agents_its_cohort_filters_select(dsn):
             conn.execute("update upgrade_runs set status = 'halted', finished_at = now() where id = any(%s::uuid[])",
                          (runs,))
             conn.execute("delete from user_profiles where template_name = %s", (name,))
+
+
+def test_every_argument_of_every_command_has_help_and_actions_have_their_own_flags():
+    import argparse
+
+    from fleet.ops.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, [*path, name])
+            elif not isinstance(action, argparse._HelpAction):
+                yield " ".join(path), action
+
+    missing = [f"{path} {a.option_strings or a.dest}" for path, a in walk(build_parser(), ["fleet"]) if not a.help]
+    assert missing == []
+    shown = fleet_cli("dlq", "show", "--help").stdout
+    assert "--yes" not in shown and "--error-class" not in shown
+    assert "--cohort" not in fleet_cli("upgrade", "status", "--help").stdout

@@ -10,82 +10,88 @@ from fleet.ops.cli.output import print_json, print_table
 from fleet.shared.config import get_settings
 
 
-def cmd_templates(args) -> int:
-    from fleet.workers.agents import templates
-    from fleet.workers.agents.agentfile import InvalidAgentFile
-    from fleet.shared.errors import FleetError
-    from fleet.workers.agents.semver import InvalidVersion
+def _template_errors(action):
+    """A template action, with the errors a template's content or version can raise said in one line."""
 
-    try:
-        if args.action == "publish":
-            if not (args.file and args.name and args.version):
-                raise SystemExit("fleet templates publish FILE --name N --version V")
-            content = json.loads(Path(args.file).read_text())
-            row = templates.publish(args.name, args.version, content)
-            print(f"published {row['name']}@{row['version']} (sha256 {row['sha256'][:16]})")
-        elif args.action == "list":
-            rows = templates.list_templates(args.name)
-            if args.json:
-                print_json(rows)
-            else:
-                print_table(rows, ["name", "version", "sha256", "published_at"])
-        elif args.action == "export":
-            return _export_template(args)
-        else:
-            if not (args.file and len(args.versions) == 2):
-                raise SystemExit("fleet templates diff NAME V1 V2")
-            print_json(templates.diff_versions(args.file, *args.versions))
-    except (InvalidAgentFile, InvalidVersion, templates.TemplateError, json.JSONDecodeError, FleetError) as e:
-        print(f"fleet templates: {e}", file=sys.stderr)
-        return 2
+    def run(args) -> int:
+        from fleet.shared.errors import FleetError
+        from fleet.workers.agents import templates
+        from fleet.workers.agents.agentfile import InvalidAgentFile
+        from fleet.workers.agents.semver import InvalidVersion
+
+        try:
+            return action(args) or 0
+        except (InvalidAgentFile, InvalidVersion, templates.TemplateError, json.JSONDecodeError, FleetError) as e:
+            print(f"fleet templates: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def cmd_templates_publish(args) -> int:
+    from fleet.workers.agents import templates
+
+    row = templates.publish(args.name, args.version, json.loads(Path(args.file).read_text()))
+    print(f"published {row['name']}@{row['version']} (sha256 {row['sha256'][:16]})")
     return 0
 
 
-def _export_template(args) -> int:
-    """`fleet templates export NAME VERSION [-o FILE]`: an Agent File a Letta server imports."""
+def cmd_templates_list(args) -> int:
     from fleet.workers.agents import templates
-    from fleet.shared.providers.letta import LettaClient
 
-    if not (args.file and len(args.versions) == 1):
-        raise SystemExit("fleet templates export NAME VERSION [-o FILE]")
+    rows = templates.list_templates(args.name)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(rows, ["name", "version", "sha256", "published_at"])
+    return 0
+
+
+def cmd_templates_diff(args) -> int:
+    from fleet.workers.agents import templates
+
+    print_json(templates.diff_versions(args.name, *args.versions))
+    return 0
+
+
+def cmd_templates_export(args) -> int:
+    """An Agent File a Letta server imports."""
+    from fleet.shared.providers.letta import LettaClient
+    from fleet.workers.agents import templates
+
     find_tool = LettaClient().find_tool if get_settings().letta_api_base_url else None
-    content = json.dumps(templates.export(args.file, args.versions[0], find_tool), indent=2)
+    content = json.dumps(templates.export(args.name, args.version, find_tool), indent=2)
     if args.output:
         Path(args.output).write_text(content + "\n")
-        print(f"wrote {args.file}@{args.versions[0]} to {args.output}")
+        print(f"wrote {args.name}@{args.version} to {args.output}")
     else:
         print(content)
     return 0
 
 
-def cmd_upgrade(args) -> int:
+def cmd_upgrade_run(args) -> int:
+    try:
+        cohort = json.loads(args.cohort)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"fleet upgrade: --cohort is not JSON: {e}")
+    from fleet.shared.client import FleetClient
+    from fleet.workers.agents.upgrades import start_run
+
+    try:
+        agents = _cohort_size(args.template, cohort)
+        run = start_run(args.template, args.version, cohort, args.dry_run, FleetClient())
+    except Exception as e:  # the database says why (unknown template version)
+        print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
+        return 2
+    print(f"upgrade run {run} enqueued{' (dry run)' if args.dry_run else ''}: {agents} agent(s) in the cohort")
+    return _follow(run, args.timeout) if args.wait else 0
+
+
+def cmd_upgrade_halt(args) -> int:
     from fleet.workers.agents.upgrades import halt
 
-    if args.action == "run":
-        if len(args.args) != 2:
-            raise SystemExit("fleet upgrade run TEMPLATE VERSION [--dry-run] [--cohort JSON]")
-        try:
-            cohort = json.loads(args.cohort)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"fleet upgrade: --cohort is not JSON: {e}")
-        from fleet.shared.client import FleetClient
-        from fleet.workers.agents.upgrades import start_run
-
-        try:
-            agents = _cohort_size(args.args[0], cohort)
-            run = start_run(args.args[0], args.args[1], cohort, args.dry_run, FleetClient())
-        except Exception as e:  # the database says why (unknown template version)
-            print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
-            return 2
-        print(f"upgrade run {run} enqueued{' (dry run)' if args.dry_run else ''}: {agents} agent(s) in the cohort")
-        return _follow(run, args.timeout) if args.wait else 0
-    if len(args.args) != 1:
-        raise SystemExit(f"fleet upgrade {args.action} RUN_ID")
-    run_id = args.args[0]
-    if args.action == "halt":
-        print(f"halted; {halt(run_id)} pending agent(s) cancelled")
-        return 0
-    return _show_run(run_id, as_json=args.json)
+    print(f"halted; {halt(args.run_id)} pending agent(s) cancelled")
+    return 0
 
 
 def _cohort_size(template: str, cohort: dict) -> int:
@@ -111,9 +117,11 @@ def _follow(run_id: str, timeout_s: float) -> int:
     return 1 if by_status.get("failed") else 0
 
 
-def _show_run(run_id: str, *, as_json: bool) -> int:
+def cmd_upgrade_status(args) -> int:
     from fleet.ops.queries import upgrade_run
     from fleet.workers.agents.upgrades import counts
+
+    run_id, as_json = args.run_id, args.json
 
     row = upgrade_run(run_id)
     if row is None:
@@ -135,23 +143,44 @@ def _show_run(run_id: str, *, as_json: bool) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("templates", help="agent templates: publish FILE --name N --version V | list | diff N V1 V2"
-                                         " | export N V [-o FILE]")
-    s.add_argument("action", choices=["publish", "list", "diff", "export"])
-    s.add_argument("file", nargs="?", help="publish: the .af file; diff, export: the template name")
-    s.add_argument("versions", nargs="*", help="diff: two versions; export: one")
-    s.add_argument("-o", "--output", help="export: the .af file to write (standard output otherwise)")
-    s.add_argument("--name")
-    s.add_argument("--version")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_templates)
+    s = sub.add_parser("templates", help="agent templates: publish, list, diff, export",
+                       description="Agent templates: immutable, versioned (SemVer, increasing per name) Agent Files.")
+    actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("publish", help="publish an Agent File as a template version")
+    p.add_argument("file", help="the Agent File (.af, JSON) to publish")
+    p.add_argument("--name", required=True, help="the template's name")
+    p.add_argument("--version", required=True, help="its version (SemVer, above every published one of the name)")
+    p.set_defaults(func=_template_errors(cmd_templates_publish))
+    p = actions.add_parser("list", help="published template versions")
+    p.add_argument("--name", help="only this template's versions")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_template_errors(cmd_templates_list))
+    p = actions.add_parser("diff", help="what changes from one version of a template to another, as JSON")
+    p.add_argument("name", help="the template's name")
+    p.add_argument("versions", nargs=2, metavar="VERSION", help="the two versions, older first")
+    p.set_defaults(func=_template_errors(cmd_templates_diff))
+    p = actions.add_parser("export", help="a template version as an Agent File a Letta server imports")
+    p.add_argument("name", help="the template's name")
+    p.add_argument("version", help="the version to export")
+    p.add_argument("-o", "--output", help="the .af file to write (standard output otherwise)")
+    p.set_defaults(func=_template_errors(cmd_templates_export))
 
-    s = sub.add_parser("upgrade", help="cohort upgrades: run TEMPLATE VERSION | status RUN | halt RUN")
-    s.add_argument("action", choices=["run", "status", "halt"])
-    s.add_argument("args", nargs="*")
-    s.add_argument("--dry-run", action="store_true")
-    s.add_argument("--cohort", default="{}", help='JSON: {"from_version": V} {"user_ids": [...]} {"percent": 5}')
-    s.add_argument("--wait", action="store_true", help="run: follow the run with a progress bar until it ends")
-    s.add_argument("--timeout", type=float, default=3600, help="run --wait: give up following after N seconds")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_upgrade)
+    s = sub.add_parser("upgrade", help="cohort upgrades: run, status, halt",
+                       description="Cohort upgrades: move the agents made from a template to another of its versions.")
+    actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("run", help="start an upgrade run (says how many agents its cohort selects)")
+    p.add_argument("template", help="the template's name")
+    p.add_argument("version", help="the version to upgrade to")
+    p.add_argument("--dry-run", action="store_true", help="compute each agent's diff and change nothing")
+    p.add_argument("--cohort", default="{}", help='which agents (JSON, default all of the template\'s):'
+                                                  ' {"from_version": V} {"user_ids": [...]} {"percent": 5}')
+    p.add_argument("--wait", action="store_true", help="follow the run with a progress bar until it ends")
+    p.add_argument("--timeout", type=float, default=3600, help="with --wait: give up following after N seconds")
+    p.set_defaults(func=cmd_upgrade_run)
+    p = actions.add_parser("status", help="a run's progress by status")
+    p.add_argument("run_id", help="the run's id (fleet upgrade run prints it)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_upgrade_status)
+    p = actions.add_parser("halt", help="stop a run: its pending agents are cancelled")
+    p.add_argument("run_id", help="the run's id")
+    p.set_defaults(func=cmd_upgrade_halt)

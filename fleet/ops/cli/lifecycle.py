@@ -9,15 +9,16 @@ from fleet.ops.cli.output import print_json
 from fleet.ops.queries import run_outcome
 
 
-def cmd_lifecycle(args) -> int:
-    from fleet.shared.client import FleetClient
+def cmd_undo(args) -> int:
     from fleet.workers.lifecycle.actions import undo_run
 
-    if args.action == "undo":
-        if not args.run:
-            raise SystemExit("fleet lifecycle undo RUN_ID")
-        print(f"restored {undo_run(args.run)} memory(ies)")
-        return 0
+    print(f"restored {undo_run(args.run)} memory(ies)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from fleet.shared.client import FleetClient
+
     payload = {"dry_run": args.dry_run}
     if args.project:
         payload["project_id"] = args.project
@@ -55,13 +56,19 @@ def _show_outcome(kind: str, result: dict, *, as_json: bool) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("lifecycle", help="memory lifecycle: run (or dry-run) it now, or undo a run")
-    s.add_argument("action", choices=["run", "undo"])
-    s.add_argument("run", nargs="?", help="with undo: the run id")
-    s.add_argument("--project")
-    s.add_argument("--dry-run", action="store_true")
-    s.add_argument("--actions", nargs="*", help="a subset of expire archive decay evict merge reembed purge")
-    s.add_argument("--no-wait", action="store_true")
-    s.add_argument("--timeout", type=float, default=600)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_lifecycle)
+    s = sub.add_parser("lifecycle", help="memory lifecycle: run (or dry-run) it now, or undo a run",
+                       description="The memory lifecycle (expire, archive, decay, evict, merge, reembed, purge), run"
+                                   " by a lifecycle worker; the scheduler runs it every LIFECYCLE_INTERVAL_S.")
+    actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("run", help="run it now and print how many memories each action changed")
+    p.add_argument("--project", help="only this project's memories (default: every project)")
+    p.add_argument("--dry-run", action="store_true", help="count what each action would change, and change nothing")
+    p.add_argument("--actions", nargs="*", metavar="ACTION",
+                   help="a subset of expire archive decay evict merge reembed purge (default: all, in that order)")
+    p.add_argument("--no-wait", action="store_true", help="enqueue the run and return without its counts")
+    p.add_argument("--timeout", type=float, default=600, help="wait at most N seconds for the run's result")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_run)
+    p = actions.add_parser("undo", help="put back every memory a run changed")
+    p.add_argument("run", metavar="RUN_ID", help="the run's id (fleet lifecycle run prints it)")
+    p.set_defaults(func=cmd_undo)

@@ -89,18 +89,18 @@ def cmd_events(args) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("status", help="per queue: depth, oldest age, in flight, recent outcomes, dead letters")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, help="refresh every N seconds")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("health", help="provider health (the last probes); --refresh probes now")
-    s.add_argument("--refresh", action="store_true")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--refresh", action="store_true", help="probe every provider now, then show the result")
+    s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_health)
 
     s = sub.add_parser("events", help="a job's whole story from bus_events")
-    s.add_argument("--trace")
-    s.add_argument("--job")
-    s.add_argument("--limit", type=int, default=1000)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--trace", help="a trace id: every job of the trace")
+    s.add_argument("--job", help="a job id")
+    s.add_argument("--limit", type=int, default=1000, help="show at most N events (default 1000); a cut is reported")
+    s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_events)

@@ -77,18 +77,18 @@ def register(sub) -> None:
     s.add_argument("--queues", nargs="*", help="queues to consume (default: all)")
     s.add_argument("--jobs", action="append", metavar="MODULE[,MODULE]",
                    help="modules declaring your own job types (`@job`), served beside the fleet's own; adds to FLEET_JOBS")
-    s.add_argument("--processes", type=int, default=1)
-    s.add_argument("--threads", type=int, default=8)
+    s.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+    s.add_argument("--threads", type=int, default=8, help="threads per process (default 8)")
     s.add_argument("--metrics-port", type=int, default=None, help="exporter port (FLEET_METRICS_PORT); 0 disables it")
     s.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("scheduler", help="enqueue periodic jobs (one leader at a time)")
-    s.add_argument("--tick", type=float, default=1.0)
+    s.add_argument("--tick", type=float, default=1.0, help="seconds between looks at what is due (default 1)")
     s.set_defaults(func=cmd_scheduler)
 
     s = sub.add_parser("metrics", help="serve /metrics, /healthz, /readyz")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    s.add_argument("--host", help="FLEET_METRICS_HOST (127.0.0.1)")
+    s.add_argument("--port", type=int, help="FLEET_METRICS_PORT (9191)")
     s.set_defaults(func=cmd_metrics)
 
     s = sub.add_parser("gateway", help="the HTTP gateway: chat and embed jobs over HTTP, their frames as SSE")
@@ -97,7 +97,7 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("simulator", help="run the provider simulator (OpenAI-compatible) on loopback")
-    s.add_argument("--port", type=int, default=8900)
+    s.add_argument("--port", type=int, default=8900, help="loopback port to listen on (default 8900)")
     s.add_argument("--config", default="{}", help="JSON object of simulator settings")
     s.set_defaults(func=lambda a: __import__("fleet.simulator", fromlist=["main"]).main(
         ["--port", str(a.port), "--config", a.config]))

@@ -52,9 +52,12 @@ def cmd_migrate(args) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("services", help="embedded PostgreSQL (and Redis) for development, under FLEET_HOME")
-    s.add_argument("action", choices=["up", "down", "status"])
-    s.add_argument("--redis", action="store_true", help="start Redis too, whatever FLEET_BROKER says")
-    s.set_defaults(func=cmd_services)
+    actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("up", help="start them (a running one is reused), under FLEET_HOME")
+    p.add_argument("--redis", action="store_true", help="start Redis too, whatever FLEET_BROKER says")
+    p.set_defaults(func=cmd_services)
+    actions.add_parser("down", help="stop them").set_defaults(func=cmd_services, redis=False)
+    actions.add_parser("status", help="whether they run, and where").set_defaults(func=cmd_services, redis=False)
 
     s = sub.add_parser("migrate", help="apply pending SQL migrations from sql/")
     s.set_defaults(func=cmd_migrate)
