@@ -65,7 +65,9 @@ def test_dlq_retry_refuses_a_payload_whose_secrets_were_masked(pgmq_fleet):
     """A dead letter's payload is stored with secret-looking values masked: enqueued again it would carry
     the mask, so retry refuses it by name and says which fields; an unmasked one beside it is retried."""
     secret, plain = str(uuid.uuid4()), str(uuid.uuid4())
-    pgmq_fleet.client.enqueue("echo", {"message": "with a secret", "meta": {"api_key": "k-1"}}, trace_id=secret)
+    # not an echo payload (the SDK refuses it): sent as the message a producer without the model would send
+    client = pgmq_fleet.client
+    client.broker.enqueue(client.message("echo", {"message": "with a secret", "meta": {"api_key": "k-1"}}, secret))
     pgmq_fleet.client.enqueue("echo", {"message": "plain", "fail": "permanent"}, trace_id=plain)
     pgmq_fleet.wait_done(secret, 1)
     pgmq_fleet.wait_done(plain, 1)
