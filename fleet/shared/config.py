@@ -15,6 +15,12 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# Descriptions that several families' settings share.
+PROVIDER_RETRIES = "Retries of one provider call inside a job, before the job itself is retried."
+RATE_LIMIT = "Provider requests per minute across every process; 0: no limit. A job that meets it is delayed."
+CALL_TIMEOUT = "Timeout of one provider call."
+
+
 class Settings(BaseSettings):
     # Aliases only: a field name such as `home` must never pick up an unrelated variable like HOME.
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=False)
@@ -93,15 +99,14 @@ class Settings(BaseSettings):
         "Tokens per provider request, at most: batches are split by tokens as well as by count."))
     embed_chunk_tokens: int = Field(512, alias="EMBED_CHUNK_TOKENS", ge=16, description=(
         "The size a document is chunked to before embedding, in tokens."))
-    embed_model_input_tokens: dict[str, int] = Field(default_factory=dict, alias="EMBED_MODEL_INPUT_TOKENS", description=(
+    embed_model_input_tokens: dict[str, int] = Field(
+        default_factory=dict, alias="EMBED_MODEL_INPUT_TOKENS", description=(
         'What each model reads of one input ({"model": tokens}); a longer input is cut by the server without a'
         " word, so chunks are kept within it (built-in values in fleet/workers/embed/embedding.py"
         " KNOWN_INPUT_TOKENS)."))
-    embed_provider_max_retries: int = Field(2, alias="EMBED_PROVIDER_MAX_RETRIES", ge=0, description=(
-        "Retries of one provider call inside a job, before the job itself is retried."))
-    embed_rate_limit_per_min: int = Field(0, alias="EMBED_RATE_LIMIT_PER_MIN", ge=0, description=(
-        "Provider requests per minute across every process; 0: no limit. A job that meets it is delayed."))
-    embed_timeout_s: float = Field(30.0, alias="EMBED_TIMEOUT_S", gt=0, description="Timeout of one provider call.")
+    embed_provider_max_retries: int = Field(2, alias="EMBED_PROVIDER_MAX_RETRIES", ge=0, description=PROVIDER_RETRIES)
+    embed_rate_limit_per_min: int = Field(0, alias="EMBED_RATE_LIMIT_PER_MIN", ge=0, description=RATE_LIMIT)
+    embed_timeout_s: float = Field(30.0, alias="EMBED_TIMEOUT_S", gt=0, description=CALL_TIMEOUT)
     embed_sources: dict[str, dict] = Field(default_factory=dict, alias="EMBED_SOURCES", description=(
         "Source tables whose rows are embedded by reference (JSON: a name -> its spec, the Source model of"
         " fleet/workers/embed/embedding.py)."))
@@ -115,8 +120,7 @@ class Settings(BaseSettings):
         "The chat provider's API key (OPENAI_API_KEY when unset)."))
     openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY", description=(
         "The chat provider's API key when CHAT_API_KEY is unset."))
-    chat_rate_limit_per_min: int = Field(0, alias="CHAT_RATE_LIMIT_PER_MIN", ge=0, description=(
-        "Provider requests per minute across every process; 0: no limit. A job that meets it is delayed."))
+    chat_rate_limit_per_min: int = Field(0, alias="CHAT_RATE_LIMIT_PER_MIN", ge=0, description=RATE_LIMIT)
     require_idempotency: bool = Field(False, alias="REQUIRE_IDEMPOTENCY", description=(
         "Refuse a chat job without an idempotency key."))
     chat_context_tokens: int = Field(6000, alias="CHAT_CONTEXT_TOKENS", ge=100, description=(
@@ -134,9 +138,8 @@ class Settings(BaseSettings):
         " estimates when the server sends no usage."))
     chat_keepalive_s: float = Field(5.0, alias="CHAT_KEEPALIVE_S", gt=0, description=(
         "How often a streaming chat sends a keepalive frame while the provider is silent."))
-    chat_timeout_s: float = Field(120.0, alias="CHAT_TIMEOUT_S", gt=0, description="Timeout of one provider call.")
-    chat_provider_max_retries: int = Field(2, alias="CHAT_PROVIDER_MAX_RETRIES", ge=0, description=(
-        "Retries of one provider call inside a job, before the job itself is retried."))
+    chat_timeout_s: float = Field(120.0, alias="CHAT_TIMEOUT_S", gt=0, description=CALL_TIMEOUT)
+    chat_provider_max_retries: int = Field(2, alias="CHAT_PROVIDER_MAX_RETRIES", ge=0, description=PROVIDER_RETRIES)
 
     # Provider health (probes by the scheduler, and what jobs' calls report).
     health_refresh_interval_s: float = Field(60.0, alias="HEALTH_REFRESH_INTERVAL_S", gt=0, description=(

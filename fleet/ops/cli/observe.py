@@ -23,7 +23,8 @@ def status_snapshot() -> dict:
 
     where = connections()
     return {"broker": get_settings().broker, "database": where["database"], "redis": where["redis"],
-            "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader(), "providers": current_health()}
+            "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader(),
+            "providers": current_health()}
 
 
 def cmd_health(args) -> int:
