@@ -54,12 +54,12 @@ def key() -> str:
 
 
 def test_frames_arrive_in_order_and_deltas_equal_the_stored_message(cfleet, sim):
-    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 700, "tokens_per_s": 200})
+    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 1500, "tokens_per_s": 200})
     stream = cfleet.client.stream_chat(f"s-{uuid.uuid4()}", "hello there", idempotency_key=key())
     deltas = list(stream)
     kinds = [f["type"] for f in stream.frames]
     assert kinds[0] == "ready" and kinds[-1] == "chat.done"
-    assert kinds.count("keepalive") >= 2  # 0.7 s to the first token, a keepalive every 0.2 s
+    assert kinds.count("keepalive") >= 2  # 1.5 s to the first token, a keepalive every 0.2 s (CHAT_KEEPALIVE_S)
     first_delta = kinds.index("chat.delta")
     assert set(kinds[1:first_delta]) == {"keepalive"} and set(kinds[first_delta:-1]) == {"chat.delta"}, kinds
     seqs = [f["seq"] for f in stream.frames]

@@ -53,7 +53,8 @@ def stored(gf, job_id: str) -> dict | None:
 
 
 def test_chat_frames_arrive_in_order_with_seq_as_event_ids(gf, sim):
-    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 600, "tokens_per_s": 200})
+    # 1.2 s to the first token, six times CHAT_KEEPALIVE_S: keepalives come before it on any machine
+    httpx.post(f"{sim.url}/_sim/config", json={"ttft_ms": 1200, "tokens_per_s": 200})
     r = ask(gf, key=new_key())
     assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
     kinds = r.types()
@@ -141,7 +142,9 @@ def test_a_dropped_client_leaves_the_job_to_finish_and_the_answer_stored(gf, sim
 
 
 def test_embed_streams_status_per_batch_then_done(gf, sim):
-    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 700})  # quiet spells: the gateway's keepalives
+    # A quiet spell five times GATEWAY_KEEPALIVE_S (0.5 s) long, however late the frames before it arrive:
+    # the gateway's keepalive comments.
+    httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 2500})
     prefix = f"gw-{uuid.uuid4().hex[:8]}"
     r = post_sse(gf.url, "/v1/embed", {"documents": docs(prefix, 5)}, headers={"Idempotency-Key": new_key()})
     kinds = r.types()
