@@ -34,10 +34,13 @@ def test_two_schedulers_one_leader_and_takeover(services):
         first = conn.execute("select last_enqueued_at from scheduler_runs where name = %s", (name,)).fetchone()[0]
     a.stop(); ta.join(10)
     wait_for(lambda: b.is_leader, 10, what="the second scheduler to take over")
-    time.sleep(0.5)
-    with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        later = conn.execute("select last_enqueued_at from scheduler_runs where name = %s", (name,)).fetchone()[0]
-    assert later > first
+
+    def enqueued_since() -> bool:
+        with psycopg.connect(services["dsn"], autocommit=True) as conn:
+            return conn.execute("select last_enqueued_at > %s from scheduler_runs where name = %s",
+                                (first, name)).fetchone()[0]
+
+    wait_for(enqueued_since, 30, what="the new leader to enqueue the periodic job")
     b.stop(); tb.join(10)
     client.broker.close()
 

@@ -119,7 +119,7 @@ def test_two_copies_of_a_signed_envelope_at_once_run_only_once(signed_fleet):
     from .helpers import events
 
     trace = signed_fleet.trace()
-    message = signed_fleet.client.message("echo", {"message": "twice at once", "sleep_ms": 1500, "record": True}, trace)
+    message = signed_fleet.client.message("echo", {"message": "twice at once", "sleep_ms": 6000, "record": True}, trace)
     if signed_fleet.kind == "redis":
         message.options["redis_message_id"] = str(uuid.uuid4())
     EnvelopeSigning(KEY.encode(), 300).before_enqueue(None, message, None)
