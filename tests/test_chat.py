@@ -124,14 +124,14 @@ def test_401_is_dead_lettered_at_once_with_an_error_frame(cfleet, sim):
     assert stream.status == "error" and stream.error["error_class"] == "ProviderError"
     assert "401" in stream.error["message"]
     assert len(chat_calls(sim)) == 1
-    dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 10, what="the dead letter")
+    dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 60, what="the dead letter")
     assert "chat answered 401" in dl[0]["reason"] and API_KEY not in dl[0]["reason"]
 
 
 def test_require_idempotency_rejects_a_job_without_a_key(cfleet, sim):
     stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "no key", timeout_s=20)
     assert stream.status == "error"
-    dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 10, what="the dead letter")
+    dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 60, what="the dead letter")
     assert dl[0]["reason"] == ("permanent error: InvalidPayload: idempotency_key is required "
                                "(REQUIRE_IDEMPOTENCY=true)")
     assert chat_calls(sim) == []

@@ -32,7 +32,7 @@ def test_worker_killed_mid_job_reembeds_only_unfinished_batches(services, sim, t
         second = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
         try:
             wait_for(lambda: len(stored(services["dsn"], prefix)) == 10, 40, what="all ten documents")
-            wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.succeeded"], 20,
+            wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.succeeded"], 60,
                      what="the job to succeed")
         finally:
             assert second.terminate() == 0

@@ -134,7 +134,7 @@ def test_a_dropped_client_leaves_the_job_to_finish_and_the_answer_stored(gf, sim
     cut = ask(gf, key=key, session=session, stop_after=lambda fs: "chat.delta" in [f["type"] for f in fs])
     job_id = cut.headers["x-job-id"]
     assert cut.types()[-1] == "chat.delta"
-    done = wait_for(lambda: (s := stored(gf, job_id)) and s["status"] == "complete" and s, 20, 0.1,
+    done = wait_for(lambda: (s := stored(gf, job_id)) and s["status"] == "complete" and s, 60, 0.1,
                     "the answer to be stored")
     again = ask(gf, key=key, session=session)
     assert again.frames[-1]["type"] == "chat.done" and again.frames[-1]["text"] == done["content"]
@@ -166,7 +166,7 @@ def test_a_failed_chat_ends_with_error_and_the_job_shows_its_dead_letter(gf, sim
     r = ask(gf, key=new_key())
     assert r.types()[-1] == "error" and r.frames[-1]["error_class"], r.frames
     job_id = r.headers["x-job-id"]
-    job = wait_for(lambda: (j := httpx.get(f"{gf.url}/v1/jobs/{job_id}").json())["state"] == "dead" and j, 20, 0.1,
+    job = wait_for(lambda: (j := httpx.get(f"{gf.url}/v1/jobs/{job_id}").json())["state"] == "dead" and j, 60, 0.1,
                    "the job to be dead-lettered")
     assert job["attempts"] == 1 and job["dead_letter"]["error_class"] == r.frames[-1]["error_class"]
     assert httpx.get(f"{gf.url}/v1/jobs/{uuid.uuid4()}").status_code == 404

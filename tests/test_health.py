@@ -108,7 +108,7 @@ def test_workers_wait_for_a_down_provider_and_resume_by_themselves(services, sim
         health_trace = str(uuid.uuid4())
         client.enqueue("refresh_provider_health", {}, trace_id=health_trace)  # the scheduled job, run now
         wait_for(lambda: [e for e in events(services["dsn"], trace_id=health_trace) if e["type"] == "health.refreshed"],
-                 20, what="the health refresh")
+                 60, what="the health refresh")
         assert states(services["dsn"])["embeddings"] == "healthy"
         wait_for(lambda: len(stored(services["dsn"], prefix)) == 3, 60, what="the job to resume and finish")
         metrics = httpx.get(f"http://127.0.0.1:{group.metrics_port}/metrics").text

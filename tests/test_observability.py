@@ -178,7 +178,7 @@ class blind_exporter:
                            "PROMETHEUS_MULTIPROC_DIR": str(mdir), "FLEET_METRICS_PORT": str(self.port)}
         self.proc = subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "metrics"], env=blind_env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _answers(self.port), 20, 0.2, what="the blind exporter")
+        wait_for(lambda: _answers(self.port), 60, 0.2, what="the blind exporter")
 
     def stop(self) -> None:
         self.proc.terminate()
