@@ -255,9 +255,6 @@ def test_a_stray_notification_does_not_stop_the_pgmq_listener(gf, sim):
     assert "gateway.bad_notification" in gf.gateway.logs()
 
 
-# On Redis, a run on a fresh clone once received attempt 2's `chat.done` from the stored answer with none of
-# its `chat.delta` frames heard live: that case is open, so the check runs on pgmq until it is understood.
-@pytest.mark.parametrize("gf", ["pgmq"], indirect=True)
 def test_sse_ids_keep_increasing_across_a_retried_attempt(gf, sim):
     # attempt 1 sends `ready` and keepalives, then fails (its provider call and the call's retries), and is retried
     httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500, 500, 500]})

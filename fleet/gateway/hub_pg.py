@@ -36,6 +36,7 @@ class PgHub(Hub):
         self._listener: psycopg.AsyncConnection | None = None
         self._waker: psycopg.AsyncConnection | None = None
         self._waker_lock = asyncio.Lock()
+        self._catch_ups: dict[str, asyncio.Event] = {}  # wake payload -> set once the listener reads it
 
     async def start(self) -> None:
         self._waker = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
@@ -59,14 +60,25 @@ class PgHub(Hub):
         self.channels.pop(channel(job_id), None)
         await self._poke()
 
-    async def _poke(self) -> None:
+    async def catch_up(self, job_id: str) -> None:
+        """PostgreSQL delivers notifications in commit order: once the listener reads a wake sent now,
+        it has dispatched every frame committed before it."""
+        token = uuid.uuid4().hex
+        read = self._catch_ups[token] = asyncio.Event()
+        try:
+            await self._poke(token)
+            await asyncio.wait_for(read.wait(), 30)
+        finally:
+            self._catch_ups.pop(token, None)
+
+    async def _poke(self, payload: str = "") -> None:
         async with self._waker_lock:
             try:
-                await self._waker.execute("select pg_notify(%s, '')", (self.wake,))
+                await self._waker.execute("select pg_notify(%s, %s)", (self.wake, payload))
             except psycopg.OperationalError:  # the connection was lost (a database restart): once more
                 await self._waker.close()
                 self._waker = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
-                await self._waker.execute("select pg_notify(%s, '')", (self.wake,))
+                await self._waker.execute("select pg_notify(%s, %s)", (self.wake, payload))
 
     async def _sync_channels(self, conn: psycopg.AsyncConnection) -> None:
         for name in set(self.channels) - self.listening:
@@ -90,6 +102,8 @@ class PgHub(Hub):
                     async with aclosing(conn.notifies(timeout=5.0)) as notes:
                         async for note in notes:
                             if note.channel == self.wake:
+                                if (read := self._catch_ups.get(note.payload)) is not None:
+                                    read.set()
                                 break
                             await self._dispatch_logged(note.channel, note.payload)
             except asyncio.CancelledError:

@@ -12,10 +12,15 @@ import json
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
+import structlog
+
 from fleet.gateway.hub import Hub
 from fleet.gateway.metrics import gateway_metrics
 
+log = structlog.get_logger(__name__)
+
 KEEPALIVE = b": keepalive\n\n"
+CATCH_UP_S = 5.0
 Ended = Callable[[str], Awaitable[list[dict] | None]]
 
 
@@ -67,6 +72,18 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
                     return
                 yield KEEPALIVE
                 if ended is not None and (stored := await ended(job_id)) is not None:
+                    # The answer was stored after its deltas were published: those heard live (the transport
+                    # caught up to now) go out first, then the stored final frame unless one was heard.
+                    await _caught_up(hub, job_id)
+                    while not queue.empty():
+                        frame = queue.get_nowait()
+                        heard = True
+                        if last_seq is not None and (frame.get("seq") or 0) <= last_seq:
+                            continue
+                        yield encode(frame)
+                        sent = frame.get("seq") or sent
+                        if frame["type"] in hub.finals:
+                            return
                     yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
                     return
                 continue
@@ -80,3 +97,12 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
     finally:
         gauge.dec()
         hub.leave(job_id, queue)
+
+
+async def _caught_up(hub: Hub, job_id: str) -> None:
+    """The transport's catch-up, bounded: a listener that is reconnecting cannot answer, and the stored
+    answer is complete without the live frames."""
+    try:
+        await asyncio.wait_for(hub.catch_up(job_id), CATCH_UP_S)
+    except asyncio.TimeoutError:
+        log.warning("gateway.catch_up_timeout", job_id=job_id, timeout_s=CATCH_UP_S)
