@@ -62,30 +62,23 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
             if frame["type"] in hub.finals:
                 return
         deadline = time.monotonic() + timeout_s
+        stored = None  # once the answer is found stored: the frames already heard go out before its final
         while True:
             try:
-                frame = await asyncio.wait_for(queue.get(), keepalive_s)
-            except asyncio.TimeoutError:
+                frame = queue.get_nowait() if stored is not None else await asyncio.wait_for(queue.get(), keepalive_s)
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                if stored is not None:
+                    yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
+                    return
                 if time.monotonic() > deadline:
                     yield encode({"type": "error", "job_id": job_id, "error_class": "StreamTimeout",
                                   "message": f"no end within {timeout_s:.0f}s; the job goes on, its answer is stored"})
                     return
                 yield KEEPALIVE
                 if ended is not None and (stored := await ended(job_id)) is not None:
-                    # The answer was stored after its deltas were published: those heard live (the transport
-                    # caught up to now) go out first, then the stored final frame unless one was heard.
+                    # The answer is stored after its deltas are published: the transport catches up to now,
+                    # and what it heard is streamed before the stored final frame (unless a final was heard).
                     await _caught_up(hub, job_id)
-                    while not queue.empty():
-                        frame = queue.get_nowait()
-                        heard = True
-                        if last_seq is not None and (frame.get("seq") or 0) <= last_seq:
-                            continue
-                        yield encode(frame)
-                        sent = frame.get("seq") or sent
-                        if frame["type"] in hub.finals:
-                            return
-                    yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
-                    return
                 continue
             heard = True
             if last_seq is not None and (frame.get("seq") or 0) <= last_seq:
