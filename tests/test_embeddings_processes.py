@@ -62,7 +62,11 @@ def test_rate_limit_holds_across_two_worker_processes(services, sim, tmp_path, k
             {x["job_id"] for x in e if x["type"] == "job.succeeded"}) >= 5 and e, 30, what="the jobs within the limit")
         calls = [r for r in sim_log(sim) if any(i.startswith(prefix) for i in r["inputs"])]
         assert len(calls) == 5  # 5 a minute, whichever of the two processes asks
-        assert len({e["job_id"] for e in evs if e["type"] == "job.succeeded"}) == 5
+        succeeded = {e["job_id"] for e in evs if e["type"] == "job.succeeded"}
+        assert len(succeeded) == 5
+        # each call names its job, attempt and delivery (X-Request-Id), as the provider's request log shows
+        assert {c["request_id"].split("/")[0] for c in calls} == succeeded, [c["request_id"] for c in calls]
+        assert all(c["request_id"].split("/")[1] == "1" and c["request_id"].split("/")[2] != "-" for c in calls)
         assert not dead_letters(services["dsn"], trace)  # deferred, not failed
         deferred = [e for e in evs if e["type"] == "job.deferred"]
         assert all(e["payload"]["error_class"] == "RateLimitExceeded" for e in deferred)
