@@ -18,6 +18,7 @@ from psycopg import sql
 
 from fleet.shared.db import connect_kwargs, database_dsn
 from fleet.shared.frames import channel, stored_message
+from fleet.shared.reconnect import Reconnects
 
 from fleet.gateway.hub import Hub
 
@@ -37,6 +38,7 @@ class PgHub(Hub):
         self._waker: psycopg.AsyncConnection | None = None
         self._waker_lock = asyncio.Lock()
         self._catch_ups: dict[str, asyncio.Event] = {}  # wake payload -> set once the listener reads it
+        self.reconnects = Reconnects("listener", role="gateway")
 
     async def start(self) -> None:
         self._waker = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
@@ -97,6 +99,7 @@ class PgHub(Hub):
                 conn = self._listener = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
                 self.listening.clear()
                 await conn.execute(sql.SQL("listen {}").format(sql.Identifier(self.wake)))
+                self.reconnects.restored()
                 while True:
                     await self._sync_channels(conn)
                     async with aclosing(conn.notifies(timeout=5.0)) as notes:
@@ -109,8 +112,7 @@ class PgHub(Hub):
             except asyncio.CancelledError:
                 raise
             except psycopg.Error as e:  # the streams' stored-answer checks cover what was missed meanwhile
-                log.warning("gateway.listen_reconnect", error=str(e))
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.reconnects.lost(e))
             except Exception:  # a bug here must not end every stream's listener for good: reconnect
                 log.exception("gateway.listen_failed")
                 await asyncio.sleep(1.0)

@@ -16,6 +16,7 @@ import structlog
 
 from fleet.shared.db import redis_url
 from fleet.shared.frames import stream_key
+from fleet.shared.reconnect import Reconnects
 
 from fleet.gateway.hub import Hub
 
@@ -35,6 +36,7 @@ class RedisHub(Hub):
         self.jobs: dict[str, str] = {}  # stream key -> job id
         self._reader = aioredis.Redis.from_url(redis_url())
         self._writer = aioredis.Redis.from_url(redis_url())
+        self.reconnects = Reconnects("frames", role="gateway")
 
     async def start(self) -> None:
         self._wake_last = await self._writer.xadd(self.wake, {"w": "1"}, maxlen=10)
@@ -64,6 +66,7 @@ class RedisHub(Hub):
             try:
                 streams = {self.wake: wake_last} | dict(self.positions)
                 replies = await self._reader.xread(streams, block=BLOCK_MS, count=1000)
+                self.reconnects.restored()
                 for key, entries in replies or []:
                     key = key.decode()
                     if key == self.wake:
@@ -76,8 +79,7 @@ class RedisHub(Hub):
             except asyncio.CancelledError:
                 raise
             except aioredis.RedisError as e:
-                log.warning("gateway.xread_retry", error=str(e))
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.reconnects.lost(e))
 
     async def catch_up(self, job_id: str) -> None:
         """Read the job's stream to its end now, beside the XREAD loop (whose reply may then repeat
