@@ -57,3 +57,4 @@ def test_a_terminated_consumer_connection_is_replaced_without_a_consumer_restart
     finally:
         assert group.terminate() == 0
         client.broker.close()
+
