@@ -125,8 +125,8 @@ def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kin
                   env=env)
         wait_for(lambda: _taken(kind, dsn, env), 60, what="a worker to take the job")
         broker_service.down()
-        # (on pgmq the enqueue also waits out the connection pool's 30 s timeout)
-        wait_for(lambda: "job.retry_not_enqueued" in group.logs(), 60, what="the retry enqueue to give up")
+        # (on pgmq the enqueue also waits out the connection pool's 30 s timeout; a loaded machine takes longer)
+        wait_for(lambda: "job.retry_not_enqueued" in group.logs(), 150, what="the retry enqueue to give up")
         time.sleep(2)  # the message is held back (Redis: the ack waits; pgmq: not acknowledged)
         broker_service.up()
         evs = wait_for(lambda: (lambda e: e if _distinct(e, "job.succeeded") else None)(events(dsn, trace_id=trace)),
