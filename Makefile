@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test conformance bench soak system-deps services-down clean
+.PHONY: demo test test-under-load conformance bench soak system-deps services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP) system-deps
 
 test: $(STAMP) system-deps
 	@$(PY) -m pytest -q
+
+# The same suite while a CPU hog (stress-ng, one per core) competes with it at normal priority.
+test-under-load: $(STAMP) system-deps
+	@bash tests/under_load.sh $(PY) -m pytest -q
 
 # Each family against real servers installed from the package registries (a Letta server, a llama.cpp
 # chat server, an infinity embeddings server), offline on loopback. Installs are cached outside the clone.

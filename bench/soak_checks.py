@@ -134,13 +134,32 @@ def provider_log_checks(sim_url: str, sends_allowed: int) -> dict:
         if entry.get("inputs") and entry["inputs"] != PROBE_INPUT:  # probes from different jobs look alike
             by_input.setdefault(json.dumps(entry["inputs"], sort_keys=True), []).append(entry)
     out["retried_inputs"] = sum(1 for entries in by_input.values() if len(entries) > 1)
+    out["other_copies"] = 0  # the same documents sent by another job or another delivery: not a retry
+    early = []
     for entries in by_input.values():
         for before, after in zip(entries, entries[1:]):
-            if before.get("status") == 429 and after["t"] - before["t"] < 0.9:  # Retry-After is 1 s
-                out["retry_after_violations"] += 1
-    if out["retry_after_violations"]:
-        out["problems"].append(f"{out['retry_after_violations']} request(s) retried before Retry-After")
+            if before.get("status") != 429:
+                continue
+            if not _same_sender(before, after):
+                out["other_copies"] += 1
+                continue
+            waited = after["t"] - before.get("answered", before["t"])  # from when the 429 went out
+            if waited < 0.9:  # Retry-After is 1 s
+                early.append(f"{after.get('request_id')} {waited:.3f}s after the 429 to {before.get('request_id')}")
+    out["retry_after_violations"] = len(early)
+    if early:
+        out["problems"].append(f"{len(early)} request(s) retried before Retry-After: " + "; ".join(early[:5]))
     out["max_sends_per_input"] = max((len(entries) for entries in by_input.values()), default=0)
     if out["max_sends_per_input"] > sends_allowed:
         out["problems"].append(f"documents sent {out['max_sends_per_input']} times, the retry policy allows {sends_allowed}")
     return out
+
+
+def _same_sender(before: dict, after: dict) -> bool:
+    """Whether `after` retries `before`: the same job, and the next try of its attempt (same delivery) or a
+    later attempt. Requests are tagged X-Request-Id `<job>/<attempt>/<delivery>`; a second live copy of one
+    attempt (another delivery) sends the same documents without having seen the first copy's 429."""
+    b, a = (before.get("request_id") or "").split("/"), (after.get("request_id") or "").split("/")
+    if len(b) != 3 or len(a) != 3:
+        return True  # untagged: counted as a retry, the strict reading
+    return b[0] == a[0] and (b[1] != a[1] or b[2] == a[2])

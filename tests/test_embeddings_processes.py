@@ -32,7 +32,7 @@ def test_worker_killed_mid_job_reembeds_only_unfinished_batches(services, sim, t
         second = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
         try:
             wait_for(lambda: len(stored(services["dsn"], prefix)) == 10, 40, what="all ten documents")
-            wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.succeeded"], 20,
+            wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.succeeded"], 60,
                      what="the job to succeed")
         finally:
             assert second.terminate() == 0
@@ -58,11 +58,15 @@ def test_rate_limit_holds_across_two_worker_processes(services, sim, tmp_path, k
                             trace_id=trace)
         wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 7,
                  30, what="the jobs over the limit to be deferred")
-        time.sleep(2.0)
+        evs = wait_for(lambda: (e := events(services["dsn"], trace_id=trace)) and len(
+            {x["job_id"] for x in e if x["type"] == "job.succeeded"}) >= 5 and e, 30, what="the jobs within the limit")
         calls = [r for r in sim_log(sim) if any(i.startswith(prefix) for i in r["inputs"])]
         assert len(calls) == 5  # 5 a minute, whichever of the two processes asks
-        evs = events(services["dsn"], trace_id=trace)
-        assert len({e["job_id"] for e in evs if e["type"] == "job.succeeded"}) == 5
+        succeeded = {e["job_id"] for e in evs if e["type"] == "job.succeeded"}
+        assert len(succeeded) == 5
+        # each call names its job, attempt and delivery (X-Request-Id), as the provider's request log shows
+        assert {c["request_id"].split("/")[0] for c in calls} == succeeded, [c["request_id"] for c in calls]
+        assert all(c["request_id"].split("/")[1] == "1" and c["request_id"].split("/")[2] != "-" for c in calls)
         assert not dead_letters(services["dsn"], trace)  # deferred, not failed
         deferred = [e for e in evs if e["type"] == "job.deferred"]
         assert all(e["payload"]["error_class"] == "RateLimitExceeded" for e in deferred)
@@ -85,7 +89,8 @@ def test_chat_rate_limit_holds_across_two_worker_processes(services, sim, tmp_pa
                                                 for i in range(7)], trace_id=trace)
         wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 4,
                  30, what="the chats over the limit to be deferred")
-        time.sleep(1.5)
+        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "chat.done"]) >= 3,
+                 30, what="the chats within the limit")
         calls = [r for r in sim_log(sim) if r["path"] == "/v1/chat/completions"]
         assert len(calls) == 3
         assert len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "chat.done"]) == 3

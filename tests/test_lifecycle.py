@@ -260,7 +260,7 @@ def test_dry_run_takes_no_row_locks_so_a_real_run_meanwhile_skips_nothing(db, pr
 
         from .helpers import wait_for
 
-        wait_for(dry_run_waits_or_ended, 20, what="the dry run to reach evict")
+        wait_for(dry_run_waits_or_ended, 60, what="the dry run to reach evict")
         real, _ = run(project, actions=["expire"])
         holder.execute("select pg_advisory_unlock_all()")
     thread.join(30)

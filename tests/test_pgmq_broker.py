@@ -17,7 +17,7 @@ def test_raw_pgmq_send_from_sql_is_processed(pgmq_fleet):
     marker = f"from sql {uuid.uuid4()}"
     msg_id = pgmq_send(pgmq_fleet.dsn, "echo", {"message": marker, "record": True})
     job_id = f"pgmq:echo:{msg_id}"
-    evs = wait_for(lambda: [e for e in events(pgmq_fleet.dsn, job_id=job_id) if e["type"] == "echo.done"], 20,
+    evs = wait_for(lambda: [e for e in events(pgmq_fleet.dsn, job_id=job_id) if e["type"] == "echo.done"], 60,
                    what="the raw job to run")
     assert evs[0]["payload"]["message"] == marker
     started = events(pgmq_fleet.dsn, job_id=job_id, type="job.started")
@@ -40,7 +40,7 @@ def test_raw_messages_that_cannot_be_jobs_go_to_dead_letters(pgmq_fleet):
         found = {k: rows.get("m" if k == "envelope" else f"pgmq:echo:{i}") for k, i in ids.items()}
         return found if all(found.values()) else None
 
-    found = wait_for(reasons, 20, what="four dead letters")
+    found = wait_for(reasons, 60, what="four dead letters")
     assert found["array"] == "a raw message must be a JSON object, got list"
     assert found["string"] == "a raw message must be a JSON object, got str"
     assert "sleep_ms: Input should be greater than or equal to 0" in found["shape"]
@@ -53,7 +53,7 @@ def test_raw_messages_that_cannot_be_jobs_go_to_dead_letters(pgmq_fleet):
         with psycopg.connect(dsn, autocommit=True) as conn:
             return conn.execute("select count(*) from pgmq.a_echo where msg_id = any(%s)", (list(ids.values()),)).fetchone()[0] == 4
 
-    wait_for(archived, 10, what="the four messages to be archived")
+    wait_for(archived, 60, what="the four messages to be archived")
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("select count(*) from pgmq.q_echo where msg_id = any(%s)", (list(ids.values()),)).fetchone()[0] == 0
     ok = pgmq_fleet.trace()
@@ -64,7 +64,7 @@ def test_raw_messages_that_cannot_be_jobs_go_to_dead_letters(pgmq_fleet):
 def test_oversized_raw_message_is_dead_lettered(pgmq_fleet):
     msg_id = pgmq_send(pgmq_fleet.dsn, "echo", {"message": "x" * 1_100_000})
     dl = wait_for(lambda: [d for d in dead_letters(pgmq_fleet.dsn, queue="echo") if d["message_id"] == f"pgmq:echo:{msg_id}"],
-                  20, what="the oversized message's dead letter")
+                  60, what="the oversized message's dead letter")
     assert "exceeds FLEET_MAX_PAYLOAD_BYTES" in dl[0]["reason"]
 
 
@@ -137,7 +137,7 @@ def test_a_refused_round_trip_backs_off_loudly_instead_of_reconnecting(pgmq_flee
         evs = pgmq_fleet.wait_done(trace, 1, timeout=40)
         assert len([e for e in evs if e["type"] == "echo.done"]) == 1  # kept invisible meanwhile: ran once
         wait_for(lambda: not conn.execute("select count(*) from pgmq.q_echo where message->'args'->0->>'message'"
-                                          " = 'refuse-this-ack'").fetchone()[0], 20, what="the ack")
+                                          " = 'refuse-this-ack'").fetchone()[0], 60, what="the ack")
 
 
 def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
@@ -162,7 +162,7 @@ def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
         first.close()
         assert broker.state(queue).outstanding == {running.pgmq_id}
         second = broker.consume(queue, prefetch=4, timeout=1000)
-        again = wait_for(lambda: [m for m in [next(second)] if m is not None], 10, what="the abandoned messages")
+        again = wait_for(lambda: [m for m in [next(second)] if m is not None], 60, what="the abandoned messages")
         again += [m for m in [next(second)] if m is not None]
         assert sorted(m.args[0]["n"] for m in again) == sorted(m.args[0]["n"] for m in sent if m.message_id != running.message_id)
         for m in [running, *again]:
@@ -275,7 +275,7 @@ def test_a_pooled_connection_the_server_ended_is_replaced_at_checkout(services):
         with psycopg.connect(services["dsn"], autocommit=True) as admin:
             assert admin.execute("select pg_terminate_backend(%s)", (pid,)).fetchone()[0]
             wait_for(lambda: not admin.execute("select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone(),
-                     10, what="the backend to end")
+                     60, what="the backend to end")
         with pool.connection() as conn:
             assert conn.execute("select 1").fetchone()[0] == 1
             assert conn.info.backend_pid != pid
@@ -368,6 +368,6 @@ def test_events_emitted_after_a_consumer_closed_are_still_written(services):
     broker.close()
     trace = str(uuid.uuid4())
     bus.emit("test.after_close", trace_id=trace, queue=queue)
-    wait_for(lambda: events(services["dsn"], trace_id=trace), 5, what="the event to be written in the background")
+    wait_for(lambda: events(services["dsn"], trace_id=trace), 60, what="the event to be written in the background")
     with psycopg.connect(services["dsn"], autocommit=True) as admin:
         admin.execute("select pgmq.drop_queue(%s)", (queue,))

@@ -111,7 +111,7 @@ def test_events_go_back_to_the_background_writer_once_the_broker_is_closed(servi
     assert consumer.writer.is_alive() is False
     trace = str(uuid.uuid4())
     bus.emit("test.after_close", trace_id=trace)  # nothing acks any more: the background writer takes it
-    wait_for(lambda: events(services["dsn"], trace_id=trace), 10, what="the event emitted after the close")
+    wait_for(lambda: events(services["dsn"], trace_id=trace), 60, what="the event emitted after the close")
 
 
 def test_a_stopping_consumer_puts_back_what_it_fetched_but_never_handed_out(services):

@@ -24,7 +24,7 @@ def test_two_schedulers_one_leader_and_takeover(services):
     a, b = Scheduler(periodic, tick_s=0.1, client=client), Scheduler(periodic, tick_s=0.1, client=client)
     ta, tb = threading.Thread(target=a.run, daemon=True), threading.Thread(target=b.run, daemon=True)
     ta.start()
-    wait_for(lambda: a.is_leader, 10, what="the first scheduler to lead")
+    wait_for(lambda: a.is_leader, 60, what="the first scheduler to lead")
     tb.start()
     time.sleep(1.0)
     assert a.is_leader and not b.is_leader
@@ -33,11 +33,14 @@ def test_two_schedulers_one_leader_and_takeover(services):
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         first = conn.execute("select last_enqueued_at from scheduler_runs where name = %s", (name,)).fetchone()[0]
     a.stop(); ta.join(10)
-    wait_for(lambda: b.is_leader, 10, what="the second scheduler to take over")
-    time.sleep(0.5)
-    with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        later = conn.execute("select last_enqueued_at from scheduler_runs where name = %s", (name,)).fetchone()[0]
-    assert later > first
+    wait_for(lambda: b.is_leader, 60, what="the second scheduler to take over")
+
+    def enqueued_since() -> bool:
+        with psycopg.connect(services["dsn"], autocommit=True) as conn:
+            return conn.execute("select last_enqueued_at > %s from scheduler_runs where name = %s",
+                                (first, name)).fetchone()[0]
+
+    wait_for(enqueued_since, 30, what="the new leader to enqueue the periodic job")
     b.stop(); tb.join(10)
     client.broker.close()
 

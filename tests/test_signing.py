@@ -72,7 +72,7 @@ def test_altered_envelope_is_rejected(signed_fleet):
     message = signed_message(signed_fleet, trace)
     message.args[0]["message"] = "tampered"
     send_raw(signed_fleet, message)
-    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the altered envelope's dead letter")
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 60, what="the altered envelope's dead letter")
     assert "forged or altered envelope" in dl[0]["reason"]
 
 
@@ -83,12 +83,12 @@ def test_replayed_and_stale_envelopes_are_rejected(signed_fleet):
     signed_fleet.wait_done(trace, 1)
     time.sleep(0.3)
     send_raw(signed_fleet, message)  # the same envelope again
-    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the replay's dead letter")
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 60, what="the replay's dead letter")
     assert dl[0]["reason"] == "permanent error: SignatureRejected: replayed envelope: this signed message already completed"
 
     stale_trace = signed_fleet.trace()
     send_raw(signed_fleet, signed_message(signed_fleet, stale_trace, sig_ts_shift_ms=-400_000))
-    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, stale_trace), 20, what="the stale envelope's dead letter")
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, stale_trace), 60, what="the stale envelope's dead letter")
     assert "outside the replay window (300s)" in dl[0]["reason"]
 
 
@@ -98,12 +98,12 @@ def test_raw_sql_jobs_run_but_an_envelope_cannot_claim_to_be_raw(signed_fleet):
     carry no envelope and run; an unsigned envelope whose options say it is raw is still rejected."""
     raw_trace = signed_fleet.trace()
     pgmq_send(signed_fleet.dsn, "echo", {"message": f"from sql {raw_trace}", "record": True})
-    wait_for(lambda: f"from sql {raw_trace}" in _echo_done(signed_fleet.dsn), 20, what="the raw job to run")
+    wait_for(lambda: f"from sql {raw_trace}" in _echo_done(signed_fleet.dsn), 60, what="the raw job to run")
     claim_trace = signed_fleet.trace()
     message = signed_fleet.client.message("echo", {"message": "claims raw"}, claim_trace)
     message.options["raw"] = True
     send_raw(signed_fleet, message)
-    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, claim_trace), 20, what="the claimed-raw envelope's dead letter")
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, claim_trace), 60, what="the claimed-raw envelope's dead letter")
     assert dl[0]["reason"] == "permanent error: SignatureRejected: unsigned envelope rejected (FLEET_SIGNING_KEY is set)"
 
 
@@ -119,15 +119,15 @@ def test_two_copies_of_a_signed_envelope_at_once_run_only_once(signed_fleet):
     from .helpers import events
 
     trace = signed_fleet.trace()
-    message = signed_fleet.client.message("echo", {"message": "twice at once", "sleep_ms": 1500, "record": True}, trace)
+    message = signed_fleet.client.message("echo", {"message": "twice at once", "sleep_ms": 6000, "record": True}, trace)
     if signed_fleet.kind == "redis":
         message.options["redis_message_id"] = str(uuid.uuid4())
     EnvelopeSigning(KEY.encode(), 300).before_enqueue(None, message, None)
     send_raw(signed_fleet, message)
     send_raw(signed_fleet, message)  # on Redis a second entry of the same message id in the queue's list
-    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the second copy's dead letter")
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 60, what="the second copy's dead letter")
     assert dl[0]["reason"] == "permanent error: SignatureRejected: replayed envelope: a copy of this signed message is already running"
-    wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 20,
+    wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 60,
              what="the first copy to finish")
     time.sleep(0.5)
     assert len([e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"]) == 1
@@ -148,10 +148,10 @@ def test_a_forged_copy_of_a_retry_cannot_cancel_the_genuine_one(signed_fleet):
     EnvelopeSigning(KEY.encode(), 300).before_enqueue(None, genuine, None)
     EnvelopeSigning(b"not-the-real-key-xyz", 300).before_enqueue(None, forged, None)
     send_raw(signed_fleet, forged)
-    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 20, what="the forged copy's dead letter")
+    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 60, what="the forged copy's dead letter")
     assert "forged or altered envelope" in dl[0]["reason"]
     send_raw(signed_fleet, genuine)
-    done = wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 20,
+    done = wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 60,
                     what="the genuine retry to run")
     assert [e["payload"]["message"] for e in done] == ["genuine retry"]
 

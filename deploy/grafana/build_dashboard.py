@@ -51,6 +51,9 @@ ROWS: list[tuple[str, list[dict]]] = [
          "targets": quantiles("fleet_job_duration_seconds", "queue", Q)},
         {"title": "Jobs in progress", "unit": "short", "targets": [
             (f"sum by (queue_name) (dramatiq_messages_inprogress{{queue_name=~\"$queue\"}})", "{{queue_name}}")]},
+        # Zero while no connection was lost: the series exists only from a process's first reconnect.
+        {"title": "Database reconnects per second, by role", "unit": "ops", "targets": [
+            (f"sum by (role) (rate(fleet_db_reconnects_total[{RATE}])) or on() vector(0)", "{{role}}")]},
     ]),
     ("Embeddings", [
         {"title": "Documents per second, by outcome", "unit": "ops", "targets": [

@@ -100,6 +100,11 @@ class Hub:
                     del self.feeds[job_id]
                     await self._unwatch(job_id)
 
+    async def catch_up(self, job_id: str) -> None:
+        """Return once every frame the job published before this call has been delivered: a stream that
+        finds the job's answer stored then streams the frames heard live before the stored final one.
+        A transport that delivers as it reads (the embed poller) has nothing to catch up."""
+
     async def _watch(self, job_id: str) -> None:
         raise NotImplementedError
 

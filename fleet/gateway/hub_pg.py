@@ -18,6 +18,7 @@ from psycopg import sql
 
 from fleet.shared.db import connect_kwargs, database_dsn
 from fleet.shared.frames import channel, stored_message
+from fleet.shared.reconnect import Reconnects
 
 from fleet.gateway.hub import Hub
 
@@ -36,6 +37,8 @@ class PgHub(Hub):
         self._listener: psycopg.AsyncConnection | None = None
         self._waker: psycopg.AsyncConnection | None = None
         self._waker_lock = asyncio.Lock()
+        self._catch_ups: dict[str, asyncio.Event] = {}  # wake payload -> set once the listener reads it
+        self.reconnects = Reconnects("listener", role="gateway")
 
     async def start(self) -> None:
         self._waker = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
@@ -59,14 +62,25 @@ class PgHub(Hub):
         self.channels.pop(channel(job_id), None)
         await self._poke()
 
-    async def _poke(self) -> None:
+    async def catch_up(self, job_id: str) -> None:
+        """PostgreSQL delivers notifications in commit order: once the listener reads a wake sent now,
+        it has dispatched every frame committed before it."""
+        token = uuid.uuid4().hex
+        read = self._catch_ups[token] = asyncio.Event()
+        try:
+            await self._poke(token)
+            await asyncio.wait_for(read.wait(), 30)
+        finally:
+            self._catch_ups.pop(token, None)
+
+    async def _poke(self, payload: str = "") -> None:
         async with self._waker_lock:
             try:
-                await self._waker.execute("select pg_notify(%s, '')", (self.wake,))
+                await self._waker.execute("select pg_notify(%s, %s)", (self.wake, payload))
             except psycopg.OperationalError:  # the connection was lost (a database restart): once more
                 await self._waker.close()
                 self._waker = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
-                await self._waker.execute("select pg_notify(%s, '')", (self.wake,))
+                await self._waker.execute("select pg_notify(%s, %s)", (self.wake, payload))
 
     async def _sync_channels(self, conn: psycopg.AsyncConnection) -> None:
         for name in set(self.channels) - self.listening:
@@ -85,18 +99,20 @@ class PgHub(Hub):
                 conn = self._listener = await psycopg.AsyncConnection.connect(database_dsn(), **connect_kwargs())
                 self.listening.clear()
                 await conn.execute(sql.SQL("listen {}").format(sql.Identifier(self.wake)))
+                self.reconnects.restored()
                 while True:
                     await self._sync_channels(conn)
                     async with aclosing(conn.notifies(timeout=5.0)) as notes:
                         async for note in notes:
                             if note.channel == self.wake:
+                                if (read := self._catch_ups.get(note.payload)) is not None:
+                                    read.set()
                                 break
                             await self._dispatch_logged(note.channel, note.payload)
             except asyncio.CancelledError:
                 raise
             except psycopg.Error as e:  # the streams' stored-answer checks cover what was missed meanwhile
-                log.warning("gateway.listen_reconnect", error=str(e))
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.reconnects.lost(e))
             except Exception:  # a bug here must not end every stream's listener for good: reconnect
                 log.exception("gateway.listen_failed")
                 await asyncio.sleep(1.0)

@@ -16,6 +16,7 @@ import structlog
 
 from fleet.shared.db import redis_url
 from fleet.shared.frames import stream_key
+from fleet.shared.reconnect import Reconnects
 
 from fleet.gateway.hub import Hub
 
@@ -35,6 +36,7 @@ class RedisHub(Hub):
         self.jobs: dict[str, str] = {}  # stream key -> job id
         self._reader = aioredis.Redis.from_url(redis_url())
         self._writer = aioredis.Redis.from_url(redis_url())
+        self.reconnects = Reconnects("frames", role="gateway")
 
     async def start(self) -> None:
         self._wake_last = await self._writer.xadd(self.wake, {"w": "1"}, maxlen=10)
@@ -64,6 +66,7 @@ class RedisHub(Hub):
             try:
                 streams = {self.wake: wake_last} | dict(self.positions)
                 replies = await self._reader.xread(streams, block=BLOCK_MS, count=1000)
+                self.reconnects.restored()
                 for key, entries in replies or []:
                     key = key.decode()
                     if key == self.wake:
@@ -76,13 +79,30 @@ class RedisHub(Hub):
             except asyncio.CancelledError:
                 raise
             except aioredis.RedisError as e:
-                log.warning("gateway.xread_retry", error=str(e))
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.reconnects.lost(e))
+
+    async def catch_up(self, job_id: str) -> None:
+        """Read the job's stream to its end now, beside the XREAD loop (whose reply may then repeat
+        entries: _deliver_entries skips those)."""
+        key = stream_key(job_id)
+        if key not in self.positions:
+            return
+        entries = await self._writer.xrange(key, min=f"({self.positions[key]}" if self.positions[key] != "0" else "-")
+        self._deliver_entries(key, entries)
 
     def _deliver_entries(self, key: str, entries) -> None:
         job_id = self.jobs.get(key)
         if job_id is None:
             return
         for entry_id, fields in entries:
-            self.positions[key] = entry_id
+            entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if _entry_order(entry) <= _entry_order(self.positions.get(key, "0")):
+                continue  # delivered already (by catch_up, or by the loop before it)
+            self.positions[key] = entry
             self.deliver(job_id, json.loads(fields[b"frame"]))
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>", or "0" for the start) as the pair Redis orders entries by."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

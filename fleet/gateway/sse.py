@@ -12,10 +12,15 @@ import json
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
+import structlog
+
 from fleet.gateway.hub import Hub
 from fleet.gateway.metrics import gateway_metrics
 
+log = structlog.get_logger(__name__)
+
 KEEPALIVE = b": keepalive\n\n"
+CATCH_UP_S = 5.0
 Ended = Callable[[str], Awaitable[list[dict] | None]]
 
 
@@ -57,18 +62,23 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
             if frame["type"] in hub.finals:
                 return
         deadline = time.monotonic() + timeout_s
+        stored = None  # once the answer is found stored: the frames already heard go out before its final
         while True:
             try:
-                frame = await asyncio.wait_for(queue.get(), keepalive_s)
-            except asyncio.TimeoutError:
+                frame = queue.get_nowait() if stored is not None else await asyncio.wait_for(queue.get(), keepalive_s)
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                if stored is not None:
+                    yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
+                    return
                 if time.monotonic() > deadline:
                     yield encode({"type": "error", "job_id": job_id, "error_class": "StreamTimeout",
                                   "message": f"no end within {timeout_s:.0f}s; the job goes on, its answer is stored"})
                     return
                 yield KEEPALIVE
                 if ended is not None and (stored := await ended(job_id)) is not None:
-                    yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
-                    return
+                    # The answer is stored after its deltas are published: the transport catches up to now,
+                    # and what it heard is streamed before the stored final frame (unless a final was heard).
+                    await _caught_up(hub, job_id)
                 continue
             heard = True
             if last_seq is not None and (frame.get("seq") or 0) <= last_seq:
@@ -80,3 +90,12 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
     finally:
         gauge.dec()
         hub.leave(job_id, queue)
+
+
+async def _caught_up(hub: Hub, job_id: str) -> None:
+    """The transport's catch-up, bounded: a listener that is reconnecting cannot answer, and the stored
+    answer is complete without the live frames."""
+    try:
+        await asyncio.wait_for(hub.catch_up(job_id), CATCH_UP_S)
+    except asyncio.TimeoutError:
+        log.warning("gateway.catch_up_timeout", job_id=job_id, timeout_s=CATCH_UP_S)

@@ -61,6 +61,10 @@ class _Metrics:
                                            multiprocess_mode="livesum")
         self.queue_consumers = prom.Gauge("fleet_queue_consumers", "Worker processes consuming each queue.", ["queue"],
                                           multiprocess_mode="livesum")
+        self.db_reconnects = prom.Counter("fleet_db_reconnects_total", "Long-lived connections (to PostgreSQL, or"
+                                          " Redis for the gateway's frames) made again after they were lost, by process"
+                                          " role and connection.",
+                                          ["role", "connection"])
         self.consumer_errors = prom.Counter("fleet_consumer_errors_total", "Broker round trips refused by the database"
                                             " for a reason other than a lost connection (the consumer backs off).",
                                             ["queue", "error_class"])

@@ -29,9 +29,10 @@ class EmbeddingRoutes(BaseHandler):
         if isinstance(inputs, str):
             inputs = [inputs]
         entry.update(model=body.get("model"), n_inputs=len(inputs or []),
-                     encoding_format=body.get("encoding_format", "<absent>"), inputs=inputs)
+                     encoding_format=body.get("encoding_format", "<absent>"), inputs=inputs,
+                     request_id=self.headers.get("X-Request-Id"))
         status, payload, headers = self._embed_answer(body, inputs)
-        entry["status"] = status
+        entry["status"], entry["answered"] = status, time.time()  # a 429 goes out after the latency
         self.sim.record(entry)
         if status == "timeout":
             time.sleep(self.sim.config.timeout_s)

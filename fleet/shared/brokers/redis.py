@@ -23,9 +23,11 @@ import redis
 import structlog
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis
+from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
 from fleet.shared import events
+from fleet.shared.reconnect import Reconnects
 from fleet.shared.redact import redact
 from fleet.shared.brokers.hooks import ImplementedHooksOnly
 
@@ -173,6 +175,7 @@ class _HeldAckConsumer(_RedisConsumer):
         self.room = threading.Event()
         self.held: set[str] = set()  # handed to the writer, not yet acknowledged in Redis
         self.writer = broker.ack_writer()
+        self.reconnects = Reconnects(f"consumer:{queue_name}")
 
     def ack(self, message):
         self._hold("ack", message)
@@ -225,4 +228,12 @@ class _HeldAckConsumer(_RedisConsumer):
             if self.outstanding_message_count >= self.prefetch:
                 self.room.wait(self.timeout / 1000)
             return None
-        return super().__next__()
+        # A lost connection is made again here (redis-py reconnects on the next command), at once and then
+        # with backoff, rather than raised to dramatiq's consumer thread, which would wait a fixed 3 s.
+        try:
+            message = super().__next__()
+        except ConnectionClosed as e:
+            time.sleep(min(self.reconnects.lost(e), self.timeout / 1000))
+            return None
+        self.reconnects.restored()
+        return message

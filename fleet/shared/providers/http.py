@@ -15,6 +15,7 @@ from typing import Any, Callable, TypeVar
 import httpx
 import structlog
 import tenacity
+from dramatiq.middleware import CurrentMessage
 
 from fleet.shared.errors import ProviderError, TransientError, classify, parse_retry_after
 
@@ -40,11 +41,24 @@ def http_client(base_url: str, *, timeout_s: float = 30.0, max_connections: int 
         return client
 
 
+def job_request_id() -> str | None:
+    """`<job id>/<attempt>/<delivery>` of the job making this call, sent as X-Request-Id: a provider's request
+    log then tells one job's retries apart from another copy's or another job's calls."""
+    from fleet.shared.middleware.attempts import delivery_of
+
+    message = CurrentMessage.get_current_message()
+    if message is None:
+        return None
+    return f"{message.message_id}/{message.options.get('retries', 0) + 1}/{delivery_of(message) or '-'}"
+
+
 def timed_post(client: httpx.Client, provider: str, path: str, body: dict, headers: dict) -> httpx.Response:
     """POST and record latency and status (`timeout`/`error` when no answer came) in the provider metrics."""
     from fleet.shared.metrics import metrics
 
     m = metrics()
+    if (request_id := job_request_id()) is not None:
+        headers = headers | {"X-Request-Id": request_id}
     started = time.monotonic()
     try:
         response = client.post(path, json=body, headers=headers)

@@ -12,6 +12,7 @@ import psycopg
 import structlog
 
 from fleet.shared.db import connect_kwargs
+from fleet.shared.reconnect import Reconnects
 
 if TYPE_CHECKING:
     from fleet.shared.brokers.pgmq.broker import PgmqBroker
@@ -27,23 +28,26 @@ class Heartbeat(threading.Thread):
         self.interval = max(0.5, self.vt / 3)
         self.running = True
         self.stopped = threading.Event()
+        self.reconnects = Reconnects("heartbeat")
 
     def stop(self) -> None:
         self.running = False
         self.stopped.set()
 
     def run(self) -> None:
-        conn = None
+        conn, wait = None, self.interval
         while self.running:
-            self.stopped.wait(self.interval)
+            self.stopped.wait(wait)
             if not self.running:
                 break
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.broker.dsn, **connect_kwargs(self.broker.settings))
                 self._beat(conn)
-            except psycopg.Error as e:
-                log.warning("heartbeat.failed", error=str(e))
+                self.reconnects.restored()
+                wait = self.interval
+            except psycopg.Error as e:  # a missed beat is made up at once, then with backoff: the vt runs on
+                wait = self.reconnects.lost(e)
                 if conn is not None:
                     conn.close()
                 conn = None

@@ -10,6 +10,8 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from fleet.shared.reconnect import Reconnects
+
 if TYPE_CHECKING:
     from fleet.shared.brokers.pgmq.broker import PgmqBroker
 
@@ -24,6 +26,7 @@ class Notifier(threading.Thread):
         self.pending: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
         self.running = True
+        self.reconnects = Reconnects("notifier")
 
     def listen(self, queue_name: str) -> None:
         channel = f"pgmq.q_{queue_name}.INSERT"
@@ -41,6 +44,7 @@ class Notifier(threading.Thread):
             try:
                 with psycopg.connect(self.broker.dsn, autocommit=True, application_name="fleet-notifier") as conn:
                     self._relisten_all()
+                    self.reconnects.restored()
                     while self.running:
                         self._subscribe(conn)
                         for note in conn.notifies(timeout=0.25):
@@ -49,8 +53,7 @@ class Notifier(threading.Thread):
                                 self.broker.state(queue).wake.set()
             except psycopg.Error as e:
                 if self.running:
-                    log.warning("notifier.reconnecting", error=str(e))
-                    time.sleep(0.5)
+                    time.sleep(self.reconnects.lost(e))
 
     def _relisten_all(self) -> None:
         """A new connection listens to nothing yet: every channel is subscribed again, and every consumer woken
