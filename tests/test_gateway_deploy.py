@@ -94,7 +94,9 @@ def test_the_gateway_refuses_to_start_unprotected_outside_development(monkeypatc
 
 
 def test_fleet_gateway_exits_with_the_reason_when_unprotected(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"GATEWAY_DEV": "false"}
+    # A database is named (the check for one comes first) but never reached: the refusal comes before it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {
+        "GATEWAY_DEV": "false", "DATABASE_URL": "postgresql://fleet@127.0.0.1:9/unreachable", "FLEET_BROKER": "pgmq"}
     done = subprocess.run([sys.executable, "-m", "fleet.ops.cli", "gateway", "--port", "0"], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
