@@ -15,15 +15,19 @@ MIN_HS256_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key is at least as long as
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=False)
 
-    host: str = Field("127.0.0.1", alias="GATEWAY_HOST")
-    port: int = Field(8080, alias="GATEWAY_PORT", ge=0, le=65535)
+    host: str = Field("127.0.0.1", alias="GATEWAY_HOST", description="The address the gateway listens on.")
+    port: int = Field(8080, alias="GATEWAY_PORT", ge=0, le=65535,
+        description="The port the gateway listens on (0: any free port).")
     dev: bool = Field(False, alias="GATEWAY_DEV", description=(
         "development mode: the chat page at `/`, the gateway may start without JWT or HMAC, /readyz counts"
         " open streams; never in production"))
     docs: bool = Field(False, alias="GATEWAY_DOCS", description="serve /openapi.json and /docs")
-    max_body_bytes: int = Field(1_000_000, alias="GATEWAY_MAX_BODY_BYTES", ge=256)
-    keepalive_s: float = Field(15.0, alias="GATEWAY_KEEPALIVE_S", gt=0)
-    stream_timeout_s: float = Field(600.0, alias="GATEWAY_STREAM_TIMEOUT_S", gt=0)
+    max_body_bytes: int = Field(1_000_000, alias="GATEWAY_MAX_BODY_BYTES", ge=256,
+        description="The largest request body accepted, on every method; a larger one is a 413 before any credential is checked.")
+    keepalive_s: float = Field(15.0, alias="GATEWAY_KEEPALIVE_S", gt=0,
+        description="Seconds of quiet after which a stream sends a `: keepalive` comment and checks for a stored answer.")
+    stream_timeout_s: float = Field(600.0, alias="GATEWAY_STREAM_TIMEOUT_S", gt=0,
+        description="Seconds after which a stream with no final frame ends with a StreamTimeout error frame (the job goes on).")
     keep_frames_s: float = Field(300.0, alias="GATEWAY_KEEP_FRAMES_S", ge=0)  # pgmq resume buffer after a job's end
 
     # Connection limits, enforced by the gateway's own HTTP protocol (fleet.gateway.connections).
@@ -47,10 +51,12 @@ class GatewaySettings(BaseSettings):
         "comma-separated message roles a client may send in `messages` (of user, assistant, system)"))
 
     # Production toggles, off by default.
-    verify_jwt: bool = Field(False, alias="GATEWAY_VERIFY_JWT")
+    verify_jwt: bool = Field(False, alias="GATEWAY_VERIFY_JWT",
+        description="Require a JWT (HS256 with GATEWAY_JWT_SECRET, or keys from GATEWAY_JWKS_URL) on every route but the health checks.")
     jwt_secret: SecretStr | None = Field(None, alias="GATEWAY_JWT_SECRET")  # HS256 (Supabase's JWT secret)
     jwks_url: str | None = Field(None, alias="GATEWAY_JWKS_URL")  # asymmetric keys (RS256, ES256)
-    jwt_audience: str | None = Field("authenticated", alias="GATEWAY_JWT_AUDIENCE")
+    jwt_audience: str | None = Field("authenticated", alias="GATEWAY_JWT_AUDIENCE",
+        description="The `aud` a token must carry (Supabase issues `authenticated`).")
     jwt_issuer: str | None = Field(None, alias="GATEWAY_JWT_ISSUER", description=(
         "when set, a token's iss must equal it (Supabase: https://<project>.supabase.co/auth/v1)"))
     jwks_ttl_s: float = Field(300.0, alias="GATEWAY_JWKS_TTL_S", gt=0, description=(
@@ -58,8 +64,10 @@ class GatewaySettings(BaseSettings):
         " removed from the set is refused once this has passed"))
     jwks_min_refetch_s: float = Field(30.0, alias="GATEWAY_JWKS_MIN_REFETCH_S", ge=0, description=(
         "a token with an unknown kid fetches the set again at most once per this many seconds"))
-    hmac_key: SecretStr | None = Field(None, alias="GATEWAY_HMAC_KEY")
-    hmac_window_s: int = Field(300, alias="GATEWAY_HMAC_WINDOW_S", ge=1)
+    hmac_key: SecretStr | None = Field(None, alias="GATEWAY_HMAC_KEY",
+        description="The shared key of HMAC-signed requests (X-Signature over the method, path, query, token, idempotency key, timestamp and body).")
+    hmac_window_s: int = Field(300, alias="GATEWAY_HMAC_WINDOW_S", ge=1,
+        description="How far X-Timestamp may be from the gateway's clock, in seconds; a signature is accepted once within it.")
     # May verified users embed registered sources (`source` + `ids`)? Their rows are the operator's.
     users_embed_sources: bool = Field(False, alias="GATEWAY_USERS_EMBED_SOURCES")
 
