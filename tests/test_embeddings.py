@@ -112,12 +112,19 @@ def test_dimension_mismatch_is_a_clear_permanent_error(efleet, sim):
 
 
 def test_unregistered_source_and_bad_payloads_are_rejected(efleet):
+    from fleet.shared.errors import InvalidPayload
+
     trace = efleet.trace()
-    efleet.client.enqueue_many("embed_documents", [
-        {"source": "no_such_source", "ids": [1]},
-        {"source": "docs", "ids": [1], "table": "pg_authid"},
-        {"documents": [{"source_id": "x", "content": "y"}], "table": "users; drop table x"},
-    ], trace_id=trace)
+    bad_tables = [{"source": "docs", "ids": [1], "table": "pg_authid"},
+                  {"documents": [{"source_id": "x", "content": "y"}], "table": "users; drop table x"}]
+    for payload in bad_tables:  # the SDK has the model: refused at the edge
+        with pytest.raises(InvalidPayload, match="table: Input should be 'vector_documents' or 'code_vectors'"):
+            efleet.client.enqueue("embed_documents", payload, trace_id=trace)
+    # a source is registered in the workers' settings, so only they can refuse one; a producer without the
+    # model (SQL, another language) can send the bad tables, and the workers refuse those too
+    efleet.client.enqueue("embed_documents", {"source": "no_such_source", "ids": [1]}, trace_id=trace)
+    for payload in bad_tables:
+        efleet.client.broker.enqueue(efleet.client.message("embed_documents", payload, trace))
     efleet.wait_done(trace, 3)
     reasons = sorted(d["reason"] for d in dead_letters(efleet.dsn, trace))
     assert any("unregistered source 'no_such_source'; registered in EMBED_SOURCES: docs" in r for r in reasons)
