@@ -59,6 +59,14 @@ class Prometheus:
         assert body.get("status") == "success", f"{expr}: {body}"
         return body["data"]["result"]
 
+    def query_range(self, expr: str, start: float, end: float, step: float = 2.0) -> list[dict]:
+        """`expr` evaluated every `step` seconds from `start` to `end` (each result has `values`)."""
+        r = httpx.get(f"{self.url}/api/v1/query_range",
+                      params={"query": expr, "start": start, "end": end, "step": step}, timeout=30)
+        body = r.json()
+        assert body.get("status") == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
     def alerts(self) -> dict[str, str]:
         """Alert name -> state (pending/firing) of the alerts active now."""
         body = httpx.get(f"{self.url}/api/v1/alerts", timeout=10).json()
