@@ -28,6 +28,8 @@ from fleet.shared.errors import ProviderError, classify
 from fleet.shared.providers.letta import LettaClient
 from fleet.workers.agents.templates import publish
 from tests import test_letta_fidelity as fidelity
+from fleet.gateway.process import GatewayProcess
+from tests.agents_service_support import BILLING as SERVICE_BILLING, JWT_ENV, smoke_flow
 from tests.conftest import started_fleet
 from tests.helpers import wait_for
 
@@ -195,6 +197,16 @@ def test_a_conflict_is_permanent(lfleet, letta):
     with pytest.raises(ProviderError) as e:
         letta.update_agent(agent_id, {"tool_ids": ["tool-00000000-0000-4000-8000-00000000abcd"]})
     assert e.value.status == 409 and classify(e.value) == "permanent"
+
+
+def test_the_agent_service_flow_over_http(lfleet, letta, tmp_path):
+    """Publish, create, /me, publish, dry run, apply, /me: through the gateway, the workers and the real server."""
+    assert SERVICE_BILLING == BILLING  # the flow checks the endpoints the workers force
+    with GatewayProcess(lfleet.env | JWT_ENV, tmp_path) as gateway:
+        flow = smoke_flow(gateway.url, TEMPLATE)
+    agent = letta.get_agent(flow["agent_id"])
+    assert agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] \
+        == endpoint(flow["user"])
 
 
 def shape(agent: dict) -> dict:

@@ -205,6 +205,9 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
                                    " return a && a.textContent.length > 0 && !a.dataset.done; }", timeout=15_000)
             page.wait_for_selector("p.assistant[data-done='1']", timeout=30_000)
             answer = page.inner_text("p.assistant")
+            page.click("#profile button[type=submit]")  # the page shows /v1/me for its user (no agent yet)
+            page.wait_for_selector("#profile-out[data-status='200']", timeout=30_000)
+            profile = json.loads(page.inner_text("#profile-out"))
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -213,6 +216,7 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
         stored = conn.execute("select content from messages where role = 'assistant' and session_id like 'page-%%'"
                               " and status = 'complete' order by id desc limit 1").fetchone()[0]
     assert answer == stored and len(answer.split()) == 12
+    assert profile["letta_agent_id"] is None and uuid.UUID(profile["user_id"])
     assert screenshot.stat().st_size > 1000
 
 

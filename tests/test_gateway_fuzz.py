@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import uuid
 
+import time
+
 import hypothesis
+import jwt
 import pytest
 import schemathesis
 
@@ -25,13 +28,20 @@ def fuzz_gw(services, sim, tmp_path_factory):
 
 
 def test_no_generated_request_gets_a_5xx(fuzz_gw):
-    """Each operation of the document, 25 generated requests each (a fixed seed, so a run repeats)."""
+    """Each operation of the document, 25 generated requests each (a fixed seed, so a run repeats), as a user
+    and, on the operator routes (which refuse users before reading a body), as an operator."""
     schema = schemathesis.openapi.from_url(f"{fuzz_gw.url}/openapi.json")
-    headers = {"Authorization": f"Bearer {token(USER, exp_in=3600)}"}
+    user = {"Authorization": f"Bearer {token(USER, exp_in=3600)}"}
+    operator_claims = {"sub": str(uuid.uuid4()), "aud": "authenticated", "exp": int(time.time() + 3600),
+                       "app_metadata": {"fleet_role": "operator"}}
+    operator = {"Authorization": f"Bearer {jwt.encode(operator_claims, SECRET, algorithm='HS256')}"}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat", "/v1/embed", "/v1/jobs/{job_id}", "/v1/traces/{trace_id}"}
+    assert {op.path for op in operations} >= {"/v1/chat", "/v1/embed", "/v1/jobs/{job_id}", "/v1/traces/{trace_id}",
+                                              "/v1/agents", "/v1/me", "/v1/templates", "/v1/upgrades"}
     statuses: list[int] = []
-    for operation in operations:
+    runs = [(op, user) for op in operations] + [
+        (op, operator) for op in operations if op.path.startswith(("/v1/templates", "/v1/upgrades"))]
+    for operation, headers in runs:
         @hypothesis.settings(max_examples=25, deadline=None, derandomize=True, database=None,
                              suppress_health_check=list(hypothesis.HealthCheck))
         @hypothesis.given(case=operation.as_strategy())
@@ -42,4 +52,4 @@ def test_no_generated_request_gets_a_5xx(fuzz_gw):
                                                 response.text[:500])
 
         no_5xx()
-    assert len(statuses) >= 2 * len(operations) and any(200 <= s < 300 for s in statuses), statuses
+    assert len(statuses) >= 2 * len(runs) and any(200 <= s < 300 for s in statuses), statuses

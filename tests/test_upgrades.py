@@ -58,10 +58,12 @@ def cohort(ufleet, sim, users: int) -> tuple[str, list[str]]:
     return name, ids
 
 
-def run_upgrade(ufleet, name: str, version: str, *, dry_run: bool, cohort_filter: dict | None = None) -> str:
-    from fleet.workers.agents.upgrades import start_run
+def run_upgrade(ufleet, name: str, version: str, *, dry_run: bool, cohort_filter: dict | None = None,
+                halt=None) -> str:
+    from fleet.workers.agents.upgrades import HaltPolicy, start_run
 
-    run = start_run(name, version, cohort_filter or {}, dry_run, ufleet.client)  # SQL on pgmq, the SDK on Redis
+    run = start_run(name, version, cohort_filter or {}, dry_run, ufleet.client,  # SQL on pgmq, the SDK on Redis
+                    halt=halt or HaltPolicy())
 
     def finished():
         with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
@@ -160,6 +162,21 @@ def test_a_bad_template_halts_the_run(ufleet, sim):
     assert status == "halted"
     assert statuses.count("failed") >= 3 and statuses.count("succeeded") == 0
     assert statuses.count("failed") + statuses.count("cancelled") == 8
+
+
+def test_a_runs_own_halt_policy_replaces_the_settings(ufleet, sim):
+    from fleet.workers.agents.upgrades import HaltPolicy
+
+    name, _ = cohort(ufleet, sim, 4)
+    broken = copy.deepcopy(AGENT)
+    broken["agents"][0]["tool_rules"][0]["type"] = "no_such_rule"
+    publish(name, "2.0.0", broken)
+    # the settings would halt after 3 failures; this run waits for 10 finished agents, more than it has
+    run = run_upgrade(ufleet, name, "2.0.0", dry_run=False, halt=HaltPolicy(failure_rate=0.5, min_sample=10))
+    with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
+        status = conn.execute("select status from upgrade_runs where id = %s", (run,)).fetchone()[0]
+    assert status == "completed"
+    assert [r["status"] for r in rows(ufleet.dsn, run)] == ["failed"] * 4
 
 
 def test_stale_heartbeats_are_requeued_and_finished(ufleet, sim):

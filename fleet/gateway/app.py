@@ -22,10 +22,11 @@ from fleet.gateway.errors import (
     ApiError, InvalidBody, api_error_handler, error_response, invalid_body_handler, unexpected_handler,
     validation_handler,
 )
-from fleet.gateway.hub_embed import EmbedHub
+from fleet.gateway.hub_events import AgentHub, EmbedHub
 from fleet.gateway.metrics import MetricsMiddleware, gateway_metrics
-from fleet.gateway.models import ChatBody, EmbedBody
+from fleet.gateway.models import AgentBody, ChatBody, EmbedBody, TemplateBody, UpgradeBody
 from fleet.gateway.page import chat_page
+from fleet.gateway.agents import router as agents_router
 from fleet.gateway.routes import router
 from fleet.gateway.settings import gateway_settings, require_protection
 from fleet.gateway.state import Gateway
@@ -57,14 +58,15 @@ async def lifespan(app: FastAPI):
     settings, gw = get_settings(), gateway_settings()
     store = Store()
     await store.open()
-    hubs = [chat_hub(settings, gw), EmbedHub(store, gw.keep_frames_s, gw.stream_timeout_s)]
+    hubs = [chat_hub(settings, gw), EmbedHub(store, gw.keep_frames_s, gw.stream_timeout_s),
+            AgentHub(store, gw.keep_frames_s, gw.stream_timeout_s)]
     started = []
     try:
         for hub in hubs:
             await hub.start()
             started.append(hub)
         client = FleetClient(fleet_broker(), settings)
-        app.state.gateway = Gateway(settings, gw, store, hubs[0], hubs[1], client, Authenticator(gw))
+        app.state.gateway = Gateway(settings, gw, store, hubs[0], hubs[1], client, Authenticator(gw), hubs[2])
         yield
     finally:
         for hub in reversed(started):
@@ -77,9 +79,10 @@ def openapi_with_bodies(app: FastAPI):
     signature checks come before the body's validation)."""
     if app.openapi_schema is None:
         schema = get_openapi(title="Fleet gateway", version="1", routes=app.routes,
-                             description="Chat and embed jobs over HTTP; their frames as Server-Sent Events.")
+                             description="Chat, embed and agent jobs over HTTP, their frames as Server-Sent Events;"
+                             " agent templates and cohort upgrades for operators.")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ChatBody, EmbedBody):
+        for model in (ChatBody, EmbedBody, AgentBody, TemplateBody, UpgradeBody):
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(doc.pop("$defs", {}))
             components[model.model_config["title"]] = doc
@@ -93,6 +96,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Fleet gateway", lifespan=lifespan, openapi_url="/openapi.json" if gw.docs else None,
                   docs_url="/docs" if gw.docs else None, redoc_url=None)
     app.include_router(router)
+    app.include_router(agents_router)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(InvalidBody, invalid_body_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
@@ -112,12 +116,13 @@ def create_app() -> FastAPI:
             await asyncio.wait_for(g.store.ping(), 2.0)
         except Exception as e:  # not ready: say why (no secrets: the error names no DSN)
             return error_response(503, "not_ready", f"database unreachable: {type(e).__name__}")
-        dead = g.chat_hub.stopped_tasks() + g.embed_hub.stopped_tasks()
+        hubs = (g.chat_hub, g.embed_hub, g.agent_hub)
+        dead = [task for hub in hubs for task in hub.stopped_tasks()]
         if dead:
             return error_response(503, "not_ready", f"stopped: {', '.join(dead)}")
         if not gw.dev:  # how busy the gateway is, and on what: for the operator (/metrics), not for anyone
             return {"status": "ready"}
-        return {"status": "ready", "open_streams": g.chat_hub.open_streams() + g.embed_hub.open_streams(),
+        return {"status": "ready", "open_streams": sum(hub.open_streams() for hub in hubs),
                 **connections()}  # which database and broker, credentials masked
 
     @app.get("/metrics", include_in_schema=False)

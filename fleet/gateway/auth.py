@@ -10,9 +10,10 @@ fetched."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import jwt
@@ -34,6 +35,7 @@ log = structlog.get_logger(__name__)
 class Caller:
     user_id: str | None  # the token's sub; None when tokens are not verified
     client: str  # who a rate limit counts against: the user, else the client address
+    claims: dict = field(default_factory=dict, compare=False)  # the verified token's claims
 
     def may_see(self, owner: str | None) -> bool:
         return self.user_id is None or (owner is not None and str(owner) == self.user_id)
@@ -115,7 +117,23 @@ class Authenticator:
             user = str(uuid.UUID(str(claims.get("sub"))))
         except ValueError:
             raise _unauthorized("the token's sub is not a user id (a UUID)") from None
-        return Caller(user, f"user:{user}")
+        return Caller(user, f"user:{user}", claims)
+
+    def require_operator(self, request: Request, caller: Caller) -> None:
+        """A 403 unless the caller is an operator: the operator claim in a verified token, or the operator key.
+        Without verified tokens and without an operator key, every caller is trusted (development mode, or a
+        backend that signs its requests)."""
+        if self.settings.verify_jwt and self.settings.operator_role in _claim_values(
+                caller.claims, self.settings.operator_claim):
+            return
+        key = self.settings.operator_key
+        sent = request.headers.get("x-operator-key")
+        if key is not None and sent is not None and hmac.compare_digest(sent.encode(), key.get_secret_value().encode()):
+            return
+        if key is None and not self.settings.verify_jwt:
+            return
+        raise ApiError(403, "operator_only", f"this route is for operators: a token whose {self.settings.operator_claim}"
+                       f" claim includes {self.settings.operator_role!r}, or the X-Operator-Key header")
 
     async def _verify(self, token: str) -> dict:
         try:
@@ -148,3 +166,13 @@ class Authenticator:
                 raise jwt.InvalidTokenError(f"algorithm {alg!r} does not fit the {jwk.key_type} key {kid!r}")
             return jwk.key
         raise jwt.InvalidTokenError(f"algorithm {alg!r} is not accepted")
+
+
+def _claim_values(claims: dict, path: str) -> list:
+    """The value at a dotted claim path, as a list (a role claim may be a string or a list of them)."""
+    value: object = claims
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

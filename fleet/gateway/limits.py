@@ -1,7 +1,8 @@
 """Per-caller limits.
 
 - Requests a minute: CHAT_RATE_LIMIT_PER_MIN and EMBED_RATE_LIMIT_PER_MIN on the POST routes,
-  GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate limiter over the fleet's
+  GATEWAY_AGENT_RATE_LIMIT_PER_MIN on POST /v1/agents, GATEWAY_OPERATOR_RATE_LIMIT_PER_MIN on the
+  operators' POST routes, GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate limiter over the fleet's
   shared backend (Redis or Postgres), so they hold across processes.
 - Open streams: GATEWAY_MAX_STREAMS_PER_USER SSE streams per verified user in one process.
 """
@@ -25,7 +26,8 @@ WINDOW_S = 60
 
 
 def _limit(settings: Settings, gw: GatewaySettings, kind: str) -> int:
-    return {"chat": settings.chat_rate_limit_per_min, "embed": settings.embed_rate_limit_per_min}.get(
+    return {"chat": settings.chat_rate_limit_per_min, "embed": settings.embed_rate_limit_per_min,
+            "agents": gw.agent_rate_limit_per_min, "operator": gw.operator_rate_limit_per_min}.get(
         kind, gw.read_rate_limit_per_min)
 
 
@@ -36,7 +38,7 @@ def _try(limiter: WindowRateLimiter) -> bool:
 
 async def check_rate(settings: Settings, gw: GatewaySettings, kind: str, client: str) -> None:
     """429 with Retry-After when `client` has used its requests of this minute. Retry-After is the
-    window: by then every request counted against the client has left it. `kind` is chat, embed or read."""
+    window: by then every request counted against the client has left it. `kind` is chat, embed, agents, operator or read."""
     limit = _limit(settings, gw, kind)
     if limit <= 0:
         return

@@ -68,10 +68,25 @@ class GatewaySettings(BaseSettings):
         description="The shared key of HMAC-signed requests (X-Signature over the method, path, query, token, idempotency key, timestamp and body).")
     hmac_window_s: int = Field(300, alias="GATEWAY_HMAC_WINDOW_S", ge=1,
         description="How far X-Timestamp may be from the gateway's clock, in seconds; a signature is accepted once within it.")
+    agent_rate_limit_per_min: int = Field(30, alias="GATEWAY_AGENT_RATE_LIMIT_PER_MIN", ge=0, description=(
+        "POST /v1/agents requests a minute per caller, across processes; 0: no limit"))
+    operator_rate_limit_per_min: int = Field(120, alias="GATEWAY_OPERATOR_RATE_LIMIT_PER_MIN", ge=0, description=(
+        "operator POST requests (publish, upgrade, halt) a minute per caller, across processes; 0: no limit"))
+
+    # Operators (templates and upgrades): a verified token whose claim says so, or the operator key.
+    operator_claim: str = Field("app_metadata.fleet_role", alias="GATEWAY_OPERATOR_CLAIM", min_length=1, description=(
+        "the token claim (a dotted path) that holds the caller's role; only claims the identity provider"
+        " sets belong here (Supabase: app_metadata, never user_metadata, which users edit)"))
+    operator_role: str = Field("operator", alias="GATEWAY_OPERATOR_ROLE", min_length=1, description=(
+        "the value (or one of the values) of GATEWAY_OPERATOR_CLAIM that makes a caller an operator"))
+    operator_key: SecretStr | None = Field(None, alias="GATEWAY_OPERATOR_KEY", description=(
+        "a key that makes a request an operator's when sent as X-Operator-Key; when set, it is required of"
+        " operator requests without the operator claim, also when tokens are not verified"))
+
     # May verified users embed registered sources (`source` + `ids`)? Their rows are the operator's.
     users_embed_sources: bool = Field(False, alias="GATEWAY_USERS_EMBED_SOURCES")
 
-    @field_validator("jwt_secret", "jwks_url", "hmac_key", "jwt_issuer", mode="before")
+    @field_validator("jwt_secret", "jwks_url", "hmac_key", "jwt_issuer", "operator_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         """`GATEWAY_HMAC_KEY=` (as compose passes an unset variable) is no key, not an empty one."""
@@ -104,6 +119,8 @@ def require_protection(gw: GatewaySettings) -> None:
     if gw.jwt_secret is not None and len(gw.jwt_secret.get_secret_value().encode()) < MIN_HS256_SECRET_BYTES:
         raise UnprotectedGateway(f"GATEWAY_JWT_SECRET has fewer than {MIN_HS256_SECRET_BYTES} bytes;"
                                  " an HS256 secret needs at least 256 bits")
+    if gw.operator_key is not None and len(gw.operator_key.get_secret_value().encode()) < MIN_HS256_SECRET_BYTES:
+        raise UnprotectedGateway(f"GATEWAY_OPERATOR_KEY has fewer than {MIN_HS256_SECRET_BYTES} bytes")
     if not gw.dev and not gw.verify_jwt and gw.hmac_key is None:
         raise UnprotectedGateway(
             "the gateway refuses to start unprotected: GATEWAY_DEV=false, but neither GATEWAY_VERIFY_JWT=true"

@@ -25,6 +25,7 @@ class Gateway:
     embed_hub: Hub
     client: FleetClient
     auth: Authenticator
+    agent_hub: Hub
     streams: StreamCap = field(init=False)
 
     def __post_init__(self) -> None:
@@ -35,4 +36,4 @@ class Gateway:
         return await asyncio.to_thread(lambda: stored_answer(job_id) or dead_frame(job_id))
 
     def hub(self, kind: str) -> Hub:
-        return self.embed_hub if kind == "embed" else self.chat_hub
+        return {"embed": self.embed_hub, "agents": self.agent_hub}.get(kind, self.chat_hub)

@@ -75,11 +75,12 @@ def cmd_upgrade_run(args) -> int:
     except json.JSONDecodeError as e:
         raise SystemExit(f"fleet upgrade: --cohort is not JSON: {e}")
     from fleet.shared.client import FleetClient
-    from fleet.workers.agents.upgrades import start_run
+    from fleet.workers.agents.upgrades import HaltPolicy, start_run
 
     try:
         agents = _cohort_size(args.template, cohort)
-        run = start_run(args.template, args.version, cohort, args.dry_run, FleetClient())
+        run = start_run(args.template, args.version, cohort, args.dry_run, FleetClient(),
+                        halt=HaltPolicy(args.halt_failure_rate, args.halt_min_sample))
     except Exception as e:  # the database says why (unknown template version)
         print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
         return 2
@@ -174,6 +175,10 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="compute each agent's diff and change nothing")
     p.add_argument("--cohort", default="{}", help='which agents (JSON, default all of the template\'s):'
                                                   ' {"from_version": V} {"user_ids": [...]} {"percent": 5}')
+    p.add_argument("--halt-failure-rate", type=float, metavar="RATE",
+                   help="halt above this share of failed agents (0 < RATE <= 1; UPGRADE_HALT_FAILURE_RATE if not given)")
+    p.add_argument("--halt-min-sample", type=int, metavar="N",
+                   help="apply the halt rule after N finished agents (UPGRADE_HALT_MIN_SAMPLE if not given)")
     p.add_argument("--wait", action="store_true", help="follow the run with a progress bar until it ends")
     p.add_argument("--timeout", type=float, default=3600, help="with --wait: give up following after N seconds")
     p.set_defaults(func=cmd_upgrade_run)

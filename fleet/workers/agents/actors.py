@@ -58,12 +58,14 @@ def create_agent(job: CreateAgentJob) -> None:
     job_id = message.message_id if message else f"direct-{job.user_id}"
     claim_creation(str(job.user_id), job_id)  # one creator per user, without holding a connection over HTTP
     with get_pool().connection() as conn:
-        row = conn.execute("select letta_agent_id, template_name from user_profiles where user_id = %s",
-                           (job.user_id,)).fetchone()
+        row = conn.execute("select letta_agent_id, template_name, template_version from user_profiles"
+                           " where user_id = %s", (job.user_id,)).fetchone()
     if row and row[0]:
         release_creation(str(job.user_id), job_id)
         if row[1] != job.template:
             raise PermanentError(f"user {job.user_id} already has an agent from template {row[1]!r}")
+        events.emit("agent.exists", **(job_fields(message) if message else {}), agent_id=row[0],
+                    template=f"{row[1]}@{row[2]}")
         return
     letta = LettaClient(settings)
     name = f"{job.template}-{job.user_id}"

@@ -14,6 +14,11 @@ from fleet.workers.agents.semver import Version
 
 
 class TemplateError(ValueError):
+    """A template refused: not a SemVer version, an invalid Agent File, or a version that exists already or is
+    not above the highest published."""
+
+
+class TemplateNotFound(TemplateError):
     pass
 
 
@@ -44,7 +49,7 @@ def get(name: str, version: str) -> dict[str, Any]:
         row = conn.execute("select content from agent_templates where name = %s and version = %s",
                            (name, version)).fetchone()
     if row is None:
-        raise TemplateError(f"template {name}@{version} is not published")
+        raise TemplateNotFound(f"template {name}@{version} is not published")
     return row[0]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
+from dataclasses import dataclass
 
 import structlog
 from psycopg.rows import dict_row
@@ -47,19 +48,36 @@ def select_cohort(conn, run: dict) -> list[tuple[str, str, str | None]]:
     return [r for r in rows if percent is None or in_canary(r[1], float(percent))]
 
 
-def start_run(template: str, version: str, cohort: dict, dry_run: bool, client) -> str:
-    """A new run, its fan-out enqueued: through pgmq in SQL (ams_enqueue_upgrade), or by the SDK on Redis."""
+@dataclass(frozen=True)
+class HaltPolicy:
+    """When a run halts itself: above `failure_rate` failed among at least `min_sample` finished agents.
+    None: the settings' UPGRADE_HALT_FAILURE_RATE and UPGRADE_HALT_MIN_SAMPLE."""
+
+    failure_rate: float | None = None
+    min_sample: int | None = None
+
+
+def start_run(template: str, version: str, cohort: dict, dry_run: bool, client, *, run_id: str | None = None,
+              halt: HaltPolicy = HaltPolicy()) -> str:
+    """A new run, its fan-out enqueued: through pgmq in SQL (ams_enqueue_upgrade), or by the SDK on Redis.
+    A `run_id` that names a run already started returns it and enqueues nothing."""
     with get_pool().connection() as conn:
         if client.settings.broker != "redis":
-            return str(conn.execute("select ams_enqueue_upgrade(%s, %s, %s, %s)",
-                                    (template, version, Jsonb(cohort), dry_run)).fetchone()[0])
+            return str(conn.execute("select ams_enqueue_upgrade(%s, %s, %s, %s, %s::uuid, %s::real, %s::integer)",
+                                    (template, version, Jsonb(cohort), dry_run, run_id, halt.failure_rate,
+                                     halt.min_sample)).fetchone()[0])
         if not conn.execute("select 1 from agent_templates where name = %s and version = %s",
                             (template, version)).fetchone():
             raise PermanentError(f"template {template}@{version} is not published")
-        run = str(conn.execute("insert into upgrade_runs (template_name, to_version, dry_run, cohort)"
-                               " values (%s, %s, %s, %s) returning id", (template, version, dry_run, Jsonb(cohort))).fetchone()[0])
-    client.enqueue("upgrade_fanout", {"run_id": run})
-    return run
+        row = conn.execute("insert into upgrade_runs (id, template_name, to_version, dry_run, cohort,"
+                           " halt_failure_rate, halt_min_sample) values (coalesce(%s, gen_random_uuid()), %s, %s, %s,"
+                           " %s, %s, %s) on conflict (id) do nothing returning id",
+                           (run_id, template, version, dry_run, Jsonb(cohort), halt.failure_rate,
+                            halt.min_sample)).fetchone()
+    if row is None:  # started before under this id
+        return str(run_id)
+    client.enqueue("upgrade_fanout", {"run_id": str(row[0])})
+    return str(row[0])
 
 
 def fan_out(run_id: str, client) -> int:
@@ -242,10 +260,14 @@ def _finish(cur, row: dict, status: str, change: dict | None, error: str | None,
 def maybe_halt(run_id: str, settings: Settings) -> bool:
     """Halt a run whose failure rate passed the threshold after the minimum sample."""
     with get_pool().connection() as conn, conn.transaction():
-        done, failed = conn.execute(
-            "select count(*) filter (where status in ('succeeded', 'failed')), count(*) filter (where status = 'failed')"
-            " from agent_upgrades where run_id = %s", (run_id,)).fetchone()
-        if done < settings.upgrade_halt_min_sample or failed / done <= settings.upgrade_halt_failure_rate:
+        done, failed, rate, sample = conn.execute(
+            "select count(*) filter (where u.status in ('succeeded', 'failed')),"
+            " count(*) filter (where u.status = 'failed'), r.halt_failure_rate, r.halt_min_sample"
+            " from upgrade_runs r left join agent_upgrades u on u.run_id = r.id where r.id = %s"
+            " group by r.id", (run_id,)).fetchone()
+        rate = settings.upgrade_halt_failure_rate if rate is None else rate
+        sample = settings.upgrade_halt_min_sample if sample is None else sample
+        if done < sample or failed / done <= rate:
             return False
         conn.execute("update upgrade_runs set status = 'halted' where id = %s and status = 'running'", (run_id,))
         conn.execute("update agent_upgrades set status = 'cancelled', finished_at = now()"
@@ -293,3 +315,23 @@ def requeue_stale(settings: Settings, client) -> int:
     if rows:
         client.enqueue_many("upgrade_agent", [{"run_id": r, "agent_id": a} for r, a in rows])
     return len(rows)
+
+
+def run_state(run_id: str, agents_limit: int = 0) -> dict | None:
+    """A run as its operator sees it: what it upgrades to, its policy, its status, its counts by agent status
+    (live while it runs) and, with `agents_limit`, that many of its agents with their diff and error."""
+    with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        run = cur.execute(
+            "select id::text as run_id, template_name as template, to_version as version, dry_run, cohort, status,"
+            " (counts->>'total')::int as total, halt_failure_rate, halt_min_sample, created_at, finished_at"
+            " from upgrade_runs where id = %s", (run_id,)).fetchone()
+        if run is None:
+            return None
+        run["counts"] = dict(conn.execute("select status, count(*) from agent_upgrades where run_id = %s"
+                                          " group by status", (run_id,)).fetchall())
+        if agents_limit > 0:
+            run["agents"] = cur.execute(
+                "select agent_id, user_id::text, from_version, status, diff, error, attempts, finished_at"
+                " from agent_upgrades where run_id = %s order by agent_id limit %s", (run_id, agents_limit)).fetchall()
+    run["finished"] = run["finished_at"] is not None
+    return run
