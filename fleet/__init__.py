@@ -49,13 +49,36 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from fleet.shared.client import ChatStream, Enqueued, FleetClient
-    from fleet.shared.errors import (DeferredError, FleetError, InvalidPayload, PayloadTooLarge, PermanentError,
-                                     TransientError)
-    from fleet.shared.jobs import ChatJob, ChatMessage, EmbedJob, InlineDocument
-    from fleet.shared.registry import (InvalidJobDeclaration, Job, JobOptions, JobType, Lease, RateLimit,
-                                       UnknownJobType, job)
+if TYPE_CHECKING:  # for type checkers (`X as X` re-exports X)
+    from fleet.shared.client import (
+        ChatStream as ChatStream,
+        Enqueued as Enqueued,
+        FleetClient as FleetClient,
+    )
+    from fleet.shared.errors import (
+        DeferredError as DeferredError,
+        FleetError as FleetError,
+        InvalidPayload as InvalidPayload,
+        PayloadTooLarge as PayloadTooLarge,
+        PermanentError as PermanentError,
+        TransientError as TransientError,
+    )
+    from fleet.shared.jobs import (
+        ChatJob as ChatJob,
+        ChatMessage as ChatMessage,
+        EmbedJob as EmbedJob,
+        InlineDocument as InlineDocument,
+    )
+    from fleet.shared.registry import (
+        InvalidJobDeclaration as InvalidJobDeclaration,
+        Job as Job,
+        JobOptions as JobOptions,
+        JobType as JobType,
+        Lease as Lease,
+        RateLimit as RateLimit,
+        UnknownJobType as UnknownJobType,
+        job as job,
+    )
 
 
 def __getattr__(name: str) -> Any:

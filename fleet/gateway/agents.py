@@ -10,18 +10,11 @@ import asyncio
 import re
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-
-from fleet.shared.errors import PermanentError
-from fleet.workers.agents import templates
-from fleet.workers.agents.agentfile import InvalidAgentFile
-from fleet.workers.agents.profiles import profile_of
-from fleet.workers.agents.semver import InvalidVersion
-from fleet.workers.agents.upgrades import HaltPolicy, halt, run_state, start_run
 
 from fleet.gateway.auth import Caller
 from fleet.gateway.errors import ApiError
@@ -30,6 +23,12 @@ from fleet.gateway.models import TEMPLATE_NAME, AgentBody, TemplateBody, Upgrade
 from fleet.gateway.routes import SSE_HEADERS, admitted, body_doc, gateway, idempotency_key, last_event_id, start_job
 from fleet.gateway.sse import KEEPALIVE, encode
 from fleet.gateway.state import Gateway
+from fleet.shared.errors import PermanentError
+from fleet.workers.agents import templates
+from fleet.workers.agents.agentfile import InvalidAgentFile
+from fleet.workers.agents.profiles import profile_of
+from fleet.workers.agents.semver import InvalidVersion
+from fleet.workers.agents.upgrades import HaltPolicy, halt, run_state, start_run
 
 router = APIRouter()
 NAME = re.compile(TEMPLATE_NAME)

@@ -12,25 +12,29 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fleet.shared.client import FleetClient
-from fleet.shared.config import get_settings
-from fleet.shared.db import connections
-
+from fleet.gateway.agents import router as agents_router
 from fleet.gateway.auth import Authenticator
 from fleet.gateway.bodylimit import BodyLimitMiddleware
 from fleet.gateway.errors import (
-    ApiError, InvalidBody, api_error_handler, error_response, invalid_body_handler, unexpected_handler,
+    ApiError,
+    InvalidBody,
+    api_error_handler,
+    error_response,
+    invalid_body_handler,
+    unexpected_handler,
     validation_handler,
 )
 from fleet.gateway.hub_events import AgentHub, EmbedHub
 from fleet.gateway.metrics import MetricsMiddleware, gateway_metrics
 from fleet.gateway.models import AgentBody, ChatBody, EmbedBody, TemplateBody, UpgradeBody
 from fleet.gateway.page import chat_page
-from fleet.gateway.agents import router as agents_router
 from fleet.gateway.routes import router
 from fleet.gateway.settings import gateway_settings, require_protection
 from fleet.gateway.state import Gateway
 from fleet.gateway.store import Store
+from fleet.shared.client import FleetClient
+from fleet.shared.config import get_settings
+from fleet.shared.db import connections
 
 BLOCKING_THREADS = 32  # enqueues and stored-answer reads run in threads (the SDK is synchronous)
 
@@ -114,7 +118,7 @@ def create_app() -> FastAPI:
         g: Gateway = request.app.state.gateway
         try:
             await asyncio.wait_for(g.store.ping(), 2.0)
-        except Exception as e:  # not ready: say why (no secrets: the error names no DSN)
+        except Exception as e:  # noqa: BLE001  not ready, whatever the cause: the answer says why (no secrets: the error names no DSN)
             return error_response(503, "not_ready", f"database unreachable: {type(e).__name__}")
         hubs = (g.chat_hub, g.embed_hub, g.agent_hub)
         dead = [task for hub in hubs for task in hub.stopped_tasks()]

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from fleet.shared.errors import InvalidPayload, PayloadTooLarge
-
 from fleet.gateway.errors import ApiError
 from fleet.gateway.state import Gateway
 from fleet.gateway.store import PENDING_TTL_S, Store
+from fleet.shared.errors import InvalidPayload, PayloadTooLarge
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +56,7 @@ async def follow_and_enqueue(g: Gateway, hub, claim: KeyClaim | None, job: JobSp
     if claim is not None:
         try:
             await claim.store.confirm_key(claim.scope, claim.key)
-        except Exception as e:  # the job is enqueued: stream it; its key stays pending and expires soon
+        except Exception as e:  # noqa: BLE001  logged; the job is enqueued: stream it; its key stays pending and expires soon
             log.error("gateway.key_confirm_failed", job_id=job.job_id, error=type(e).__name__,
                       note=f"a repeat after {PENDING_TTL_S} s would enqueue the job again")
     return queue, backlog

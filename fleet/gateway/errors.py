@@ -7,7 +7,6 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-
 log = structlog.get_logger(__name__)
 
 

@@ -16,11 +16,10 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from fleet.gateway.hub import Hub
 from fleet.shared.db import connect_kwargs, database_dsn
 from fleet.shared.frames import channel, stored_message
 from fleet.shared.reconnect import Reconnects
-
-from fleet.gateway.hub import Hub
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +120,7 @@ class PgHub(Hub):
         if self._listener is not None and not self._listener.closed:
             try:
                 await self._listener.close()
-            except Exception as e:  # a broken connection may fail to close: it is dropped all the same
+            except Exception as e:  # noqa: BLE001  logged; a broken connection may fail to close: it is dropped all the same
                 log.warning("gateway.listen_close_failed", error=type(e).__name__)
         self._listener = None
 

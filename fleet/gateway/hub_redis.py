@@ -14,11 +14,10 @@ import uuid
 import redis.asyncio as aioredis
 import structlog
 
+from fleet.gateway.hub import Hub
 from fleet.shared.db import redis_url
 from fleet.shared.frames import stream_key
 from fleet.shared.reconnect import Reconnects
-
-from fleet.gateway.hub import Hub
 
 log = structlog.get_logger(__name__)
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import AsyncIterator
 
 from dramatiq.rate_limits import WindowRateLimiter
 
-from fleet.shared.config import Settings
-from fleet.shared.ratelimit import backend
-
 from fleet.gateway.errors import ApiError
 from fleet.gateway.settings import GatewaySettings
+from fleet.shared.config import Settings
+from fleet.shared.ratelimit import backend
 
 WINDOW_S = 60
 

@@ -7,9 +7,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fleet.shared.jobs import ChatJob, EmbedJob
-
 from fleet.gateway.errors import InvalidBody
+from fleet.shared.jobs import ChatJob, EmbedJob
 
 SESSION_SCOPE_CHARS = 39  # "u:{uuid}:" before a verified user's session id (see tenancy.scoped_session_id)
 

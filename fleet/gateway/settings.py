@@ -4,10 +4,10 @@ CHAT_RATE_LIMIT_PER_MIN, EMBED_RATE_LIMIT_PER_MIN, ...) stay in fleet.shared.con
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 MIN_HS256_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key is at least as long as the hash (256 bits)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 
@@ -66,7 +66,7 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
         while True:
             try:
                 frame = queue.get_nowait() if stored is not None else await asyncio.wait_for(queue.get(), keepalive_s)
-            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+            except (TimeoutError, asyncio.QueueEmpty):
                 if stored is not None:
                     yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
                     return
@@ -97,5 +97,5 @@ async def _caught_up(hub: Hub, job_id: str) -> None:
     answer is complete without the live frames."""
     try:
         await asyncio.wait_for(hub.catch_up(job_id), CATCH_UP_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("gateway.catch_up_timeout", job_id=job_id, timeout_s=CATCH_UP_S)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from fleet.shared.client import FleetClient
-from fleet.shared.config import Settings
-from fleet.shared.frames import dead_frame, stored_answer
-
 from fleet.gateway.auth import Authenticator
 from fleet.gateway.hub import Hub
 from fleet.gateway.limits import StreamCap
 from fleet.gateway.settings import GatewaySettings
 from fleet.gateway.store import Store
+from fleet.shared.client import FleetClient
+from fleet.shared.config import Settings
+from fleet.shared.frames import dead_frame, stored_answer
 
 
 @dataclass

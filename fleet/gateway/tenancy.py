@@ -15,12 +15,11 @@ operator's tables) are embedded by users only when GATEWAY_USERS_EMBED_SOURCES a
 
 from __future__ import annotations
 
-from fleet.shared.config import Settings
-
 from fleet.gateway.auth import Caller
 from fleet.gateway.errors import ApiError
 from fleet.gateway.models import ChatBody, EmbedBody
 from fleet.gateway.settings import GatewaySettings
+from fleet.shared.config import Settings
 
 USER_SCOPE = "u:"  # the prefix of every user's key space; MAX_SOURCE_ID is checked after it is added
 MAX_SOURCE_ID = 512

@@ -76,12 +76,12 @@ def demo_chats(client, questions: list[str]) -> bool:
     while any(t.is_alive() for t in threads):
         if tty:
             print(f"\033[{len(questions)}F", end="")
-            for q, a in zip(questions, answers):
+            for q, a in zip(questions, answers, strict=True):
                 print(f"\033[K    > {q}: {a[-70:]}")
         time.sleep(0.1)
     if tty:
         print(f"\033[{len(questions)}F", end="")
-    for q, a, st in zip(questions, answers, streams):
+    for q, a, st in zip(questions, answers, streams, strict=True):
         print(f"\033[K    > {q}: {a}" if tty else f"    < {a}")
         if st.status != "complete":
             print(f"    chat ended {st.status}: {st.error}", file=sys.stderr)
@@ -102,7 +102,7 @@ def demo_lifecycle(client, memories: int = 2000) -> bool:
     for dry in (True, False):
         trace = str(uuid.uuid4())
         client.enqueue("memory_lifecycle", {"project_id": project, "dry_run": dry}, trace_id=trace)
-        result = wait_until(lambda: queries.lifecycle_result(trace), 120)
+        result = wait_until(lambda trace=trace: queries.lifecycle_result(trace), 120)
         if result is None:
             print("fleet demo: the lifecycle run did not finish", file=sys.stderr)
             return False

@@ -75,7 +75,7 @@ class WorkerGroup:
         self.log_path = log_dir / f"workers-{uuid.uuid4().hex[:8]}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "WorkerGroup":
+    def start(self) -> WorkerGroup:
         env = dict(self.env)
         mdir = self.log_path.with_suffix(".metrics")
         mdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def start_simulator(config: dict) -> tuple[subprocess.Popen, str]:
         try:
             httpx.get(f"{url}/health", timeout=0.5)
             return proc, url
-        except httpx.TransportError:
+        except httpx.TransportError as e:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the provider simulator did not start")
+                raise RuntimeError("the provider simulator did not start") from e
             time.sleep(0.05)

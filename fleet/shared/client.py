@@ -15,8 +15,9 @@ the worker.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import dramatiq
 import pydantic
@@ -157,7 +158,7 @@ class FleetClient:
     @staticmethod
     def _merge_results(queue: str, fresh: list[int], results: dict[int, Enqueued], sent: list[tuple[str, str]],
                        count: int) -> list[Enqueued]:
-        for i, (job_id, trace) in zip(fresh, sent):
+        for i, (job_id, trace) in zip(fresh, sent, strict=True):
             results[i] = Enqueued(job_id, trace, queue)
         return [results[i] for i in range(count)]
 
@@ -181,7 +182,7 @@ class FleetClient:
     def stream_chat(self, session_id: str, content: str | None = None, *, messages: list[dict] | None = None,
                     model: str | None = None, temperature: float | None = None, max_tokens: int | None = None,
                     idempotency_key: str | None = None, user_id: str | None = None,
-                    timeout_s: float = 300) -> "ChatStream":
+                    timeout_s: float = 300) -> ChatStream:
         """Enqueue a chat job and follow it: iterate for the text deltas as they arrive; afterwards the
         stream holds the final `text`, `usage`, `finish_reason` and `status`."""
         from fleet.shared.frames import FrameListener
@@ -200,7 +201,7 @@ class FleetClient:
             raise
         return ChatStream(enqueued.job_id, enqueued.trace_id, listener, timeout_s)
 
-    def chat(self, session_id: str, content: str | None = None, **kwargs) -> "ChatStream":
+    def chat(self, session_id: str, content: str | None = None, **kwargs) -> ChatStream:
         """The final answer of a chat job (a finished ChatStream: .text, .usage, .status)."""
         stream = self.stream_chat(session_id, content, **kwargs)
         for _ in stream:
@@ -219,7 +220,7 @@ class FleetClient:
         messages = [self.message(name, p, trace_id) for p in payloads]
         if preassigned is not None:  # the ids recorded with the idempotency keys
             messages = [m.copy(message_id=job_id, options={"trace_id": trace})
-                        for m, (job_id, trace) in zip(messages, preassigned)]
+                        for m, (job_id, trace) in zip(messages, preassigned, strict=True)]
         enqueue_many(broker, messages, delay=delay_ms, conn=conn)
         return [(m.message_id, m.options["trace_id"]) for m in messages]
 
@@ -265,7 +266,7 @@ class FleetClient:
             with get_pool().connection() as conn:
                 conn.execute("delete from request_dedup where scope = %s and key = any(%s) and result ? 'pending'",
                              (IDEMPOTENCY_SCOPE, keys))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  logged; the keys expire by themselves
             log.warning("idempotency.release_failed", keys=len(keys), error=redact(describe(e)),
                         note=f"the pending keys expire within {self.pending_ttl_s:.0f} s")
 

@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 # Descriptions that several families' settings share.
 PROVIDER_RETRIES = "Retries of one provider call inside a job, before the job itself is retried."
 RATE_LIMIT = "Provider requests per minute across every process; 0: no limit. A job that meets it is delayed."

@@ -69,17 +69,23 @@ class Selection:
     include_retried: bool = False
 
     def where(self) -> tuple[str, list]:
-        where, params = ["true"], []
+        where: list[str] = ["true"]
+        params: list[object] = []
         if self.ids:
-            where.append("id = any(%s)"); params.append(list(self.ids))
+            where.append("id = any(%s)")
+            params.append(list(self.ids))
         if self.queue:
-            where.append("queue = %s"); params.append(self.queue)
+            where.append("queue = %s")
+            params.append(self.queue)
         if self.error_class:
-            where.append("error_class = %s"); params.append(self.error_class)
+            where.append("error_class = %s")
+            params.append(self.error_class)
         if self.older_than_s is not None:
-            where.append("created_at < now() - %s * interval '1 second'"); params.append(self.older_than_s)
+            where.append("created_at < now() - %s * interval '1 second'")
+            params.append(self.older_than_s)
         if self.newer_than_s is not None:
-            where.append("created_at >= now() - %s * interval '1 second'"); params.append(self.newer_than_s)
+            where.append("created_at >= now() - %s * interval '1 second'")
+            params.append(self.newer_than_s)
         if not self.include_retried:
             where.append("retried_at is null")
         return " and ".join(where), params

@@ -4,7 +4,8 @@ a dead letter, a job's events) is tried again while the connection is refused, f
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import dramatiq.errors
 import psycopg

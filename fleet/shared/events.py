@@ -86,7 +86,7 @@ class EventWriter:
             time.sleep(FLUSH_INTERVAL_S)
             try:
                 self.flush()
-            except Exception as e:  # keep the rows; try again next tick
+            except Exception as e:  # noqa: BLE001  logged; keep the rows and try again next tick
                 log.warning("events.flush_failed", error=str(e))
                 time.sleep(0.5)
 
@@ -98,8 +98,8 @@ class EventWriter:
                 rows, self._buffer = self._buffer, []
             else:
                 mine = [r[0] == queue or r[0] not in self.claimed for r in self._buffer]
-                rows = [r for r, m in zip(self._buffer, mine) if m]
-                self._buffer = [r for r, m in zip(self._buffer, mine) if not m]
+                rows = [r for r, m in zip(self._buffer, mine, strict=True) if m]
+                self._buffer = [r for r, m in zip(self._buffer, mine, strict=True) if not m]
         return rows
 
     def put_back(self, rows: list[Row]) -> None:
@@ -197,7 +197,7 @@ def written_in_background() -> None:
 def flush_quietly() -> None:
     try:
         _writer.flush()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  logged: at exit there is no one left to raise to
         log.warning("events.flush_failed", error=str(e))
 
 

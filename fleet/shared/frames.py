@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import psycopg
 from psycopg import sql

@@ -87,7 +87,7 @@ def _renew(scope: str, key: str, holder: str, ttl_s: float, stop: threading.Even
             with get_pool().connection() as conn:
                 conn.execute("update request_dedup set expires_at = now() + %s * interval '1 second'"
                              " where scope = %s and key = %s and result->>'job_id' = %s", (ttl_s, scope, key, holder))
-        except Exception as e:  # tried again at the next beat; the lease lasts its TTL meanwhile
+        except Exception as e:  # noqa: BLE001  logged; tried again at the next beat; the lease lasts its TTL meanwhile
             log.warning("lease.renew_failed", scope=scope, error=redact(describe(e)))
 
 
@@ -97,5 +97,5 @@ def release(scope: str, key: str, holder: str) -> None:
         with get_pool().connection() as conn:
             conn.execute("delete from request_dedup where scope = %s and key = %s and result->>'job_id' = %s",
                          (scope, key, holder))
-    except Exception as e:  # the lease then expires by itself
+    except Exception as e:  # noqa: BLE001  logged; the lease then expires by itself
         log.warning("lease.release_failed", scope=scope, error=redact(describe(e)))

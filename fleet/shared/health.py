@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import httpx
 import structlog
@@ -60,17 +60,20 @@ def probes(settings: Settings) -> list[Probe]:
     if "chat" in wanted:
         model = settings.chat_model_default
         body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "stream": False}
-        found.append(Probe("chat", "chat", model, lambda c, b=body, h=bearer(settings.chat_key): c.post("/chat/completions", json=b, headers=h),
+        headers = bearer(settings.chat_key)
+        found.append(Probe("chat", "chat", model, lambda c, b=body, h=headers: c.post("/chat/completions", json=b, headers=h),
                            settings.chat_api_base, {}))
     if "embedding" in wanted:
         model = settings.embedding_model_default
         key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
         body = {"model": model, "input": PROBE_INPUT, "encoding_format": "float"}
-        found.append(Probe("embeddings", "embedding", model, lambda c, b=body, h=bearer(key): c.post("/embeddings", json=b, headers=h),
+        headers = bearer(key)
+        found.append(Probe("embeddings", "embedding", model, lambda c, b=body, h=headers: c.post("/embeddings", json=b, headers=h),
                            settings.embedding_api_base, {}))
     if settings.letta_api_base_url:
         key = settings.letta_api_key.get_secret_value() if settings.letta_api_key else None
-        found.append(Probe("letta", "letta", "", lambda c, h=bearer(key): c.get("/v1/health/", headers=h),
+        headers = bearer(key)
+        found.append(Probe("letta", "letta", "", lambda c, h=headers: c.get("/v1/health/", headers=h),
                            settings.letta_api_base_url, {}))
     return found
 
@@ -93,7 +96,7 @@ def run_probe(probe: Probe, timeout_s: float) -> ProbeResult:
             if probe.kind != "letta":
                 response.json()  # a garbled answer is a failure too
         return ProbeResult(probe, True, (time.monotonic() - started) * 1000)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  any failure is the probe's result, recorded with its class and message
         return ProbeResult(probe, False, (time.monotonic() - started) * 1000, type(e).__name__, redact(describe(e, 500)))
 
 

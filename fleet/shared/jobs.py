@@ -32,7 +32,7 @@ class ChatJob(BaseModel):
     user_id: UUID | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> "ChatJob":
+    def _one_input(self) -> ChatJob:
         if (self.content is None) == (self.messages is None):
             raise ValueError("give either content or messages")
         if self.messages is not None and self.messages[-1].role != "user":
@@ -59,7 +59,7 @@ class EmbedJob(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=200)
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "EmbedJob":
+    def _one_kind(self) -> EmbedJob:
         if (self.documents is None) == (self.source is None):
             raise ValueError("give either documents, or source and ids")
         if self.source is not None and self.ids is None:

@@ -24,7 +24,7 @@ def _known_secrets() -> list[str]:
     global _secrets_of
     try:
         settings = get_settings()
-    except Exception:  # settings invalid: patterns still apply
+    except Exception:  # noqa: BLE001  redact runs in error handlers and must not raise; settings invalid: patterns still apply
         return []
     cached = _secrets_of
     if cached is None or cached[0] is not settings:  # new settings (reset_settings) are read again

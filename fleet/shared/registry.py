@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pydantic
 
@@ -352,14 +352,16 @@ def publish(types: list[JobType]) -> None:
 
 
 def published_job_type(name: str) -> JobType | None:
-    from fleet.shared.db import get_pool
+    import psycopg
+
+    from fleet.shared.db import NotConfigured, get_pool
 
     try:
         with get_pool().connection() as conn:
             row = conn.execute("select name, queue, description, module from job_types where name = %s"
                                " or (queue = %s and (select count(*) from job_types where queue = %s) = 1)",
                                (name, name, name)).fetchone()
-    except Exception:  # no database configured, or no job_types table yet: the name is simply unknown
+    except (NotConfigured, psycopg.Error):  # no database configured or reachable, or no job_types table yet: the name is simply unknown
         return None
     return JobType(row[0], row[1], row[2] or "", module=row[3] or "") if row else None
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import structlog
@@ -110,7 +111,7 @@ class Scheduler:
                         self.client.enqueue(p.job, p.payload())
             except psycopg.OperationalError:
                 raise  # our own connection is gone: run() reconnects and contends again
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  logged; one periodic job's failure does not stop the others
                 log.warning("scheduler.enqueue_failed", periodic=p.name, job=p.job, error=describe(e))
                 continue
             if due:

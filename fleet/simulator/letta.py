@@ -11,8 +11,7 @@ import time
 import uuid
 from urllib.parse import parse_qs
 
-from fleet.simulator import letta_agents as agents
-from fleet.simulator import letta_recorded as rec
+from fleet.simulator import letta_agents as agents, letta_recorded as rec
 from fleet.simulator.http import BaseHandler
 
 COLLECTIONS = ("/v1/agents", "/v1/tools")

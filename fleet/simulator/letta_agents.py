@@ -5,7 +5,7 @@ Each function returns (status, body)."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fleet.simulator import letta_recorded as rec
@@ -15,7 +15,7 @@ FILE_ID_PREFIX = {"agents": "agent-", "blocks": "block-", "tools": "tool-"}
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _missing(config: Any, required: tuple[str, ...], field: str) -> list[dict]:

@@ -93,7 +93,7 @@ def rule_types() -> frozenset[str]:
 def block_default_limit() -> int:
     """The limit the server gives a block created without one (recorded: 100,000 characters)."""
     sent, got = request("create_agent")["memory_blocks"], answer("create_agent")["memory"]["blocks"]
-    return next(g["limit"] for s, g in zip(sent, got) if "limit" not in s)
+    return next(g["limit"] for s, g in zip(sent, got, strict=False) if "limit" not in s)
 
 
 def agent_skeleton() -> dict[str, Any]:

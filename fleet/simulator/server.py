@@ -31,7 +31,7 @@ class SimulatorServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "SimulatorServer":
+    def start(self) -> SimulatorServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="simulator", daemon=True)
         self.thread.start()
         return self

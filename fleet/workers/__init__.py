@@ -45,7 +45,7 @@ def start() -> dramatiq.Broker:
             _broker = broker
             try:
                 publish(served)
-            except Exception as e:  # the jobs run without it; job_types is a catalogue, refreshed at each start
+            except Exception as e:  # noqa: BLE001  logged; the jobs run without it; job_types is a catalogue, refreshed at each start
                 from fleet.shared.errors import describe
                 from fleet.shared.redact import redact
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet import job
 from fleet.shared import events
 from fleet.shared.errors import PermanentError, TransientError
-from dramatiq.middleware import CurrentMessage
-
-from fleet import job
 
 
 class EchoJob(BaseModel):

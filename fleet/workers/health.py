@@ -6,10 +6,9 @@ from __future__ import annotations
 from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ConfigDict
 
+from fleet import job
 from fleet.shared.health import refresh
 from fleet.shared.middleware.events import job_fields
-
-from fleet import job
 
 
 class HealthJob(BaseModel):

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet import job
 from fleet.shared import events
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
-
-from fleet import job
 
 # table -> the rows to delete (%s: the age limit in seconds, where there is one); fixed SQL, no input in it
 PRUNED = {

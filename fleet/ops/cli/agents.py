@@ -73,7 +73,7 @@ def cmd_upgrade_run(args) -> int:
     try:
         cohort = json.loads(args.cohort)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"fleet upgrade: --cohort is not JSON: {e}")
+        raise SystemExit(f"fleet upgrade: --cohort is not JSON: {e}") from None
     from fleet.shared.client import FleetClient
     from fleet.workers.agents.upgrades import HaltPolicy, start_run
 
@@ -81,7 +81,7 @@ def cmd_upgrade_run(args) -> int:
         agents = _cohort_size(args.template, cohort)
         run = start_run(args.template, args.version, cohort, args.dry_run, FleetClient(),
                         halt=HaltPolicy(args.halt_failure_rate, args.halt_min_sample))
-    except Exception as e:  # the database says why (unknown template version)
+    except Exception as e:  # noqa: BLE001  printed: the database says why (unknown template version)
         print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
         return 2
     print(f"upgrade run {run} enqueued{' (dry run)' if args.dry_run else ''}: {agents} agent(s) in the cohort")

@@ -18,14 +18,14 @@ def _read_payloads(args) -> list:
                 try:
                     payloads.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"fleet enqueue: {args.file}:{n}: not JSON: {e}")
+                    raise SystemExit(f"fleet enqueue: {args.file}:{n}: not JSON: {e}") from None
         return payloads
     if args.payload is None:
         return [{}]
     try:
         return [json.loads(args.payload)]
     except json.JSONDecodeError as e:
-        raise SystemExit(f"fleet enqueue: the payload is not JSON: {e}")
+        raise SystemExit(f"fleet enqueue: the payload is not JSON: {e}") from None
 
 
 def _is_document(p) -> bool:

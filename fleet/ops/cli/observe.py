@@ -10,7 +10,6 @@ from fleet.ops.cli.output import print_json, print_table, report_cut
 from fleet.ops.terminal import interactive
 from fleet.shared.config import get_settings
 
-
 HEALTH_COLUMNS = ["provider", "model", "kind", "status", "latency_ms", "consecutive_failures", "last_error_class",
                   "checked_at"]
 

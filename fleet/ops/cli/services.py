@@ -8,8 +8,8 @@ from fleet.shared.config import get_settings
 
 
 def cmd_services(args) -> int:
-    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
     from fleet.shared.redact import redact
+    from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
     settings = get_settings()
     pg, rd = EmbeddedPostgres(settings.home), EmbeddedRedis(settings.home)

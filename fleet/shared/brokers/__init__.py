@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dramatiq
 
+from fleet.shared.brokers.pgmq import PgmqBroker
+from fleet.shared.brokers.redis import FleetRedisBroker
 from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import redis_url
 from fleet.shared.middleware import fleet_middleware
-from fleet.shared.brokers.pgmq import PgmqBroker
-from fleet.shared.brokers.redis import FleetRedisBroker
 
 
 def build_broker(settings: Settings | None = None) -> dramatiq.Broker:

@@ -27,9 +27,9 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
 from fleet.shared import events
+from fleet.shared.brokers.hooks import ImplementedHooksOnly
 from fleet.shared.reconnect import Reconnects
 from fleet.shared.redact import redact
-from fleet.shared.brokers.hooks import ImplementedHooksOnly
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ GATHER_AT, GATHER_S = 16, 0.002  # a batch smaller than this waits this long for
 
 @dataclass(frozen=True)
 class HeldAck:
-    consumer: "_HeldAckConsumer"
+    consumer: _HeldAckConsumer
     command: str  # "ack" or "nack"
     redis_message_id: str
     message_id: str
@@ -75,7 +75,7 @@ class FleetRedisBroker(ImplementedHooksOnly, RedisBroker):
     def consumer_class(self):
         return _HeldAckConsumer
 
-    def ack_writer(self) -> "AckWriter":
+    def ack_writer(self) -> AckWriter:
         with self._writer_lock:
             if self._writer is None or not self._writer.is_alive():
                 events.written_by_ack_writer()  # no background writer: it could race the acks' commit
@@ -158,7 +158,7 @@ class AckWriter(threading.Thread):
             events.flush()
             if batch:
                 self.broker.send_acks(batch)
-        except Exception as e:  # any failure holds the acks: an ack must never outrun its events
+        except Exception as e:  # noqa: BLE001  logged; any failure holds the acks: an ack must never outrun its events
             self.failures += 1
             log.warning("acks.held", messages=len(batch), error_class=type(e).__name__, error=redact(str(e)),
                         note="not acknowledged until the events are written", attempt=self.failures)

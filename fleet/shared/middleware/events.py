@@ -9,8 +9,8 @@ from dramatiq.middleware import Middleware, MiddlewareError
 
 from fleet.shared import events
 from fleet.shared.durable import while_unreachable
-from fleet.shared.redact import redact
 from fleet.shared.middleware.attempts import delivery_of
+from fleet.shared.redact import redact
 
 
 def job_fields(message) -> dict:

@@ -17,8 +17,8 @@ from dramatiq.middleware import Middleware, MiddlewareError
 from fleet.shared import events
 from fleet.shared.durable import HOLD_ACK, UNREACHABLE, while_unreachable
 from fleet.shared.errors import classify, describe, retry_after_of
-from fleet.shared.redact import redact
 from fleet.shared.middleware.events import job_fields
+from fleet.shared.redact import redact
 
 log = structlog.get_logger(__name__)
 

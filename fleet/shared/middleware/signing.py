@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, MiddlewareError
@@ -81,7 +81,7 @@ class EnvelopeVerification(EnvelopeSigning):
         once the Redis worker that holds it is dead (the judgement by which Redis gives its messages back),
         or once the job's time limit has passed since it was claimed."""
         sig, holder = message.options["sig"], redis_holder(broker)
-        expires = datetime.fromtimestamp((signed_at + self.window_ms) / 1000, tz=timezone.utc)
+        expires = datetime.fromtimestamp((signed_at + self.window_ms) / 1000, tz=UTC)
         claim = Jsonb({"state": "running", "delivery": getattr(message, "pgmq_id", None), "holder": holder})
         with get_pool().connection() as conn:
             claimed = conn.execute(

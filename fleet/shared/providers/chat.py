@@ -15,8 +15,8 @@ job; every provider fault is reported to the health state (fleet/shared/health.p
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import httpx
 import structlog

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import httpx
 

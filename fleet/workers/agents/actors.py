@@ -5,22 +5,20 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ConfigDict, Field
 
-from dramatiq.middleware import CurrentMessage
-
+from fleet import job
 from fleet.shared import events
-from fleet.workers.agents.agentfile import parse_agent_file
-from fleet.workers.agents.creation import billing_endpoint, create_body
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import DeferredError, PermanentError
 from fleet.shared.guards import claim, release
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.letta import LettaClient
+from fleet.workers.agents.agentfile import parse_agent_file
+from fleet.workers.agents.creation import billing_endpoint, create_body
 from fleet.workers.agents.templates import get, list_templates
-
-from fleet import job
 
 
 class CreateAgentJob(BaseModel):

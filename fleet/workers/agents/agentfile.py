@@ -71,7 +71,7 @@ class AgentFile(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AgentFile":
+    def _consistent(self) -> AgentFile:
         if len(self.agents) != 1:
             raise ValueError(f"a template holds exactly one agent, this file has {len(self.agents)}")
         agent = self.agents[0]

@@ -11,7 +11,8 @@ changes (a partial llm_config PATCH let the server's defaults flip `enable_reaso
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fleet.workers.agents.agentfile import UPGRADED_FIELDS, AgentFile
 

@@ -3,10 +3,10 @@ endpoints go through the billing proxy, `{ZUPLO_BASE_URL}/api/v1/agents/{user_id
 
 from __future__ import annotations
 
-from fleet.workers.agents.agentfile import AgentFile
-from fleet.workers.agents.agentview import target_view
 from fleet.shared.config import Settings
 from fleet.shared.errors import PermanentError
+from fleet.workers.agents.agentfile import AgentFile
+from fleet.workers.agents.agentview import target_view
 
 
 class BillingNotConfigured(PermanentError):

@@ -38,7 +38,7 @@ class Version:
     def __eq__(self, other) -> bool:
         return isinstance(other, Version) and self._key() == other._key()
 
-    def __lt__(self, other: "Version") -> bool:
+    def __lt__(self, other: Version) -> bool:
         return self._key() < other._key()
 
     def __hash__(self) -> int:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from fleet.workers.agents.agentfile import diff, needs_definition, parse_agent_file, to_letta_file
 from fleet.shared.db import get_pool
+from fleet.workers.agents.agentfile import diff, needs_definition, parse_agent_file, to_letta_file
 from fleet.workers.agents.semver import Version
 
 

@@ -6,17 +6,15 @@ from __future__ import annotations
 from uuid import UUID
 
 import dramatiq
-
 from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet import job
 from fleet.shared.client import FleetClient
 from fleet.shared.config import get_settings
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.middleware.retries import is_last_attempt
 from fleet.workers.agents.upgrades import fan_out, requeue_stale, upgrade_one
-
-from fleet import job
 
 
 class FanoutJob(BaseModel):

@@ -13,15 +13,15 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from fleet.shared import events
-from fleet.workers.agents.agentfile import parse_agent_file
-from fleet.workers.agents.creation import billing_endpoint
-from fleet.workers.agents.agentview import changes, patch_body
 from fleet.shared.config import Settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import DeferredError, PermanentError, classify, describe
 from fleet.shared.metrics import metrics
 from fleet.shared.providers.letta import LettaClient
 from fleet.shared.redact import redact
+from fleet.workers.agents.agentfile import parse_agent_file
+from fleet.workers.agents.agentview import changes, patch_body
+from fleet.workers.agents.creation import billing_endpoint
 from fleet.workers.agents.templates import get
 
 FINAL = ("succeeded", "failed", "skipped", "cancelled")
@@ -128,7 +128,7 @@ class Heartbeat(threading.Thread):
                 if not self.beat():
                     self.lost = True
                     return
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  logged; the next beat tries again, the lease lasts its TTL meanwhile
                 log.warning("upgrade.heartbeat_failed", run_id=self.key[0], agent_id=self.key[1],
                             error=redact(describe(e)))
 
@@ -202,7 +202,7 @@ def _release(run_id: str, agent_id: str, lease: str) -> None:
         with get_pool().connection() as conn:
             conn.execute("update agent_upgrades set lease = null where run_id = %s and agent_id = %s and lease = %s",
                          (run_id, agent_id, lease))
-    except Exception as e:  # the retry then waits until the lease is stale: slower, still exclusive
+    except Exception as e:  # noqa: BLE001  logged; the retry then waits until the lease is stale: slower, still exclusive
         log.warning("upgrade.lease_release_failed", run_id=run_id, agent_id=agent_id, error=redact(describe(e)))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from fleet.workers.chat.completion import ChatRequest, publish_failure, run_chat
+from fleet import job
 from fleet.shared.config import get_settings
 from fleet.shared.errors import InvalidPayload
 from fleet.shared.frames import FramePublisher
@@ -14,8 +14,7 @@ from fleet.shared.middleware.events import job_fields
 from fleet.shared.middleware.retries import is_last_attempt
 from fleet.shared.providers.chat import ChatClient
 from fleet.shared.ratelimit import per_minute
-
-from fleet import job
+from fleet.workers.chat.completion import ChatRequest, publish_failure, run_chat
 
 READY_SENT = "chat_ready_sent"  # a message option
 LAST_SEQ = "chat_last_seq"  # a message option: the seq of the last frame an earlier attempt published

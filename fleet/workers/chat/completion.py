@@ -14,10 +14,10 @@ from fleet.shared.db import get_pool
 from fleet.shared.errors import PermanentError, classify, describe
 from fleet.shared.frames import FramePublisher
 from fleet.shared.metrics import metrics
-from fleet.workers.chat.tokens import check_fits, empty_answer_error, history_budget, message_tokens, usage_of
 from fleet.shared.providers.chat import ChatClient, Delta, Finished, StreamBroken
 from fleet.shared.providers.embeddings import estimate_tokens
 from fleet.shared.redact import redact
+from fleet.workers.chat.tokens import check_fits, empty_answer_error, history_budget, message_tokens, usage_of
 
 PERSIST_EVERY_S = 0.25
 

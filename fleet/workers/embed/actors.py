@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-
 from dramatiq.middleware import CurrentMessage
 
+from fleet import job
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
-from fleet.workers.embed.embedding import Doc, delete_stale_chunks, load_source_docs, run_embedding
 from fleet.shared.deadletters import DeadLetter, record_dead_letter
 from fleet.shared.errors import PermanentError
 from fleet.shared.jobs import EmbedJob
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.embeddings import EmbeddingsClient
 from fleet.shared.ratelimit import per_minute
-
-from fleet import job
+from fleet.workers.embed.embedding import Doc, delete_stale_chunks, load_source_docs, run_embedding
 
 
 def _client(settings) -> EmbeddingsClient:

@@ -23,8 +23,8 @@ from fleet.shared import events
 from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import PermanentError, describe
-from fleet.shared.metrics import metrics
 from fleet.shared.jobs import TARGET_TABLES
+from fleet.shared.metrics import metrics
 from fleet.shared.providers.embeddings import EmbeddingsClient, estimate_tokens, plan_batches
 from fleet.shared.vectors import vector_dim, with_vectors
 
@@ -183,7 +183,7 @@ def upsert_vectors(conn: psycopg.Connection, table: str, docs: list[Doc], vector
         ).format(sql.Literal(dim)))
         with cur.copy(sql.SQL("copy embed_stage ({}) from stdin (format binary)").format(UPSERT_COLUMNS)) as copy:
             copy.set_types(["text", "int4", "text", "jsonb", "text", "text", "vector"])
-            for doc, vec in zip(docs, vectors):
+            for doc, vec in zip(docs, vectors, strict=True):
                 copy.write_row((doc.source_id, doc.chunk_index, doc.content, Jsonb(doc.metadata), model, doc.hash,
                                 Vector(vec)))
         cur.execute(sql.SQL(
@@ -319,4 +319,4 @@ def search(text: str, *, table: str = "vector_documents", k: int = 5, filter: di
             (Vector(vector), k, Jsonb(filter or {})),
         )
         names = [c.name for c in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

@@ -7,15 +7,14 @@ from dramatiq.middleware import CurrentMessage
 from pgvector import Vector
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fleet import job
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
-from fleet.shared.vectors import vector_dim, with_vectors
-from fleet.workers.lifecycle.actions import ACTIONS, run_lifecycle
 from fleet.shared.middleware.events import job_fields
 from fleet.shared.providers.embeddings import EmbeddingsClient, plan_batches
 from fleet.shared.ratelimit import per_minute
-
-from fleet import job
+from fleet.shared.vectors import vector_dim, with_vectors
+from fleet.workers.lifecycle.actions import ACTIONS, run_lifecycle
 
 
 class LifecycleJob(BaseModel):
@@ -71,4 +70,4 @@ def embed_memories(job: EmbedMemoriesJob) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(
                     "update memories set embedding = %s, embedding_model = %s, updated_at = now() where id = %s",
-                    [(Vector(v), model, mid) for (mid, _), v in zip(group, vectors)])
+                    [(Vector(v), model, mid) for (mid, _), v in zip(group, vectors, strict=True)])

@@ -15,8 +15,8 @@ from dramatiq.errors import ConnectionClosed
 from psycopg import sql
 
 from fleet.shared import events
-from fleet.shared.brokers.pgmq.readahead import ReadAhead
 from fleet.shared.brokers.pgmq.messages import JsonbAsText, PgmqMessage, Undeliverable, decode, identity
+from fleet.shared.brokers.pgmq.readahead import ReadAhead
 from fleet.shared.deadletters import DeadLetter, record_dead_letter
 from fleet.shared.durable import HOLD_ACK
 from fleet.shared.reconnect import Reconnects
@@ -242,7 +242,7 @@ class PgmqConsumer(Consumer):
                                            self.settings.max_payload_bytes, self.broker.actor_for_queue)
                 if read_ct > MAX_DELIVERIES:
                     raise Undeliverable(f"delivered {read_ct} times without being acknowledged (the job keeps killing its worker)")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  any message that cannot be decoded is dead-lettered with the reason
                 reason = str(e) if isinstance(e, Undeliverable) else f"could not decode the message: {type(e).__name__}: {e}"
                 try:
                     self._dead_letter(msg_id, read_ct, body, reason)

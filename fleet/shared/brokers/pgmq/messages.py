@@ -4,7 +4,8 @@ and, for a row that is neither, the ids its dead letter carries."""
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import dramatiq
 from dramatiq.broker import MessageProxy

@@ -88,7 +88,7 @@ def payload_envelopes(queue_name: str, actor_name: str, payloads: list, trace_id
         message_ids = uuid4_strings(len(chunk))
         traces = [trace_id] * len(chunk) if trace_id else uuid4_strings(len(chunk))
         bodies = []
-        for payload, message_id, trace in zip(chunk, message_ids, traces):
+        for payload, message_id, trace in zip(chunk, message_ids, traces, strict=True):
             body = (f'{head}{payload_json(payload)}],"kwargs":{{}},"options":{{"trace_id":"{trace}"}},'
                     f'"message_id":"{message_id}","message_timestamp":{now_ms}}}')
             # orjson writes UTF-8, not \u escapes: count bytes, for a body that could be over (4 bytes a character at most)
