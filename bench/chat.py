@@ -1,10 +1,10 @@
 """Chat benchmarks, printed as `name: value` lines.
 
-    python -m bench.chat latency    the fleet's added latency: time to the first delta at a listener
-                                    minus the simulator's time to first token, idle, p50 and p99
-    python -m bench.chat throughput chats/s through real worker processes with the simulator at a
-                                    fixed latency, against the simulator's rate measured directly
-                                    (8 streaming clients, no fleet) in the same run
+python -m bench.chat latency    the fleet's added latency: time to the first delta at a listener
+                                minus the simulator's time to first token, idle, p50 and p99
+python -m bench.chat throughput chats/s through real worker processes with the simulator at a
+                                fixed latency, against the simulator's rate measured directly
+                                (8 streaming clients, no fleet) in the same run
 """
 
 from __future__ import annotations
@@ -33,8 +33,13 @@ def start(config: dict):
     env = worker_env(["chat"], 0) | {"CHAT_API_BASE": f"{url}/v1", "CHAT_KEEPALIVE_S": "5"}
     os.environ["CHAT_API_BASE"] = env["CHAT_API_BASE"]
     reset_settings()
-    workers = subprocess.Popen(worker_command(["chat"], 1, THREADS, 0), env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = subprocess.Popen(
+        worker_command(["chat"], 1, THREADS, 0),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return sim, workers
 
 
@@ -80,17 +85,29 @@ def throughput(chats: int = 64) -> None:
         client.chat(f"bench-{uuid.uuid4()}", "warm up", timeout_s=60)
         trace = str(uuid.uuid4())
         t = time.perf_counter()
-        client.enqueue_many("chat_completion", [{"session_id": f"bench-{uuid.uuid4()}", "content": f"q {i}"}
-                                                for i in range(chats)], trace_id=trace)
+        client.enqueue_many(
+            "chat_completion",
+            [{"session_id": f"bench-{uuid.uuid4()}", "content": f"q {i}"} for i in range(chats)],
+            trace_id=trace,
+        )
         with psycopg.connect(dsn, autocommit=True) as conn:
-            while conn.execute("select count(*) from bus_events where trace_id = %s and type in ('chat.done', 'job.dead')",
-                               (trace,)).fetchone()[0] < chats:
+            while (
+                conn.execute(
+                    "select count(*) from bus_events where trace_id = %s and type in ('chat.done', 'job.dead')",
+                    (trace,),
+                ).fetchone()[0]
+                < chats
+            ):
                 time.sleep(0.02)
         elapsed = time.perf_counter() - t
-        body = {"model": get_settings().chat_model_default, "stream": True,
-                "messages": [{"role": "user", "content": "q"}]}
-        provider = direct_rate(f"{os.environ['CHAT_API_BASE']}/chat/completions", [body] * chats, THREADS,
-                               units_per_request=1)
+        body = {
+            "model": get_settings().chat_model_default,
+            "stream": True,
+            "messages": [{"role": "user", "content": "q"}],
+        }
+        provider = direct_rate(
+            f"{os.environ['CHAT_API_BASE']}/chat/completions", [body] * chats, THREADS, units_per_request=1
+        )
     finally:
         stop_process(workers)
         stop_process(sim, 5)

@@ -1,9 +1,9 @@
 """One measurement per process run, printed as `name: value` lines (bench/run.py collects them).
 
-    python -m bench.drain drain --broker pgmq|pgmq-fleet|redis|stub --jobs N
-    python -m bench.drain raw-pgmq --jobs N
-    python -m bench.drain enqueue --jobs N
-    python -m bench.drain pickup --samples N
+python -m bench.drain drain --broker pgmq|pgmq-fleet|redis|stub --jobs N
+python -m bench.drain raw-pgmq --jobs N
+python -m bench.drain enqueue --jobs N
+python -m bench.drain pickup --samples N
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ THREADS = int(os.environ.get("BENCH_THREADS", "8"))  # one process x 8 threads, 
 def fresh_queue(dsn: str, name: str = QUEUE) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("select pgmq.drop_queue(%s)", (name,)) if conn.execute(
-            "select 1 from pgmq.meta where queue_name = %s", (name,)).fetchone() else None
+            "select 1 from pgmq.meta where queue_name = %s", (name,)
+        ).fetchone() else None
         conn.execute("select pgmq.create(%s)", (name,))
 
 
@@ -46,8 +47,11 @@ def make_broker(kind: str) -> dramatiq.Broker:
     if kind == "stub":
         return StubBroker()
     if kind.startswith("redis"):
-        broker = RedisBroker(url=redis_url(settings)) if kind == "redis" else \
-            build_broker(settings.model_copy(update={"broker": "redis"}))
+        broker = (
+            RedisBroker(url=redis_url(settings))
+            if kind == "redis"
+            else build_broker(settings.model_copy(update={"broker": "redis"}))
+        )
         broker.flush_all()
         return broker
     fresh_queue(database_dsn(settings))
@@ -108,8 +112,17 @@ def wait_acknowledged(kind: str, broker) -> None:
 def raw_pgmq(jobs: int) -> None:
     dsn = database_dsn()
     fresh_queue(dsn, "bench_raw")
-    body = json.dumps({"queue_name": QUEUE, "actor_name": "noop", "args": [{"i": 0}], "kwargs": {}, "options": {},
-                       "message_id": "x", "message_timestamp": 0})
+    body = json.dumps(
+        {
+            "queue_name": QUEUE,
+            "actor_name": "noop",
+            "args": [{"i": 0}],
+            "kwargs": {},
+            "options": {},
+            "message_id": "x",
+            "message_timestamp": 0,
+        }
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         for start in range(0, jobs, 1000):
             conn.execute("select pgmq.send_batch('bench_raw', %s::jsonb[])", ([body] * min(1000, jobs - start),))
@@ -146,8 +159,10 @@ def enqueue(jobs: int, rounds: int = 3) -> None:
             t = time.perf_counter()
             with conn.transaction():  # atomic like the SDK's: one commit for the whole batch
                 for start in range(0, jobs, 1000):  # the fastest raw form: one JSON array per send_batch
-                    conn.execute("select pgmq.send_batch('echo', array(select jsonb_array_elements(%s::jsonb)))",
-                                 ("[" + ",".join(bodies[start : start + 1000]) + "]",))
+                    conn.execute(
+                        "select pgmq.send_batch('echo', array(select jsonb_array_elements(%s::jsonb)))",
+                        ("[" + ",".join(bodies[start : start + 1000]) + "]",),
+                    )
             raw.append(jobs / (time.perf_counter() - t))
         conn.execute("select pgmq.purge_queue('echo')")
     client.broker.close()

@@ -1,10 +1,10 @@
 """Embedding benchmarks, one per process run, printed as `name: value` lines.
 
-    python -m bench.embed docs     end-to-end documents/s through real worker processes and the simulator
-                                   at a fixed latency, against the simulator's rate measured directly
-                                   (same concurrency, same batches, no fleet) in the same run
-    python -m bench.embed upsert   pgvector upsert of 1024-dim vectors: the fleet's binary COPY path
-                                   against psycopg 3's (pipelined) executemany of single-row upserts
+python -m bench.embed docs     end-to-end documents/s through real worker processes and the simulator
+                               at a fixed latency, against the simulator's rate measured directly
+                               (same concurrency, same batches, no fleet) in the same run
+python -m bench.embed upsert   pgvector upsert of 1024-dim vectors: the fleet's binary COPY path
+                               against psycopg 3's (pipelined) executemany of single-row upserts
 """
 
 from __future__ import annotations
@@ -47,8 +47,13 @@ def bench_docs() -> None:
     sim, url = start_simulator({"latency_ms": LATENCY_S * 1000})
     env = worker_env(["embed"], 0) | {"EMBEDDING_API_BASE": f"{url}/v1", "EMBED_MAX_BATCH": str(BATCH)}
     os.environ["EMBEDDING_API_BASE"] = env["EMBEDDING_API_BASE"]
-    workers = subprocess.Popen(worker_command(["embed"], 1, THREADS, 0), env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = subprocess.Popen(
+        worker_command(["embed"], 1, THREADS, 0),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = FleetClient()
     dsn = database_dsn()
     try:
@@ -57,15 +62,18 @@ def bench_docs() -> None:
         client.embed_documents([{"source_id": f"warm-{run}", "content": "warm up"}], trace_id=warm)
         wait_done(dsn, warm, 1)
         trace = str(uuid.uuid4())
-        docs = [{"source_id": f"bench-{run}-{i}", "content": f"benchmark document {run} {i} " + "x" * 200}
-                for i in range(JOBS * DOCS_PER_JOB)]
+        docs = [
+            {"source_id": f"bench-{run}-{i}", "content": f"benchmark document {run} {i} " + "x" * 200}
+            for i in range(JOBS * DOCS_PER_JOB)
+        ]
         t = time.perf_counter()
         client.embed_documents(docs, docs_per_job=DOCS_PER_JOB, trace_id=trace)
         wait_done(dsn, trace, JOBS)
         elapsed = time.perf_counter() - t
         model = get_settings().embedding_model_default
-        bodies = [{"model": model, "input": [d["content"] for d in docs[i : i + BATCH]]}
-                  for i in range(0, len(docs), BATCH)]
+        bodies = [
+            {"model": model, "input": [d["content"] for d in docs[i : i + BATCH]]} for i in range(0, len(docs), BATCH)
+        ]
         provider = direct_rate(f"{url}/v1/embeddings", bodies, THREADS, units_per_request=BATCH)
     finally:
         stop_process(workers)
@@ -78,8 +86,12 @@ def bench_docs() -> None:
 def wait_done(dsn: str, trace: str, jobs: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
-        while conn.execute("select count(*) from bus_events where trace_id = %s and type in ('embed.done', 'job.dead')",
-                           (trace,)).fetchone()[0] < jobs:
+        while (
+            conn.execute(
+                "select count(*) from bus_events where trace_id = %s and type in ('embed.done', 'job.dead')", (trace,)
+            ).fetchone()[0]
+            < jobs
+        ):
             if time.monotonic() > deadline:
                 raise SystemExit("embedding benchmark: jobs did not finish")
             time.sleep(0.02)
@@ -89,12 +101,15 @@ def executemany_upsert(conn: psycopg.Connection, table: str, docs: list[Doc], ve
     """The baseline: executemany of single-row upserts (psycopg 3 pipelines it)."""
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            sql.SQL("insert into {} (source_id, chunk_index, content, metadata, model, content_hash, embedding)"
-                    " values (%s, %s, %s, %s, %s, %s, %s) on conflict (source_id, chunk_index) do update set"
-                    " embedding = excluded.embedding, content_hash = excluded.content_hash, updated_at = now()"
-                    ).format(sql.Identifier(table)),
-            [(d.source_id, d.chunk_index, d.content, Jsonb(d.metadata), "bench", d.hash, Vector(v))
-             for d, v in zip(docs, vectors)],
+            sql.SQL(
+                "insert into {} (source_id, chunk_index, content, metadata, model, content_hash, embedding)"
+                " values (%s, %s, %s, %s, %s, %s, %s) on conflict (source_id, chunk_index) do update set"
+                " embedding = excluded.embedding, content_hash = excluded.content_hash, updated_at = now()"
+            ).format(sql.Identifier(table)),
+            [
+                (d.source_id, d.chunk_index, d.content, Jsonb(d.metadata), "bench", d.hash, Vector(v))
+                for d, v in zip(docs, vectors)
+            ],
         )
 
 

@@ -1,11 +1,11 @@
 """Gateway benchmarks, printed as `name: value` lines.
 
-    python -m bench.gateway latency --broker B   the gateway's added latency to the first delta: time
-                                                 to the first chat.delta over HTTP minus the same through
-                                                 the SDK's own frame listener, alternating, p50 and p99
-    python -m bench.gateway streams --broker B   1,000 concurrent SSE streams held idle on one gateway
-                                                 process (their jobs wait: no chat worker yet), then the
-                                                 workers start and every stream must end with chat.done
+python -m bench.gateway latency --broker B   the gateway's added latency to the first delta: time
+                                             to the first chat.delta over HTTP minus the same through
+                                             the SDK's own frame listener, alternating, p50 and p99
+python -m bench.gateway streams --broker B   1,000 concurrent SSE streams held idle on one gateway
+                                             process (their jobs wait: no chat worker yet), then the
+                                             workers start and every stream must end with chat.done
 """
 
 from __future__ import annotations
@@ -32,15 +32,25 @@ IDLE_HOLD_S = 12.0
 def fleet_env(broker: str, sim_url: str) -> dict:
     from fleet.ops.processes import worker_env
 
-    return worker_env(["chat"], 0) | {"FLEET_BROKER": broker, "CHAT_API_BASE": f"{sim_url}/v1",
-                                      "CHAT_KEEPALIVE_S": "5", "GATEWAY_KEEPALIVE_S": "5", "GATEWAY_DEV": "true"}
+    return worker_env(["chat"], 0) | {
+        "FLEET_BROKER": broker,
+        "CHAT_API_BASE": f"{sim_url}/v1",
+        "CHAT_KEEPALIVE_S": "5",
+        "GATEWAY_KEEPALIVE_S": "5",
+        "GATEWAY_DEV": "true",
+    }
 
 
 def start_workers(env: dict, threads: int = 8) -> subprocess.Popen:
     from fleet.ops.processes import worker_command
 
-    return subprocess.Popen(worker_command(["chat"], 1, threads, 0), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        worker_command(["chat"], 1, threads, 0),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -143,9 +153,14 @@ async def many_streams(url: str, env: dict, n: int) -> dict:
             ends = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             stop_process(workers)
-        return {"open_s": open_s, "drain_s": time.perf_counter() - t, "idle_keepalives": idle_keepalives,
-                "open_reported": open_reported, "done": sum(e == "chat.done" for e in ends),
-                "errors": [repr(e) if isinstance(e, BaseException) else e for e in ends if e != "chat.done"]}
+        return {
+            "open_s": open_s,
+            "drain_s": time.perf_counter() - t,
+            "idle_keepalives": idle_keepalives,
+            "open_reported": open_reported,
+            "done": sum(e == "chat.done" for e in ends),
+            "errors": [repr(e) if isinstance(e, BaseException) else e for e in ends if e != "chat.done"],
+        }
 
 
 def streams(broker: str, n: int = STREAMS) -> None:

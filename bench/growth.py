@@ -1,8 +1,8 @@
 """The cost of growth, printed as `name: value` lines (bench/run.py collects them).
 
-    python -m bench.growth processes   # echo jobs drained by 1, 2 and 4 real worker processes (full stack)
-    python -m bench.growth depth       # raw read+delete rate with 10k and with 1M messages waiting, the
-                                       # queue table's size once drained, and after VACUUM
+python -m bench.growth processes   # echo jobs drained by 1, 2 and 4 real worker processes (full stack)
+python -m bench.growth depth       # raw read+delete rate with 10k and with 1M messages waiting, the
+                                   # queue table's size once drained, and after VACUUM
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def processes() -> None:
 
             def done():
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    return conn.execute("select count(*) >= %s from bus_events where trace_id = %s and type = 'job.succeeded'",
-                                        (JOBS, trace)).fetchone()[0]
+                    return conn.execute(
+                        "select count(*) >= %s from bus_events where trace_id = %s and type = 'job.succeeded'",
+                        (JOBS, trace),
+                    ).fetchone()[0]
 
             wait_for(done, 600, 0.1, what=f"{JOBS} echo jobs")
             print(f"growth_drain_{count}proc_jobs_per_s: {JOBS / (time.monotonic() - started):.1f}", flush=True)
@@ -53,8 +55,10 @@ def processes() -> None:
 
 def _fill(conn: psycopg.Connection, n: int) -> None:
     for start in range(0, n, 50_000):
-        conn.execute("select pgmq.send_batch(%s, array(select jsonb_build_object('n', g) from generate_series(1, %s) g))",
-                     (DEPTH_QUEUE, min(50_000, n - start)))
+        conn.execute(
+            "select pgmq.send_batch(%s, array(select jsonb_build_object('n', g) from generate_series(1, %s) g))",
+            (DEPTH_QUEUE, min(50_000, n - start)),
+        )
 
 
 def _drain_rate(conn: psycopg.Connection, n: int) -> float:

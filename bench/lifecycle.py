@@ -1,6 +1,6 @@
 """Memory lifecycle on 1,000,000 memories: memories (rows) examined per second and actions applied per second.
 
-    python -m bench.lifecycle [--rows N]
+python -m bench.lifecycle [--rows N]
 """
 
 from __future__ import annotations
@@ -29,21 +29,27 @@ def main() -> None:
             " select %s, (array['semantic', 'episodic', 'procedural'])[1 + g %% 3],"
             " case when g %% 10 = 0 then now() - interval '1 day' end,"
             " now() - (g %% 90) * interval '1 day' - interval '1 hour', 0.2 + (g %% 80) / 100.0, g %% 100 = 0"
-            " from generate_series(1, %s) g", (project, a.rows))
+            " from generate_series(1, %s) g",
+            (project, a.rows),
+        )
         conn.execute("analyze memories")
         seeded = time.perf_counter() - t
     try:
         t = time.perf_counter()
-        dry = run_lifecycle(project=project, dry_run=True, actions=["expire", "archive", "decay"],
-                            enqueue=lambda _: None)
+        dry = run_lifecycle(
+            project=project, dry_run=True, actions=["expire", "archive", "decay"], enqueue=lambda _: None
+        )
         dry_s = time.perf_counter() - t
         t = time.perf_counter()
         result = run_lifecycle(project=project, actions=["expire", "archive", "decay"], enqueue=lambda _: None)
         elapsed = time.perf_counter() - t
     finally:
         with get_pool().connection() as conn:
-            conn.execute("delete from memory_lifecycle_actions a using memories m"
-                         " where a.memory_id = m.id and m.project_id = %s", (project,))
+            conn.execute(
+                "delete from memory_lifecycle_actions a using memories m"
+                " where a.memory_id = m.id and m.project_id = %s",
+                (project,),
+            )
             conn.execute("delete from memories where project_id = %s", (project,))
     applied = sum(result.counts.values())
     assert dry.counts == result.counts, (dry.counts, result.counts)

@@ -64,8 +64,15 @@ def run_threads(threads: int, per_thread: int, make_sender) -> tuple[float, list
 def raw_sender(queue: str):
     def make():
         conn = psycopg.connect(database_dsn(), autocommit=True)
-        body = {"queue_name": QUEUE, "actor_name": "echo", "args": [], "kwargs": {}, "options": {},
-                "message_id": "x", "message_timestamp": 0}
+        body = {
+            "queue_name": QUEUE,
+            "actor_name": "echo",
+            "args": [],
+            "kwargs": {},
+            "options": {},
+            "message_id": "x",
+            "message_timestamp": 0,
+        }
 
         def send(payload):
             body["args"] = [payload]

@@ -91,8 +91,9 @@ def drain(kind: str, jobs: int, cprofile_to: str | None, bare: bool = False) -> 
         done.release()
 
     for start in range(0, jobs, 1000):
-        broker.enqueue_many([noop.message({"i": i}) for i in range(start, min(jobs, start + 1000))]) \
-            if hasattr(broker, "enqueue_many") else [broker.enqueue(noop.message({"i": i})) for i in range(start, min(jobs, start + 1000))]
+        broker.enqueue_many([noop.message({"i": i}) for i in range(start, min(jobs, start + 1000))]) if hasattr(
+            broker, "enqueue_many"
+        ) else [broker.enqueue(noop.message({"i": i})) for i in range(start, min(jobs, start + 1000))]
     times = HookTimes()
     times.instrument(broker)
     worker = Worker(broker, queues={QUEUE}, worker_threads=THREADS, worker_timeout=100)

@@ -27,22 +27,33 @@ class Outcome:
     time_limit_s: float
 
 
-def soak_report(work, chaos, o: Outcome, scheduler: subprocess.Popen, home: Path, logs: Path, sim_url: str,
-                env: dict) -> dict:
+def soak_report(
+    work, chaos, o: Outcome, scheduler: subprocess.Popen, home: Path, logs: Path, sim_url: str, env: dict
+) -> dict:
     """What the run proved, and its problems (each a reason for the soak to fail)."""
     from fleet.ops.workload import problems
     from fleet.shared.db import connect
 
     patches = httpx.get(f"{sim_url}/_sim/letta").json()["patches"]
     report = work.report(patches)
-    report.update({
-        "broker": o.broker, "faults": o.faults, "jobs_enqueued": sum(work.enqueued.values()),
-        "settled": o.settled, "enqueue_s": round(o.enqueued_s, 1), "settle_s": round(o.settle_s, 1),
-        "kills": chaos.kills, "groups_died": chaos.deaths, "sigterms": len(chaos.sigterm_stop_s),
-        "sigterm_stop_s_max": round(max(chaos.sigterm_stop_s, default=0), 2),
-        "stops_before_enqueue_end": sum(1 for t in chaos.stopped_at if t < o.enqueued_s), "pg_restarts": chaos.pg_restarts,
-        "redis_restarts": chaos.redis_restarts, "chaos_errors": chaos.errors[:5],
-    })
+    report.update(
+        {
+            "broker": o.broker,
+            "faults": o.faults,
+            "jobs_enqueued": sum(work.enqueued.values()),
+            "settled": o.settled,
+            "enqueue_s": round(o.enqueued_s, 1),
+            "settle_s": round(o.settle_s, 1),
+            "kills": chaos.kills,
+            "groups_died": chaos.deaths,
+            "sigterms": len(chaos.sigterm_stop_s),
+            "sigterm_stop_s_max": round(max(chaos.sigterm_stop_s, default=0), 2),
+            "stops_before_enqueue_end": sum(1 for t in chaos.stopped_at if t < o.enqueued_s),
+            "pg_restarts": chaos.pg_restarts,
+            "redis_restarts": chaos.redis_restarts,
+            "chaos_errors": chaos.errors[:5],
+        }
+    )
     report["problems"] = problems(report) + ([] if o.settled else [f"did not settle within {o.time_limit_s:.0f}s"])
     if not o.settled:
         report["unfinished_sample"] = work.unfinished()
@@ -101,17 +112,24 @@ def leaks(home: Path, connect, groups) -> list[str]:
     """Where a secret shows up: worker logs, metrics files and a live scrape, bus_events, dead letters."""
     found = []
     secrets = secrets_in_play()
-    blobs = [(str(p.relative_to(home)), p.read_bytes()) for p in home.rglob("*")
-             if p.is_file() and p.suffix in (".log", ".db") and "pg" not in p.relative_to(home).parts[:1]]
+    blobs = [
+        (str(p.relative_to(home)), p.read_bytes())
+        for p in home.rglob("*")
+        if p.is_file() and p.suffix in (".log", ".db") and "pg" not in p.relative_to(home).parts[:1]
+    ]
     for group in groups:
         if group.alive() and group.metrics_port:
             blobs.append((f"/metrics of {group.log_path.name}", scrape(group.metrics_port)))
     for where, blob in blobs:
         found += [f"{where}: {name}" for name, value in secrets.items() if value.encode() in blob]
     with connect() as conn:
-        for table, column in (("bus_events", "payload::text"),
-                              ("dead_letters", "coalesce(reason, '') || coalesce(error, '') || coalesce(message::text, '')"
-                                               " || coalesce(raw::text, '')")):
+        for table, column in (
+            ("bus_events", "payload::text"),
+            (
+                "dead_letters",
+                "coalesce(reason, '') || coalesce(error, '') || coalesce(message::text, '') || coalesce(raw::text, '')",
+            ),
+        ):
             for name, value in secrets.items():
                 n = conn.execute(f"select count(*) from {table} where strpos({column}, %s) > 0", (value,)).fetchone()[0]
                 if n:
@@ -151,7 +169,9 @@ def provider_log_checks(sim_url: str, sends_allowed: int) -> dict:
         out["problems"].append(f"{len(early)} request(s) retried before Retry-After: " + "; ".join(early[:5]))
     out["max_sends_per_input"] = max((len(entries) for entries in by_input.values()), default=0)
     if out["max_sends_per_input"] > sends_allowed:
-        out["problems"].append(f"documents sent {out['max_sends_per_input']} times, the retry policy allows {sends_allowed}")
+        out["problems"].append(
+            f"documents sent {out['max_sends_per_input']} times, the retry policy allows {sends_allowed}"
+        )
     return out
 
 

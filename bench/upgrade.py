@@ -16,10 +16,16 @@ from fleet.shared.db import get_pool
 from fleet.workers.agents.templates import publish
 from fleet.workers.agents.upgrades import fan_out
 
-TEMPLATE = {"agents": [{"name": "bench", "system": "s", "llm_config": {"model": "m", "model_endpoint_type": "openai",
-                                                                      "context_window": 8000},
-                        "embedding_config": {"embedding_endpoint_type": "openai", "embedding_model": "e",
-                                             "embedding_dim": 1024}}]}
+TEMPLATE = {
+    "agents": [
+        {
+            "name": "bench",
+            "system": "s",
+            "llm_config": {"model": "m", "model_endpoint_type": "openai", "context_window": 8000},
+            "embedding_config": {"embedding_endpoint_type": "openai", "embedding_model": "e", "embedding_dim": 1024},
+        }
+    ]
+}
 
 
 def main() -> None:
@@ -36,11 +42,17 @@ def main() -> None:
     client = FleetClient()
     client.broker.declare_queue("upgrade_agents")
     with get_pool().connection() as conn:
-        conn.execute("insert into user_profiles (user_id, letta_agent_id, template_name, template_version)"
-                     " select gen_random_uuid(), %s || g, %s, '1.0.0' from generate_series(1, %s) g",
-                     (f"{name}-agent-", name, a.agents))
-        run = str(conn.execute("insert into upgrade_runs (template_name, to_version, dry_run) values (%s, '1.1.0', true)"
-                               " returning id", (name,)).fetchone()[0])
+        conn.execute(
+            "insert into user_profiles (user_id, letta_agent_id, template_name, template_version)"
+            " select gen_random_uuid(), %s || g, %s, '1.0.0' from generate_series(1, %s) g",
+            (f"{name}-agent-", name, a.agents),
+        )
+        run = str(
+            conn.execute(
+                "insert into upgrade_runs (template_name, to_version, dry_run) values (%s, '1.1.0', true) returning id",
+                (name,),
+            ).fetchone()[0]
+        )
     try:
         t = time.perf_counter()
         n = fan_out(run, client)

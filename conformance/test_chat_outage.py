@@ -29,9 +29,17 @@ def test_a_killed_server_leaves_a_partial_answer_and_an_outage_defers_chats(serv
     own_server_only(chat_server)
     port = free_port()
     server = start_llama(cache, tmp_path, port)
-    env = worker_env(services, "pgmq", CHAT_API_BASE=server.base, HEALTH_PROVIDERS="chat", HEALTH_DOWN_AFTER="3",
-                     CHAT_PROVIDER_MAX_RETRIES="2", HEALTH_RECHECK_S="2", FLEET_MAX_RETRIES="2",
-                     **server.env)
+    env = worker_env(
+        services,
+        "pgmq",
+        CHAT_API_BASE=server.base,
+        HEALTH_PROVIDERS="chat",
+        HEALTH_DOWN_AFTER="3",
+        CHAT_PROVIDER_MAX_RETRIES="2",
+        HEALTH_RECHECK_S="2",
+        FLEET_MAX_RETRIES="2",
+        **server.env,
+    )
     client = make_client("pgmq")
     group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
@@ -45,8 +53,11 @@ def test_a_killed_server_leaves_a_partial_answer_and_an_outage_defers_chats(serv
         assert stream.status == row["status"] == "partial" and row["content"] == "".join(received)
 
         waiting = client.stream_chat(f"s-{uuid.uuid4()}", "Say hello.", max_tokens=10, idempotency_key=key())
-        wait_for(lambda: events(services["dsn"], trace_id=waiting.trace_id, type="job.deferred"), 60,
-                 what="the chat to be deferred while the server is down")
+        wait_for(
+            lambda: events(services["dsn"], trace_id=waiting.trace_id, type="job.deferred"),
+            60,
+            what="the chat to be deferred while the server is down",
+        )
         server = start_llama(cache, tmp_path, port)
         list(waiting)
         assert waiting.status == "complete" and [f["type"] for f in waiting.frames].count("ready") == 1

@@ -28,22 +28,29 @@ def efleet(services, embedding_server, tmp_path_factory):
         conn.execute(f"alter table code_vectors alter column embedding type vector({EMBEDDING_DIM})")
         conn.execute("create index code_vectors_embedding_idx on code_vectors using hnsw (embedding vector_cosine_ops)")
         conn.execute("create table if not exists conformance_notes (id bigserial primary key, body text not null)")
-    env = {"EMBEDDING_API_BASE": embedding_server.base, "EMBED_SOURCES": json.dumps(SOURCES),
-           "HEALTH_PROVIDERS": "embedding"} | embedding_server.env
+    env = {
+        "EMBEDDING_API_BASE": embedding_server.base,
+        "EMBED_SOURCES": json.dumps(SOURCES),
+        "HEALTH_PROVIDERS": "embedding",
+    } | embedding_server.env
     with started_fleet(services, "pgmq", tmp_path_factory.mktemp("embed"), **env) as fleet:
         yield fleet
 
 
 def server_vectors(server, texts: list[str]) -> list[list[float]]:
-    body = httpx.post(f"{server.base}/embeddings", json={"model": server.model, "input": texts,
-                                                         "encoding_format": "float"}, timeout=60).json()
+    body = httpx.post(
+        f"{server.base}/embeddings",
+        json={"model": server.model, "input": texts, "encoding_format": "float"},
+        timeout=60,
+    ).json()
     return [d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])]
 
 
 def stored_rows(dsn: str, where: str, params) -> dict[tuple[str, int], tuple[str, list[float]]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(f"select source_id, chunk_index, content, embedding::text from {TABLE} where {where}",
-                            params).fetchall()
+        rows = conn.execute(
+            f"select source_id, chunk_index, content, embedding::text from {TABLE} where {where}", params
+        ).fetchall()
     return {(r[0], r[1]): (r[2], json.loads(r[3])) for r in rows}
 
 
@@ -55,8 +62,12 @@ def test_documents_are_stored_with_the_servers_own_vectors(efleet, embedding_ser
     prefix = f"conf-{uuid.uuid4().hex[:8]}"
     texts = [f"{prefix}: how the fleet retries a job, part {i}" for i in range(20)]
     trace = efleet.trace()
-    efleet.client.embed_documents([{"source_id": f"{prefix}-{i}", "content": t} for i, t in enumerate(texts)],
-                                  table=TABLE, docs_per_job=8, trace_id=trace)
+    efleet.client.embed_documents(
+        [{"source_id": f"{prefix}-{i}", "content": t} for i, t in enumerate(texts)],
+        table=TABLE,
+        docs_per_job=8,
+        trace_id=trace,
+    )
     efleet.wait_done(trace, 3, timeout=120)
     rows = stored_rows(efleet.dsn, "source_id like %s", (f"{prefix}-%",))
     assert len(rows) == 20 and dead_letters(efleet.dsn, trace) == []
@@ -88,8 +99,10 @@ def test_a_long_row_is_chunked_within_what_the_model_reads(efleet, embedding_ser
     bodies = [sentence * 24 + "The end is alpha.", sentence * 24 + "The end is omega, quite another ending."]
     assert server_vectors(embedding_server, bodies)[0] == server_vectors(embedding_server, bodies)[1]  # cut
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-        ids = [conn.execute("insert into conformance_notes (body) values (%s) returning id", (b,)).fetchone()[0]
-               for b in bodies]
+        ids = [
+            conn.execute("insert into conformance_notes (body) values (%s) returning id", (b,)).fetchone()[0]
+            for b in bodies
+        ]
     trace = efleet.trace()
     efleet.client.embed_rows("notes", ids, trace_id=trace)
     efleet.wait_done(trace, 1, timeout=120)

@@ -38,20 +38,38 @@ from .letta_server import LettaServer
 BILLING = "https://billing.example.test"
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = {
-    "agents": [{
-        "name": "support", "system": "You help customers.", "agent_type": "memgpt_v2_agent",
-        "include_base_tools": False,
-        "llm_config": {"model": "gpt-4o-mini", "model_endpoint_type": "openai", "model_endpoint": "https://x/v1",
-                       "context_window": 32000},
-        "embedding_config": {"embedding_model": "bge-m3", "embedding_endpoint_type": "openai",
-                             "embedding_endpoint": "https://x/v1", "embedding_dim": 1024},
-        "block_ids": ["b1", "b2"], "tool_ids": ["t1", "t2"],
-        "tool_rules": [{"tool_name": "send_message", "type": "exit_loop"},
-                       {"tool_name": "conversation_search", "type": "continue_loop"}],
-        "tags": ["support"], "metadata": {"tier": "basic"},
-    }],
-    "blocks": [{"id": "b1", "label": "persona", "value": "I am kind.", "limit": 2000},
-               {"id": "b2", "label": "human", "value": "Name: unknown"}],  # no limit: the server's default
+    "agents": [
+        {
+            "name": "support",
+            "system": "You help customers.",
+            "agent_type": "memgpt_v2_agent",
+            "include_base_tools": False,
+            "llm_config": {
+                "model": "gpt-4o-mini",
+                "model_endpoint_type": "openai",
+                "model_endpoint": "https://x/v1",
+                "context_window": 32000,
+            },
+            "embedding_config": {
+                "embedding_model": "bge-m3",
+                "embedding_endpoint_type": "openai",
+                "embedding_endpoint": "https://x/v1",
+                "embedding_dim": 1024,
+            },
+            "block_ids": ["b1", "b2"],
+            "tool_ids": ["t1", "t2"],
+            "tool_rules": [
+                {"tool_name": "send_message", "type": "exit_loop"},
+                {"tool_name": "conversation_search", "type": "continue_loop"},
+            ],
+            "tags": ["support"],
+            "metadata": {"tier": "basic"},
+        }
+    ],
+    "blocks": [
+        {"id": "b1", "label": "persona", "value": "I am kind.", "limit": 2000},
+        {"id": "b2", "label": "human", "value": "Name: unknown"},
+    ],  # no limit: the server's default
     "tools": [{"id": "t1", "name": "send_message"}, {"id": "t2", "name": "conversation_search"}],
 }
 
@@ -70,8 +88,9 @@ def letta_url(cache):
 
 @pytest.fixture(scope="module")
 def lfleet(services, letta_url, tmp_path_factory):
-    with started_fleet(services, "pgmq", tmp_path_factory.mktemp("letta"), LETTA_API_BASE_URL=letta_url,
-                       ZUPLO_BASE_URL=BILLING) as f:
+    with started_fleet(
+        services, "pgmq", tmp_path_factory.mktemp("letta"), LETTA_API_BASE_URL=letta_url, ZUPLO_BASE_URL=BILLING
+    ) as f:
         yield f
 
 
@@ -84,12 +103,14 @@ def create_agents(lfleet, name: str, version: str, users: int) -> dict[str, str]
     """{user_id: agent_id} of agents created by the workers."""
     ids = [str(uuid.uuid4()) for _ in range(users)]
     trace = lfleet.trace()
-    lfleet.client.enqueue_many("create_agent", [{"user_id": u, "template": name, "version": version} for u in ids],
-                               trace_id=trace)
+    lfleet.client.enqueue_many(
+        "create_agent", [{"user_id": u, "template": name, "version": version} for u in ids], trace_id=trace
+    )
     lfleet.wait_done(trace, users, timeout=120)
     with psycopg.connect(lfleet.dsn, autocommit=True) as conn:
-        rows = conn.execute("select user_id::text, letta_agent_id from user_profiles where user_id = any(%s::uuid[])",
-                            (ids,)).fetchall()
+        rows = conn.execute(
+            "select user_id::text, letta_agent_id from user_profiles where user_id = any(%s::uuid[])", (ids,)
+        ).fetchall()
     assert len(rows) == users, f"{users - len(rows)} agent(s) were not created; see {lfleet.log_dir}"
     return dict(rows)
 
@@ -111,9 +132,12 @@ def test_agents_are_created_as_the_template_says(lfleet, letta):
         assert agent["agent_type"] == "memgpt_v2_agent"
         assert sorted(t["name"] for t in agent["tools"]) == ["conversation_search", "send_message"]
         assert rules_of(agent) == [("conversation_search", "continue_loop"), ("send_message", "exit_loop")]
-        assert [(b["label"], b["value"], b["limit"]) for b in sorted(agent["memory"]["blocks"], key=lambda b: b["label"])] \
-            == [("human", "Name: unknown", 100000), ("persona", "I am kind.", 2000)]
-        assert agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] == endpoint(user)
+        assert [
+            (b["label"], b["value"], b["limit"]) for b in sorted(agent["memory"]["blocks"], key=lambda b: b["label"])
+        ] == [("human", "Name: unknown", 100000), ("persona", "I am kind.", 2000)]
+        assert (
+            agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] == endpoint(user)
+        )
         assert agent["metadata"] == {"tier": "basic", "fleet_template": f"{name}@1.0.0", "fleet_user_id": user}
         assert changes(agent, template, endpoint(user)) == {}  # a fresh agent diffs empty against its version
 
@@ -125,11 +149,15 @@ def upgrade(lfleet, name: str, version: str, dry_run: bool) -> list[tuple]:
 
     def finished():
         with psycopg.connect(lfleet.dsn, autocommit=True) as conn:
-            return conn.execute("select 1 from upgrade_runs where id = %s and finished_at is not null", (run,)).fetchone()
+            return conn.execute(
+                "select 1 from upgrade_runs where id = %s and finished_at is not null", (run,)
+            ).fetchone()
 
     wait_for(finished, 120, what=f"upgrade run {run}")
     with psycopg.connect(lfleet.dsn, autocommit=True) as conn:
-        return conn.execute("select agent_id, status, diff, error from agent_upgrades where run_id = %s", (run,)).fetchall()
+        return conn.execute(
+            "select agent_id, status, diff, error from agent_upgrades where run_id = %s", (run,)
+        ).fetchall()
 
 
 def snapshot(letta: LettaClient, agent_id: str) -> dict:
@@ -170,15 +198,24 @@ def test_a_cohort_upgrade_converges(lfleet, letta):
         assert after["blocks"] == before[agent_id]["blocks"]  # memory byte-identical
         assert agent["system"] == "You help customers, in two sentences at most."
         assert agent["llm_config"]["model"] == "gpt-4o"
-        assert agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] == endpoint(user)
+        assert (
+            agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] == endpoint(user)
+        )
         assert agent["llm_config"]["enable_reasoner"] == before[agent_id]["agent"]["llm_config"]["enable_reasoner"]
         assert agent["metadata"] == {"tier": "gold", "fleet_template": f"{name}@1.0.0", "fleet_user_id": user}
         assert sorted(t["name"] for t in agent["tools"]) == ["conversation_search", "memory_insert", "send_message"]
-        assert rules_of(agent) == [("conversation_search", "continue_loop"), ("memory_insert", "continue_loop"),
-                                   ("send_message", "exit_loop")]
+        assert rules_of(agent) == [
+            ("conversation_search", "continue_loop"),
+            ("memory_insert", "continue_loop"),
+            ("send_message", "exit_loop"),
+        ]
     with psycopg.connect(lfleet.dsn, autocommit=True) as conn:
-        versions = {r[0] for r in conn.execute("select template_version from user_profiles where user_id = any(%s::uuid[])",
-                                               (list(agents),))}
+        versions = {
+            r[0]
+            for r in conn.execute(
+                "select template_version from user_profiles where user_id = any(%s::uuid[])", (list(agents),)
+            )
+        }
     assert versions == {"1.1.0"}
 
     stamps = {a: letta.get_agent(a)["updated_at"] for a in agents.values()}
@@ -205,16 +242,24 @@ def test_the_agent_service_flow_over_http(lfleet, letta, tmp_path):
     with GatewayProcess(lfleet.env | JWT_ENV, tmp_path) as gateway:
         flow = smoke_flow(gateway.url, TEMPLATE)
     agent = letta.get_agent(flow["agent_id"])
-    assert agent["llm_config"]["model_endpoint"] == agent["embedding_config"]["embedding_endpoint"] \
+    assert (
+        agent["llm_config"]["model_endpoint"]
+        == agent["embedding_config"]["embedding_endpoint"]
         == endpoint(flow["user"])
+    )
 
 
 def shape(agent: dict) -> dict:
-    return {"agent_type": agent["agent_type"], "system": agent["system"], "tags": sorted(agent["tags"]),
-            "tools": sorted(t["name"] for t in agent["tools"]), "tool_rules": rules_of(agent),
-            "blocks": sorted((b["label"], b["value"], b["limit"]) for b in agent["memory"]["blocks"]),
-            "llm": {k: v for k, v in agent["llm_config"].items() if k != "model_endpoint"},
-            "embedding": {k: v for k, v in agent["embedding_config"].items() if k != "embedding_endpoint"}}
+    return {
+        "agent_type": agent["agent_type"],
+        "system": agent["system"],
+        "tags": sorted(agent["tags"]),
+        "tools": sorted(t["name"] for t in agent["tools"]),
+        "tool_rules": rules_of(agent),
+        "blocks": sorted((b["label"], b["value"], b["limit"]) for b in agent["memory"]["blocks"]),
+        "llm": {k: v for k, v in agent["llm_config"].items() if k != "model_endpoint"},
+        "embedding": {k: v for k, v in agent["embedding_config"].items() if k != "embedding_endpoint"},
+    }
 
 
 def test_an_exported_agent_file_publishes_and_creates_a_matching_agent(lfleet, letta):
@@ -231,8 +276,14 @@ def test_templates_export_writes_a_file_the_server_imports(lfleet, letta, letta_
     publish(name, "1.0.0", TEMPLATE)
     path = tmp_path / "agent.af"
     env = dict(os.environ) | {"LETTA_API_BASE_URL": letta_url}
-    subprocess.run([sys.executable, "-m", "fleet.ops.cli", "templates", "export", name, "1.0.0", "-o", str(path)],
-                   env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "fleet.ops.cli", "templates", "export", name, "1.0.0", "-o", str(path)],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     (agent_id,) = letta.import_agent(json.loads(path.read_text()))
     imported = letta.get_agent(agent_id)
     assert imported["name"] == "support_copy"  # the server marks an imported agent as a copy

@@ -15,8 +15,7 @@ from .gateway_support import Sse, post_sse
 
 SECRET = "agents-service-secret-of-at-least-32-bytes"
 BILLING = "https://billing.example.test"
-JWT_ENV = {"GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_DEV": "false",
-           "GATEWAY_DOCS": "true"}
+JWT_ENV = {"GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_DEV": "false", "GATEWAY_DOCS": "true"}
 
 
 def token(sub: str, *, role: str | None = None) -> str:
@@ -47,8 +46,9 @@ def newer(template: dict) -> dict:
 
 
 def publish(url: str, name: str, version: str, content: dict, headers: dict = OPERATOR) -> httpx.Response:
-    return httpx.post(f"{url}/v1/templates", json={"name": name, "version": version, "content": content},
-                      headers=headers, timeout=30)
+    return httpx.post(
+        f"{url}/v1/templates", json={"name": name, "version": version, "content": content}, headers=headers, timeout=30
+    )
 
 
 def create(url: str, user_token: str, template: str, **body) -> Sse:
@@ -110,6 +110,11 @@ def smoke_flow(url: str, template: dict) -> dict:
     assert after["agent"]["blocks"] == blocks_before
     assert after["agent"]["model_endpoint"] == after["agent"]["embedding_endpoint"] == billing_endpoint(user)
     assert after["last_upgrade"]["status"] == "succeeded" and after["last_upgrade"]["to_version"] == "2.0.0"
-    return {"name": name, "user": user, "token": user_token, "agent_id": agent_id, "job_id": created.headers["x-job-id"],
-            "run_id": applied["run_id"]}
-
+    return {
+        "name": name,
+        "user": user,
+        "token": user_token,
+        "agent_id": agent_id,
+        "job_id": created.headers["x-job-id"],
+        "run_id": applied["run_id"],
+    }

@@ -8,14 +8,26 @@ import httpx
 import psycopg
 
 API_KEY = "sk-test-embeddings-0123456789"
-SOURCES = {"docs": {"table": "test_docs", "id_column": "id", "content_column": "body", "target": "vector_documents",
-                    "metadata_columns": ["lang"]}}
+SOURCES = {
+    "docs": {
+        "table": "test_docs",
+        "id_column": "id",
+        "content_column": "body",
+        "target": "vector_documents",
+        "metadata_columns": ["lang"],
+    }
+}
 MODEL = "BAAI/bge-m3"
 
 
 def embed_env(sim, **extra) -> dict:
-    env = {"EMBEDDING_API_BASE": f"{sim.url}/v1", "EMBEDDING_API_KEY": API_KEY, "EMBEDDING_MODEL_DEFAULT": MODEL,
-           "EMBED_SOURCES": json.dumps(SOURCES), "EMBED_PROVIDER_MAX_RETRIES": "2"}
+    env = {
+        "EMBEDDING_API_BASE": f"{sim.url}/v1",
+        "EMBEDDING_API_KEY": API_KEY,
+        "EMBEDDING_MODEL_DEFAULT": MODEL,
+        "EMBED_SOURCES": json.dumps(SOURCES),
+        "EMBED_PROVIDER_MAX_RETRIES": "2",
+    }
     return env | extra
 
 
@@ -34,8 +46,15 @@ def sim_log(sim) -> list[dict]:
 
 
 def docs(prefix: str, n: int) -> list[dict]:
-    return [{"source_id": f"{prefix}-{i}", "chunk_index": 0, "content": f"{prefix} document number {i}",
-             "metadata": {"n": i, "batch": prefix}} for i in range(n)]
+    return [
+        {
+            "source_id": f"{prefix}-{i}",
+            "chunk_index": 0,
+            "content": f"{prefix} document number {i}",
+            "metadata": {"n": i, "batch": prefix},
+        }
+        for i in range(n)
+    ]
 
 
 def stored(dsn: str, prefix: str, table: str = "vector_documents") -> dict:

@@ -16,8 +16,12 @@ from fleet.gateway.process import GatewayProcess
 from .conftest import started_fleet
 from .embedding_support import API_KEY
 
-CHAT_ENV = {"CHAT_API_KEY": API_KEY, "CHAT_KEEPALIVE_S": "0.2", "CHAT_MODEL_DEFAULT": "sim-chat",
-            "EMBEDDING_API_KEY": API_KEY}
+CHAT_ENV = {
+    "CHAT_API_KEY": API_KEY,
+    "CHAT_KEEPALIVE_S": "0.2",
+    "CHAT_MODEL_DEFAULT": "sim-chat",
+    "EMBEDDING_API_KEY": API_KEY,
+}
 
 
 @dataclass
@@ -95,8 +99,11 @@ def fleet_with_gateway(services, sim, kind: str, log_dir, gateway_env: dict | No
     env = CHAT_ENV | {"CHAT_API_BASE": f"{sim.url}/v1", "EMBEDDING_API_BASE": f"{sim.url}/v1"} | worker_env
     with started_fleet(services, kind, log_dir, **env) as fleet:
         # development mode unless the test asks for production (gateway_env GATEWAY_DEV=false)
-        gw_env = fleet.env | {"GATEWAY_KEEPALIVE_S": "0.5", "GATEWAY_DEV": "true", "GATEWAY_DOCS": "true"} | (
-            gateway_env or {})
+        gw_env = (
+            fleet.env
+            | {"GATEWAY_KEEPALIVE_S": "0.5", "GATEWAY_DEV": "true", "GATEWAY_DOCS": "true"}
+            | (gateway_env or {})
+        )
         gateway = GatewayProcess(gw_env, log_dir).start()
         try:
             yield GatewayFleet(fleet, gateway)

@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def fleet_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """The `fleet` command as an operator runs it, in its own process."""
-    proc = subprocess.run([sys.executable, "-m", "fleet.ops.cli", *args], capture_output=True, text=True,
-                          env=env or dict(os.environ), cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleet.ops.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env or dict(os.environ),
+        cwd=ROOT,
+        timeout=120,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -28,11 +34,14 @@ def fleet_cli(*args: str, env: dict | None = None, check: bool = True) -> subpro
 def events(dsn: str, *, trace_id: str | None = None, job_id: str | None = None, type: str | None = None) -> list[dict]:
     where, params = [], []
     if trace_id:
-        where.append("trace_id = %s"); params.append(trace_id)
+        where.append("trace_id = %s")
+        params.append(trace_id)
     if job_id:
-        where.append("job_id = %s"); params.append(job_id)
+        where.append("job_id = %s")
+        params.append(job_id)
     if type:
-        where.append("type = %s"); params.append(type)
+        where.append("type = %s")
+        params.append(type)
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             f"select type, job_id, payload, created_at, queue, actor from bus_events where {' and '.join(where) or 'true'} order by id",
@@ -62,4 +71,6 @@ def running_workers(env: dict, log_dir: Path, **kwargs):
 
 def pgmq_send(dsn: str, queue: str, body) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute("select pgmq.send(%s, %s::jsonb)", (queue, json.dumps(body) if not isinstance(body, str) else body)).fetchone()[0]
+        return conn.execute(
+            "select pgmq.send(%s, %s::jsonb)", (queue, json.dumps(body) if not isinstance(body, str) else body)
+        ).fetchone()[0]

@@ -14,8 +14,10 @@ from fleet.shared.services import free_port
 from .helpers import wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-HOW_TO_INSTALL = ("Prometheus is not installed: `make test` installs Debian's prometheus when run as root;"
-                  " otherwise run `sudo apt-get install prometheus` (it provides prometheus and promtool)")
+HOW_TO_INSTALL = (
+    "Prometheus is not installed: `make test` installs Debian's prometheus when run as root;"
+    " otherwise run `sudo apt-get install prometheus` (it provides prometheus and promtool)"
+)
 
 
 def binary(name: str) -> str:
@@ -40,9 +42,16 @@ class Prometheus:
     def start(self) -> "Prometheus":
         self.log = open(self.workdir / "prometheus.log", "ab")
         self.proc = subprocess.Popen(
-            [binary("prometheus"), f"--config.file={self.workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            [
+                binary("prometheus"),
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
         wait_for(lambda: self._ready() or self.proc.poll() is not None, 30, 0.2, what="prometheus to start")
         assert self.proc.poll() is None, (self.workdir / "prometheus.log").read_text()[-3000:]
         return self
@@ -61,8 +70,11 @@ class Prometheus:
 
     def query_range(self, expr: str, start: float, end: float, step: float = 2.0) -> list[dict]:
         """`expr` evaluated every `step` seconds from `start` to `end` (each result has `values`)."""
-        r = httpx.get(f"{self.url}/api/v1/query_range",
-                      params={"query": expr, "start": start, "end": end, "step": step}, timeout=30)
+        r = httpx.get(
+            f"{self.url}/api/v1/query_range",
+            params={"query": expr, "start": start, "end": end, "step": step},
+            timeout=30,
+        )
         body = r.json()
         assert body.get("status") == "success", f"{expr}: {body}"
         return body["data"]["result"]

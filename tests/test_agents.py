@@ -23,8 +23,14 @@ BILLING = "https://billing.example.test"
 
 @pytest.fixture(scope="module")
 def afleet(services, sim, tmp_path_factory):
-    with started_fleet(services, "pgmq", tmp_path_factory.mktemp("agents"), LETTA_API_BASE_URL=sim.url,
-                       LETTA_API_KEY=API_KEY, ZUPLO_BASE_URL=BILLING) as f:
+    with started_fleet(
+        services,
+        "pgmq",
+        tmp_path_factory.mktemp("agents"),
+        LETTA_API_BASE_URL=sim.url,
+        LETTA_API_KEY=API_KEY,
+        ZUPLO_BASE_URL=BILLING,
+    ) as f:
         yield f
 
 
@@ -49,8 +55,9 @@ def test_create_agent_forces_the_billing_proxy_and_is_idempotent(afleet, sim):
     assert [(b["label"], b["value"]) for b in agent["memory"]["blocks"]] == [("persona", "I am kind."), ("human", "")]
     assert [t["name"] for t in agent["tools"]] == ["send_message"]
     with psycopg.connect(afleet.dsn, autocommit=True) as conn:
-        profile = conn.execute("select letta_agent_id, template_name, template_version from user_profiles"
-                               " where user_id = %s", (user,)).fetchone()
+        profile = conn.execute(
+            "select letta_agent_id, template_name, template_version from user_profiles where user_id = %s", (user,)
+        ).fetchone()
         assert profile == (agent["id"], name, "1.0.0")
         # a crash after Letta answered but before the profile was stored: the retry finds the agent by name
         conn.execute("delete from user_profiles where user_id = %s", (user,))
@@ -59,12 +66,17 @@ def test_create_agent_forces_the_billing_proxy_and_is_idempotent(afleet, sim):
     afleet.wait_done(again, 1)
     assert len([a for a in letta_state(sim)["agents"].values() if a["name"] == f"{name}-{user}"]) == 1
     with psycopg.connect(afleet.dsn, autocommit=True) as conn:
-        assert conn.execute("select letta_agent_id from user_profiles where user_id = %s", (user,)).fetchone()[0] == agent["id"]
+        assert (
+            conn.execute("select letta_agent_id from user_profiles where user_id = %s", (user,)).fetchone()[0]
+            == agent["id"]
+        )
 
 
 def test_unknown_template_is_dead_lettered(afleet, sim):
     trace = afleet.trace()
-    afleet.client.enqueue("create_agent", {"user_id": str(uuid.uuid4()), "template": "no-such-template"}, trace_id=trace)
+    afleet.client.enqueue(
+        "create_agent", {"user_id": str(uuid.uuid4()), "template": "no-such-template"}, trace_id=trace
+    )
     afleet.wait_done(trace, 1)
     (dl,) = dead_letters(afleet.dsn, trace)
     assert "template 'no-such-template' has no published version" in dl["reason"]
@@ -102,7 +114,12 @@ def test_creation_honours_the_templates_agent_type_tools_and_rules(afleet, sim):
     publish(name, "1.1.0", typed)
     agent = create_for(afleet, sim, name, "1.1.0")
     assert agent["agent_type"] == "memgpt_v2_agent"
-    assert {t["name"] for t in agent["tools"]} == {"send_message", "conversation_search", "memory_insert", "memory_replace"}
+    assert {t["name"] for t in agent["tools"]} == {
+        "send_message",
+        "conversation_search",
+        "memory_insert",
+        "memory_replace",
+    }
     assert agent["tool_rules"] == [{"tool_name": "send_message", "type": "exit_loop", "prompt_template": None}]
 
 
@@ -127,16 +144,20 @@ def test_lettas_409_is_permanent_and_not_retried(afleet, sim):
     with pytest.raises(ProviderError) as e:  # a tool id the server does not have: its foreign key refuses it
         letta.update_agent(agent["id"], {"tool_ids": ["tool-00000000-0000-4000-8000-00000000abcd"]})
     assert e.value.status == 409 and classify(e.value) == "permanent"
-    patches = [r for r in httpx.get(f"{sim.url}/_sim/log").json()
-               if r["method"] == "PATCH" and agent["id"] in r["path"]]
+    patches = [
+        r for r in httpx.get(f"{sim.url}/_sim/log").json() if r["method"] == "PATCH" and agent["id"] in r["path"]
+    ]
     assert [r["status"] for r in patches] == [409]  # asked once
 
 
 def test_an_exported_agent_file_publishes_and_creates_a_matching_agent(afleet, sim):
     name = f"a-{uuid.uuid4().hex[:8]}"
     original = copy.deepcopy(AGENT)
-    original["agents"][0] |= {"agent_type": "memgpt_v2_agent", "include_base_tools": True,
-                              "include_base_tool_rules": True}
+    original["agents"][0] |= {
+        "agent_type": "memgpt_v2_agent",
+        "include_base_tools": True,
+        "include_base_tool_rules": True,
+    }
     publish(name, "1.0.0", original)
     source = create_for(afleet, sim, name)
     exported = httpx.get(f"{sim.url}/v1/agents/{source['id']}/export", headers={"Authorization": f"Bearer {API_KEY}"})
@@ -146,11 +167,16 @@ def test_an_exported_agent_file_publishes_and_creates_a_matching_agent(afleet, s
 
 
 def agent_shape(agent: dict) -> dict:
-    return {"agent_type": agent["agent_type"], "tools": sorted(t["name"] for t in agent["tools"]),
-            "tool_rules": sorted({json.dumps(r, sort_keys=True) for r in agent["tool_rules"]}), "system": agent["system"],
-            "blocks": [(b["label"], b["value"], b["limit"]) for b in agent["memory"]["blocks"]], "tags": agent["tags"],
-            "llm_config": {k: v for k, v in agent["llm_config"].items() if k != "model_endpoint"},  # per user
-            "embedding_config": {k: v for k, v in agent["embedding_config"].items() if k != "embedding_endpoint"}}
+    return {
+        "agent_type": agent["agent_type"],
+        "tools": sorted(t["name"] for t in agent["tools"]),
+        "tool_rules": sorted({json.dumps(r, sort_keys=True) for r in agent["tool_rules"]}),
+        "system": agent["system"],
+        "blocks": [(b["label"], b["value"], b["limit"]) for b in agent["memory"]["blocks"]],
+        "tags": agent["tags"],
+        "llm_config": {k: v for k, v in agent["llm_config"].items() if k != "model_endpoint"},  # per user
+        "embedding_config": {k: v for k, v in agent["embedding_config"].items() if k != "embedding_endpoint"},
+    }
 
 
 def test_templates_export_writes_an_agent_file_letta_imports(afleet, sim, tmp_path):
@@ -167,7 +193,9 @@ def test_templates_export_writes_an_agent_file_letta_imports(afleet, sim, tmp_pa
     agent = letta_state(sim)["agents"][imported.json()["agent_ids"][0]]
     assert [t["name"] for t in agent["tools"]] == ["send_message"] and agent["system"] == AGENT["agents"][0]["system"]
     assert [(b["label"], b["value"], b["limit"]) for b in agent["memory"]["blocks"]] == [
-        ("persona", "I am kind.", 2000), ("human", "", 2000)]
+        ("persona", "I am kind.", 2000),
+        ("human", "", 2000),
+    ]
     offline = {k: v for k, v in env.items() if k != "LETTA_API_BASE_URL"}
     refused = fleet_cli("templates", "export", name, "1.0.0", env=offline, check=False)
     assert refused.returncode == 2 and "set LETTA_API_BASE_URL" in refused.stderr

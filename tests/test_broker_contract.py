@@ -36,8 +36,9 @@ def held_by_broker(fleet, trace: str) -> int:
         import psycopg
 
         with psycopg.connect(fleet.dsn, autocommit=True) as conn:
-            return conn.execute("select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s",
-                                (trace,)).fetchone()[0]
+            return conn.execute(
+                "select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s", (trace,)
+            ).fetchone()[0]
     import redis
 
     r = redis.Redis.from_url(fleet.env["REDIS_URL"])
@@ -114,8 +115,9 @@ def test_wrong_payload_shape_is_dead_lettered_and_worker_keeps_running(fleet):
 
 def test_unknown_actor_is_dead_lettered(fleet):
     trace = fleet.trace()
-    message = dramatiq.Message(queue_name="echo", actor_name="no_such_actor", args=({},), kwargs={},
-                               options={"trace_id": trace})
+    message = dramatiq.Message(
+        queue_name="echo", actor_name="no_such_actor", args=({},), kwargs={}, options={"trace_id": trace}
+    )
     fleet.client.broker.enqueue(message)
     dl = wait_for(lambda: dead_letters(fleet.dsn, trace), 60, what="dead letter")
     assert dl[0]["reason"] == "unknown actor 'no_such_actor'"
@@ -129,7 +131,9 @@ def test_idempotent_enqueue(fleet):
     second = fleet.client.enqueue("echo", {"message": "once"}, idempotency_key=key, trace_id=trace)
     assert not first.duplicate and second.duplicate
     assert second.job_id == first.job_id
-    batch = fleet.client.enqueue_many("echo", [{}, {}, {}], idempotency_keys=[key, key + "b", key + "b"], trace_id=trace)
+    batch = fleet.client.enqueue_many(
+        "echo", [{}, {}, {}], idempotency_keys=[key, key + "b", key + "b"], trace_id=trace
+    )
     assert [b.duplicate for b in batch] == [True, False, True]
     fleet.wait_done(trace, 2)
     time.sleep(1.0)
@@ -150,9 +154,16 @@ def test_metrics_endpoint_serves_dramatiq_and_fleet_series(fleet):
         return text if 'fleet_jobs_total{actor="echo",outcome="dead",queue="echo"}' in text else None
 
     text = wait_for(scrape, 60, what="the dead-letter outcome in /metrics")
-    for series in ("dramatiq_messages_total", "dramatiq_message_errors_total", "dramatiq_message_rejects_total",
-                   "dramatiq_message_duration_milliseconds_bucket", "dramatiq_messages_inprogress",
-                   "fleet_job_duration_seconds_bucket", "fleet_worker_processes", "fleet_broker_up 1.0"):
+    for series in (
+        "dramatiq_messages_total",
+        "dramatiq_message_errors_total",
+        "dramatiq_message_rejects_total",
+        "dramatiq_message_duration_milliseconds_bucket",
+        "dramatiq_messages_inprogress",
+        "fleet_job_duration_seconds_bucket",
+        "fleet_worker_processes",
+        "fleet_broker_up 1.0",
+    ):
         assert series in text, series
     depth = [line for line in text.splitlines() if line.startswith('fleet_queue_depth{queue="echo"}')]
     assert depth and float(depth[0].split()[-1]) >= 1.0  # the delayed job is waiting
@@ -184,8 +195,13 @@ def test_a_dead_letter_that_cannot_be_written_keeps_its_message(fleet):
         conn.execute(REFUSE_DEAD_LETTER)
         try:
             fleet.client.enqueue("echo", {"message": "refuse-this-dead-letter", "fail": "permanent"}, trace_id=trace)
-            wait_for(lambda: "dead_letter.record_failed" in fleet.workers.logs() and starts(events(fleet.dsn, trace_id=trace)),
-                     60, what="the dead-letter write to fail")
+            wait_for(
+                lambda: (
+                    "dead_letter.record_failed" in fleet.workers.logs() and starts(events(fleet.dsn, trace_id=trace))
+                ),
+                60,
+                what="the dead-letter write to fail",
+            )
             time.sleep(1.0)  # the old code archived the message right after the failed write
             assert dead_letters(fleet.dsn, trace) == []
             assert _still_held(fleet, conn), "the message left its queue without a dead letter"
@@ -201,8 +217,11 @@ def test_a_dead_letter_that_cannot_be_written_keeps_its_message(fleet):
 def _still_held(fleet, conn) -> bool:
     """The message is still the broker's: in pgmq's queue table (not archived), or in a Redis ack set."""
     if fleet.kind == "pgmq":
-        return bool(conn.execute("select count(*) from pgmq.q_echo where message->'args'->0->>'message'"
-                                 " = 'refuse-this-dead-letter'").fetchone()[0])
+        return bool(
+            conn.execute(
+                "select count(*) from pgmq.q_echo where message->'args'->0->>'message' = 'refuse-this-dead-letter'"
+            ).fetchone()[0]
+        )
     import redis
 
     r = redis.Redis.from_url(fleet.env["REDIS_URL"])
@@ -246,11 +265,14 @@ def test_idempotency_key_of_a_send_that_failed_is_not_left_claimed(fleet):
             with pytest.raises(Exception):
                 failing.enqueue("echo", {"message": "refuse-this-send"}, idempotency_key=key, trace_id=trace)
         finally:
-            conn.execute("drop trigger if exists test_refuse_release on request_dedup;"
-                         " drop trigger if exists test_refuse_send on pgmq.q_echo")
+            conn.execute(
+                "drop trigger if exists test_refuse_release on request_dedup;"
+                " drop trigger if exists test_refuse_send on pgmq.q_echo"
+            )
             failing.broker.close()
-        left = conn.execute("select expires_at - now() from request_dedup where scope = 'enqueue' and key = %s",
-                            (key,)).fetchone()
+        left = conn.execute(
+            "select expires_at - now() from request_dedup where scope = 'enqueue' and key = %s", (key,)
+        ).fetchone()
     assert left is None or left[0].total_seconds() <= 1.0, f"the key stays claimed for {left[0]}"
     time.sleep(1.1)  # a pending claim's lifetime
     again = fleet.client.enqueue("echo", {"message": "sent at last"}, idempotency_key=key, trace_id=trace)
@@ -266,8 +288,13 @@ def test_two_live_copies_of_a_retried_attempt_run_once(fleet):
     message.options["retries"] = 1  # attempt 2, as ClassifiedRetries enqueues it
     fleet.client.broker.enqueue(message)
     fleet.client.broker.enqueue(message)  # the diverging copy: same job and attempt, another broker message
-    evs = wait_for(lambda: (lambda e: e if {"job.succeeded", "job.skipped"} <= {x["type"] for x in e} else None)(
-        events(fleet.dsn, trace_id=trace)), 60, what="one copy to run and one to be skipped")
+    evs = wait_for(
+        lambda: (lambda e: e if {"job.succeeded", "job.skipped"} <= {x["type"] for x in e} else None)(
+            events(fleet.dsn, trace_id=trace)
+        ),
+        60,
+        what="one copy to run and one to be skipped",
+    )
     time.sleep(0.5)
     evs = events(fleet.dsn, trace_id=trace)
     assert len([e for e in evs if e["type"] == "echo.done"]) == 1

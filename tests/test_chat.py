@@ -23,17 +23,25 @@ pytestmark = pytest.mark.usefixtures("fresh_chat_sim")
 
 @pytest.fixture(scope="module", params=["pgmq", "redis"])
 def cfleet(request, services, sim, tmp_path_factory):
-    env = {"CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "CHAT_KEEPALIVE_S": "0.2",
-           "REQUIRE_IDEMPOTENCY": "true", "CHAT_MODEL_DEFAULT": "sim-chat",
-           "CHAT_CONTEXT_WINDOWS": json.dumps({"sim-windowed": 200}), "HEALTH_RECHECK_S": "600"}
+    env = {
+        "CHAT_API_BASE": f"{sim.url}/v1",
+        "CHAT_API_KEY": API_KEY,
+        "CHAT_KEEPALIVE_S": "0.2",
+        "REQUIRE_IDEMPOTENCY": "true",
+        "CHAT_MODEL_DEFAULT": "sim-chat",
+        "CHAT_CONTEXT_WINDOWS": json.dumps({"sim-windowed": 200}),
+        "HEALTH_RECHECK_S": "600",
+    }
     with started_fleet(services, request.param, tmp_path_factory.mktemp(f"chat-{request.param}"), **env) as f:
         yield f
 
 
 @pytest.fixture
 def fresh_chat_sim(fresh_sim):
-    httpx.post(f"{fresh_sim.url}/_sim/config", json={"ttft_ms": 0, "tokens_per_s": 0, "answer_tokens": 12,
-                                                     "cut_after_tokens": 3})
+    httpx.post(
+        f"{fresh_sim.url}/_sim/config",
+        json={"ttft_ms": 0, "tokens_per_s": 0, "answer_tokens": 12, "cut_after_tokens": 3},
+    )
     return fresh_sim
 
 
@@ -45,8 +53,12 @@ def stored_answer(dsn: str, job_id: str) -> dict:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "select content, status, tokens_in, tokens_out, tokens_estimated, finish_reason, model from messages"
-            " where job_id = %s and role = 'assistant'", (job_id,)).fetchone()
-    return dict(zip(["content", "status", "tokens_in", "tokens_out", "tokens_estimated", "finish_reason", "model"], row))
+            " where job_id = %s and role = 'assistant'",
+            (job_id,),
+        ).fetchone()
+    return dict(
+        zip(["content", "status", "tokens_in", "tokens_out", "tokens_estimated", "finish_reason", "model"], row)
+    )
 
 
 def key() -> str:
@@ -132,16 +144,21 @@ def test_require_idempotency_rejects_a_job_without_a_key(cfleet, sim):
     stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "no key", timeout_s=20)
     assert stream.status == "error"
     dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 60, what="the dead letter")
-    assert dl[0]["reason"] == ("permanent error: InvalidPayload: idempotency_key is required "
-                               "(REQUIRE_IDEMPOTENCY=true)")
+    assert dl[0]["reason"] == (
+        "permanent error: InvalidPayload: idempotency_key is required (REQUIRE_IDEMPOTENCY=true)"
+    )
     assert chat_calls(sim) == []
 
 
 def test_a_listener_that_joins_after_the_end_gets_the_answer(cfleet, sim):
     trace = cfleet.trace()
     job_id = str(uuid.uuid4())
-    cfleet.client.enqueue("chat_completion", {"session_id": f"s-{uuid.uuid4()}", "content": "late",
-                                              "idempotency_key": key()}, trace_id=trace, job_id=job_id)
+    cfleet.client.enqueue(
+        "chat_completion",
+        {"session_id": f"s-{uuid.uuid4()}", "content": "late", "idempotency_key": key()},
+        trace_id=trace,
+        job_id=job_id,
+    )
     cfleet.wait_done(trace, 1)
     frames = list(FrameListener(job_id).frames(timeout=10))
     done = frames[-1]
@@ -156,13 +173,16 @@ def test_rls_lets_a_user_read_only_their_own_sessions(cfleet, sim):
     cfleet.client.chat(sa, "alice asks", idempotency_key=key(), user_id=alice)
     cfleet.client.chat(sb, "bob asks", idempotency_key=key(), user_id=bob)
     with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
+
         def visible(role: str, sub: str | None) -> set[str]:
             with conn.transaction():
                 conn.execute(f"set local role {role}")
                 if sub:
                     conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": sub}),))
-                return {r[0] for r in conn.execute("select session_id from messages where session_id = any(%s)",
-                                                   ([sa, sb],))}
+                return {
+                    r[0]
+                    for r in conn.execute("select session_id from messages where session_id = any(%s)", ([sa, sb],))
+                }
 
         assert visible("authenticated", alice) == {sa}
         assert visible("authenticated", bob) == {sb}
@@ -189,6 +209,7 @@ def test_cli_chat_prints_the_streamed_answer(cfleet, sim):
 
 
 # -- what real servers do (tests/fixtures/openai/; conformance/test_chat.py runs the same against llama.cpp) --
+
 
 def test_a_stream_cut_with_done_but_no_finish_reason_is_partial(cfleet, sim):
     """llama.cpp's server ends a running stream with [DONE] and no finish_reason when another request
@@ -245,8 +266,7 @@ def test_an_empty_answer_over_the_window_is_a_permanent_error_not_a_retried_faul
     """Short words count less in the fleet's estimate than in the server's tokenizer: the prompt goes,
     the server answers nothing, and its tokenizer tells why."""
     httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200, "tokenizer": True})
-    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "a " * 250, model=WINDOWED, max_tokens=10,
-                                idempotency_key=key())
+    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "a " * 250, model=WINDOWED, max_tokens=10, idempotency_key=key())
     assert stream.status == "error" and stream.error["error_class"] == "ContextWindowExceeded"
     assert "the server answered nothing: the prompt (257 tokens) does not fit" in stream.error["message"]
     assert len(chat_calls(sim)) == 1  # not retried
@@ -257,17 +277,23 @@ def test_an_empty_answer_over_the_window_is_a_permanent_error_not_a_retried_faul
 def test_one_ready_frame_per_job_however_often_it_is_deferred(cfleet, sim):
     """A provider marked down defers the job again and again; its listener hears `ready` once."""
     with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
-        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
-                     " values ('chat', 'sim-chat', 'chat', 'down', 9) on conflict (provider, model) do update"
-                     " set status = 'down', consecutive_failures = 9, checked_at = now()")
+        conn.execute(
+            "insert into provider_health (provider, model, kind, status, consecutive_failures)"
+            " values ('chat', 'sim-chat', 'chat', 'down', 9) on conflict (provider, model) do update"
+            " set status = 'down', consecutive_failures = 9, checked_at = now()"
+        )
     time.sleep(CACHE_S + 0.2)  # the workers' cached view of the provider's health has expired
     try:
         stream = cfleet.client.stream_chat(f"s-{uuid.uuid4()}", "are you there", idempotency_key=key())
-        wait_for(lambda: len(events(cfleet.dsn, trace_id=stream.trace_id, type="job.deferred")) >= 3, 30,
-                 what="three deferrals")
+        wait_for(
+            lambda: len(events(cfleet.dsn, trace_id=stream.trace_id, type="job.deferred")) >= 3,
+            30,
+            what="three deferrals",
+        )
         with psycopg.connect(cfleet.dsn, autocommit=True) as conn:
-            conn.execute("update provider_health set status = 'healthy', consecutive_failures = 0"
-                         " where provider = 'chat'")
+            conn.execute(
+                "update provider_health set status = 'healthy', consecutive_failures = 0 where provider = 'chat'"
+            )
         list(stream)
     finally:
         with psycopg.connect(cfleet.dsn, autocommit=True) as conn:

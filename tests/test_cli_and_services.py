@@ -22,7 +22,9 @@ def test_services_up_twice_reuses_and_down_stops(tmp_path):
             # pgvector works on this CPU: distance and an HNSW index
             conn.execute("create extension if not exists vector")
             conn.execute("create table v (e vector(32))")
-            conn.execute("insert into v select array_agg(random())::vector from generate_series(1, 32) g, generate_series(1, 200) r group by r")
+            conn.execute(
+                "insert into v select array_agg(random())::vector from generate_series(1, 32) g, generate_series(1, 200) r group by r"
+            )
             conn.execute("create index on v using hnsw (e vector_cosine_ops)")
             assert len(conn.execute("select e <=> (select e from v limit 1) from v order by 1 limit 3").fetchall()) == 3
         url = rd.up()
@@ -36,7 +38,10 @@ def test_services_up_twice_reuses_and_down_stops(tmp_path):
 def test_enqueue_jsonl_status_events_and_dlq_retry(pgmq_fleet, tmp_path):
     trace = str(uuid.uuid4())
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(json.dumps(p) for p in [{"message": "a"}, {"message": "b"}, {"fail": "permanent", "message": "c"}]) + "\n")
+    jobs.write_text(
+        "\n".join(json.dumps(p) for p in [{"message": "a"}, {"message": "b"}, {"fail": "permanent", "message": "c"}])
+        + "\n"
+    )
     out = fleet_cli("enqueue", "echo", "--file", str(jobs), "--trace-id", trace).stdout
     assert "enqueued 3 job(s) on echo" in out
     pgmq_fleet.wait_done(trace, 3)
@@ -90,8 +95,9 @@ def test_enqueue_payload_after_options(pgmq_fleet):
 
 def test_status_table_and_bulk_dlq_retry_by_filter_and_age(pgmq_fleet):
     trace = str(uuid.uuid4())
-    pgmq_fleet.client.enqueue_many("echo", [{"message": f"bulk {i}", "fail": "permanent"} for i in range(3)],
-                                   trace_id=trace)
+    pgmq_fleet.client.enqueue_many(
+        "echo", [{"message": f"bulk {i}", "fail": "permanent"} for i in range(3)], trace_id=trace
+    )
     pgmq_fleet.wait_done(trace, 3)
 
     table = fleet_cli("status").stdout
@@ -109,7 +115,9 @@ def test_status_table_and_bulk_dlq_retry_by_filter_and_age(pgmq_fleet):
         assert "PermanentError: echo asked to fail permanently: bulk" in row["reason"]
     out = fleet_cli("dlq", "retry", "--queue", "echo", "--error-class", "PermanentError", "--newer-than", "3600").stdout
     assert "re-enqueued" in out and int(out.split()[1]) >= 3
-    wait_for(lambda: len(dead_letters(pgmq_fleet.dsn, trace)) == 6, 30, what="the bulk-retried jobs' second dead letters")
+    wait_for(
+        lambda: len(dead_letters(pgmq_fleet.dsn, trace)) == 6, 30, what="the bulk-retried jobs' second dead letters"
+    )
     assert {d["trace_id"] for d in mine("--all")} == {trace} and len(mine("--all")) == 6
 
 
@@ -135,13 +143,17 @@ def test_secrets_never_reach_logs_events_or_dead_letters(pgmq_fleet):
     password = psycopg.conninfo.conninfo_to_dict(pgmq_fleet.dsn)["password"]
     trace = pgmq_fleet.trace()
     # an error message that carries the database password and an API key
-    pgmq_fleet.client.enqueue("echo", {"fail": "permanent", "message": f"{password} sk-live0123456789abcdef"}, trace_id=trace)
+    pgmq_fleet.client.enqueue(
+        "echo", {"fail": "permanent", "message": f"{password} sk-live0123456789abcdef"}, trace_id=trace
+    )
     pgmq_fleet.wait_done(trace, 1)
     (dl,) = dead_letters(pgmq_fleet.dsn, trace)
     assert password not in dl["reason"] and "sk-live0123456789abcdef" not in dl["reason"]
     assert "[redacted]" in dl["reason"]
     with psycopg.connect(pgmq_fleet.dsn, autocommit=True) as conn:
-        leaked = conn.execute("select count(*) from bus_events where payload::text like %s", (f"%{password}%",)).fetchone()[0]
+        leaked = conn.execute(
+            "select count(*) from bus_events where payload::text like %s", (f"%{password}%",)
+        ).fetchone()[0]
         stored = conn.execute("select message::text from dead_letters where trace_id = %s", (trace,)).fetchone()[0]
     assert leaked == 0 and password not in stored
     assert password not in pgmq_fleet.workers.logs()

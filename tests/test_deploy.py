@@ -51,8 +51,11 @@ def test_every_registered_queue_has_a_worker_type():
     assert consumed == {j.queue for j in JOB_TYPES.values() if j.module in FAMILY_MODULES}
 
 
-@pytest.mark.parametrize("obj", [o for o in manifests() if o["apiVersion"] in ("v1", "apps/v1", "policy/v1")],
-                         ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
+@pytest.mark.parametrize(
+    "obj",
+    [o for o in manifests() if o["apiVersion"] in ("v1", "apps/v1", "policy/v1")],
+    ids=lambda o: f"{o['kind']}/{o['metadata']['name']}",
+)
 def test_kubernetes_objects_match_the_schemas(obj):
     kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)  # raises with the offending field
 
@@ -125,14 +128,20 @@ def test_compose_runs_every_procfile_type_with_the_same_command_and_prometheus_s
     assert (DEPLOY / "docker" / build["context"] / build["dockerfile"]).resolve().exists()
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for t in job["static_configs"][0]["targets"]}
-    expected = {f"{kind}:{(k8s.option(args, '--metrics-port') or k8s.option(args, '--port'))[0]}"
-                for kind, args in k8s.procfile().items() if kind != "scheduler"}
+    expected = {
+        f"{kind}:{(k8s.option(args, '--metrics-port') or k8s.option(args, '--port'))[0]}"
+        for kind, args in k8s.procfile().items()
+        if kind != "scheduler"
+    }
     assert targets == expected
 
 
 def test_the_dockerfile_copies_what_exists_and_runs_fleet():
-    lines = [line.split() for line in (DEPLOY / "docker" / "Dockerfile").read_text().splitlines()
-             if line and not line.startswith("#")]
+    lines = [
+        line.split()
+        for line in (DEPLOY / "docker" / "Dockerfile").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     for words in lines:
         if words[0] == "COPY":
             for source in words[1:-1]:
@@ -153,8 +162,10 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
 
 
 def test_systemd_units_are_valid(tmp_path):
-    units = {"fleet-worker@embed.service": DEPLOY / "systemd" / "fleet-worker@.service",
-             "fleet-scheduler.service": DEPLOY / "systemd" / "fleet-scheduler.service"}
+    units = {
+        "fleet-worker@embed.service": DEPLOY / "systemd" / "fleet-worker@.service",
+        "fleet-scheduler.service": DEPLOY / "systemd" / "fleet-scheduler.service",
+    }
     for name, source in units.items():
         parser = configparser.ConfigParser(strict=False, interpolation=None)  # systemd repeats keys
         parser.optionxform = str
@@ -164,9 +175,13 @@ def test_systemd_units_are_valid(tmp_path):
         shutil.copy(source, tmp_path / name)
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: `make system-deps` installs it (apt-get install systemd)"
-    done = subprocess.run([analyze, "verify", "--man=no", *(str(tmp_path / n) for n in units)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", *(str(tmp_path / n) for n in units)], capture_output=True, text=True
+    )
     # The program itself is not installed under /opt/fleet on a test machine; anything else is an error.
-    problems = [line for line in (done.stdout + done.stderr).splitlines()
-                if line.strip() and "is not executable: No such file or directory" not in line]
+    problems = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if line.strip() and "is not executable: No such file or directory" not in line
+    ]
     assert not problems, problems

@@ -60,7 +60,7 @@ def test_upsert_and_idempotency(efleet, sim):
     third = efleet.trace()
     efleet.client.enqueue("embed_documents", {"documents": changed}, trace_id=third)
     efleet.wait_done(third, 1)
-    assert [r["inputs"] for r in sim_log(sim)[len(first_requests):]] == [["a new text for document four"]]
+    assert [r["inputs"] for r in sim_log(sim)[len(first_requests) :]] == [["a new text for document four"]]
     assert stored(efleet.dsn, prefix)[f"{prefix}-4"][1] == "a new text for document four"
 
 
@@ -115,8 +115,10 @@ def test_unregistered_source_and_bad_payloads_are_rejected(efleet):
     from fleet.shared.errors import InvalidPayload
 
     trace = efleet.trace()
-    bad_tables = [{"source": "docs", "ids": [1], "table": "pg_authid"},
-                  {"documents": [{"source_id": "x", "content": "y"}], "table": "users; drop table x"}]
+    bad_tables = [
+        {"source": "docs", "ids": [1], "table": "pg_authid"},
+        {"documents": [{"source_id": "x", "content": "y"}], "table": "users; drop table x"},
+    ]
     for payload in bad_tables:  # the SDK has the model: refused at the edge
         with pytest.raises(InvalidPayload, match="table: Input should be 'vector_documents' or 'code_vectors'"):
             efleet.client.enqueue("embed_documents", payload, trace_id=trace)
@@ -136,10 +138,14 @@ def embedding_triggers(dsn: str):
     """The auto-embedding triggers on test_docs for one test only: left in place, they would enqueue a
     default-model job for every row later tests insert, racing those tests' own jobs on the same rows."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("create trigger test_docs_embed_insert after insert on test_docs referencing new table as new_rows"
-                     " for each statement execute function fleet_enqueue_embedding('docs', 'id', '3')")
-        conn.execute("create trigger test_docs_embed_update after update on test_docs referencing new table as new_rows"
-                     " for each statement execute function fleet_enqueue_embedding('docs', 'id')")
+        conn.execute(
+            "create trigger test_docs_embed_insert after insert on test_docs referencing new table as new_rows"
+            " for each statement execute function fleet_enqueue_embedding('docs', 'id', '3')"
+        )
+        conn.execute(
+            "create trigger test_docs_embed_update after update on test_docs referencing new table as new_rows"
+            " for each statement execute function fleet_enqueue_embedding('docs', 'id')"
+        )
     try:
         yield
     finally:
@@ -155,14 +161,19 @@ def test_trigger_enqueues_and_rows_get_embeddings(efleet, sim):
 
 def check_trigger_embeddings(efleet, sim):
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-        ids = [r[0] for r in conn.execute(
-            "insert into test_docs (body, lang) select 'row text ' || g, 'en' from generate_series(1, 7) g returning id")]
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "insert into test_docs (body, lang) select 'row text ' || g, 'en' from generate_series(1, 7) g returning id"
+            )
+        ]
     keys = {f"docs:{i}" for i in ids}
 
     def embedded():
         with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-            rows = conn.execute("select source_id, content, metadata from vector_documents where source_id = any(%s)",
-                                (list(keys),)).fetchall()
+            rows = conn.execute(
+                "select source_id, content, metadata from vector_documents where source_id = any(%s)", (list(keys),)
+            ).fetchall()
         return rows if len(rows) == 7 else None
 
     rows = wait_for(embedded, 30, what="the inserted rows' embeddings")
@@ -173,25 +184,35 @@ def check_trigger_embeddings(efleet, sim):
 
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
         conn.execute("update test_docs set body = 'changed text' where id = %s", (ids[0],))
-    wait_for(lambda: stored(efleet.dsn, f"docs:{ids[0]}")[f"docs:{ids[0]}"][1] == "changed text", 30,
-             what="the updated row's new embedding")
+    wait_for(
+        lambda: stored(efleet.dsn, f"docs:{ids[0]}")[f"docs:{ids[0]}"][1] == "changed text",
+        30,
+        what="the updated row's new embedding",
+    )
 
 
 def test_match_functions_return_the_nearest_rows(efleet, sim):
     prefix = f"match-{uuid.uuid4().hex[:8]}"
     trace = efleet.trace()
-    efleet.client.enqueue_many("embed_documents", [
-        {"documents": docs(prefix, 6)},
-        {"documents": docs(prefix, 6), "table": "code_vectors"},
-    ], trace_id=trace)
+    efleet.client.enqueue_many(
+        "embed_documents",
+        [
+            {"documents": docs(prefix, 6)},
+            {"documents": docs(prefix, 6), "table": "code_vectors"},
+        ],
+        trace_id=trace,
+    )
     efleet.wait_done(trace, 2)
     query = sim.sim.vector(MODEL, f"{prefix} document number 2")
     literal = "[" + ",".join(map(str, query)) + "]"
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-        code = conn.execute("select source_id, similarity from match_code_vectors(%s::vector, 3, %s::jsonb)",
-                            (literal, json.dumps({"n": 2, "batch": prefix}))).fetchall()
+        code = conn.execute(
+            "select source_id, similarity from match_code_vectors(%s::vector, 3, %s::jsonb)",
+            (literal, json.dumps({"n": 2, "batch": prefix})),
+        ).fetchall()
         knowledge = conn.execute(
-            "select source_id, similarity from match_agent_knowledge_vectors(%s::vector, 3)", (literal,)).fetchall()
+            "select source_id, similarity from match_agent_knowledge_vectors(%s::vector, 3)", (literal,)
+        ).fetchall()
     assert code[0][0] == f"{prefix}-2" and code[0][1] > 0.999 and len(code) == 1  # the filter keeps one row
     assert knowledge[0][0] == f"{prefix}-2" and knowledge[0][1] > 0.999
     assert knowledge[1][1] < 0.5  # random unit vectors in 1024 dimensions are nearly orthogonal
@@ -222,18 +243,24 @@ def test_sdk_embed_documents_and_rows(efleet, sim):
     jobs = efleet.client.embed_documents(docs(prefix, 5), table="code_vectors", docs_per_job=2, trace_id=trace)
     assert len(jobs) == 3
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-        ids = [r[0] for r in conn.execute(
-            "insert into test_docs (body) select %s || g from generate_series(1, 4) g returning id", (prefix,))]
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "insert into test_docs (body) select %s || g from generate_series(1, 4) g returning id", (prefix,)
+            )
+        ]
     efleet.client.embed_rows("docs", ids, ids_per_job=3, trace_id=trace)
     efleet.wait_done(trace, 5)
     assert len(stored(efleet.dsn, prefix, "code_vectors")) == 5
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-        n = conn.execute("select count(*) from vector_documents where source_id = any(%s)",
-                         ([f"docs:{i}" for i in ids],)).fetchone()[0]
+        n = conn.execute(
+            "select count(*) from vector_documents where source_id = any(%s)", ([f"docs:{i}" for i in ids],)
+        ).fetchone()[0]
     assert n == 4
 
 
 # -- what real servers do (tests/fixtures/openai/infinity; conformance/test_embeddings.py runs it against infinity) --
+
 
 def enqueue_one_oversized(efleet, sim, name: str, n: int, oversized: int) -> tuple[str, str, list[dict]]:
     """n documents, the one at index `oversized` over infinity's input limit (1,000 characters here)."""
@@ -304,8 +331,12 @@ def test_a_sources_rows_are_chunked_within_what_the_model_reads(efleet, sim):
     efleet.client.enqueue("embed_documents", {"source": "docs", "ids": [row_id], "model": MINILM}, trace_id=trace)
     efleet.wait_done(trace, 1)
     with psycopg.connect(efleet.dsn, autocommit=True) as conn:
-        chunks = [r[0] for r in conn.execute("select content from vector_documents where source_id = %s"
-                                             " order by chunk_index", (f"docs:{row_id}",))]
+        chunks = [
+            r[0]
+            for r in conn.execute(
+                "select content from vector_documents where source_id = %s order by chunk_index", (f"docs:{row_id}",)
+            )
+        ]
     assert len(chunks) == 5  # 254 tokens (the limit less [CLS] and [SEP]) of 4 bytes: 169 six-byte words a chunk
     assert all(len(c.encode()) <= 254 * 4 and len(c.split()) <= 256 for c in chunks)
     assert " ".join(chunks) == body  # nothing lost between chunks

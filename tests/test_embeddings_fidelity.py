@@ -34,8 +34,9 @@ def post(sim, path: str, body: dict) -> httpx.Response:
 
 
 def stream_data(sim, body: dict) -> list:
-    with httpx.stream("POST", f"{sim.url}/v1/chat/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+    with httpx.stream(
+        "POST", f"{sim.url}/v1/chat/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as r:
         return [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
 
 
@@ -53,7 +54,8 @@ def test_an_oversized_input_is_refused_as_infinity_does(sim):
     ours = post(sim, "/v1/embeddings", {"model": "m", "input": ["ok", "x" * 122_881]})
     assert ours.status_code == real["status"] == 422
     assert [(d["type"], d["loc"], d["msg"]) for d in ours.json()["detail"]] == [
-        (d["type"], d["loc"], d["msg"]) for d in real["body"]["detail"]]
+        (d["type"], d["loc"], d["msg"]) for d in real["body"]["detail"]
+    ]
 
 
 def test_an_oversized_batch_is_refused_as_infinity_does(sim):
@@ -62,7 +64,8 @@ def test_an_oversized_batch_is_refused_as_infinity_does(sim):
     ours = post(sim, "/v1/embeddings", {"model": "m", "input": ["a"] * 2049})
     assert ours.status_code == real["status"] == 422
     assert [(d["type"], d["loc"], d["msg"], d.get("ctx")) for d in ours.json()["detail"]] == [
-        (d["type"], d["loc"], d["msg"], d.get("ctx")) for d in real["body"]["detail"]]
+        (d["type"], d["loc"], d["msg"], d.get("ctx")) for d in real["body"]["detail"]
+    ]
 
 
 def test_a_null_encoding_format_is_refused_as_infinity_does(sim):
@@ -70,13 +73,18 @@ def test_a_null_encoding_format_is_refused_as_infinity_does(sim):
     real = recorded("infinity", "encoding_format_null")
     ours = post(sim, "/v1/embeddings", {"model": "m", "input": ["a"], "encoding_format": None})
     assert ours.status_code == real["status"] == 422
-    assert shape(ours.json()) == shape(real["body"]) and ours.json()["detail"][0]["msg"] == real["body"]["detail"][0]["msg"]
+    assert (
+        shape(ours.json()) == shape(real["body"])
+        and ours.json()["detail"][0]["msg"] == real["body"]["detail"][0]["msg"]
+    )
 
 
 def test_embeddings_and_usage_have_infinitys_shape(sim):
     configure(sim, **INFINITY, embedding_dim=384)
     real = recorded("infinity", "embeddings")["body"]
-    ours = post(sim, "/v1/embeddings", {"model": "m", "input": ["hello world", "second"], "encoding_format": "float"}).json()
+    ours = post(
+        sim, "/v1/embeddings", {"model": "m", "input": ["hello world", "second"], "encoding_format": "float"}
+    ).json()
     assert shape(ours["data"]) == shape(real["data"]) and len(ours["data"][0]["embedding"]) == 384
     assert ours["usage"] == real["usage"]  # infinity counts characters: 11 + 6
 
@@ -85,8 +93,10 @@ def test_a_long_input_is_cut_silently_as_the_model_reads_no_more(sim):
     real = recorded("infinity", "truncation")
     assert real["identical_from_repeats"] is not None  # the real server cut it
     configure(sim, max_input_tokens=10)
-    a, b = (post(sim, "/v1/embeddings", {"model": "m", "input": ["w " * 10 + end]}).json()["data"][0]["embedding"]
-            for end in ("alpha", "omega zebra"))
+    a, b = (
+        post(sim, "/v1/embeddings", {"model": "m", "input": ["w " * 10 + end]}).json()["data"][0]["embedding"]
+        for end in ("alpha", "omega zebra")
+    )
     assert a == b
 
 
@@ -111,8 +121,9 @@ def test_a_prompt_over_the_context_window_gets_200_and_an_empty_stream(sim):
     real = recorded("llama-cpp", "stream_over_context")
     body = {"model": "m", "messages": [{"role": "user", "content": "word " * 2100}], "stream": True}
     assert real["status"] == 200 and real["data"] == []
-    with httpx.stream("POST", f"{sim.url}/v1/chat/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+    with httpx.stream(
+        "POST", f"{sim.url}/v1/chat/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as r:
         assert r.status_code == 200 and list(r.iter_lines()) == []
 
 

@@ -25,15 +25,21 @@ def test_worker_killed_mid_job_reembeds_only_unfinished_batches(services, sim, t
     group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
         client.enqueue("embed_documents", {"documents": docs(prefix, 10)}, trace_id=trace)
-        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "embed.status"]) >= 2,
-                 30, what="two finished batches")
+        wait_for(
+            lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "embed.status"]) >= 2,
+            30,
+            what="two finished batches",
+        )
         group.kill()
         finished_before = len(stored(services["dsn"], prefix))
         second = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
         try:
             wait_for(lambda: len(stored(services["dsn"], prefix)) == 10, 40, what="all ten documents")
-            wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.succeeded"], 60,
-                     what="the job to succeed")
+            wait_for(
+                lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.succeeded"],
+                60,
+                what="the job to succeed",
+            )
         finally:
             assert second.terminate() == 0
     finally:
@@ -54,12 +60,23 @@ def test_rate_limit_holds_across_two_worker_processes(services, sim, tmp_path, k
     trace = str(uuid.uuid4())
     group = WorkerGroup(env, processes=2, threads=4, log_dir=tmp_path).start()
     try:
-        client.enqueue_many("embed_documents", [{"documents": docs(f"{prefix}-{j}", 1)} for j in range(12)],
-                            trace_id=trace)
-        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 7,
-                 30, what="the jobs over the limit to be deferred")
-        evs = wait_for(lambda: (e := events(services["dsn"], trace_id=trace)) and len(
-            {x["job_id"] for x in e if x["type"] == "job.succeeded"}) >= 5 and e, 30, what="the jobs within the limit")
+        client.enqueue_many(
+            "embed_documents", [{"documents": docs(f"{prefix}-{j}", 1)} for j in range(12)], trace_id=trace
+        )
+        wait_for(
+            lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 7,
+            30,
+            what="the jobs over the limit to be deferred",
+        )
+        evs = wait_for(
+            lambda: (
+                (e := events(services["dsn"], trace_id=trace))
+                and len({x["job_id"] for x in e if x["type"] == "job.succeeded"}) >= 5
+                and e
+            ),
+            30,
+            what="the jobs within the limit",
+        )
         calls = [r for r in sim_log(sim) if any(i.startswith(prefix) for i in r["inputs"])]
         assert len(calls) == 5  # 5 a minute, whichever of the two processes asks
         succeeded = {e["job_id"] for e in evs if e["type"] == "job.succeeded"}
@@ -85,12 +102,21 @@ def test_chat_rate_limit_holds_across_two_worker_processes(services, sim, tmp_pa
     trace = str(uuid.uuid4())
     group = WorkerGroup(env, processes=2, threads=4, log_dir=tmp_path).start()
     try:
-        client.enqueue_many("chat_completion", [{"session_id": f"rl-{uuid.uuid4()}", "content": f"q {i}"}
-                                                for i in range(7)], trace_id=trace)
-        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 4,
-                 30, what="the chats over the limit to be deferred")
-        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "chat.done"]) >= 3,
-                 30, what="the chats within the limit")
+        client.enqueue_many(
+            "chat_completion",
+            [{"session_id": f"rl-{uuid.uuid4()}", "content": f"q {i}"} for i in range(7)],
+            trace_id=trace,
+        )
+        wait_for(
+            lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 4,
+            30,
+            what="the chats over the limit to be deferred",
+        )
+        wait_for(
+            lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "chat.done"]) >= 3,
+            30,
+            what="the chats within the limit",
+        )
         calls = [r for r in sim_log(sim) if r["path"] == "/v1/chat/completions"]
         assert len(calls) == 3
         assert len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "chat.done"]) == 3

@@ -22,8 +22,16 @@ from .embedding_support import docs, reset_sim
 from .gateway_support import chat_calls, fleet_with_gateway, get_sse, new_key, post_sse
 from .helpers import wait_for
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module", params=["pgmq", "redis"])
@@ -47,8 +55,9 @@ def ask(gf, content="hello there", *, key=None, session=None, **kw):
 
 def stored(gf, job_id: str) -> dict | None:
     with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
-        row = conn.execute("select content, status from messages where job_id = %s and role = 'assistant'",
-                           (job_id,)).fetchone()
+        row = conn.execute(
+            "select content, status from messages where job_id = %s and role = 'assistant'", (job_id,)
+        ).fetchone()
     return row and {"content": row[0], "status": row[1]}
 
 
@@ -88,10 +97,11 @@ def leave_claim(gf, key: str, *, expires_in_s: float) -> str:
     """A claim as a gateway leaves it when it dies between claiming a key and enqueueing its job."""
     ghost = str(uuid.uuid4())
     with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
-        conn.execute("insert into request_dedup (scope, key, result, expires_at) values ('gateway.chat', %s, %s,"
-                     " now() + %s * interval '1 second')",
-                     (f"-:{key}", json.dumps({"job_id": ghost, "trace_id": str(uuid.uuid4()), "pending": True}),
-                      expires_in_s))
+        conn.execute(
+            "insert into request_dedup (scope, key, result, expires_at) values ('gateway.chat', %s, %s,"
+            " now() + %s * interval '1 second')",
+            (f"-:{key}", json.dumps({"job_id": ghost, "trace_id": str(uuid.uuid4()), "pending": True}), expires_in_s),
+        )
     return ghost
 
 
@@ -107,8 +117,11 @@ def test_a_key_left_pending_by_a_dead_request_is_refused_while_fresh_then_claima
     again = ask(gf, key=expired, timeout=10)  # the key now holds its job
     assert again.headers["x-idempotent-replay"] == "true" and again.headers["x-job-id"] == r.headers["x-job-id"]
     with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
-        left = conn.execute("select result ? 'pending', expires_at > now() + interval '6 days' from request_dedup"
-                            " where scope = 'gateway.chat' and key = %s", (f"-:{expired}",)).fetchone()
+        left = conn.execute(
+            "select result ? 'pending', expires_at > now() + interval '6 days' from request_dedup"
+            " where scope = 'gateway.chat' and key = %s",
+            (f"-:{expired}",),
+        ).fetchone()
     assert left == (False, True)
 
 
@@ -134,8 +147,9 @@ def test_a_dropped_client_leaves_the_job_to_finish_and_the_answer_stored(gf, sim
     cut = ask(gf, key=key, session=session, stop_after=lambda fs: "chat.delta" in [f["type"] for f in fs])
     job_id = cut.headers["x-job-id"]
     assert cut.types()[-1] == "chat.delta"
-    done = wait_for(lambda: (s := stored(gf, job_id)) and s["status"] == "complete" and s, 60, 0.1,
-                    "the answer to be stored")
+    done = wait_for(
+        lambda: (s := stored(gf, job_id)) and s["status"] == "complete" and s, 60, 0.1, "the answer to be stored"
+    )
     again = ask(gf, key=key, session=session)
     assert again.frames[-1]["type"] == "chat.done" and again.frames[-1]["text"] == done["content"]
     assert len(done["content"].split()) == 12 and len(chat_calls(sim)) == 1
@@ -152,11 +166,20 @@ def test_embed_streams_status_per_batch_then_done(gf, sim):
     assert [f["seq"] for f in r.frames] == list(range(1, len(kinds) + 1))
     assert r.frames[-1]["embedded"] == 5 and r.frames[-1]["failed"] == 0 and r.comments >= 1
     with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
-        n = conn.execute("select count(*) from vector_documents where source_id like %s", (f"{prefix}-%",)).fetchone()[0]
+        n = conn.execute("select count(*) from vector_documents where source_id like %s", (f"{prefix}-%",)).fetchone()[
+            0
+        ]
     assert n == 5
     job = httpx.get(f"{gf.url}/v1/jobs/{r.headers['x-job-id']}").json()
-    assert job | {"events": 0} == {"job_id": r.headers["x-job-id"], "trace_id": r.headers["x-trace-id"], "kind": "embed",
-                                   "state": "succeeded", "attempts": 1, "dead_letter": None, "events": 0}
+    assert job | {"events": 0} == {
+        "job_id": r.headers["x-job-id"],
+        "trace_id": r.headers["x-trace-id"],
+        "kind": "embed",
+        "state": "succeeded",
+        "attempts": 1,
+        "dead_letter": None,
+        "events": 0,
+    }
     trace = httpx.get(f"{gf.url}/v1/traces/{r.headers['x-trace-id']}").json()
     assert {"job.started", "embed.status", "embed.done", "job.succeeded"} <= {e["type"] for e in trace["events"]}
 
@@ -166,8 +189,12 @@ def test_a_failed_chat_ends_with_error_and_the_job_shows_its_dead_letter(gf, sim
     r = ask(gf, key=new_key())
     assert r.types()[-1] == "error" and r.frames[-1]["error_class"], r.frames
     job_id = r.headers["x-job-id"]
-    job = wait_for(lambda: (j := httpx.get(f"{gf.url}/v1/jobs/{job_id}").json())["state"] == "dead" and j, 60, 0.1,
-                   "the job to be dead-lettered")
+    job = wait_for(
+        lambda: (j := httpx.get(f"{gf.url}/v1/jobs/{job_id}").json())["state"] == "dead" and j,
+        60,
+        0.1,
+        "the job to be dead-lettered",
+    )
     assert job["attempts"] == 1 and job["dead_letter"]["error_class"] == r.frames[-1]["error_class"]
     assert httpx.get(f"{gf.url}/v1/jobs/{uuid.uuid4()}").status_code == 404
 
@@ -180,7 +207,9 @@ def test_health_metrics_and_openapi(gf):
     assert 'fleet_gateway_requests_total{method="POST",route="/v1/chat",status="200"}' in text
     assert "fleet_gateway_request_duration_seconds_bucket" in text and "fleet_gateway_open_streams" in text
     doc = httpx.get(f"{gf.url}/openapi.json").json()
-    assert {"/v1/chat", "/v1/embed", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/stream", "/v1/traces/{trace_id}"} <= set(doc["paths"])
+    assert {"/v1/chat", "/v1/embed", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/stream", "/v1/traces/{trace_id}"} <= set(
+        doc["paths"]
+    )
     chat = doc["components"]["schemas"]["ChatRequest"]
     assert chat["additionalProperties"] is False and "session_id" in chat["properties"]
 
@@ -201,8 +230,11 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
             page.fill("input[name=q]", "What does the fleet do?")
             page.click("button[type=submit]")
             # part of the answer is on the page before the end: it streams
-            page.wait_for_function("() => { const a = document.querySelector('p.assistant');"
-                                   " return a && a.textContent.length > 0 && !a.dataset.done; }", timeout=15_000)
+            page.wait_for_function(
+                "() => { const a = document.querySelector('p.assistant');"
+                " return a && a.textContent.length > 0 && !a.dataset.done; }",
+                timeout=15_000,
+            )
             page.wait_for_selector("p.assistant[data-done='1']", timeout=30_000)
             answer = page.inner_text("p.assistant")
             page.click("#profile button[type=submit]")  # the page shows /v1/me for its user (no agent yet)
@@ -213,8 +245,10 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
             browser.close()
     print(f"screenshot of the chat page: {screenshot}")
     with psycopg.connect(gf.fleet.dsn, autocommit=True) as conn:
-        stored = conn.execute("select content from messages where role = 'assistant' and session_id like 'page-%%'"
-                              " and status = 'complete' order by id desc limit 1").fetchone()[0]
+        stored = conn.execute(
+            "select content from messages where role = 'assistant' and session_id like 'page-%%'"
+            " and status = 'complete' order by id desc limit 1"
+        ).fetchone()[0]
     assert answer == stored and len(answer.split()) == 12
     assert profile["letta_agent_id"] is None and uuid.UUID(profile["user_id"])
     assert screenshot.stat().st_size > 1000
@@ -222,8 +256,10 @@ def test_the_chat_page_streams_an_answer_in_a_real_browser(gf, sim, tmp_path):
 
 def test_importing_the_gateway_app_builds_no_broker_and_imports_no_worker():
     """The request models come from fleet.shared.jobs: the app's import alone declares no actors and starts nothing."""
-    code = ("import sys, fleet.gateway.app, fleet.gateway.models; "
-            "print(sorted(m for m in sys.modules if m == 'fleet.workers' or m.startswith('fleet.workers.')))")
+    code = (
+        "import sys, fleet.gateway.app, fleet.gateway.models; "
+        "print(sorted(m for m in sys.modules if m == 'fleet.workers' or m.startswith('fleet.workers.')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -232,14 +268,22 @@ def test_importing_the_gateway_app_builds_no_broker_and_imports_no_worker():
 def test_housekeeping_prunes_old_gateway_jobs_and_expired_signatures(services):
     old, new, sig = str(uuid.uuid4()), str(uuid.uuid4()), f"sig-{uuid.uuid4()}"
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        conn.execute("insert into gateway_jobs (job_id, trace_id, kind, created_at) values"
-                     " (%s, gen_random_uuid(), 'chat', now() - interval '3 days'), (%s, gen_random_uuid(), 'chat', now())",
-                     (old, new))
-        conn.execute("insert into gateway_signatures (signature, expires_at) values (%s, now() - interval '1 second')",
-                     (sig,))
+        conn.execute(
+            "insert into gateway_jobs (job_id, trace_id, kind, created_at) values"
+            " (%s, gen_random_uuid(), 'chat', now() - interval '3 days'), (%s, gen_random_uuid(), 'chat', now())",
+            (old, new),
+        )
+        conn.execute(
+            "insert into gateway_signatures (signature, expires_at) values (%s, now() - interval '1 second')", (sig,)
+        )
     env = os.environ | {"GATEWAY_JOBS_RETENTION_DAYS": "2"}
-    done = subprocess.run([sys.executable, "-c", "from fleet.workers.housekeeping import housekeeping; housekeeping.fn({})"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", "from fleet.workers.housekeeping import housekeeping; housekeeping.fn({})"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         jobs = {r[0] for r in conn.execute("select job_id from gateway_jobs where job_id = any(%s)", ([old, new],))}

@@ -10,7 +10,17 @@ import jwt
 import pytest
 
 from .agents_service_support import (
-    BILLING, JWT_ENV, OPERATOR, SECRET, bearer, create, me, publish, smoke_flow, token, upgrade,
+    BILLING,
+    JWT_ENV,
+    OPERATOR,
+    SECRET,
+    bearer,
+    create,
+    me,
+    publish,
+    smoke_flow,
+    token,
+    upgrade,
 )
 from .embedding_support import API_KEY
 from .gateway_support import fleet_with_gateway, get_sse
@@ -19,9 +29,16 @@ from .test_templates import AGENT
 
 @pytest.fixture(scope="module", params=["pgmq", "redis"])
 def ams(request, services, sim, tmp_path_factory):
-    with fleet_with_gateway(services, sim, request.param, tmp_path_factory.mktemp(f"ams-{request.param}"),
-                            gateway_env=JWT_ENV, LETTA_API_BASE_URL=sim.url, LETTA_API_KEY=API_KEY,
-                            ZUPLO_BASE_URL=BILLING) as f:
+    with fleet_with_gateway(
+        services,
+        sim,
+        request.param,
+        tmp_path_factory.mktemp(f"ams-{request.param}"),
+        gateway_env=JWT_ENV,
+        LETTA_API_BASE_URL=sim.url,
+        LETTA_API_KEY=API_KEY,
+        ZUPLO_BASE_URL=BILLING,
+    ) as f:
         yield f
 
 
@@ -49,7 +66,9 @@ def test_a_repeated_create_returns_the_same_agent(ams, flow, sim):
     assert (done["type"], done["agent_id"], done["created"]) == ("agent.done", flow["agent_id"], False)
     assert letta_agents_named(sim, f"{flow['name']}-{flow['user']}") == [flow["agent_id"]]
     # the job's stream resumes from its Last-Event-ID, on the events rebuilt from the table
-    resumed = get_sse(ams.url, f"/v1/jobs/{flow['job_id']}/stream", headers=bearer(flow["token"]) | {"Last-Event-ID": "1"})
+    resumed = get_sse(
+        ams.url, f"/v1/jobs/{flow['job_id']}/stream", headers=bearer(flow["token"]) | {"Last-Event-ID": "1"}
+    )
     assert resumed.types()[-1] == "agent.done" and all(int(f["_id"]) > 1 for f in resumed.frames)
 
 
@@ -111,8 +130,9 @@ def test_templates_are_listed_read_and_diffed(ams, flow):
     assert [t["version"] for t in listed] == ["1.0.0", "2.0.0"]
     read = httpx.get(f"{ams.url}/v1/templates/{name}/1.0.0", headers=OPERATOR).json()
     assert read["content"] == AGENT
-    diff = httpx.get(f"{ams.url}/v1/templates/{name}/diff", params={"from_version": "1.0.0", "to_version": "2.0.0"},
-                     headers=OPERATOR).json()
+    diff = httpx.get(
+        f"{ams.url}/v1/templates/{name}/diff", params={"from_version": "1.0.0", "to_version": "2.0.0"}, headers=OPERATOR
+    ).json()
     assert {"system", "tags"} <= set(diff["changes"]) and diff["initial_memory_changed"] is True
     assert httpx.get(f"{ams.url}/v1/templates/{name}/7.0.0", headers=OPERATOR).status_code == 404
 
@@ -124,8 +144,14 @@ def test_runs_are_read_halted_and_repeated_by_key(ams, flow):
     assert halted["cancelled"] == 0 and halted["status"] == "completed"  # a finished run stays as it ended
     assert httpx.get(f"{ams.url}/v1/upgrades/{uuid.uuid4()}", headers=OPERATOR).status_code == 404
     assert httpx.get(f"{ams.url}/v1/upgrades/not-a-run", headers=OPERATOR).status_code == 404
-    body = {"template": flow["name"], "version": "2.0.0", "cohort": {"user_ids": [flow["user"]]},
-            "halt_failure_rate": 0.5, "halt_min_sample": 3, "idempotency_key": f"k-{uuid.uuid4()}"}
+    body = {
+        "template": flow["name"],
+        "version": "2.0.0",
+        "cohort": {"user_ids": [flow["user"]]},
+        "halt_failure_rate": 0.5,
+        "halt_min_sample": 3,
+        "idempotency_key": f"k-{uuid.uuid4()}",
+    }
     first, state = upgrade(ams.url, body)
     repeat, again = upgrade(ams.url, body)
     assert first.headers["x-run-id"] == repeat.headers["x-run-id"]  # one run for the key

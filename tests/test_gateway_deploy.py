@@ -66,18 +66,24 @@ def test_the_gateway_systemd_unit_is_valid(tmp_path):
     if analyze is None:
         return
     done = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
-    problems = [line for line in (done.stdout + done.stderr).splitlines()
-                if line.strip() and "is not executable: No such file or directory" not in line]
+    problems = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if line.strip() and "is not executable: No such file or directory" not in line
+    ]
     assert not problems, problems
 
 
-@pytest.mark.parametrize("env, refused", [
-    ({"GATEWAY_DEV": "false"}, True),
-    ({"GATEWAY_DEV": "false", "GATEWAY_VERIFY_JWT": "false", "GATEWAY_HMAC_KEY": ""}, True),
-    ({"GATEWAY_DEV": "false", "GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": "x" * 32}, False),
-    ({"GATEWAY_DEV": "false", "GATEWAY_HMAC_KEY": "k"}, False),
-    ({"GATEWAY_DEV": "true"}, False),
-])
+@pytest.mark.parametrize(
+    "env, refused",
+    [
+        ({"GATEWAY_DEV": "false"}, True),
+        ({"GATEWAY_DEV": "false", "GATEWAY_VERIFY_JWT": "false", "GATEWAY_HMAC_KEY": ""}, True),
+        ({"GATEWAY_DEV": "false", "GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": "x" * 32}, False),
+        ({"GATEWAY_DEV": "false", "GATEWAY_HMAC_KEY": "k"}, False),
+        ({"GATEWAY_DEV": "true"}, False),
+    ],
+)
 def test_the_gateway_refuses_to_start_unprotected_outside_development(monkeypatch, env, refused):
     for name in ("GATEWAY_DEV", "GATEWAY_VERIFY_JWT", "GATEWAY_JWT_SECRET", "GATEWAY_JWKS_URL", "GATEWAY_HMAC_KEY"):
         monkeypatch.delenv(name, raising=False)
@@ -96,8 +102,17 @@ def test_the_gateway_refuses_to_start_unprotected_outside_development(monkeypatc
 def test_fleet_gateway_exits_with_the_reason_when_unprotected(tmp_path):
     # A database is named (the check for one comes first) but never reached: the refusal comes before it.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {
-        "GATEWAY_DEV": "false", "DATABASE_URL": "postgresql://fleet@127.0.0.1:9/unreachable", "FLEET_BROKER": "pgmq"}
-    done = subprocess.run([sys.executable, "-m", "fleet.ops.cli", "gateway", "--port", "0"], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)
+        "GATEWAY_DEV": "false",
+        "DATABASE_URL": "postgresql://fleet@127.0.0.1:9/unreachable",
+        "FLEET_BROKER": "pgmq",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.ops.cli", "gateway", "--port", "0"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "GATEWAY_VERIFY_JWT" in done.stderr and "GATEWAY_HMAC_KEY" in done.stderr

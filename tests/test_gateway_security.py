@@ -44,9 +44,11 @@ class JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 server.fetches += 1
-                jwks = [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(k.public_key())) | {"kid": kid, "use": "sig",
-                                                                                         "alg": "RS256"}
-                        for kid, k in list(server.keys.items())]
+                jwks = [
+                    json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(k.public_key()))
+                    | {"kid": kid, "use": "sig", "alg": "RS256"}
+                    for kid, k in list(server.keys.items())
+                ]
                 body = json.dumps({"keys": jwks}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -71,26 +73,52 @@ def token(sub: str, *, exp_in: float = 300, key=SECRET, alg="HS256", kid=None) -
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid} if kid else None)
 
 
-def signed(method: str, path: str, body: bytes, *, bearer: str | None, ts: float | str | None = None, key=HMAC_KEY,
-           idempotency_key: str | None = None) -> dict:
+def signed(
+    method: str,
+    path: str,
+    body: bytes,
+    *,
+    bearer: str | None,
+    ts: float | str | None = None,
+    key=HMAC_KEY,
+    idempotency_key: str | None = None,
+) -> dict:
     """Headers for a signed request; `path` is the target as sent (with its query string)."""
     stamp = ts if isinstance(ts, str) else str(int(ts if ts is not None else time.time()))
     auth = {"Authorization": f"Bearer {bearer}"} if bearer else {}
     idem = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    signature = sign(key, stamp, method, path, body, authorization=auth.get("Authorization", ""),
-                     idempotency_key=idempotency_key or "")
+    signature = sign(
+        key,
+        stamp,
+        method,
+        path,
+        body,
+        authorization=auth.get("Authorization", ""),
+        idempotency_key=idempotency_key or "",
+    )
     return {"X-Timestamp": stamp, "X-Signature": signature} | auth | idem
 
 
 @pytest.fixture(scope="module")
 def sgw(services, sim, tmp_path_factory):
     jwks = JwksServer()
-    env = {"GATEWAY_DEV": "false", "GATEWAY_DOCS": "false", "GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": jwks.url,
-           "GATEWAY_HMAC_KEY": HMAC_KEY, "GATEWAY_HMAC_WINDOW_S": "60", "GATEWAY_MAX_BODY_BYTES": "4096",
-           "CHAT_RATE_LIMIT_PER_MIN": "3", "REQUIRE_IDEMPOTENCY": "true", "FLEET_MAX_PAYLOAD_BYTES": "1024"}
+    env = {
+        "GATEWAY_DEV": "false",
+        "GATEWAY_DOCS": "false",
+        "GATEWAY_VERIFY_JWT": "true",
+        "GATEWAY_JWT_SECRET": SECRET,
+        "GATEWAY_JWKS_URL": jwks.url,
+        "GATEWAY_HMAC_KEY": HMAC_KEY,
+        "GATEWAY_HMAC_WINDOW_S": "60",
+        "GATEWAY_MAX_BODY_BYTES": "4096",
+        "CHAT_RATE_LIMIT_PER_MIN": "3",
+        "REQUIRE_IDEMPOTENCY": "true",
+        "FLEET_MAX_PAYLOAD_BYTES": "1024",
+    }
     try:
-        with fleet_with_gateway(services, sim, "pgmq", tmp_path_factory.mktemp("gw-sec"), gateway_env=env,
-                                REQUIRE_IDEMPOTENCY="true") as f:
+        with fleet_with_gateway(
+            services, sim, "pgmq", tmp_path_factory.mktemp("gw-sec"), gateway_env=env, REQUIRE_IDEMPOTENCY="true"
+        ) as f:
             yield f
     finally:
         jwks.stop()
@@ -104,8 +132,9 @@ def quick_sim(sim):
 
 def chat(sgw, user_token, body, *, headers=None, sign_it=True, raw: bytes | None = None):
     content = raw if raw is not None else json.dumps(body).encode()
-    hdrs = (signed("POST", "/v1/chat", content, bearer=user_token) if sign_it else
-            {"Authorization": f"Bearer {user_token}"}) | (headers or {})
+    hdrs = (
+        signed("POST", "/v1/chat", content, bearer=user_token) if sign_it else {"Authorization": f"Bearer {user_token}"}
+    ) | (headers or {})
     return post_sse(sgw.url, "/v1/chat", content, headers=hdrs)
 
 
@@ -138,16 +167,27 @@ def test_jwt_hs256_and_jwks_tokens_are_accepted_and_the_user_owns_the_job(sgw):
     assert get(sgw, f"/v1/traces/{trace_id}", token(BOB)).status_code == 404
 
 
-@pytest.mark.parametrize("bad, why", [
-    (lambda: token(ALICE, exp_in=-30), "expired"),
-    (lambda: token(ALICE, key="a-forged-secret-that-is-also-long-enough-32"), "signature"),
-    (lambda: token(ALICE, key=rsa.generate_private_key(public_exponent=65537, key_size=2048), alg="RS256", kid="k1"),
-     "signature"),
-    (lambda: jwt.encode({"sub": ALICE, "aud": "authenticated", "exp": int(time.time()) + 60}, None, algorithm="none"),
-     "algorithm"),
-    (lambda: token("not-a-uuid"), "sub"),
-    (lambda: "", "Authorization"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (lambda: token(ALICE, exp_in=-30), "expired"),
+        (lambda: token(ALICE, key="a-forged-secret-that-is-also-long-enough-32"), "signature"),
+        (
+            lambda: token(
+                ALICE, key=rsa.generate_private_key(public_exponent=65537, key_size=2048), alg="RS256", kid="k1"
+            ),
+            "signature",
+        ),
+        (
+            lambda: jwt.encode(
+                {"sub": ALICE, "aud": "authenticated", "exp": int(time.time()) + 60}, None, algorithm="none"
+            ),
+            "algorithm",
+        ),
+        (lambda: token("not-a-uuid"), "sub"),
+        (lambda: "", "Authorization"),
+    ],
+)
 def test_bad_tokens_get_401_and_enqueue_nothing(sgw, bad, why):
     before = queued_and_recorded(sgw)
     r = chat(sgw, bad(), question())
@@ -164,10 +204,18 @@ def test_session_ids_are_each_users_own_so_none_can_be_squatted_or_probed(sgw):
     second = chat(sgw, token(bob), question(session, content="bob asks"))
     assert second.status == 200 and second.types()[-1] == "chat.done", (second.status, second.body)
     with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
-        owners = dict(conn.execute("select id, user_id::text from chat_sessions where id = any(%s)",
-                                   ([f"u:{alice}:{session}", f"u:{bob}:{session}", session],)).fetchall())
-        bobs = [r[0] for r in conn.execute("select content from messages where session_id = %s and role = 'user'",
-                                           (f"u:{bob}:{session}",))]
+        owners = dict(
+            conn.execute(
+                "select id, user_id::text from chat_sessions where id = any(%s)",
+                ([f"u:{alice}:{session}", f"u:{bob}:{session}", session],),
+            ).fetchall()
+        )
+        bobs = [
+            r[0]
+            for r in conn.execute(
+                "select content from messages where session_id = %s and role = 'user'", (f"u:{bob}:{session}",)
+            )
+        ]
     assert owners == {f"u:{alice}:{session}": alice, f"u:{bob}:{session}": bob}
     assert bobs == ["bob asks"]
 
@@ -201,16 +249,24 @@ def test_the_per_user_rate_limit_answers_429_with_retry_after(sgw, sim):
     assert chat(sgw, token(someone()), question()).status == 200  # another user has their own budget
 
 
-@pytest.mark.parametrize("raw, status, code, names", [
-    (b'{"session_id": "s", "content": ', 400, "malformed_json", "JSON"),
-    (b'', 400, "malformed_json", "empty"),
-    (json.dumps(question(temperatur=0.5)).encode(), 422, "invalid_request", "temperatur"),
-    (json.dumps(question(user_id=str(uuid.uuid4()))).encode(), 422, "invalid_request", "user_id"),
-    (json.dumps({"session_id": "s", "idempotency_key": "k"}).encode(), 422, "invalid_request", "content or messages"),
-    (json.dumps(question(content="x" * 5000)).encode(), 413, "body_too_large", "4096"),
-    (json.dumps(question(content="x" * 1500)).encode(), 413, "payload_too_large", "FLEET_MAX_PAYLOAD_BYTES"),
-    (json.dumps({"session_id": "s", "content": "hi"}).encode(), 400, "idempotency_key_required", "Idempotency-Key"),
-])
+@pytest.mark.parametrize(
+    "raw, status, code, names",
+    [
+        (b'{"session_id": "s", "content": ', 400, "malformed_json", "JSON"),
+        (b"", 400, "malformed_json", "empty"),
+        (json.dumps(question(temperatur=0.5)).encode(), 422, "invalid_request", "temperatur"),
+        (json.dumps(question(user_id=str(uuid.uuid4()))).encode(), 422, "invalid_request", "user_id"),
+        (
+            json.dumps({"session_id": "s", "idempotency_key": "k"}).encode(),
+            422,
+            "invalid_request",
+            "content or messages",
+        ),
+        (json.dumps(question(content="x" * 5000)).encode(), 413, "body_too_large", "4096"),
+        (json.dumps(question(content="x" * 1500)).encode(), 413, "payload_too_large", "FLEET_MAX_PAYLOAD_BYTES"),
+        (json.dumps({"session_id": "s", "content": "hi"}).encode(), 400, "idempotency_key_required", "Idempotency-Key"),
+    ],
+)
 def test_bad_input_gets_a_4xx_naming_the_problem_and_enqueues_nothing(sgw, raw, status, code, names):
     before = queued_and_recorded(sgw)
     r = chat(sgw, token(someone()), None, raw=raw)
@@ -235,8 +291,9 @@ def embed(sgw, user_token: str, body: dict) -> Sse:
 
 def vectors_of(sgw, *source_ids: str) -> dict[str, str]:
     with psycopg.connect(sgw.fleet.dsn, autocommit=True) as conn:
-        rows = conn.execute("select source_id, content from vector_documents where source_id = any(%s)",
-                            (list(source_ids),)).fetchall()
+        rows = conn.execute(
+            "select source_id, content from vector_documents where source_id = any(%s)", (list(source_ids),)
+        ).fetchall()
     return dict(rows)
 
 
@@ -248,16 +305,21 @@ def test_a_users_inline_documents_stay_in_their_own_key_space(sgw):
     assert r.status == 200 and r.types()[-1] == "embed.done", (r.status, r.body, r.types())
     # the same id from two users: two rows, neither overwrites the other, no unscoped row
     assert vectors_of(sgw, doc, f"u:{alice}:{doc}", f"u:{bob}:{doc}") == {
-        f"u:{alice}:{doc}": "alice's words", f"u:{bob}:{doc}": "bob's words"}
+        f"u:{alice}:{doc}": "alice's words",
+        f"u:{bob}:{doc}": "bob's words",
+    }
     # an id already in the user's own space is kept as it is (not scoped twice)
     r = embed(sgw, token(alice), {"documents": [{"source_id": f"u:{alice}:{doc}", "content": "alice again"}]})
     assert r.status == 200 and vectors_of(sgw, f"u:{alice}:{doc}") == {f"u:{alice}:{doc}": "alice again"}
 
 
-@pytest.mark.parametrize("body, status, code", [
-    ({"documents": [{"source_id": "u:{victim}:doc-1", "content": "overwrite"}]}, 403, "source_id_out_of_scope"),
-    ({"source": "articles", "ids": [1, 2]}, 403, "registered_source_refused"),
-])
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        ({"documents": [{"source_id": "u:{victim}:doc-1", "content": "overwrite"}]}, 403, "source_id_out_of_scope"),
+        ({"source": "articles", "ids": [1, 2]}, 403, "registered_source_refused"),
+    ],
+)
 def test_a_user_cannot_write_another_users_or_a_registered_sources_vectors(sgw, body, status, code):
     victim = someone()
     body = json.loads(json.dumps(body).replace("{victim}", victim))

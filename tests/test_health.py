@@ -32,9 +32,15 @@ def clean_health(services):
 
 
 def settings_for(sim, **extra) -> Settings:
-    values = {"CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "EMBEDDING_API_BASE": f"{sim.url}/v1",
-              "EMBEDDING_API_KEY": API_KEY, "HEALTH_DEGRADED_MS": 1000, "HEALTH_DOWN_AFTER": 2,
-              "HEALTH_PROBE_TIMEOUT_S": 2} | extra
+    values = {
+        "CHAT_API_BASE": f"{sim.url}/v1",
+        "CHAT_API_KEY": API_KEY,
+        "EMBEDDING_API_BASE": f"{sim.url}/v1",
+        "EMBEDDING_API_KEY": API_KEY,
+        "HEALTH_DEGRADED_MS": 1000,
+        "HEALTH_DOWN_AFTER": 2,
+        "HEALTH_PROBE_TIMEOUT_S": 2,
+    } | extra
     return Settings(**values)
 
 
@@ -63,8 +69,10 @@ def test_states_follow_the_provider_healthy_degraded_down_healthy(services, sim)
     refresh(settings)
     assert states(services["dsn"]) == {"chat": "healthy", "embeddings": "healthy"}
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        row = conn.execute("select consecutive_failures, last_error_class, last_success_at is not null"
-                           " from provider_health where provider = 'chat'").fetchone()
+        row = conn.execute(
+            "select consecutive_failures, last_error_class, last_success_at is not null"
+            " from provider_health where provider = 'chat'"
+        ).fetchone()
         checks = conn.execute("select count(*) from provider_health_checks").fetchone()[0]
     assert row == (0, "ProviderError", True)  # the last error is kept for the operator
     assert checks == 10  # five refreshes, two providers, every probe recorded
@@ -74,11 +82,15 @@ def test_states_follow_the_provider_healthy_degraded_down_healthy(services, sim)
 
 def test_probe_history_is_pruned_by_retention(services, sim):
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        conn.execute("insert into provider_health_checks (provider, kind, status, ok, checked_at)"
-                     " values ('chat', 'chat', 'healthy', true, now() - interval '48 hours')")
+        conn.execute(
+            "insert into provider_health_checks (provider, kind, status, ok, checked_at)"
+            " values ('chat', 'chat', 'healthy', true, now() - interval '48 hours')"
+        )
     refresh(settings_for(sim, HEALTH_RETENTION_H=24))
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        old = conn.execute("select count(*) from provider_health_checks where checked_at < now() - interval '1 day'").fetchone()[0]
+        old = conn.execute(
+            "select count(*) from provider_health_checks where checked_at < now() - interval '1 day'"
+        ).fetchone()[0]
         new = conn.execute("select count(*) from provider_health_checks").fetchone()[0]
     assert old == 0 and new == 2
 
@@ -97,8 +109,11 @@ def test_workers_wait_for_a_down_provider_and_resume_by_themselves(services, sim
     group = WorkerGroup(env, threads=2, metrics=True, log_dir=tmp_path).start()
     try:
         client.enqueue("embed_documents", {"documents": docs(prefix, 3)}, trace_id=trace)
-        wait_for(lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 2,
-                 30, what="the job to be deferred while the provider is down")
+        wait_for(
+            lambda: len([e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]) >= 2,
+            30,
+            what="the job to be deferred while the provider is down",
+        )
         assert [r for r in sim_log(sim) if r["path"] == "/v1/embeddings"] == []  # not hammered
         deferred = [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.deferred"]
         assert deferred[0]["payload"]["error_class"] == "ProviderDown"
@@ -107,8 +122,11 @@ def test_workers_wait_for_a_down_provider_and_resume_by_themselves(services, sim
         httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 0.0})
         health_trace = str(uuid.uuid4())
         client.enqueue("refresh_provider_health", {}, trace_id=health_trace)  # the scheduled job, run now
-        wait_for(lambda: [e for e in events(services["dsn"], trace_id=health_trace) if e["type"] == "health.refreshed"],
-                 60, what="the health refresh")
+        wait_for(
+            lambda: [e for e in events(services["dsn"], trace_id=health_trace) if e["type"] == "health.refreshed"],
+            60,
+            what="the health refresh",
+        )
         assert states(services["dsn"])["embeddings"] == "healthy"
         wait_for(lambda: len(stored(services["dsn"], prefix)) == 3, 60, what="the job to resume and finish")
         metrics = httpx.get(f"http://127.0.0.1:{group.metrics_port}/metrics").text
@@ -126,9 +144,15 @@ def test_fleet_health_cli_and_status_show_providers(services, sim):
 
     from .helpers import fleet_cli
 
-    env = dict(os.environ) | {k: str(v) for k, v in {
-        "CHAT_API_BASE": f"{sim.url}/v1", "CHAT_API_KEY": API_KEY, "EMBEDDING_API_BASE": f"{sim.url}/v1",
-        "EMBEDDING_API_KEY": API_KEY}.items()}
+    env = dict(os.environ) | {
+        k: str(v)
+        for k, v in {
+            "CHAT_API_BASE": f"{sim.url}/v1",
+            "CHAT_API_KEY": API_KEY,
+            "EMBEDDING_API_BASE": f"{sim.url}/v1",
+            "EMBEDDING_API_KEY": API_KEY,
+        }.items()
+    }
     rows = json.loads(fleet_cli("health", "--refresh", "--json", env=env).stdout)
     assert {r["provider"]: r["status"] for r in rows} == {"chat": "healthy", "embeddings": "healthy"}
     status = json.loads(fleet_cli("status", "--json", env=env).stdout)
@@ -149,8 +173,10 @@ def test_a_stale_row_of_a_model_no_longer_configured_defers_nothing(services, si
     from fleet.shared.health import _cache, check_available
 
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
-                     " values ('chat', 'a-model-used-last-month', 'chat', 'down', 40)")
+        conn.execute(
+            "insert into provider_health (provider, model, kind, status, consecutive_failures)"
+            " values ('chat', 'a-model-used-last-month', 'chat', 'down', 40)"
+        )
     refresh(settings_for(sim))  # probes the configured model (CHAT_MODEL_DEFAULT, the default here)
     _cache.clear()
     check_available("chat")  # does not raise ProviderDown
@@ -166,15 +192,26 @@ def test_an_outage_defers_chats_instead_of_using_up_their_retries(services, sim,
     after HEALTH_DOWN_AFTER of them, long before its FLEET_MAX_RETRIES run out; once down, its attempts
     are deferred; a worker probes again after HEALTH_RECHECK_S and the chat completes by itself."""
     httpx.post(f"{sim.url}/_sim/config", json={"error_rate_5xx": 1.0})
-    env = worker_env(services, "pgmq", CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY,
-                     CHAT_MODEL_DEFAULT="sim-chat", HEALTH_DOWN_AFTER="3", CHAT_PROVIDER_MAX_RETRIES="2",
-                     HEALTH_RECHECK_S="1", FLEET_MAX_RETRIES="1")
+    env = worker_env(
+        services,
+        "pgmq",
+        CHAT_API_BASE=f"{sim.url}/v1",
+        CHAT_API_KEY=API_KEY,
+        CHAT_MODEL_DEFAULT="sim-chat",
+        HEALTH_DOWN_AFTER="3",
+        CHAT_PROVIDER_MAX_RETRIES="2",
+        HEALTH_RECHECK_S="1",
+        FLEET_MAX_RETRIES="1",
+    )
     client = make_client("pgmq")
     group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
         stream = client.stream_chat(f"s-{uuid.uuid4()}", "hello during an outage", idempotency_key=str(uuid.uuid4()))
-        wait_for(lambda: [e for e in events(services["dsn"], trace_id=stream.trace_id) if e["type"] == "job.deferred"],
-                 30, what="the chat to be deferred")
+        wait_for(
+            lambda: [e for e in events(services["dsn"], trace_id=stream.trace_id) if e["type"] == "job.deferred"],
+            30,
+            what="the chat to be deferred",
+        )
         calls = [r for r in sim_log(sim) if r["path"] == "/v1/chat/completions"]
         assert [c["status"] for c in calls][:3] == [500, 500, 500]  # one attempt: a call and two retries
         assert states(services["dsn"])["chat"] == "down"
@@ -207,8 +244,9 @@ def test_a_provider_that_answers_some_calls_is_degraded_not_down(services, sim):
         note_failure("embeddings", TransientError("a 5xx among successes"), settings)
     assert states(services["dsn"])["embeddings"] == "degraded"
     with psycopg.connect(services["dsn"], autocommit=True) as conn:  # HEALTH_DOWN_QUIET_S with no success
-        conn.execute("update provider_health set last_success_at = now() - interval '121 seconds'"
-                     " where provider = 'embeddings'")
+        conn.execute(
+            "update provider_health set last_success_at = now() - interval '121 seconds' where provider = 'embeddings'"
+        )
     for _ in range(3):
         note_failure("embeddings", TransientError("nothing gets through"), settings)
     assert states(services["dsn"])["embeddings"] == "down"
@@ -216,15 +254,21 @@ def test_a_provider_that_answers_some_calls_is_degraded_not_down(services, sim):
 
 # -- the health bookkeeping never changes the outcome of a provider call --
 
+
 def _fail_health_writes(dsn: str) -> None:
     """The database refuses every health write of a job: the state update and the history insert."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("create or replace function test_refuse_health() returns trigger language plpgsql as"
-                     " $$ begin raise exception 'health writes refused by the test'; end $$")
-        conn.execute("create trigger test_refuse_health before update on provider_health"
-                     " for each row execute function test_refuse_health()")
-        conn.execute("alter table provider_health_checks add constraint test_no_job_checks check (origin <> 'job')"
-                     " not valid")
+        conn.execute(
+            "create or replace function test_refuse_health() returns trigger language plpgsql as"
+            " $$ begin raise exception 'health writes refused by the test'; end $$"
+        )
+        conn.execute(
+            "create trigger test_refuse_health before update on provider_health"
+            " for each row execute function test_refuse_health()"
+        )
+        conn.execute(
+            "alter table provider_health_checks add constraint test_no_job_checks check (origin <> 'job') not valid"
+        )
 
 
 def _allow_health_writes(dsn: str) -> None:
@@ -241,8 +285,11 @@ def test_a_failed_health_write_never_resends_a_paid_embedding_call(services, sim
 
     settings = settings_for(sim, EMBED_PROVIDER_MAX_RETRIES=2)
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures)"
-                     " values ('embeddings', %s, 'embedding', 'degraded', 1)", (settings.embedding_model_default,))
+        conn.execute(
+            "insert into provider_health (provider, model, kind, status, consecutive_failures)"
+            " values ('embeddings', %s, 'embedding', 'degraded', 1)",
+            (settings.embedding_model_default,),
+        )
     _fail_health_writes(services["dsn"])
     _cache.clear()
     try:
@@ -274,6 +321,7 @@ def test_a_failed_health_write_leaves_the_providers_own_error_to_surface(service
 
 # -- no connection is held across a provider call --
 
+
 def test_no_database_connection_is_held_while_a_down_provider_is_probed_again(services, sim):
     """The recheck of a down provider claims the row, then probes with no connection in hand (the probe
     may take HEALTH_PROBE_TIMEOUT_S), then records the result in a connection of its own."""
@@ -286,9 +334,11 @@ def test_no_database_connection_is_held_while_a_down_provider_is_probed_again(se
     settings = settings_for(sim, HEALTH_RECHECK_S=1, HEALTH_PROBE_TIMEOUT_S=20)
     httpx.post(f"{sim.url}/_sim/config", json={"latency_ms": 6000})  # the probe takes 6 s
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        conn.execute("insert into provider_health (provider, model, kind, status, consecutive_failures, checked_at)"
-                     " values ('embeddings', %s, 'embedding', 'down', 2, now() - interval '1 hour')",
-                     (settings.embedding_model_default,))
+        conn.execute(
+            "insert into provider_health (provider, model, kind, status, consecutive_failures, checked_at)"
+            " values ('embeddings', %s, 'embedding', 'down', 2, now() - interval '1 hour')",
+            (settings.embedding_model_default,),
+        )
     pool = get_pool()
     _cache.clear()
 
@@ -298,8 +348,9 @@ def test_no_database_connection_is_held_while_a_down_provider_is_probed_again(se
 
     def claimed() -> bool:
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
-            return conn.execute("select checked_at > now() - interval '1 minute' from provider_health"
-                                " where provider = 'embeddings'").fetchone()[0]
+            return conn.execute(
+                "select checked_at > now() - interval '1 minute' from provider_health where provider = 'embeddings'"
+            ).fetchone()[0]
 
     recheck = threading.Thread(target=check_available, args=("embeddings", settings))
     recheck.start()

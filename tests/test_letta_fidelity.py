@@ -16,7 +16,9 @@ from .embedding_support import API_KEY
 
 FIXTURES = Path(__file__).parent / "fixtures" / "letta"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-SERVER_ID = re.compile(r"(agent|block|tool|user|org|provider|message)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+SERVER_ID = re.compile(
+    r"(agent|block|tool|user|org|provider|message)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+)
 
 
 def recorded(name: str) -> dict:
@@ -43,10 +45,19 @@ def agent_fields(agent: dict) -> dict:
     """What the fleet reads of an agent, with the server's ids and times left out."""
     rules = sorted(json.dumps(r, sort_keys=True) for r in agent["tool_rules"])
     blocks = sorted((b["label"], b["value"], b["limit"], b["description"]) for b in agent["memory"]["blocks"])
-    return {"keys": sorted(agent), "agent_type": agent["agent_type"], "llm_config": agent["llm_config"],
-            "embedding_config": agent["embedding_config"], "tools": sorted(t["name"] for t in agent["tools"]),
-            "tool_keys": sorted({k for t in agent["tools"] for k in t}), "tool_rules": rules, "tags": agent["tags"],
-            "metadata": agent["metadata"], "system": agent["system"], "blocks": blocks}
+    return {
+        "keys": sorted(agent),
+        "agent_type": agent["agent_type"],
+        "llm_config": agent["llm_config"],
+        "embedding_config": agent["embedding_config"],
+        "tools": sorted(t["name"] for t in agent["tools"]),
+        "tool_keys": sorted({k for t in agent["tools"] for k in t}),
+        "tool_rules": rules,
+        "tags": agent["tags"],
+        "metadata": agent["metadata"],
+        "system": agent["system"],
+        "blocks": blocks,
+    }
 
 
 def error_fields(body: dict) -> dict:
@@ -61,8 +72,16 @@ def error_fields(body: dict) -> dict:
 
 
 CREATES = ["create_agent", "create_agent_server_defaults", "create_agent_memgpt_v2_base_tools"]
-REFUSALS = ["create_unknown_tool", "create_null_block_limit", "create_unknown_tool_rule_type", "create_without_configs",
-            "get_agent_malformed_id", "get_agent_unknown_id", "import_fleet_template_as_is", "import_wrong_id_format"]
+REFUSALS = [
+    "create_unknown_tool",
+    "create_null_block_limit",
+    "create_unknown_tool_rule_type",
+    "create_without_configs",
+    "get_agent_malformed_id",
+    "get_agent_unknown_id",
+    "import_fleet_template_as_is",
+    "import_wrong_id_format",
+]
 PATCH_REFUSALS = ["patch_partial_llm_config", "patch_malformed_tool_id"]
 
 
@@ -106,7 +125,9 @@ def test_a_patch_naming_an_unknown_tool_id_is_a_conflict(sim):
 def test_reads_lists_and_redirects_as_recorded(sim):
     agent_id = replay(sim, "create_agent").json()["id"]
     replay(sim, "create_agent")
-    assert agent_fields(replay(sim, "get_agent", agent_id).json()) == agent_fields(recorded("get_agent")["response"]["body"])
+    assert agent_fields(replay(sim, "get_agent", agent_id).json()) == agent_fields(
+        recorded("get_agent")["response"]["body"]
+    )
     for name in ("list_agents_without_slash",):
         answer, expected = replay(sim, name), recorded(name)["response"]
         assert (answer.status_code, answer.headers["location"]) == (expected["status"], expected["location"])
@@ -116,8 +137,9 @@ def test_reads_lists_and_redirects_as_recorded(sim):
     assert replay(sim, "list_tools_by_name").json() == recorded("list_tools_by_name")["response"]["body"]
     blocks = replay(sim, "list_blocks", agent_id).json()
     expected = recorded("list_blocks")["response"]["body"]
-    assert sorted((b["label"], b["value"], b["limit"], sorted(b)) for b in blocks) == \
-        sorted((b["label"], b["value"], b["limit"], sorted(b)) for b in expected)
+    assert sorted((b["label"], b["value"], b["limit"], sorted(b)) for b in blocks) == sorted(
+        (b["label"], b["value"], b["limit"], sorted(b)) for b in expected
+    )
 
 
 def test_lists_page_at_the_servers_default_sizes(sim):
@@ -130,9 +152,13 @@ def test_lists_page_at_the_servers_default_sizes(sim):
     assert len(httpx.get(f"{sim.url}/v1/agents/", headers=HEADERS).json()) == 50
     assert len(httpx.get(f"{sim.url}/v1/tools/?limit=100", headers=HEADERS).json()) == 26
     assert len(httpx.get(f"{sim.url}/v1/agents/{agent_id}/core-memory/blocks", headers=HEADERS).json()) == 100
-    rest = httpx.get(f"{sim.url}/v1/agents/{agent_id}/core-memory/blocks", headers=HEADERS,
-                     params={"after": httpx.get(f"{sim.url}/v1/agents/{agent_id}/core-memory/blocks",
-                                                headers=HEADERS).json()[-1]["id"]}).json()
+    rest = httpx.get(
+        f"{sim.url}/v1/agents/{agent_id}/core-memory/blocks",
+        headers=HEADERS,
+        params={
+            "after": httpx.get(f"{sim.url}/v1/agents/{agent_id}/core-memory/blocks", headers=HEADERS).json()[-1]["id"]
+        },
+    ).json()
     assert len(rest) == 1
 
 
@@ -142,8 +168,9 @@ def test_export_and_import_as_recorded(sim):
     assert sorted(exported) == sorted(expected) and sorted(exported["agents"][0]) == sorted(expected["agents"][0])
     for key in ("tool_rules", "llm_config", "embedding_config", "block_ids", "tool_ids", "agent_type"):
         assert exported["agents"][0][key] == expected["agents"][0][key], key
-    assert sorted((b["id"], b["label"], b["limit"]) for b in exported["blocks"]) == \
-        sorted((b["id"], b["label"], b["limit"]) for b in expected["blocks"])
+    assert sorted((b["id"], b["label"], b["limit"]) for b in exported["blocks"]) == sorted(
+        (b["id"], b["label"], b["limit"]) for b in expected["blocks"]
+    )
     imported = replay(sim, "import_agent")
     assert imported.status_code == 200 and sorted(imported.json()) == ["agent_ids"]
     agent = httpx.get(f"{sim.url}/v1/agents/{imported.json()['agent_ids'][0]}", headers=HEADERS).json()

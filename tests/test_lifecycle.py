@@ -28,26 +28,57 @@ def db(services):
 
 
 def settings(**extra) -> Settings:
-    return Settings(**({"LIFECYCLE_ARCHIVE_AFTER_DAYS": 30, "LIFECYCLE_DECAY_HALF_LIFE_DAYS": 30,
-                        "EMBEDDING_MODEL_DEFAULT": "m1"} | extra))
+    return Settings(
+        **(
+            {"LIFECYCLE_ARCHIVE_AFTER_DAYS": 30, "LIFECYCLE_DECAY_HALF_LIFE_DAYS": 30, "EMBEDDING_MODEL_DEFAULT": "m1"}
+            | extra
+        )
+    )
 
 
-def add(db, project: str, *, type_="semantic", pinned=False, expires_days=None, ttl_s=None, accessed_days=0,
-        created_days=0, confidence=1.0, status="activated", text=None, vector=None, model=None,
-        status_days=0) -> str:
+def add(
+    db,
+    project: str,
+    *,
+    type_="semantic",
+    pinned=False,
+    expires_days=None,
+    ttl_s=None,
+    accessed_days=0,
+    created_days=0,
+    confidence=1.0,
+    status="activated",
+    text=None,
+    vector=None,
+    model=None,
+    status_days=0,
+) -> str:
     row = db.execute(
         "insert into memories (project_id, type, pinned, expires_at, governance, last_accessed_at, created_at,"
         " confidence, status, embedding, embedding_model, status_changed_at) values (%s, %s, %s,"
         " case when %s::float is null then null else now() + %s::float * interval '1 day' end, %s,"
         " now() - %s * interval '1 day', now() - %s * interval '1 day', %s, %s, %s::vector, %s,"
         " now() - %s * interval '1 day') returning id",
-        (project, type_, pinned, expires_days, expires_days, json.dumps({"ttl_s": ttl_s} if ttl_s else {}),
-         accessed_days, created_days, confidence, status,
-         json.dumps(vector) if vector is not None else None, model, status_days),
+        (
+            project,
+            type_,
+            pinned,
+            expires_days,
+            expires_days,
+            json.dumps({"ttl_s": ttl_s} if ttl_s else {}),
+            accessed_days,
+            created_days,
+            confidence,
+            status,
+            json.dumps(vector) if vector is not None else None,
+            model,
+            status_days,
+        ),
     ).fetchone()[0]
     if text is not None:
-        db.execute("insert into memory_payloads (memory_id, content, size_bytes) values (%s, %s, %s)",
-                   (row, text, len(text)))
+        db.execute(
+            "insert into memory_payloads (memory_id, content, size_bytes) values (%s, %s, %s)", (row, text, len(text))
+        )
     return str(row)
 
 
@@ -57,8 +88,9 @@ def status(db, mid: str) -> str:
 
 def run(project, **kwargs):
     enqueued = []
-    result = run_lifecycle(project=project, enqueue=enqueued.extend, settings=kwargs.pop("settings", settings()),
-                           **kwargs)
+    result = run_lifecycle(
+        project=project, enqueue=enqueued.extend, settings=kwargs.pop("settings", settings()), **kwargs
+    )
     return result, enqueued
 
 
@@ -68,12 +100,18 @@ def test_expire_by_date_and_by_ttl_never_pinned(db, project):
     fresh_ttl = add(db, project, ttl_s=86400 * 10, created_days=1)
     future = add(db, project, expires_days=5)
     pinned = add(db, project, expires_days=-1, pinned=True)
-    bad_ttl = db.execute("insert into memories (project_id, governance) values (%s, '{\"ttl_s\": \"soon\"}') returning id",
-                         (project,)).fetchone()[0]
+    bad_ttl = db.execute(
+        'insert into memories (project_id, governance) values (%s, \'{"ttl_s": "soon"}\') returning id', (project,)
+    ).fetchone()[0]
     result, _ = run(project, actions=["expire"])
     assert result.counts == {"expire": 2}
     assert [status(db, m) for m in (past, ttl, fresh_ttl, future, pinned)] == [
-        "expired", "expired", "activated", "activated", "activated"]
+        "expired",
+        "expired",
+        "activated",
+        "activated",
+        "activated",
+    ]
     assert status(db, str(bad_ttl)) == "activated"  # a malformed ttl is ignored, not fatal
 
 
@@ -98,10 +136,14 @@ def test_capacity_eviction_archives_lowest_confidence_oldest_first(db, project):
     result, _ = run(project, actions=["evict"], settings=settings(LIFECYCLE_TYPE_CAPS={"episodic": 10}))
     # 13 activated, cap 10: 80% is 8, so 5 go; the pinned one is never among them
     assert result.counts == {"evict": 5}
-    archived = {r[0] for r in db.execute("select id::text from memories where project_id = %s and status = 'archived'",
-                                         (project,))}
+    archived = {
+        r[0]
+        for r in db.execute("select id::text from memories where project_id = %s and status = 'archived'", (project,))
+    }
     assert keep_pinned not in archived
-    lowest = sorted(ids, key=lambda m: db.execute("select confidence from memories where id = %s", (m,)).fetchone()[0])[:5]
+    lowest = sorted(ids, key=lambda m: db.execute("select confidence from memories where id = %s", (m,)).fetchone()[0])[
+        :5
+    ]
     assert archived == set(lowest)
 
 
@@ -116,8 +158,11 @@ def test_near_duplicates_are_merged_by_vector_similarity(db, project):
     newer_dup = add(db, project, type_="episodic", vector=other, model="m1", created_days=1)
     result, _ = run(project, actions=["merge"])
     assert result.counts == {"merge": 2}
-    merged = dict(db.execute("select id::text, merged_into::text from memories where project_id = %s and status = 'merged'",
-                             (project,)).fetchall())
+    merged = dict(
+        db.execute(
+            "select id::text, merged_into::text from memories where project_id = %s and status = 'merged'", (project,)
+        ).fetchall()
+    )
     assert merged == {old: new, newer_dup: pinned_old}  # the newer one is kept; a pinned one always is
     assert status(db, different) == "activated"
 
@@ -138,8 +183,12 @@ def test_purge_deletes_only_old_deleted_payloads(db, project):
     recent = add(db, project, status="deleted", status_days=1, text="kept for now")
     result, _ = run(project, actions=["purge"])
     assert result.counts == {"purge": 1}
-    payloads = {r[0] for r in db.execute("select memory_id::text from memory_payloads where memory_id = any(%s::uuid[])",
-                                         ([old, recent],))}
+    payloads = {
+        r[0]
+        for r in db.execute(
+            "select memory_id::text from memory_payloads where memory_id = any(%s::uuid[])", ([old, recent],)
+        )
+    }
     assert payloads == {recent}
     assert status(db, old) == "deleted"  # the memory row itself stays
 
@@ -148,15 +197,23 @@ def test_dry_run_reports_and_changes_nothing_then_undo_restores(db, project):
     add(db, project, expires_days=-1)
     add(db, project, accessed_days=40)
     add(db, project, accessed_days=3, confidence=0.7)
-    snapshot = lambda: db.execute("select id, status, confidence, merged_into from memories where project_id = %s"  # noqa: E731
-                                  " order by id", (project,)).fetchall()
+    snapshot = lambda: db.execute(
+        "select id, status, confidence, merged_into from memories where project_id = %s"  # noqa: E731
+        " order by id",
+        (project,),
+    ).fetchall()
     before = snapshot()
     dry, _ = run(project, dry_run=True)
     assert snapshot() == before
-    assert db.execute("select count(*) from memory_lifecycle_actions where run_id = %s", (dry.run_id,)).fetchone()[0] == 0
+    assert (
+        db.execute("select count(*) from memory_lifecycle_actions where run_id = %s", (dry.run_id,)).fetchone()[0] == 0
+    )
     real, _ = run(project)
-    assert {k: v for k, v in real.counts.items() if v} == {k: v for k, v in dry.counts.items() if v} == {
-        "expire": 1, "archive": 1, "decay": 1}
+    assert (
+        {k: v for k, v in real.counts.items() if v}
+        == {k: v for k, v in dry.counts.items() if v}
+        == {"expire": 1, "archive": 1, "decay": 1}
+    )
     assert snapshot() != before
     assert undo_run(real.run_id) == 3
     assert snapshot_statuses(db, project) == sorted(r[1] for r in before)
@@ -167,13 +224,19 @@ def snapshot_statuses(db, project):
 
 
 def test_two_runs_at_once_do_not_double_apply(db, project):
-    db.execute("insert into memories (project_id, last_accessed_at) select %s, now() - interval '60 days'"
-               " from generate_series(1, 3000)", (project,))
+    db.execute(
+        "insert into memories (project_id, last_accessed_at) select %s, now() - interval '60 days'"
+        " from generate_series(1, 3000)",
+        (project,),
+    )
     results = []
 
     def go():
-        results.append(run_lifecycle(project=project, actions=["archive"], batch_size=200, settings=settings(),
-                                     enqueue=lambda _: None))
+        results.append(
+            run_lifecycle(
+                project=project, actions=["archive"], batch_size=200, settings=settings(), enqueue=lambda _: None
+            )
+        )
 
     threads = [threading.Thread(target=go) for _ in range(2)]
     for t in threads:
@@ -181,8 +244,11 @@ def test_two_runs_at_once_do_not_double_apply(db, project):
     for t in threads:
         t.join()
     assert sum(r.counts["archive"] for r in results) == 3000
-    recorded = db.execute("select count(*), count(distinct memory_id) from memory_lifecycle_actions a"
-                          " join memories m on m.id = a.memory_id where m.project_id = %s", (project,)).fetchone()
+    recorded = db.execute(
+        "select count(*), count(distinct memory_id) from memory_lifecycle_actions a"
+        " join memories m on m.id = a.memory_id where m.project_id = %s",
+        (project,),
+    ).fetchone()
     assert recorded == (3000, 3000)
 
 
@@ -195,8 +261,10 @@ def test_rls_by_project_membership(db, project):
         with db.transaction():
             db.execute("set local role authenticated")
             db.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": sub}),))
-            return ([r[0] for r in db.execute("select id::text from memories where project_id = %s", (project,))],
-                    [r[0] for r in db.execute("select content from memory_payloads where memory_id = %s", (mine,))])
+            return (
+                [r[0] for r in db.execute("select id::text from memories where project_id = %s", (project,))],
+                [r[0] for r in db.execute("select content from memory_payloads where memory_id = %s", (mine,))],
+            )
 
     assert visible(member) == ([mine], ["secret plan"])
     assert visible(outsider) == ([], [])
@@ -224,11 +292,23 @@ def test_cli_runs_the_lifecycle_job_and_reembeds_through_the_workers(services, s
         out = fleet_cli("lifecycle", "run", "--project", project, env=cli_env).stdout
         assert "archive  1" in out and "reembed  1" in out
         assert status(db, stale) == "archived"
-        wait_for(lambda: db.execute("select embedding_model from memories where id = %s", (needs_vector,)).fetchone()[0]
-                 == "BAAI/bge-m3", 30, what="the memory's embedding")
+        wait_for(
+            lambda: (
+                db.execute("select embedding_model from memories where id = %s", (needs_vector,)).fetchone()[0]
+                == "BAAI/bge-m3"
+            ),
+            30,
+            what="the memory's embedding",
+        )
         # The worker's connections are all new here: the vector must be written on the first attempt.
-        assert db.execute("select count(*) from bus_events where actor = 'embed_memories' and type = 'job.retrying'"
-                          " and created_at >= %s", (started,)).fetchone()[0] == 0
+        assert (
+            db.execute(
+                "select count(*) from bus_events where actor = 'embed_memories' and type = 'job.retrying'"
+                " and created_at >= %s",
+                (started,),
+            ).fetchone()[0]
+            == 0
+        )
         import httpx
 
         metrics = httpx.get(f"http://127.0.0.1:{group.metrics_port}/metrics").text
@@ -254,8 +334,9 @@ def test_dry_run_takes_no_row_locks_so_a_real_run_meanwhile_skips_nothing(db, pr
         thread.start()
 
         def dry_run_waits_or_ended():
-            waiting = db.execute("select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
-                                 " and wait_event = 'advisory'").fetchone()[0]
+            waiting = db.execute(
+                "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and wait_event = 'advisory'"
+            ).fetchone()[0]
             return waiting or not thread.is_alive()
 
         from .helpers import wait_for

@@ -43,12 +43,23 @@ TEST_THRESHOLDS = {
     "FleetExporterDown": None,  # a scrape target where no exporter listens
 }
 # (label, where the condition holds, where it does not): a scaled alert fires for the first, not the second.
-ALERT_WHERE = {"FleetQueueBacklogOld": ("queue", "maintenance", "echo"),
-               "FleetJobLatencyHigh": ("queue", "echo", "lifecycle"),
-               "FleetProviderErrors": ("provider", "embeddings", "letta")}
+ALERT_WHERE = {
+    "FleetQueueBacklogOld": ("queue", "maintenance", "echo"),
+    "FleetJobLatencyHigh": ("queue", "echo", "lifecycle"),
+    "FleetProviderErrors": ("provider", "embeddings", "letta"),
+}
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$queue": ".*"}
-CONSUMED = ["echo", "embed", "embed_memories", "chat", "health", "lifecycle", "agents", "upgrade_jobs",
-            "upgrade_agents"]
+CONSUMED = [
+    "echo",
+    "embed",
+    "embed_memories",
+    "chat",
+    "health",
+    "lifecycle",
+    "agents",
+    "upgrade_jobs",
+    "upgrade_agents",
+]
 
 
 def alert_rules() -> dict:
@@ -83,8 +94,9 @@ def test_the_dashboard_file_is_what_its_generator_writes():
     spec = importlib.util.spec_from_file_location("build_dashboard", DEPLOY / "grafana" / "build_dashboard.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (DEPLOY / "grafana" / "dashboards" / "fleet.json").read_text() == module.render(), \
+    assert (DEPLOY / "grafana" / "dashboards" / "fleet.json").read_text() == module.render(), (
         "run: python deploy/grafana/build_dashboard.py"
+    )
     board = json.loads(module.render())
     assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "queue"}
     assert all(p["datasource"]["uid"] == "${datasource}" for p in board["panels"] if p["type"] != "row")
@@ -93,12 +105,19 @@ def test_the_dashboard_file_is_what_its_generator_writes():
 def test_promtool_accepts_the_config_and_the_rules_and_their_unit_tests_pass():
     promtool = binary("promtool")
     folder = DEPLOY / "prometheus"
-    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
-                 ["test", "rules", "alerts.test.yml"]):
+    for args in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ):
         done = subprocess.run([promtool, *args], cwd=folder, capture_output=True, text=True)
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
-    tested = {t["alertname"] for case in yaml.safe_load((folder / "alerts.test.yml").read_text())["tests"]
-              for t in case["alert_rule_test"] if t["exp_alerts"]}
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load((folder / "alerts.test.yml").read_text())["tests"]
+        for t in case["alert_rule_test"]
+        if t["exp_alerts"]
+    }
     assert {r["alert"] for r in alert_rules()["groups"][0]["rules"]} == tested, "every alert needs a firing unit test"
 
 
@@ -111,9 +130,17 @@ def observed(services, sim, tmp_path_factory):
 
     reset_sim(sim)
     workdir = tmp_path_factory.mktemp("observability")
-    env = worker_env(services, "pgmq", **embed_env(sim), CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY,
-                     LETTA_API_BASE_URL=sim.url, LETTA_API_KEY=API_KEY, HEALTH_PROVIDERS="chat,embedding,letta",
-                     HEALTH_DOWN_AFTER="1")
+    env = worker_env(
+        services,
+        "pgmq",
+        **embed_env(sim),
+        CHAT_API_BASE=f"{sim.url}/v1",
+        CHAT_API_KEY=API_KEY,
+        LETTA_API_BASE_URL=sim.url,
+        LETTA_API_KEY=API_KEY,
+        HEALTH_PROVIDERS="chat,embedding,letta",
+        HEALTH_DOWN_AFTER="1",
+    )
     group = WorkerGroup(env, processes=2, threads=4, metrics=True, log_dir=workdir, queues=CONSUMED).start()
     blind = blind_exporter(env, workdir)
     prometheus = None
@@ -149,8 +176,9 @@ def work_round(work, client, sim) -> None:
     sleep 1.5 s (over 5% slow), an embedding provider that fails most requests, a chat provider slow to
     its first token."""
     work.echo(60)
-    client.enqueue_many("echo", [{"message": "dead", "fail": "permanent"}] * 6
-                        + [{"message": "slow", "sleep_ms": 1500}] * 8)
+    client.enqueue_many(
+        "echo", [{"message": "dead", "fail": "permanent"}] * 6 + [{"message": "slow", "sleep_ms": 1500}] * 8
+    )
     wait_for(work.settled, 120, 0.2, what="the echo jobs to settle")
     httpx.post(f"{sim.url}/_sim/config", json={"fail_next": [500] * 6})  # retried within the jobs
     work.embeddings(32)
@@ -175,10 +203,17 @@ class blind_exporter:
         self.port = free_port()
         mdir = workdir / "blind-metrics"
         mdir.mkdir()
-        blind_env = env | {"DATABASE_URL": f"postgresql://fleet@127.0.0.1:{free_port()}/nothing",
-                           "PROMETHEUS_MULTIPROC_DIR": str(mdir), "FLEET_METRICS_PORT": str(self.port)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "metrics"], env=blind_env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        blind_env = env | {
+            "DATABASE_URL": f"postgresql://fleet@127.0.0.1:{free_port()}/nothing",
+            "PROMETHEUS_MULTIPROC_DIR": str(mdir),
+            "FLEET_METRICS_PORT": str(self.port),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet.ops.cli", "metrics"],
+            env=blind_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(lambda: _answers(self.port), 60, 0.2, what="the blind exporter")
 
     def stop(self) -> None:
@@ -221,7 +256,11 @@ def test_every_alert_fires_when_its_condition_holds(observed):
     for name, (label, holds, does_not) in ALERT_WHERE.items():
         where = {a["labels"].get(label) for a in alerts if a["labels"]["alertname"] == name}
         assert holds in where and does_not not in where, f"{name} fired for {label} {where}"
-    down = {a["labels"]["instance"] for a in alerts if a["labels"]["alertname"] in ("FleetExporterDown", "FleetBrokerUnreachable")}
+    down = {
+        a["labels"]["instance"]
+        for a in alerts
+        if a["labels"]["alertname"] in ("FleetExporterDown", "FleetBrokerUnreachable")
+    }
     assert len(down) == 2 and f"127.0.0.1:{observed.fleet_port}" not in down  # the healthy exporter fired neither
 
 

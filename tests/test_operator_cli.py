@@ -24,14 +24,31 @@ def add_letters(dsn: str, queue: str, *specs: tuple[str, float, bool], marker: s
     ids = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         for n, (error_class, age_s, retried) in enumerate(specs):
-            message = {"queue_name": "echo", "actor_name": "echo", "args": [{"message": f"{marker}{n}"}],
-                       "kwargs": {}, "options": {}, "message_id": str(uuid.uuid4()), "message_timestamp": 0}
-            ids.append(conn.execute(
-                "insert into dead_letters (queue, actor, message, reason, error_class, trace_id, created_at, retried_at)"
-                " values (%s, 'echo', %s, %s, %s, %s, now() - %s * interval '1 second',"
-                " case when %s then now() end) returning id",
-                (queue, json.dumps(message), f"{error_class}: test", error_class, str(uuid.uuid4()), age_s, retried),
-            ).fetchone()[0])
+            message = {
+                "queue_name": "echo",
+                "actor_name": "echo",
+                "args": [{"message": f"{marker}{n}"}],
+                "kwargs": {},
+                "options": {},
+                "message_id": str(uuid.uuid4()),
+                "message_timestamp": 0,
+            }
+            ids.append(
+                conn.execute(
+                    "insert into dead_letters (queue, actor, message, reason, error_class, trace_id, created_at, retried_at)"
+                    " values (%s, 'echo', %s, %s, %s, %s, now() - %s * interval '1 second',"
+                    " case when %s then now() end) returning id",
+                    (
+                        queue,
+                        json.dumps(message),
+                        f"{error_class}: test",
+                        error_class,
+                        str(uuid.uuid4()),
+                        age_s,
+                        retried,
+                    ),
+                ).fetchone()[0]
+            )
     return ids
 
 
@@ -45,8 +62,13 @@ def letters(dsn):
     """old permanent, old transient, new permanent, new permanent already retried."""
     queue = f"dlq-{uuid.uuid4().hex[:8]}"
     old_perm, old_trans, new_perm, new_retried = add_letters(
-        dsn, queue, ("PermanentError", 7200, False), ("TransientError", 7200, False), ("PermanentError", 10, False),
-        ("PermanentError", 10, True))
+        dsn,
+        queue,
+        ("PermanentError", 7200, False),
+        ("TransientError", 7200, False),
+        ("PermanentError", 10, False),
+        ("PermanentError", 10, True),
+    )
     return queue, {"old_perm": old_perm, "old_trans": old_trans, "new_perm": new_perm, "new_retried": new_retried}
 
 
@@ -59,13 +81,19 @@ def test_purge_honours_the_error_class(dsn, letters):
 
 def test_purge_honours_newer_than_and_older_than(dsn, letters):
     queue, ids = letters
-    assert "purged 1 dead letter(s)" in fleet_cli("dlq", "purge", "--queue", queue, "--newer-than", "3600", "--yes").stdout
+    assert (
+        "purged 1 dead letter(s)" in fleet_cli("dlq", "purge", "--queue", queue, "--newer-than", "3600", "--yes").stdout
+    )
     assert remaining(dsn, queue) == set(ids.values()) - {ids["new_perm"]}  # the retried one needs --all
-    out = fleet_cli("dlq", "purge", "--queue", queue, "--older-than", "3600", "--error-class", "PermanentError", "--yes")
+    out = fleet_cli(
+        "dlq", "purge", "--queue", queue, "--older-than", "3600", "--error-class", "PermanentError", "--yes"
+    )
     assert "purged 1 dead letter(s)" in out.stdout
     assert remaining(dsn, queue) == {ids["old_trans"], ids["new_retried"]}
-    assert "purged 1 dead letter(s)" in fleet_cli("dlq", "purge", "--queue", queue, "--newer-than", "3600", "--all",
-                                                  "--yes").stdout
+    assert (
+        "purged 1 dead letter(s)"
+        in fleet_cli("dlq", "purge", "--queue", queue, "--newer-than", "3600", "--all", "--yes").stdout
+    )
     assert remaining(dsn, queue) == {ids["old_trans"]}
 
 
@@ -110,10 +138,12 @@ def test_retry_pages_through_every_selected_letter_and_a_limit_says_it_cut(dsn):
         rest = fleet_cli("dlq", "retry", "--queue", queue)
         assert "re-enqueued 130 dead letter(s)" in rest.stdout and "--limit" not in rest.stderr
         with psycopg.connect(dsn, autocommit=True) as conn:
-            unretried = conn.execute("select count(*) from dead_letters where queue = %s and retried_at is null",
-                                     (queue,)).fetchone()[0]
-            enqueued = conn.execute("select count(*) from pgmq.q_echo where message::text like %s",
-                                    (f"%{marker}%",)).fetchone()[0]
+            unretried = conn.execute(
+                "select count(*) from dead_letters where queue = %s and retried_at is null", (queue,)
+            ).fetchone()[0]
+            enqueued = conn.execute(
+                "select count(*) from pgmq.q_echo where message::text like %s", (f"%{marker}%",)
+            ).fetchone()[0]
         assert unretried == 0 and enqueued == 150
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -131,8 +161,11 @@ def test_upgrade_run_says_how_many_agents_its_cohort_filters_select(dsn):
     users = {str(uuid.uuid4()): version for version in ("1.0.0", "1.0.0", "1.0.0", "0.9.0")}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for user, version in users.items():
-            conn.execute("insert into user_profiles (user_id, letta_agent_id, template_name, template_version)"
-                         " values (%s, %s, %s, %s)", (user, f"agent-{user}", name, version))
+            conn.execute(
+                "insert into user_profiles (user_id, letta_agent_id, template_name, template_version)"
+                " values (%s, %s, %s, %s)",
+                (user, f"agent-{user}", name, version),
+            )
     runs = []
     try:
         for cohort, agents in (({}, 4), ({"from_version": "1.0.0"}, 3), ({"user_ids": list(users)[:2]}, 2)):
@@ -142,8 +175,9 @@ def test_upgrade_run_says_how_many_agents_its_cohort_filters_select(dsn):
     finally:  # no worker runs here: the runs' fan-outs are taken off the queue
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("delete from pgmq.q_upgrade_jobs where message->>'run_id' = any(%s)", (runs,))
-            conn.execute("update upgrade_runs set status = 'halted', finished_at = now() where id = any(%s::uuid[])",
-                         (runs,))
+            conn.execute(
+                "update upgrade_runs set status = 'halted', finished_at = now() where id = any(%s::uuid[])", (runs,)
+            )
             conn.execute("delete from user_profiles where template_name = %s", (name,))
 
 

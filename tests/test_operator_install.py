@@ -18,8 +18,14 @@ def without_extras(code: str, env: dict | None = None) -> subprocess.CompletedPr
     """Python code run as if no extra were installed: importing any of their modules fails."""
     blocked = [m for modules in EXTRAS.values() for m in modules]
     prelude = f"import sys\nfor m in {blocked!r}:\n    sys.modules[m] = None\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=ROOT,
-                          env=env or dict(os.environ), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env or dict(os.environ),
+        timeout=120,
+    )
 
 
 def test_the_core_install_holds_no_extra_and_all_holds_every_one():
@@ -33,8 +39,10 @@ def test_the_core_install_holds_no_extra_and_all_holds_every_one():
 
 
 def test_the_cli_and_the_sdk_work_without_the_extras(services):
-    out = without_extras("import fleet\nfrom fleet.shared.client import FleetClient\nfrom fleet.ops.cli import main\n"
-                         "sys.exit(main(['status', '--json']))")
+    out = without_extras(
+        "import fleet\nfrom fleet.shared.client import FleetClient\nfrom fleet.ops.cli import main\n"
+        "sys.exit(main(['status', '--json']))"
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["broker"] == "pgmq"
 

@@ -11,6 +11,18 @@ def test_every_setting_has_a_description_and_an_environment_name():
     assert [name for name, f in fields.items() if not f.alias] == []
     # the names the platform already uses
     aliases = {f.alias for f in fields.values()}
-    assert {"DATABASE_URL", "REDIS_URL", "FLEET_BROKER", "CHAT_API_BASE", "CHAT_RATE_LIMIT_PER_MIN", "EMBED_MAX_BATCH",
-            "EMBEDDING_API_BASE", "EMBEDDING_API_KEY", "EMBEDDING_MODEL_DEFAULT", "LETTA_API_BASE_URL",
-            "ZUPLO_BASE_URL", "REQUIRE_IDEMPOTENCY", "EMBED_PROVIDER_MAX_RETRIES"} <= aliases
+    assert {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "FLEET_BROKER",
+        "CHAT_API_BASE",
+        "CHAT_RATE_LIMIT_PER_MIN",
+        "EMBED_MAX_BATCH",
+        "EMBEDDING_API_BASE",
+        "EMBEDDING_API_KEY",
+        "EMBEDDING_MODEL_DEFAULT",
+        "LETTA_API_BASE_URL",
+        "ZUPLO_BASE_URL",
+        "REQUIRE_IDEMPOTENCY",
+        "EMBED_PROVIDER_MAX_RETRIES",
+    } <= aliases

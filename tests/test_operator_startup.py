@@ -26,8 +26,19 @@ def bare_env(home, **extra) -> dict:
     return env | {"FLEET_HOME": str(home), "ZUPLO_BASE_URL": "https://billing.example.test"} | extra
 
 
-@pytest.mark.parametrize("command", [["worker", "--queues", "echo"], ["scheduler"], ["enqueue", "echo", "{}"],
-                                     ["status"], ["migrate"], ["dlq", "list"], ["metrics"], ["gateway"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["worker", "--queues", "echo"],
+        ["scheduler"],
+        ["enqueue", "echo", "{}"],
+        ["status"],
+        ["migrate"],
+        ["dlq", "list"],
+        ["metrics"],
+        ["gateway"],
+    ],
+)
 def test_a_process_without_database_url_exits_naming_it_and_starts_no_postgres(tmp_path, command):
     home = tmp_path / "home"
     out = fleet_cli(*command, env=bare_env(home), check=False)
@@ -38,9 +49,25 @@ def test_a_process_without_database_url_exits_naming_it_and_starts_no_postgres(t
 
 def test_a_worker_started_by_dramatiq_itself_without_database_url_fails_naming_it(tmp_path):
     home = tmp_path / "home"
-    proc = subprocess.run([sys.executable, "-m", "dramatiq", "fleet.workers:start", "--processes", "1", "--threads",
-                           "1", "--queues", "echo"], env=bare_env(home), cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "fleet.workers:start",
+            "--processes",
+            "1",
+            "--threads",
+            "1",
+            "--queues",
+            "echo",
+        ],
+        env=bare_env(home),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "DATABASE_URL is not set" in proc.stderr
     assert not (home / "pg").exists()
 
@@ -69,8 +96,9 @@ def test_fleet_embedded_asks_for_the_embedded_postgres(tmp_path):
 def test_status_and_readyz_name_the_database_and_broker_with_credentials_masked(services, tmp_path):
     password = psycopg.conninfo.conninfo_to_dict(services["dsn"])["password"]
     port = psycopg.conninfo.conninfo_to_dict(services["dsn"])["port"]
-    env = bare_env(tmp_path / "home", DATABASE_URL=services["dsn"], REDIS_URL=services["redis_url"],
-                   FLEET_BROKER="redis")
+    env = bare_env(
+        tmp_path / "home", DATABASE_URL=services["dsn"], REDIS_URL=services["redis_url"], FLEET_BROKER="redis"
+    )
     status = json.loads(fleet_cli("status", "--json", env=env).stdout)
     assert status["database"] == f"postgresql://postgres:***@127.0.0.1:{port}/fleet"
     assert status["broker"] == "redis" and status["redis"].startswith("redis://:***@127.0.0.1:")
@@ -81,10 +109,15 @@ def test_status_and_readyz_name_the_database_and_broker_with_credentials_masked(
     metrics_port = free_port()
     mdir = tmp_path / "metrics"
     mdir.mkdir()
-    exporter = subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "metrics", "--port", str(metrics_port)],
-                                env=env | {"PROMETHEUS_MULTIPROC_DIR": str(mdir)}, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "fleet.ops.cli", "metrics", "--port", str(metrics_port)],
+        env=env | {"PROMETHEUS_MULTIPROC_DIR": str(mdir)},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def ready():
             try:
                 answer = httpx.get(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2)

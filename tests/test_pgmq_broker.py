@@ -17,8 +17,11 @@ def test_raw_pgmq_send_from_sql_is_processed(pgmq_fleet):
     marker = f"from sql {uuid.uuid4()}"
     msg_id = pgmq_send(pgmq_fleet.dsn, "echo", {"message": marker, "record": True})
     job_id = f"pgmq:echo:{msg_id}"
-    evs = wait_for(lambda: [e for e in events(pgmq_fleet.dsn, job_id=job_id) if e["type"] == "echo.done"], 60,
-                   what="the raw job to run")
+    evs = wait_for(
+        lambda: [e for e in events(pgmq_fleet.dsn, job_id=job_id) if e["type"] == "echo.done"],
+        60,
+        what="the raw job to run",
+    )
     assert evs[0]["payload"]["message"] == marker
     started = events(pgmq_fleet.dsn, job_id=job_id, type="job.started")
     assert len(started) == 1
@@ -30,8 +33,19 @@ def test_raw_messages_that_cannot_be_jobs_go_to_dead_letters(pgmq_fleet):
         "array": pgmq_send(dsn, "echo", [1, 2, 3]),
         "string": pgmq_send(dsn, "echo", json.dumps("just a string")),
         "shape": pgmq_send(dsn, "echo", {"sleep_ms": -5}),
-        "envelope": pgmq_send(dsn, "echo", {"queue_name": "echo", "actor_name": "echo", "args": "x", "kwargs": {},
-                                            "options": {}, "message_id": "m", "message_timestamp": 1}),
+        "envelope": pgmq_send(
+            dsn,
+            "echo",
+            {
+                "queue_name": "echo",
+                "actor_name": "echo",
+                "args": "x",
+                "kwargs": {},
+                "options": {},
+                "message_id": "m",
+                "message_timestamp": 1,
+            },
+        ),
     }
 
     def reasons():
@@ -48,14 +62,23 @@ def test_raw_messages_that_cannot_be_jobs_go_to_dead_letters(pgmq_fleet):
     # the raw body is kept for inspection and retry
     raw = {d["message_id"]: d["raw"] for d in dead_letters(dsn, queue="echo")}
     assert json.loads(raw[f"pgmq:echo:{ids['array']}"]) == [1, 2, 3]
+
     # archived (the ack batch follows the dead letter), not left in the queue
     def archived():
         with psycopg.connect(dsn, autocommit=True) as conn:
-            return conn.execute("select count(*) from pgmq.a_echo where msg_id = any(%s)", (list(ids.values()),)).fetchone()[0] == 4
+            return (
+                conn.execute(
+                    "select count(*) from pgmq.a_echo where msg_id = any(%s)", (list(ids.values()),)
+                ).fetchone()[0]
+                == 4
+            )
 
     wait_for(archived, 60, what="the four messages to be archived")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute("select count(*) from pgmq.q_echo where msg_id = any(%s)", (list(ids.values()),)).fetchone()[0] == 0
+        assert (
+            conn.execute("select count(*) from pgmq.q_echo where msg_id = any(%s)", (list(ids.values()),)).fetchone()[0]
+            == 0
+        )
     ok = pgmq_fleet.trace()
     pgmq_fleet.client.enqueue("echo", {}, trace_id=ok)
     pgmq_fleet.wait_done(ok, 1)
@@ -63,24 +86,28 @@ def test_raw_messages_that_cannot_be_jobs_go_to_dead_letters(pgmq_fleet):
 
 def test_oversized_raw_message_is_dead_lettered(pgmq_fleet):
     msg_id = pgmq_send(pgmq_fleet.dsn, "echo", {"message": "x" * 1_100_000})
-    dl = wait_for(lambda: [d for d in dead_letters(pgmq_fleet.dsn, queue="echo") if d["message_id"] == f"pgmq:echo:{msg_id}"],
-                  60, what="the oversized message's dead letter")
+    dl = wait_for(
+        lambda: [d for d in dead_letters(pgmq_fleet.dsn, queue="echo") if d["message_id"] == f"pgmq:echo:{msg_id}"],
+        60,
+        what="the oversized message's dead letter",
+    )
     assert "exceeds FLEET_MAX_PAYLOAD_BYTES" in dl[0]["reason"]
 
 
 def test_default_mode_listens(pgmq_fleet):
     with psycopg.connect(pgmq_fleet.dsn, autocommit=True) as conn:
-        query = conn.execute(
-            "select query from pg_stat_activity where application_name = 'fleet-notifier'"
-        ).fetchone()
+        query = conn.execute("select query from pg_stat_activity where application_name = 'fleet-notifier'").fetchone()
     assert query and query[0].lower().startswith("listen")
 
 
 def test_transaction_pooler_mode_polls_without_listen(services, tmp_path):
     """FLEET_DB_POOLER=true: no prepared statements, no LISTEN; jobs still flow (by polling)."""
+
     def notifiers():
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
-            return conn.execute("select count(*) from pg_stat_activity where application_name = 'fleet-notifier'").fetchone()[0]
+            return conn.execute(
+                "select count(*) from pg_stat_activity where application_name = 'fleet-notifier'"
+            ).fetchone()[0]
 
     before = notifiers()  # other worker groups of this test run may be listening
     with started_fleet(services, "pgmq", tmp_path, FLEET_DB_POOLER="true", FLEET_POLL_INTERVAL_MS="50") as f:
@@ -94,7 +121,9 @@ def test_enqueue_batch_uses_send_batch_and_keeps_order(services):
     client = make_client("pgmq")
     trace = str(uuid.uuid4())
     try:
-        done = client.enqueue_many("echo", [{"message": str(i)} for i in range(2500)], trace_id=trace, delay_ms=3_600_000)
+        done = client.enqueue_many(
+            "echo", [{"message": str(i)} for i in range(2500)], trace_id=trace, delay_ms=3_600_000
+        )
         assert len({d.job_id for d in done}) == 2500
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
             rows = conn.execute(
@@ -128,16 +157,26 @@ def test_a_refused_round_trip_backs_off_loudly_instead_of_reconnecting(pgmq_flee
         conn.execute(REFUSE_ACK)
         try:
             pgmq_fleet.client.enqueue("echo", {"message": "refuse-this-ack", "record": True}, trace_id=trace)
-            wait_for(lambda: pgmq_fleet.workers.logs().count("consumer.round_trip_refused") >= 3, 30,
-                     what="the refused round trips to be logged")
+            wait_for(
+                lambda: pgmq_fleet.workers.logs().count("consumer.round_trip_refused") >= 3,
+                30,
+                what="the refused round trips to be logged",
+            )
             text = httpx.get(f"http://127.0.0.1:{pgmq_fleet.workers.metrics_port}/metrics", timeout=5).text
             assert 'fleet_consumer_errors_total{error_class="InsufficientPrivilege",queue="echo"}' in text
         finally:
             conn.execute("drop trigger if exists test_refuse_ack on pgmq.q_echo")
         evs = pgmq_fleet.wait_done(trace, 1, timeout=40)
         assert len([e for e in evs if e["type"] == "echo.done"]) == 1  # kept invisible meanwhile: ran once
-        wait_for(lambda: not conn.execute("select count(*) from pgmq.q_echo where message->'args'->0->>'message'"
-                                          " = 'refuse-this-ack'").fetchone()[0], 60, what="the ack")
+        wait_for(
+            lambda: (
+                not conn.execute(
+                    "select count(*) from pgmq.q_echo where message->'args'->0->>'message' = 'refuse-this-ack'"
+                ).fetchone()[0]
+            ),
+            60,
+            what="the ack",
+        )
 
 
 def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
@@ -151,8 +190,10 @@ def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
     queue = "test_abandoned"
     broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq", FLEET_VISIBILITY_TIMEOUT_S=2))
     broker.declare_queue(queue)
-    sent = [dramatiq.Message(queue_name=queue, actor_name="nobody", args=({"n": i},), kwargs={}, options={})
-            for i in range(3)]
+    sent = [
+        dramatiq.Message(queue_name=queue, actor_name="nobody", args=({"n": i},), kwargs={}, options={})
+        for i in range(3)
+    ]
     broker.enqueue_many(sent)
     first = broker.consume(queue, prefetch=4, timeout=1000)
     try:
@@ -164,7 +205,9 @@ def test_prefetched_messages_abandoned_by_a_failed_close_are_let_go(services):
         second = broker.consume(queue, prefetch=4, timeout=1000)
         again = wait_for(lambda: [m for m in [next(second)] if m is not None], 60, what="the abandoned messages")
         again += [m for m in [next(second)] if m is not None]
-        assert sorted(m.args[0]["n"] for m in again) == sorted(m.args[0]["n"] for m in sent if m.message_id != running.message_id)
+        assert sorted(m.args[0]["n"] for m in again) == sorted(
+            m.args[0]["n"] for m in sent if m.message_id != running.message_id
+        )
         for m in [running, *again]:
             second.ack(m)
         second.close()
@@ -222,10 +265,14 @@ def test_a_bulk_send_whose_commit_fails_raises_and_keeps_nothing(services, path)
     broker.declare_queue(queue)
     broker.ensure_queue(queue)
     with psycopg.connect(services["dsn"], autocommit=True) as admin:
-        admin.execute("create or replace function test_refuse_at_commit() returns trigger language plpgsql"
-                      " as $$ begin raise exception 'refused at commit'; end $$")
-        admin.execute(f"create constraint trigger refuse_at_commit after insert on pgmq.q_{queue}"
-                      " deferrable initially deferred for each row execute function test_refuse_at_commit()")
+        admin.execute(
+            "create or replace function test_refuse_at_commit() returns trigger language plpgsql"
+            " as $$ begin raise exception 'refused at commit'; end $$"
+        )
+        admin.execute(
+            f"create constraint trigger refuse_at_commit after insert on pgmq.q_{queue}"
+            " deferrable initially deferred for each row execute function test_refuse_at_commit()"
+        )
     payloads = [{"n": i} for i in range(2500)]  # three chunks, pipelined
     outcome: list[BaseException | None] = []
 
@@ -234,8 +281,12 @@ def test_a_bulk_send_whose_commit_fails_raises_and_keeps_nothing(services, path)
             if path == "payloads":
                 broker.enqueue_payloads(queue, "nobody", payloads)
             else:
-                broker.enqueue_many([dramatiq.Message(queue_name=queue, actor_name="nobody", args=(p,), kwargs={},
-                                                      options={}) for p in payloads])
+                broker.enqueue_many(
+                    [
+                        dramatiq.Message(queue_name=queue, actor_name="nobody", args=(p,), kwargs={}, options={})
+                        for p in payloads
+                    ]
+                )
             outcome.append(None)
         except BaseException as e:  # noqa: BLE001  (handed to the test's thread)
             outcome.append(e)
@@ -274,8 +325,11 @@ def test_a_pooled_connection_the_server_ended_is_replaced_at_checkout(services):
             pid = conn.info.backend_pid
         with psycopg.connect(services["dsn"], autocommit=True) as admin:
             assert admin.execute("select pg_terminate_backend(%s)", (pid,)).fetchone()[0]
-            wait_for(lambda: not admin.execute("select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone(),
-                     60, what="the backend to end")
+            wait_for(
+                lambda: not admin.execute("select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone(),
+                60,
+                what="the backend to end",
+            )
         with pool.connection() as conn:
             assert conn.execute("select 1").fetchone()[0] == 1
             assert conn.info.backend_pid != pid
@@ -298,8 +352,12 @@ def test_a_payload_too_large_in_a_later_chunk_sends_nothing_of_the_batch(service
         with pytest.raises(PayloadTooLarge, match="FLEET_MAX_PAYLOAD_BYTES"):
             client.enqueue_many("echo", payloads, trace_id=trace, delay_ms=3_600_000)
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
-            assert conn.execute("select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s",
-                                (trace,)).fetchone()[0] == 0
+            assert (
+                conn.execute(
+                    "select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s", (trace,)
+                ).fetchone()[0]
+                == 0
+            )
     finally:
         client.broker.close()
 
@@ -318,8 +376,12 @@ def test_a_consumer_reads_ahead_while_jobs_finish_fast_and_keeps_its_prefetch_fo
     queue = "test_read_ahead"
     broker = PgmqBroker(settings=Settings(FLEET_BROKER="pgmq"))
     broker.declare_queue(queue)
-    broker.enqueue_many([dramatiq.Message(queue_name=queue, actor_name="nobody", args=({"n": i},), kwargs={},
-                                          options={}) for i in range(400)])
+    broker.enqueue_many(
+        [
+            dramatiq.Message(queue_name=queue, actor_name="nobody", args=({"n": i},), kwargs={}, options={})
+            for i in range(400)
+        ]
+    )
     consumer = broker.consume(queue, prefetch=2, timeout=1000)
     state = broker.state(queue)
 

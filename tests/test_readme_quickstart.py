@@ -43,10 +43,22 @@ def free_port() -> int:
 
 def clean_env(venv: Path, home: Path) -> dict[str, str]:
     """A newcomer's shell: the venv first on PATH, no fleet settings, no test-run settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FLEET_", "PYTEST", "PYTHON")) and k not in
-           ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "VIRTUAL_ENV", "CHAT_API_BASE",
-            "EMBEDDING_API_BASE", "LETTA_API_BASE_URL", "ZUPLO_BASE_URL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLEET_", "PYTEST", "PYTHON"))
+        and k
+        not in (
+            "DATABASE_URL",
+            "REDIS_URL",
+            "PROMETHEUS_MULTIPROC_DIR",
+            "VIRTUAL_ENV",
+            "CHAT_API_BASE",
+            "EMBEDDING_API_BASE",
+            "LETTA_API_BASE_URL",
+            "ZUPLO_BASE_URL",
+        )
+    }
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
     env["FLEET_HOME"] = str(home / "fleet-home")  # nothing of the test run's own services
@@ -55,8 +67,9 @@ def clean_env(venv: Path, home: Path) -> dict[str, str]:
 
 
 def bash(script: str, env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -102,8 +115,7 @@ def test_readme_quickstart_in_a_fresh_virtualenv(services, tmp_path):
     work.mkdir()
 
     # Install: the README's pip lines, run in the checkout (the venv above stands for its `python3 -m venv`).
-    pip_lines = [line for _, code in blocks["install"] for line in code.splitlines()
-                 if line.strip().startswith("pip ")]
+    pip_lines = [line for _, code in blocks["install"] for line in code.splitlines() if line.strip().startswith("pip ")]
     assert pip_lines, "the README's install block has a pip command"
     started = time.monotonic()
     done = bash("\n".join(pip_lines), env, REPO, timeout=600)
@@ -125,8 +137,9 @@ def test_readme_quickstart_in_a_fresh_virtualenv(services, tmp_path):
     # Step 2: the worker, in the background, stopped by its PID at the end.
     (worker_code,) = [code for _, code in blocks["worker"]]
     log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(["bash", "-c", prefix + "exec " + worker_code.strip()], env=env, cwd=work,
-                              stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        ["bash", "-c", prefix + "exec " + worker_code.strip()], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         # Step 3: enqueue from Python; the script prints the job's trace id.
         (py_code,) = [code for _, code in blocks["python"]]
@@ -152,7 +165,8 @@ def test_readme_quickstart_in_a_fresh_virtualenv(services, tmp_path):
         lines = done.stdout.splitlines()
         types = [line.split()[2] for line in lines if len(line.split()) > 2]
         assert "job.started" in types and "job.succeeded" in types, (
-            done.stdout + (tmp_path / "worker.log").read_text()[-3000:])
+            done.stdout + (tmp_path / "worker.log").read_text()[-3000:]
+        )
         assert types.index("job.started") < types.index("job.succeeded")
         assert all(" echo " in line for line in lines if "job." in line)
     finally:

@@ -19,11 +19,14 @@ def _succeeded(dsn: str, trace: str) -> bool:
 
 def _terminate_consumers(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as admin:
-        return len(admin.execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity where pid <> pg_backend_pid()"
-            " and (query like %s or query like %s or application_name = 'fleet-notifier')",
-            # a consumer's round trip or its idle wait's look at vt, and the LISTEN connection
-            ("%fleet_ack_and_read(%", "%min(vt) - clock_timestamp()%")).fetchall())
+        return len(
+            admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity where pid <> pg_backend_pid()"
+                " and (query like %s or query like %s or application_name = 'fleet-notifier')",
+                # a consumer's round trip or its idle wait's look at vt, and the LISTEN connection
+                ("%fleet_ack_and_read(%", "%min(vt) - clock_timestamp()%"),
+            ).fetchall()
+        )
 
 
 def test_a_terminated_consumer_connection_is_replaced_without_a_consumer_restart(services, tmp_path):
@@ -48,13 +51,16 @@ def test_a_terminated_consumer_connection_is_replaced_without_a_consumer_restart
                 text = httpx.get(f"http://127.0.0.1:{group.metrics_port}/metrics", timeout=30).text
             except httpx.TransportError:
                 return None
-            counted = {line.split('connection="')[1].split('"')[0] for line in text.splitlines()
-                       if line.startswith("fleet_db_reconnects_total{") and 'role="worker"' in line
-                       and float(line.rsplit(" ", 1)[1]) >= 1}
+            counted = {
+                line.split('connection="')[1].split('"')[0]
+                for line in text.splitlines()
+                if line.startswith("fleet_db_reconnects_total{")
+                and 'role="worker"' in line
+                and float(line.rsplit(" ", 1)[1]) >= 1
+            }
             return counted if "notifier" in counted and "consumer:echo" in counted else None
 
         wait_for(reconnected, 60, 0.2, "the consumer's and the notifier's reconnects in /metrics")
     finally:
         assert group.terminate() == 0
         client.broker.close()
-

@@ -28,8 +28,11 @@ def unacked(env: dict, trace: str) -> int:
 
 def holding(group: WorkerGroup) -> int:
     """How many acks the worker's writer said it holds, last time it said so."""
-    held = [json.loads(line)["messages"] for line in group.logs().splitlines()
-            if line.startswith("{") and '"acks.held"' in line]
+    held = [
+        json.loads(line)["messages"]
+        for line in group.logs().splitlines()
+        if line.startswith("{") and '"acks.held"' in line
+    ]
     return held[-1] if held else 0
 
 
@@ -40,9 +43,11 @@ def refused_events(services):
     fn, trigger = f"refuse_{trace[:8]}", f"refuse_{trace[:8]}_trg"
     dsn = services["dsn"]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"create function {fn}() returns trigger language plpgsql as $$ begin"
-                     f" if new.trace_id = '{trace}'::uuid then raise exception 'bus_events refused for the test'; end if;"
-                     f" return new; end $$")
+        conn.execute(
+            f"create function {fn}() returns trigger language plpgsql as $$ begin"
+            f" if new.trace_id = '{trace}'::uuid then raise exception 'bus_events refused for the test'; end if;"
+            f" return new; end $$"
+        )
         conn.execute(f"create trigger {trigger} before insert on bus_events for each row execute function {fn}()")
 
     def release():
@@ -70,14 +75,20 @@ def test_no_ack_before_its_events_commit_and_worker_threads_do_not_wait_for_them
         assert events(services["dsn"], trace_id=trace) == []
 
         release()
-        done = wait_for(lambda: (lambda e: e if len({x["job_id"] for x in e if x["type"] == "job.succeeded"}) == JOBS
-                                 else None)(events(services["dsn"], trace_id=trace)), 30, what="the held events")
+        done = wait_for(
+            lambda: (lambda e: e if len({x["job_id"] for x in e if x["type"] == "job.succeeded"}) == JOBS else None)(
+                events(services["dsn"], trace_id=trace)
+            ),
+            30,
+            what="the held events",
+        )
         wait_for(lambda: unacked(env, trace) == 0, 30, what="the acks once their events committed")
         assert {e["type"] for e in done} == {"job.started", "job.succeeded"}
         # The held batch commits as one statement: every job's rows share its transaction.
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
-            commits = conn.execute("select count(distinct xmin::text) from bus_events where trace_id = %s",
-                                   (trace,)).fetchone()[0]
+            commits = conn.execute(
+                "select count(distinct xmin::text) from bus_events where trace_id = %s", (trace,)
+            ).fetchone()[0]
         assert commits == 1
     finally:
         assert group.terminate() == 0, group.logs()[-3000:]
@@ -91,8 +102,11 @@ def test_a_graceful_stop_commits_the_held_acks(services, tmp_path):
     group = WorkerGroup(env, threads=THREADS, log_dir=tmp_path).start()
     try:
         client.enqueue_many("echo", [{"message": f"stop {i}", "sleep_ms": 50} for i in range(20)], trace_id=trace)
-        wait_for(lambda: len({e["job_id"] for e in events(services["dsn"], trace_id=trace, type="job.succeeded")}) >= 3,
-                 30, what="some jobs to finish")
+        wait_for(
+            lambda: len({e["job_id"] for e in events(services["dsn"], trace_id=trace, type="job.succeeded")}) >= 3,
+            30,
+            what="some jobs to finish",
+        )
     finally:
         assert group.terminate() == 0, group.logs()[-3000:]
         client.broker.close()

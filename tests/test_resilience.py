@@ -27,15 +27,20 @@ def test_sigkilled_worker_message_is_redelivered_within_one_visibility_timeout(s
     trace = "00000000-0000-4000-8000-%012d" % int(time.time() * 1000 % 10**12)
     first = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
-        client.enqueue_many("echo", [{"message": f"long {i}", "sleep_ms": 1500, "record": True} for i in range(4)], trace_id=trace)
+        client.enqueue_many(
+            "echo", [{"message": f"long {i}", "sleep_ms": 1500, "record": True} for i in range(4)], trace_id=trace
+        )
         wait_for(lambda: len(_distinct(events(dsn, trace_id=trace), "job.started")) >= 2, 30, what="jobs to start")
         first.kill()
         killed_at = time.time()
         second = WorkerGroup(env, threads=4, log_dir=tmp_path).start()
         ready_after = time.time() - killed_at  # a loaded machine may boot the second group after the vt is over
         try:
-            evs = wait_for(lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == 4 else None)(events(dsn, trace_id=trace)),
-                           40, what="all four jobs to succeed after the kill")
+            evs = wait_for(
+                lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == 4 else None)(events(dsn, trace_id=trace)),
+                40,
+                what="all four jobs to succeed after the kill",
+            )
         finally:
             assert second.terminate() == 0
         done = [e for e in evs if e["type"] == "echo.done"]
@@ -58,7 +63,9 @@ def test_sigterm_drains_or_requeues_and_loses_nothing(services, kind, tmp_path):
     trace = "00000000-0000-4000-9000-%012d" % int(time.time() * 1000 % 10**12)
     n = 30
     group = WorkerGroup(env, threads=4, log_dir=tmp_path).start()
-    client.enqueue_many("echo", [{"message": f"j{i}", "sleep_ms": 300, "record": True} for i in range(n)], trace_id=trace)
+    client.enqueue_many(
+        "echo", [{"message": f"j{i}", "sleep_ms": 300, "record": True} for i in range(n)], trace_id=trace
+    )
     wait_for(lambda: len(_distinct(events(dsn, trace_id=trace), "job.succeeded")) >= 4, 30, what="some jobs to finish")
     assert group.terminate(timeout=60) == 0, group.logs()[-2000:]
     before = _distinct(events(dsn, trace_id=trace), "job.succeeded")
@@ -70,8 +77,11 @@ def test_sigterm_drains_or_requeues_and_loses_nothing(services, kind, tmp_path):
     assert ready == n - len(before), f"{ready} of {n - len(before)} unfinished jobs could be taken at once"
     restart = WorkerGroup(env, threads=4, log_dir=tmp_path).start()
     try:
-        evs = wait_for(lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == n else None)(events(dsn, trace_id=trace)),
-                       60, what="every job to succeed after the restart")
+        evs = wait_for(
+            lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == n else None)(events(dsn, trace_id=trace)),
+            60,
+            what="every job to succeed after the restart",
+        )
     finally:
         assert restart.terminate() == 0
         client.broker.close()
@@ -89,15 +99,19 @@ def test_max_backoff_setting_caps_every_actors_backoff(services, tmp_path):
     group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
         client.enqueue("echo", {"message": "always fails", "fail": "transient"}, trace_id=trace)
-        evs = wait_for(lambda: (lambda e: e if any(x["type"] == "job.dead" for x in e) else None)(events(services["dsn"], trace_id=trace)),
-                       30, what="the job to exhaust its retries")
+        evs = wait_for(
+            lambda: (lambda e: e if any(x["type"] == "job.dead" for x in e) else None)(
+                events(services["dsn"], trace_id=trace)
+            ),
+            30,
+            what="the job to exhaust its retries",
+        )
         delays = [e["payload"]["delay_ms"] for e in evs if e["type"] == "job.retrying"]
         assert len(delays) == 6
         assert all(100 <= d <= 300 for d in delays), delays
     finally:
         assert group.terminate() == 0
         client.broker.close()
-
 
 
 def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kind, tmp_path):
@@ -121,16 +135,25 @@ def test_retry_not_lost_when_the_broker_stays_down_past_the_budget(services, kin
     trace = "00000000-0000-4000-8000-%012d" % int(time.time() * 1000 % 10**12)
     group = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
-        fleet_cli("enqueue", "echo", '{"fail": "transient", "fail_attempts": 1, "sleep_ms": 2000}', "--trace-id", trace,
-                  env=env)
+        fleet_cli(
+            "enqueue",
+            "echo",
+            '{"fail": "transient", "fail_attempts": 1, "sleep_ms": 2000}',
+            "--trace-id",
+            trace,
+            env=env,
+        )
         wait_for(lambda: _taken(kind, dsn, env), 60, what="a worker to take the job")
         broker_service.down()
         # (on pgmq the enqueue also waits out the connection pool's 30 s timeout; a loaded machine takes longer)
         wait_for(lambda: "job.retry_not_enqueued" in group.logs(), 150, what="the retry enqueue to give up")
         time.sleep(2)  # the message is held back (Redis: the ack waits; pgmq: not acknowledged)
         broker_service.up()
-        evs = wait_for(lambda: (lambda e: e if _distinct(e, "job.succeeded") else None)(events(dsn, trace_id=trace)),
-                       40, what="the job to succeed once the broker is back")
+        evs = wait_for(
+            lambda: (lambda e: e if _distinct(e, "job.succeeded") else None)(events(dsn, trace_id=trace)),
+            40,
+            what="the job to succeed once the broker is back",
+        )
         assert len(_distinct(evs, "job.succeeded")) == 1
         assert len([e for e in evs if e["type"] == "job.started"]) >= 2  # the failed attempt and the one after
     finally:
@@ -144,8 +167,11 @@ def _ready_to_take(kind: str, dsn: str, env: dict, trace: str) -> int:
     Redis queue's list."""
     if kind == "pgmq":
         with psycopg.connect(dsn, autocommit=True) as conn:
-            return conn.execute("select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s"
-                                " and vt <= clock_timestamp()", (trace,)).fetchone()[0]
+            return conn.execute(
+                "select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s"
+                " and vt <= clock_timestamp()",
+                (trace,),
+            ).fetchone()[0]
     import redis
 
     r = redis.Redis.from_url(env["REDIS_URL"])
@@ -197,16 +223,24 @@ def leased_agent(services):
     name, agent = f"lease-{uuid.uuid4().hex[:8]}", f"lease-test-{uuid.uuid4().hex[:8]}"
     publish(name, "1.0.0", AGENT)
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        run = conn.execute("insert into upgrade_runs (template_name, to_version, dry_run, status)"
-                           " values (%s, '1.0.0', false, 'running') returning id::text", (name,)).fetchone()[0]
-        lease = conn.execute("insert into agent_upgrades (run_id, agent_id, from_version, to_version, dry_run, status,"
-                             " lease, heartbeat_at, attempts) values (%s, %s, '0.9.0', '1.0.0', false, 'running',"
-                             " gen_random_uuid(), now(), 1) returning lease::text", (run, agent)).fetchone()[0]
+        run = conn.execute(
+            "insert into upgrade_runs (template_name, to_version, dry_run, status)"
+            " values (%s, '1.0.0', false, 'running') returning id::text",
+            (name,),
+        ).fetchone()[0]
+        lease = conn.execute(
+            "insert into agent_upgrades (run_id, agent_id, from_version, to_version, dry_run, status,"
+            " lease, heartbeat_at, attempts) values (%s, %s, '0.9.0', '1.0.0', false, 'running',"
+            " gen_random_uuid(), now(), 1) returning lease::text",
+            (run, agent),
+        ).fetchone()[0]
         conn.execute(HEARTBEAT_BLOCK)
         try:
             yield conn, run, agent, lease
         finally:  # a running row left behind would be requeued by any later requeue_stale
-            conn.execute("drop trigger if exists test_refuse_heartbeat on agent_upgrades; drop table test_heartbeat_block")
+            conn.execute(
+                "drop trigger if exists test_refuse_heartbeat on agent_upgrades; drop table test_heartbeat_block"
+            )
             conn.execute("delete from agent_upgrades where run_id = %s", (run,))
             conn.execute("delete from upgrade_runs where id = %s", (run,))
 
@@ -219,8 +253,9 @@ def test_a_second_copy_cannot_take_an_agent_whose_upgrade_lease_is_live(leased_a
     conn, run, agent, lease = leased_agent
     with pytest.raises(DeferredError, match="another attempt holds the upgrade"):
         upgrade_one(run, agent, Settings(), {})
-    assert conn.execute("select status, attempts, lease::text from agent_upgrades where run_id = %s and agent_id = %s",
-                        (run, agent)).fetchone() == ("running", 1, lease)
+    assert conn.execute(
+        "select status, attempts, lease::text from agent_upgrades where run_id = %s and agent_id = %s", (run, agent)
+    ).fetchone() == ("running", 1, lease)
 
 
 def test_the_upgrade_heartbeat_survives_database_errors_and_the_fence_sees_a_lost_lease(leased_agent):
@@ -235,8 +270,13 @@ def test_the_upgrade_heartbeat_survives_database_errors_and_the_fence_sees_a_los
         time.sleep(1.0)  # five beats refused
         assert heartbeat.is_alive()
         conn.execute("delete from test_heartbeat_block")
-        wait_for(lambda: conn.execute("select heartbeat_at > %s from agent_upgrades where agent_id = %s",
-                                      (before, agent)).fetchone()[0], 60, what="a beat once the database answers")
+        wait_for(
+            lambda: conn.execute(
+                "select heartbeat_at > %s from agent_upgrades where agent_id = %s", (before, agent)
+            ).fetchone()[0],
+            60,
+            what="a beat once the database answers",
+        )
         heartbeat.fence()  # still ours
         conn.execute("update agent_upgrades set lease = gen_random_uuid() where agent_id = %s", (agent,))  # taken over
         with pytest.raises(LeaseLost):
@@ -254,24 +294,35 @@ def test_every_thread_busy_replaying_chats_does_not_exhaust_the_connection_pool(
 
     from .embedding_support import API_KEY
 
-    env = worker_env(services, "pgmq", CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY,
-                     CHAT_MODEL_DEFAULT="sim-chat")
+    env = worker_env(
+        services, "pgmq", CHAT_API_BASE=f"{sim.url}/v1", CHAT_API_KEY=API_KEY, CHAT_MODEL_DEFAULT="sim-chat"
+    )
     client = make_client("pgmq")
-    chats = [{"session_id": str(uuid.uuid4()), "content": f"q{i}", "idempotency_key": f"busy-{uuid.uuid4()}"}
-             for i in range(24)]
+    chats = [
+        {"session_id": str(uuid.uuid4()), "content": f"q{i}", "idempotency_key": f"busy-{uuid.uuid4()}"}
+        for i in range(24)
+    ]
     with psycopg.connect(services["dsn"], autocommit=True) as conn:  # an earlier test may have left it "down"
         conn.execute("delete from provider_health where provider = 'chat'")
     group = WorkerGroup(env, threads=12, log_dir=tmp_path).start()
     try:
         first = "00000000-0000-4000-8000-%012d" % int(time.time() * 1000 % 10**12)
         client.enqueue_many("chat_completion", chats, trace_id=first)
-        wait_for(lambda: len(_distinct(events(services["dsn"], trace_id=first), "job.succeeded")) == 24, 60,
-                 what="the first answers")
+        wait_for(
+            lambda: len(_distinct(events(services["dsn"], trace_id=first), "job.succeeded")) == 24,
+            60,
+            what="the first answers",
+        )
         again = "00000000-0000-4000-9000-%012d" % int(time.time() * 1000 % 10**12)
         started = time.monotonic()
         client.enqueue_many("chat_completion", chats, trace_id=again)
-        evs = wait_for(lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == 24 else None)(
-            events(services["dsn"], trace_id=again)), 60, what="the replays")
+        evs = wait_for(
+            lambda: (lambda e: e if len(_distinct(e, "job.succeeded")) == 24 else None)(
+                events(services["dsn"], trace_id=again)
+            ),
+            60,
+            what="the replays",
+        )
         elapsed = time.monotonic() - started
         assert not [e for e in evs if e["type"] in ("job.retrying", "job.dead")]
         # a thread that waited for a pooled connection would have waited out the pool's 30 s timeout
@@ -295,6 +346,8 @@ def test_an_attempt_whose_lease_was_taken_over_does_not_record_its_outcome(lease
     row = {"run_id": run, "agent_id": agent, "dry_run": False}
     with psycopg.connect(services["dsn"], autocommit=True) as own, own.cursor(row_factory=dict_row) as cur:
         assert _finish(cur, row, "failed", None, "stalled", {}, lease=str(uuid.uuid4())) == "superseded"
-        assert conn.execute("select status from agent_upgrades where agent_id = %s", (agent,)).fetchone() == ("running",)
+        assert conn.execute("select status from agent_upgrades where agent_id = %s", (agent,)).fetchone() == (
+            "running",
+        )
         assert _finish(cur, row, "succeeded", {}, None, {}, lease=lease) == "succeeded"
     assert conn.execute("select status from agent_upgrades where agent_id = %s", (agent,)).fetchone() == ("succeeded",)

@@ -32,16 +32,19 @@ def test_two_schedulers_one_leader_and_takeover(services):
     # while a leads, the job is enqueued about every 0.3 s, never doubled
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         first = conn.execute("select last_enqueued_at from scheduler_runs where name = %s", (name,)).fetchone()[0]
-    a.stop(); ta.join(10)
+    a.stop()
+    ta.join(10)
     wait_for(lambda: b.is_leader, 60, what="the second scheduler to take over")
 
     def enqueued_since() -> bool:
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
-            return conn.execute("select last_enqueued_at > %s from scheduler_runs where name = %s",
-                                (first, name)).fetchone()[0]
+            return conn.execute(
+                "select last_enqueued_at > %s from scheduler_runs where name = %s", (first, name)
+            ).fetchone()[0]
 
     wait_for(enqueued_since, 30, what="the new leader to enqueue the periodic job")
-    b.stop(); tb.join(10)
+    b.stop()
+    tb.join(10)
     client.broker.close()
 
 
@@ -110,8 +113,12 @@ def test_a_built_wheel_carries_every_migration(tmp_path):
     for name in ("pyproject.toml", "README.md", "fleet", "sql"):  # a clean tree: the build leaves its files there
         copy = shutil.copytree if (root / name).is_dir() else shutil.copy2
         copy(root / name, src / name, **({"symlinks": True} if copy is shutil.copytree else {}))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                           capture_output=True, text=True, timeout=240)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("fleet-*.whl"))
     with zipfile.ZipFile(wheel) as z:

@@ -35,15 +35,18 @@ def worker_login(services):
         conn.execute(f"drop role {name}")
 
 
-@pytest.mark.parametrize("statement", [
-    "create table intruder (id int)",
-    "alter table bus_events add column intruder int",
-    "drop table dead_letters",
-    "truncate bus_events",
-    "create function intruder() returns int language sql as 'select 1'",
-    "alter table pgmq.q_echo add column intruder int",
-    "create index intruder on messages (content)",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "create table intruder (id int)",
+        "alter table bus_events add column intruder int",
+        "drop table dead_letters",
+        "truncate bus_events",
+        "create function intruder() returns int language sql as 'select 1'",
+        "alter table pgmq.q_echo add column intruder int",
+        "create index intruder on messages (content)",
+    ],
+)
 def test_the_worker_role_cannot_change_the_schema(worker_login, statement):
     with psycopg.connect(worker_login, autocommit=True) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute(statement)
@@ -78,8 +81,16 @@ class Canary:
 
 def test_a_fleet_on_the_worker_role_runs_jobs_and_refuses_hostile_payloads(services, sim, worker_login, tmp_path):
     canary = Canary()
-    env = worker_env(services, "pgmq", **embed_env(sim), DATABASE_URL=worker_login, CHAT_API_BASE=f"{sim.url}/v1",
-                     CHAT_API_KEY=API_KEY, LETTA_API_BASE_URL=sim.url, LETTA_API_KEY=API_KEY)
+    env = worker_env(
+        services,
+        "pgmq",
+        **embed_env(sim),
+        DATABASE_URL=worker_login,
+        CHAT_API_BASE=f"{sim.url}/v1",
+        CHAT_API_KEY=API_KEY,
+        LETTA_API_BASE_URL=sim.url,
+        LETTA_API_KEY=API_KEY,
+    )
     group = WorkerGroup(env, processes=1, threads=4, log_dir=tmp_path).start()
     client = make_client("pgmq")
     try:
@@ -90,8 +101,10 @@ def test_a_fleet_on_the_worker_role_runs_jobs_and_refuses_hostile_payloads(servi
             ("embed_documents", {"documents": [{"source_id": "a", "content": "x"}], "api_base": canary.url}),
             ("embed_documents", {"documents": [{"source_id": "a", "content": "x"}], "table": "pg_authid"}),
             ("embed_documents", {"source": 'docs"; drop table bus_events; --', "ids": [1]}),
-            ("create_agent", {"user_id": str(uuid.uuid4()), "template": "t",
-                              "llm_config": {"model_endpoint": canary.url}}),
+            (
+                "create_agent",
+                {"user_id": str(uuid.uuid4()), "template": "t", "llm_config": {"model_endpoint": canary.url}},
+            ),
             ("memory_lifecycle", {"project_id": "p", "actions": ["expire; drop table memories"]}),
         ]
         for actor, payload in hostile:  # what the SDK's models refuse, the workers must refuse too: sent raw
@@ -100,7 +113,9 @@ def test_a_fleet_on_the_worker_role_runs_jobs_and_refuses_hostile_payloads(servi
             except InvalidPayload:
                 client.broker.enqueue(client.message(actor, payload, trace))
         client.enqueue("echo", {"message": "the worker role works"}, trace_id=trace)
-        wait_for(lambda: len(dead_letters(services["dsn"], trace)) == len(hostile), 60, what="the hostile jobs' dead letters")
+        wait_for(
+            lambda: len(dead_letters(services["dsn"], trace)) == len(hostile), 60, what="the hostile jobs' dead letters"
+        )
         reasons = [d["reason"] for d in dead_letters(services["dsn"], trace)]
         assert all(r.startswith("permanent error: ") for r in reasons), reasons
         assert any("unregistered" in r for r in reasons) and any("Extra inputs are not permitted" in r for r in reasons)
@@ -110,8 +125,9 @@ def test_a_fleet_on_the_worker_role_runs_jobs_and_refuses_hostile_payloads(servi
         wait_for(lambda: events(services["dsn"], trace_id=trace, type="job.succeeded"), 30, what="the echo job")
         with psycopg.connect(services["dsn"], autocommit=True) as conn:
             assert conn.execute("select to_regclass('bus_events') is not null").fetchone()[0]
-            done = conn.execute("select count(*) from bus_events where trace_id = %s and type = 'job.succeeded'",
-                                (trace,)).fetchone()[0]
+            done = conn.execute(
+                "select count(*) from bus_events where trace_id = %s and type = 'job.succeeded'", (trace,)
+            ).fetchone()[0]
         assert done == 1
     finally:
         client.broker.close()
@@ -126,10 +142,14 @@ def test_payloads_cannot_name_an_unregistered_queue_or_another_queues_actor(serv
     with pytest.raises(InvalidPayload, match="NUL"):
         pgmq_fleet.client.enqueue("echo", {"message": "a\x00b"})
     # A raw message on the echo queue that asks for an actor of another queue is refused, not run.
-    msg = pgmq_send(services["dsn"], "echo", {"actor": "create_agent", "payload": {"user_id": str(uuid.uuid4()),
-                                                                                "template": "t"}})
-    wait_for(lambda: [d for d in dead_letters(services["dsn"], queue="echo")
-                      if d["message_id"] == f"pgmq:echo:{msg}"], 30, what="the raw message's dead letter")
+    msg = pgmq_send(
+        services["dsn"], "echo", {"actor": "create_agent", "payload": {"user_id": str(uuid.uuid4()), "template": "t"}}
+    )
+    wait_for(
+        lambda: [d for d in dead_letters(services["dsn"], queue="echo") if d["message_id"] == f"pgmq:echo:{msg}"],
+        30,
+        what="the raw message's dead letter",
+    )
 
 
 def test_values_under_secret_looking_keys_are_masked_in_dead_letters_and_events(services):
@@ -138,17 +158,40 @@ def test_values_under_secret_looking_keys_are_masked_in_dead_letters_and_events(
     from fleet.shared.deadletters import DeadLetter, record_dead_letter
 
     trace = str(uuid.uuid4())
-    planted = {"password": "hunter2-planted", "api_key": "plain-planted-1", "Authorization": "Token planted-2",
-               "x-api-key": "planted-3", "db_password": "planted-4", "client_secret": "planted-5", "key": "planted-6"}
-    payload = {"message": "hi", **planted, "deep": [{"nested": {"access_token": "planted-7"}}],
-               "idempotency_key": "order-7", "usage": {"total_tokens": 12}}
-    record_dead_letter(DeadLetter(queue="echo", actor="echo", message_id=trace, message={"args": [payload]},
-                                  reason="permanent error: test", attempts=1, trace_id=trace))
+    planted = {
+        "password": "hunter2-planted",
+        "api_key": "plain-planted-1",
+        "Authorization": "Token planted-2",
+        "x-api-key": "planted-3",
+        "db_password": "planted-4",
+        "client_secret": "planted-5",
+        "key": "planted-6",
+    }
+    payload = {
+        "message": "hi",
+        **planted,
+        "deep": [{"nested": {"access_token": "planted-7"}}],
+        "idempotency_key": "order-7",
+        "usage": {"total_tokens": 12},
+    }
+    record_dead_letter(
+        DeadLetter(
+            queue="echo",
+            actor="echo",
+            message_id=trace,
+            message={"args": [payload]},
+            reason="permanent error: test",
+            attempts=1,
+            trace_id=trace,
+        )
+    )
     bus.emit("test.secrets", trace_id=trace, request=payload)
     bus.flush()
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         stored = conn.execute("select message::text from dead_letters where trace_id = %s", (trace,)).fetchone()[0]
-        logged = "".join(r[0] for r in conn.execute("select payload::text from bus_events where trace_id = %s", (trace,)))
+        logged = "".join(
+            r[0] for r in conn.execute("select payload::text from bus_events where trace_id = %s", (trace,))
+        )
     for text in (stored, logged):
         assert "planted" not in text, text
         assert '"idempotency_key": "order-7"' in text and '"total_tokens": 12' in text  # not secrets: kept

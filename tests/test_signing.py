@@ -62,8 +62,12 @@ def test_forged_and_unsigned_envelopes_are_rejected(signed_fleet):
         unsigned.broker.close()
     (forged,) = dead_letters(signed_fleet.dsn, forged_trace)
     (plain,) = dead_letters(signed_fleet.dsn, unsigned_trace)
-    assert forged["reason"] == "permanent error: SignatureRejected: forged or altered envelope: signature does not match"
-    assert plain["reason"] == "permanent error: SignatureRejected: unsigned envelope rejected (FLEET_SIGNING_KEY is set)"
+    assert (
+        forged["reason"] == "permanent error: SignatureRejected: forged or altered envelope: signature does not match"
+    )
+    assert (
+        plain["reason"] == "permanent error: SignatureRejected: unsigned envelope rejected (FLEET_SIGNING_KEY is set)"
+    )
     assert KEY not in forged["reason"]
 
 
@@ -84,7 +88,10 @@ def test_replayed_and_stale_envelopes_are_rejected(signed_fleet):
     time.sleep(0.3)
     send_raw(signed_fleet, message)  # the same envelope again
     dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 60, what="the replay's dead letter")
-    assert dl[0]["reason"] == "permanent error: SignatureRejected: replayed envelope: this signed message already completed"
+    assert (
+        dl[0]["reason"]
+        == "permanent error: SignatureRejected: replayed envelope: this signed message already completed"
+    )
 
     stale_trace = signed_fleet.trace()
     send_raw(signed_fleet, signed_message(signed_fleet, stale_trace, sig_ts_shift_ms=-400_000))
@@ -103,8 +110,12 @@ def test_raw_sql_jobs_run_but_an_envelope_cannot_claim_to_be_raw(signed_fleet):
     message = signed_fleet.client.message("echo", {"message": "claims raw"}, claim_trace)
     message.options["raw"] = True
     send_raw(signed_fleet, message)
-    dl = wait_for(lambda: dead_letters(signed_fleet.dsn, claim_trace), 60, what="the claimed-raw envelope's dead letter")
-    assert dl[0]["reason"] == "permanent error: SignatureRejected: unsigned envelope rejected (FLEET_SIGNING_KEY is set)"
+    dl = wait_for(
+        lambda: dead_letters(signed_fleet.dsn, claim_trace), 60, what="the claimed-raw envelope's dead letter"
+    )
+    assert (
+        dl[0]["reason"] == "permanent error: SignatureRejected: unsigned envelope rejected (FLEET_SIGNING_KEY is set)"
+    )
 
 
 def _echo_done(dsn: str) -> list[str]:
@@ -126,9 +137,15 @@ def test_two_copies_of_a_signed_envelope_at_once_run_only_once(signed_fleet):
     send_raw(signed_fleet, message)
     send_raw(signed_fleet, message)  # on Redis a second entry of the same message id in the queue's list
     dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 60, what="the second copy's dead letter")
-    assert dl[0]["reason"] == "permanent error: SignatureRejected: replayed envelope: a copy of this signed message is already running"
-    wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 60,
-             what="the first copy to finish")
+    assert (
+        dl[0]["reason"]
+        == "permanent error: SignatureRejected: replayed envelope: a copy of this signed message is already running"
+    )
+    wait_for(
+        lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"],
+        60,
+        what="the first copy to finish",
+    )
     time.sleep(0.5)
     assert len([e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"]) == 1
 
@@ -151,8 +168,11 @@ def test_a_forged_copy_of_a_retry_cannot_cancel_the_genuine_one(signed_fleet):
     dl = wait_for(lambda: dead_letters(signed_fleet.dsn, trace), 60, what="the forged copy's dead letter")
     assert "forged or altered envelope" in dl[0]["reason"]
     send_raw(signed_fleet, genuine)
-    done = wait_for(lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"], 60,
-                    what="the genuine retry to run")
+    done = wait_for(
+        lambda: [e for e in events(signed_fleet.dsn, trace_id=trace) if e["type"] == "echo.done"],
+        60,
+        what="the genuine retry to run",
+    )
     assert [e["payload"]["message"] for e in done] == ["genuine retry"]
 
 
@@ -170,13 +190,19 @@ def test_a_signed_job_whose_worker_was_killed_runs_again_when_redelivered(servic
     first = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
     try:
         client.enqueue("echo", {"message": "killed mid-run", "sleep_ms": 2000, "record": True}, trace_id=trace)
-        wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.started"], 30,
-                 what="the signed job to start")
+        wait_for(
+            lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "job.started"],
+            30,
+            what="the signed job to start",
+        )
         first.kill()
         second = WorkerGroup(env, threads=2, log_dir=tmp_path).start()
         try:
-            wait_for(lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "echo.done"], 40,
-                     what="the redelivered job to run")
+            wait_for(
+                lambda: [e for e in events(services["dsn"], trace_id=trace) if e["type"] == "echo.done"],
+                40,
+                what="the redelivered job to run",
+            )
         finally:
             assert second.terminate() == 0
     finally:

@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_soak(tmp_path: Path, *args: str) -> list[dict]:
     out, log = tmp_path / "soak.json", tmp_path / "soak.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.soak", *args, "--json", str(out)], cwd=ROOT,
-                                stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.soak", *args, "--json", str(out)],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
         try:
             code = proc.wait(270)
         except subprocess.TimeoutExpired:
@@ -30,8 +34,9 @@ def run_soak(tmp_path: Path, *args: str) -> list[dict]:
 
 @pytest.mark.parametrize("broker", ["pgmq", "redis"])
 def test_chaos_soak_loses_nothing_and_applies_nothing_twice(broker, tmp_path):
-    (report,) = run_soak(tmp_path, "--broker", broker, "--jobs", "1500", "--time-limit", "200", "--kill-every", "1.5",
-                         "--min-stops", "3")
+    (report,) = run_soak(
+        tmp_path, "--broker", broker, "--jobs", "1500", "--time-limit", "200", "--kill-every", "1.5", "--min-stops", "3"
+    )
     assert report["settled"] and report["problems"] == [], report["problems"]
     assert report["kills"] + report["sigterms"] >= 3 and report["kills"] >= 2 and report["pg_restarts"] == 1
     assert report["stops_before_enqueue_end"] >= 1  # a worker group was stopped while jobs were still arriving

@@ -19,13 +19,16 @@ async def _stream(hub, job_id: str, publish) -> list[dict]:
     publish()  # the attempt's frames; then its answer is stored (what `ended` returns)
 
     async def ended(_: str) -> list[dict]:
-        return [{"type": "ready", "job_id": job_id, "replayed": True},
-                {"type": "chat.delta", "job_id": job_id, "text": "one two three"},
-                {"type": "chat.done", "job_id": job_id, "text": "one two three", "status": "complete"}]
+        return [
+            {"type": "ready", "job_id": job_id, "replayed": True},
+            {"type": "chat.delta", "job_id": job_id, "text": "one two three"},
+            {"type": "chat.done", "job_id": job_id, "text": "one two three", "status": "complete"},
+        ]
 
     out = b""
-    async for chunk in job_stream(hub, job_id, followed, last_seq=None, ended=ended, check_first=False,
-                                  keepalive_s=0.05, timeout_s=60):
+    async for chunk in job_stream(
+        hub, job_id, followed, last_seq=None, ended=ended, check_first=False, keepalive_s=0.05, timeout_s=60
+    ):
         out += chunk
     return [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
 
@@ -87,4 +90,3 @@ def test_pgmq_catch_up_returns_once_every_earlier_frame_is_dispatched(services):
     held, frames = asyncio.run(main())
     assert held == 4
     _assert_live_deltas_then_stored_final(frames)
-

@@ -15,21 +15,51 @@ from fleet.workers.agents.semver import InvalidVersion, Version
 from fleet.workers.agents.templates import TemplateError, diff_versions, list_templates, publish
 
 # SemVer 2.0 section 11's own example, plus build metadata and numeric vs alphanumeric identifiers
-ORDERED = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
-           "1.0.0-rc.1", "1.0.0", "1.0.1-0", "1.0.1-1a", "1.0.1", "1.2.0", "1.10.0", "2.0.0-x.7.z.92", "2.0.0"]
+ORDERED = [
+    "1.0.0-alpha",
+    "1.0.0-alpha.1",
+    "1.0.0-alpha.beta",
+    "1.0.0-beta",
+    "1.0.0-beta.2",
+    "1.0.0-beta.11",
+    "1.0.0-rc.1",
+    "1.0.0",
+    "1.0.1-0",
+    "1.0.1-1a",
+    "1.0.1",
+    "1.2.0",
+    "1.10.0",
+    "2.0.0-x.7.z.92",
+    "2.0.0",
+]
 
 AGENT = {
-    "agents": [{
-        "name": "support", "system": "You help customers.",
-        "llm_config": {"model": "gpt-4o-mini", "model_endpoint_type": "openai", "model_endpoint": "https://x/v1",
-                       "context_window": 32000},
-        "embedding_config": {"embedding_model": "bge-m3", "embedding_endpoint_type": "openai",
-                             "embedding_endpoint": "https://x/v1", "embedding_dim": 1024},
-        "block_ids": ["b1", "b2"], "tool_ids": ["t1"],
-        "tool_rules": [{"tool_name": "send_message", "type": "exit_loop"}], "tags": ["support"],
-    }],
-    "blocks": [{"id": "b1", "label": "persona", "value": "I am kind.", "limit": 2000},
-               {"id": "b2", "label": "human", "value": "", "limit": 2000}],
+    "agents": [
+        {
+            "name": "support",
+            "system": "You help customers.",
+            "llm_config": {
+                "model": "gpt-4o-mini",
+                "model_endpoint_type": "openai",
+                "model_endpoint": "https://x/v1",
+                "context_window": 32000,
+            },
+            "embedding_config": {
+                "embedding_model": "bge-m3",
+                "embedding_endpoint_type": "openai",
+                "embedding_endpoint": "https://x/v1",
+                "embedding_dim": 1024,
+            },
+            "block_ids": ["b1", "b2"],
+            "tool_ids": ["t1"],
+            "tool_rules": [{"tool_name": "send_message", "type": "exit_loop"}],
+            "tags": ["support"],
+        }
+    ],
+    "blocks": [
+        {"id": "b1", "label": "persona", "value": "I am kind.", "limit": 2000},
+        {"id": "b2", "label": "human", "value": "", "limit": 2000},
+    ],
     "tools": [{"id": "t1", "name": "send_message"}],
     "metadata": {"source": "test"},
 }
@@ -42,8 +72,10 @@ def test_semver_precedence_table_in_python_and_sql(services):
     assert Version("1.0.0+build.5") == Version("1.0.0+other") and Version("1.0.0-rc.1+b") == Version("1.0.0-rc.1")
     pairs = [(a, b) for a in ORDERED for b in ORDERED]
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        sql = conn.execute("select a, b, fleet_semver_cmp(a, b) from unnest(%s::text[], %s::text[]) as t(a, b)",
-                           ([a for a, _ in pairs], [b for _, b in pairs])).fetchall()
+        sql = conn.execute(
+            "select a, b, fleet_semver_cmp(a, b) from unnest(%s::text[], %s::text[]) as t(a, b)",
+            ([a for a, _ in pairs], [b for _, b in pairs]),
+        ).fetchall()
         assert conn.execute("select fleet_semver_cmp('1.0.0+a', '1.0.0+b')").fetchone()[0] == 0
     for a, b, cmp in sql:
         expected = (Version(a) > Version(b)) - (Version(a) < Version(b))
@@ -64,30 +96,43 @@ def test_versions_only_go_up_and_rows_never_change(services):
     publish(name, "1.1.0-beta", AGENT)
     assert [r["version"] for r in list_templates(name)] == ["1.0.0-rc.1", "1.0.0", "1.1.0-beta"]
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        for statement in ("update agent_templates set content = '{}' where name = %s",
-                          "delete from agent_templates where name = %s"):
+        for statement in (
+            "update agent_templates set content = '{}' where name = %s",
+            "delete from agent_templates where name = %s",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="is immutable: publish a new version"):
                 conn.execute(statement, (name,))
         # the database refuses a lower version even from plain SQL
         with pytest.raises(psycopg.errors.CheckViolation, match="highest published version, 1.1.0-beta"):
-            conn.execute("insert into agent_templates (name, version, content, sha256) values (%s, '1.0.5', '{}', '')",
-                         (name,))
+            conn.execute(
+                "insert into agent_templates (name, version, content, sha256) values (%s, '1.0.5', '{}', '')", (name,)
+            )
 
 
-@pytest.mark.parametrize("change, reason", [
-    (lambda a: a["agents"].append(copy.deepcopy(a["agents"][0])), "exactly one agent, this file has 2"),
-    (lambda a: a["agents"][0]["block_ids"].append("b9"), "blocks this file does not define: b9"),
-    (lambda a: a["agents"][0]["tool_ids"].append("t9"), "tools this file does not define: t9"),
-    (lambda a: a["agents"][0]["tool_rules"].append({"tool_name": "web", "type": "run_first"}),
-     "tool rules name tools the agent does not have: web"),
-    (lambda a: a["agents"][0]["llm_config"].update(api_key="abc123"), "secret values (at agents[0].llm_config.api_key)"),
-    (lambda a: a["blocks"][0].update(value="use sk-live0123456789abcdefXYZ"), "secret values (at blocks[0].value)"),
-    (lambda a: a["agents"][0].pop("llm_config"), "agents.0.llm_config: Field required"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda a: a["agents"].append(copy.deepcopy(a["agents"][0])), "exactly one agent, this file has 2"),
+        (lambda a: a["agents"][0]["block_ids"].append("b9"), "blocks this file does not define: b9"),
+        (lambda a: a["agents"][0]["tool_ids"].append("t9"), "tools this file does not define: t9"),
+        (
+            lambda a: a["agents"][0]["tool_rules"].append({"tool_name": "web", "type": "run_first"}),
+            "tool rules name tools the agent does not have: web",
+        ),
+        (
+            lambda a: a["agents"][0]["llm_config"].update(api_key="abc123"),
+            "secret values (at agents[0].llm_config.api_key)",
+        ),
+        (lambda a: a["blocks"][0].update(value="use sk-live0123456789abcdefXYZ"), "secret values (at blocks[0].value)"),
+        (lambda a: a["agents"][0].pop("llm_config"), "agents.0.llm_config: Field required"),
+    ],
+)
 def test_invalid_agent_files_are_refused_with_the_reason(change, reason):
     content = copy.deepcopy(AGENT)
     change(content)
-    with pytest.raises(InvalidAgentFile, match=reason.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        InvalidAgentFile, match=reason.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         parse_agent_file(content)
 
 
@@ -111,7 +156,10 @@ def test_templates_cli(services, tmp_path):
     name = f"c-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "agent.af"
     path.write_text(json.dumps(AGENT))
-    assert f"published {name}@1.0.0" in fleet_cli("templates", "publish", str(path), "--name", name, "--version", "1.0.0").stdout
+    assert (
+        f"published {name}@1.0.0"
+        in fleet_cli("templates", "publish", str(path), "--name", name, "--version", "1.0.0").stdout
+    )
     again = fleet_cli("templates", "publish", str(path), "--name", name, "--version", "0.1.0", check=False)
     assert again.returncode == 2 and "greater than the highest published version, 1.0.0" in again.stderr
     rows = json.loads(fleet_cli("templates", "list", "--name", name, "--json").stdout)

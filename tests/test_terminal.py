@@ -20,11 +20,16 @@ SCRIPT = textwrap.dedent("""
 
 def run(stdout_is_a_terminal: bool) -> str:
     if not stdout_is_a_terminal:
-        return subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60,
-                              check=True).stdout
+        return subprocess.run(
+            [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=follower, stderr=subprocess.PIPE,
-                            env=os.environ | {"COLUMNS": "100", "TERM": "xterm"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env=os.environ | {"COLUMNS": "100", "TERM": "xterm"},
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -42,7 +47,12 @@ def run(stdout_is_a_terminal: bool) -> str:
 
 def test_plain_output_when_stdout_is_not_a_terminal():
     out = run(stdout_is_a_terminal=False)
-    assert [line.rstrip() for line in out.splitlines()] == ["  documents: 0/12", "  documents: 12/12", "queue  depth", "echo   3"]
+    assert [line.rstrip() for line in out.splitlines()] == [
+        "  documents: 0/12",
+        "  documents: 12/12",
+        "queue  depth",
+        "echo   3",
+    ]
     assert "\x1b[" not in out
 
 

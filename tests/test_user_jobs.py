@@ -49,8 +49,17 @@ class OtherJob(pydantic.BaseModel):
 
 def user_env(services, kind: str, sim, **extra) -> dict:
     path = os.pathsep.join(p for p in (str(EXAMPLE), os.environ.get("PYTHONPATH")) if p)
-    return worker_env(services, kind, FLEET_JOBS="summaries.jobs", PYTHONPATH=path, CHAT_API_BASE=f"{sim.url}/v1",
-                      CHAT_API_KEY=API_KEY, CHAT_MODEL_DEFAULT="sim-chat", HEALTH_RECHECK_S="600", **extra)
+    return worker_env(
+        services,
+        kind,
+        FLEET_JOBS="summaries.jobs",
+        PYTHONPATH=path,
+        CHAT_API_BASE=f"{sim.url}/v1",
+        CHAT_API_KEY=API_KEY,
+        CHAT_MODEL_DEFAULT="sim-chat",
+        HEALTH_RECHECK_S="600",
+        **extra,
+    )
 
 
 def group(uf: UserFleet, *, processes: int = 1, **extra) -> WorkerGroup:
@@ -62,8 +71,13 @@ def ufleet(request, services, sim, tmp_path_factory):
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
         conn.execute((EXAMPLE / "summaries" / "schema.sql").read_text())
     env = user_env(services, request.param, sim)
-    uf = UserFleet(request.param, services["dsn"], env, make_client(request.param),
-                   tmp_path_factory.mktemp(f"user-jobs-{request.param}"))
+    uf = UserFleet(
+        request.param,
+        services["dsn"],
+        env,
+        make_client(request.param),
+        tmp_path_factory.mktemp(f"user-jobs-{request.param}"),
+    )
     uf.workers = group(uf)
     try:
         yield uf
@@ -112,8 +126,9 @@ def test_the_declaration_checks_its_queue_name_and_model():
 
 def test_the_worker_publishes_what_it_serves(ufleet):
     with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
-        row = conn.execute("select queue, payload_schema, options, module from job_types where name = 'summarize'"
-                           ).fetchone()
+        row = conn.execute(
+            "select queue, payload_schema, options, module from job_types where name = 'summarize'"
+        ).fetchone()
         builtin = conn.execute("select queue from job_types where name = 'chat_completion'").fetchone()
     queue, schema, options, module = row
     assert queue == "summaries" and module == "summaries.jobs" and builtin == ("chat",)
@@ -152,8 +167,9 @@ def test_a_permanent_failure_is_dead_lettered_and_replays_after_the_fix(ufleet):
 
     def dead_letter():
         with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
-            return conn.execute("select id, reason, attempts from dead_letters where message_id = %s",
-                                (sent.job_id,)).fetchone()
+            return conn.execute(
+                "select id, reason, attempts from dead_letters where message_id = %s", (sent.job_id,)
+            ).fetchone()
 
     dl_id, reason, attempts = wait_for(dead_letter, 60, what="the dead letter")
     assert reason == f"permanent error: PermanentError: document {doc!r} is not stored" and attempts == 1
@@ -179,8 +195,11 @@ def test_an_idempotent_repeat_runs_once(ufleet):
     assert len(of_type(ufleet.dsn, first.job_id, "job.started")) == 1
     assert summary_of(ufleet.dsn, doc)["job_id"] == first.job_id
     with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
-        runs = conn.execute("select count(*) from bus_events where type = 'job.started' and actor = 'summarize'"
-                            " and trace_id = %s::uuid", (first.trace_id,)).fetchone()[0]
+        runs = conn.execute(
+            "select count(*) from bus_events where type = 'job.started' and actor = 'summarize'"
+            " and trace_id = %s::uuid",
+            (first.trace_id,),
+        ).fetchone()[0]
     assert runs == 1
 
 
@@ -229,14 +248,21 @@ def test_the_rate_limit_holds_across_two_processes(ufleet):
 
 def test_a_job_type_no_worker_knows_is_dead_lettered_with_the_reason(ufleet):
     trace = str(uuid.uuid4())
-    message = dramatiq.Message(queue_name="summaries", actor_name="summarise_typo", args=({"document_id": "d"},),
-                               kwargs={}, options={"trace_id": trace})
+    message = dramatiq.Message(
+        queue_name="summaries",
+        actor_name="summarise_typo",
+        args=({"document_id": "d"},),
+        kwargs={},
+        options={"trace_id": trace},
+    )
     ufleet.client.broker.declare_queue("summaries")
     ufleet.client.broker.enqueue(message)
 
     def dead_letter():
         with psycopg.connect(ufleet.dsn, autocommit=True) as conn:
-            return conn.execute("select reason from dead_letters where message_id = %s", (message.message_id,)).fetchone()
+            return conn.execute(
+                "select reason from dead_letters where message_id = %s", (message.message_id,)
+            ).fetchone()
 
     (reason,) = wait_for(dead_letter, 60, what="the unknown job's dead letter")
     assert reason == "unknown actor 'summarise_typo'"
@@ -252,9 +278,27 @@ def test_fleet_worker_serves_the_modules_jobs_names(ufleet):
     assert unknown.returncode == 2 and "unknown queue 'summaries'" in unknown.stderr, unknown.stderr
     ufleet.workers.terminate()
     log = open(ufleet.log_dir / f"fleet-worker-{uuid.uuid4().hex[:6]}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "worker", "--jobs", "summaries.jobs", "--queues",
-                             "summaries", "--threads", "2", "--metrics-port", "0"], env=env, cwd=ROOT,
-                            start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet.ops.cli",
+            "worker",
+            "--jobs",
+            "summaries.jobs",
+            "--queues",
+            "summaries",
+            "--threads",
+            "2",
+            "--metrics-port",
+            "0",
+        ],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         doc = store_document(ufleet.dsn)
         sent = ufleet.client.enqueue(summarize, SummarizeJob(document_id=doc))
@@ -329,8 +373,11 @@ def test_dead_letters_false_records_the_death_without_a_row(services):
         worker.stop()
     event_sink.flush()
     with psycopg.connect(services["dsn"], autocommit=True) as conn:
-        rows = dict(conn.execute("select message_id, reason from dead_letters where message_id = any(%s)",
-                                 (list(sent.values()),)).fetchall())
+        rows = dict(
+            conn.execute(
+                "select message_id, reason from dead_letters where message_id = any(%s)", (list(sent.values()),)
+            ).fetchall()
+        )
     assert rows == {sent[kept.name]: "permanent error: PermanentError: refused on purpose"}
     deaths = wait_for(lambda: of_type(services["dsn"], sent[quiet.name], "job.dead"), 30, what="the job.dead event")
     assert deaths[0]["payload"]["dead_letter"] is False

@@ -62,8 +62,12 @@ async def _published(name: str, version: str | None) -> str:
     return version
 
 
-@router.post("/v1/agents", openapi_extra=body_doc(AgentBody), tags=["agents"],
-             summary="Create the caller's agent from a template; progress streams as SSE, ending with the agent id")
+@router.post(
+    "/v1/agents",
+    openapi_extra=body_doc(AgentBody),
+    tags=["agents"],
+    summary="Create the caller's agent from a template; progress streams as SSE, ending with the agent id",
+)
 async def create_agent(request: Request):
     g = gateway(request)
     caller, raw = await admitted(request, "agents")
@@ -80,15 +84,24 @@ async def create_agent(request: Request):
     return response
 
 
-@router.get("/v1/me", tags=["agents"], summary="The caller's profile: their agent, its template version and last upgrade")
+@router.get(
+    "/v1/me", tags=["agents"], summary="The caller's profile: their agent, its template version and last upgrade"
+)
 async def me(request: Request, user_id: str | None = None):
     g = gateway(request)
     caller, _ = await admitted(request)
     user = _user_of(caller, user_id)
     profile = await asyncio.to_thread(profile_of, user, g.settings)
     if profile is None:
-        return {"user_id": user, "letta_agent_id": None, "template": None, "version": None, "last_upgrade": None,
-                "agent": None, "agent_error": None}
+        return {
+            "user_id": user,
+            "letta_agent_id": None,
+            "template": None,
+            "version": None,
+            "last_upgrade": None,
+            "agent": None,
+            "agent_error": None,
+        }
     return profile
 
 
@@ -105,8 +118,13 @@ def _template_name(name: str) -> str:
     return name
 
 
-@router.post("/v1/templates", status_code=201, openapi_extra=body_doc(TemplateBody), tags=["operators"],
-             summary="Publish an Agent File as a template version (immutable, SemVer above every published one)")
+@router.post(
+    "/v1/templates",
+    status_code=201,
+    openapi_extra=body_doc(TemplateBody),
+    tags=["operators"],
+    summary="Publish an Agent File as a template version (immutable, SemVer above every published one)",
+)
 async def publish_template(request: Request):
     _, _, raw = await _operator(request, "operator")
     body = parse(TemplateBody, raw)
@@ -129,8 +147,11 @@ async def list_templates(request: Request, name: str | None = None):
     return {"templates": await asyncio.to_thread(templates.list_templates, name)}
 
 
-@router.get("/v1/templates/{name}/diff", tags=["operators"],
-            summary="What an upgrade from one version to another changes (memory blocks are never applied)")
+@router.get(
+    "/v1/templates/{name}/diff",
+    tags=["operators"],
+    summary="What an upgrade from one version to another changes (memory blocks are never applied)",
+)
 async def diff_templates(request: Request, name: str, from_version: str, to_version: str):
     await _operator(request)
     try:
@@ -149,8 +170,12 @@ async def read_template(request: Request, name: str, version: str):
     return {"name": name, "version": version, "content": content}
 
 
-@router.post("/v1/upgrades", openapi_extra=body_doc(UpgradeBody), tags=["operators"],
-             summary="Run a cohort upgrade (dry run by default); counts per status stream as SSE until it ends")
+@router.post(
+    "/v1/upgrades",
+    openapi_extra=body_doc(UpgradeBody),
+    tags=["operators"],
+    summary="Run a cohort upgrade (dry run by default); counts per status stream as SSE until it ends",
+)
 async def start_upgrade(request: Request):
     g, caller, raw = await _operator(request, "operator")
     body = parse(UpgradeBody, raw)
@@ -162,14 +187,32 @@ async def start_upgrade(request: Request):
     if key is not None:  # the key names the run: a repeat streams the run it started
         run_id, _, state = await g.store.claim_key(scope, claim)
         if state == "pending":
-            raise ApiError(409, "idempotency_key_in_flight", "a request with this idempotency key is starting its"
-                           " run; repeat it in a moment", {"Retry-After": "1"})
-    cohort = {k: v for k, v in {"from_version": body.cohort.from_version,
-                                "user_ids": [str(u) for u in body.cohort.user_ids] if body.cohort.user_ids else None,
-                                "percent": body.canary_percent}.items() if v is not None}
+            raise ApiError(
+                409,
+                "idempotency_key_in_flight",
+                "a request with this idempotency key is starting its run; repeat it in a moment",
+                {"Retry-After": "1"},
+            )
+    cohort = {
+        k: v
+        for k, v in {
+            "from_version": body.cohort.from_version,
+            "user_ids": [str(u) for u in body.cohort.user_ids] if body.cohort.user_ids else None,
+            "percent": body.canary_percent,
+        }.items()
+        if v is not None
+    }
     try:
-        run_id = await asyncio.to_thread(start_run, body.template, body.version, cohort, body.dry_run, g.client,
-                                         run_id=run_id, halt=HaltPolicy(body.halt_failure_rate, body.halt_min_sample))
+        run_id = await asyncio.to_thread(
+            start_run,
+            body.template,
+            body.version,
+            cohort,
+            body.dry_run,
+            g.client,
+            run_id=run_id,
+            halt=HaltPolicy(body.halt_failure_rate, body.halt_min_sample),
+        )
     except (PermanentError, psycopg.errors.ForeignKeyViolation) as e:  # unpublished since the check above
         if key is not None:
             await g.store.release_key(scope, claim)
@@ -190,8 +233,11 @@ def _run_id(run: str) -> str:
         raise ApiError(404, "run_not_found", "no such run (a run id is a UUID)") from None
 
 
-@router.get("/v1/upgrades/{run}", tags=["operators"],
-            summary="A run's state and counts, and its agents (diff, status, error) up to `limit`")
+@router.get(
+    "/v1/upgrades/{run}",
+    tags=["operators"],
+    summary="A run's state and counts, and its agents (diff, status, error) up to `limit`",
+)
 async def read_upgrade(request: Request, run: str, limit: int = 100):
     await _operator(request)
     if not 0 <= limit <= RUN_AGENTS_MAX:
@@ -202,8 +248,12 @@ async def read_upgrade(request: Request, run: str, limit: int = 100):
     return state
 
 
-@router.get("/v1/upgrades/{run}/stream", tags=["operators"], responses={200: {"content": {"text/event-stream": {}}}},
-            summary="Resume a run's progress stream")
+@router.get(
+    "/v1/upgrades/{run}/stream",
+    tags=["operators"],
+    responses={200: {"content": {"text/event-stream": {}}}},
+    summary="Resume a run's progress stream",
+)
 async def upgrade_stream(request: Request, run: str):
     g, caller, _ = await _operator(request)
     run_id = _run_id(run)
@@ -212,8 +262,11 @@ async def upgrade_stream(request: Request, run: str):
     return _progress_response(g, caller, run_id, last_event_id(request))
 
 
-@router.post("/v1/upgrades/{run}/halt", tags=["operators"],
-             summary="Halt a run: its pending agents are cancelled, those in progress finish")
+@router.post(
+    "/v1/upgrades/{run}/halt",
+    tags=["operators"],
+    summary="Halt a run: its pending agents are cancelled, those in progress finish",
+)
 async def halt_upgrade(request: Request, run: str):
     await _operator(request, "operator")
     run_id = _run_id(run)
@@ -226,8 +279,11 @@ async def halt_upgrade(request: Request, run: str):
 def _progress_response(g: Gateway, caller: Caller, run_id: str, last_seq: int | None) -> StreamingResponse:
     slot = g.streams.take(caller.user_id)
     stream = run_progress(run_id, last_seq, g.gw.keepalive_s, g.gw.stream_timeout_s)
-    return StreamingResponse(g.streams.held(caller.user_id, slot, stream), media_type="text/event-stream",
-                             headers=SSE_HEADERS | {"X-Run-Id": run_id})
+    return StreamingResponse(
+        g.streams.held(caller.user_id, slot, stream),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS | {"X-Run-Id": run_id},
+    )
 
 
 async def run_progress(run_id: str, last_seq: int | None, keepalive_s: float, timeout_s: float) -> AsyncIterator[bytes]:
@@ -262,8 +318,11 @@ async def run_progress(run_id: str, last_seq: int | None, keepalive_s: float, ti
                 yield KEEPALIVE
                 quiet_since = now
             if now > deadline:
-                yield frame("error", error_class="StreamTimeout", message=f"the run did not end within {timeout_s:.0f}s;"
-                            f" it goes on: GET /v1/upgrades/{run_id}")
+                yield frame(
+                    "error",
+                    error_class="StreamTimeout",
+                    message=f"the run did not end within {timeout_s:.0f}s; it goes on: GET /v1/upgrades/{run_id}",
+                )
                 return
             await asyncio.sleep(PROGRESS_POLL_S)
     finally:

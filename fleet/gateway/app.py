@@ -62,8 +62,11 @@ async def lifespan(app: FastAPI):
     settings, gw = get_settings(), gateway_settings()
     store = Store()
     await store.open()
-    hubs = [chat_hub(settings, gw), EmbedHub(store, gw.keep_frames_s, gw.stream_timeout_s),
-            AgentHub(store, gw.keep_frames_s, gw.stream_timeout_s)]
+    hubs = [
+        chat_hub(settings, gw),
+        EmbedHub(store, gw.keep_frames_s, gw.stream_timeout_s),
+        AgentHub(store, gw.keep_frames_s, gw.stream_timeout_s),
+    ]
     started = []
     try:
         for hub in hubs:
@@ -82,9 +85,13 @@ def openapi_with_bodies(app: FastAPI):
     """FastAPI's document, plus the request bodies the routes parse themselves (so that auth and
     signature checks come before the body's validation)."""
     if app.openapi_schema is None:
-        schema = get_openapi(title="Fleet gateway", version="1", routes=app.routes,
-                             description="Chat, embed and agent jobs over HTTP, their frames as Server-Sent Events;"
-                             " agent templates and cohort upgrades for operators.")
+        schema = get_openapi(
+            title="Fleet gateway",
+            version="1",
+            routes=app.routes,
+            description="Chat, embed and agent jobs over HTTP, their frames as Server-Sent Events;"
+            " agent templates and cohort upgrades for operators.",
+        )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in (ChatBody, EmbedBody, AgentBody, TemplateBody, UpgradeBody):
             doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -97,8 +104,13 @@ def openapi_with_bodies(app: FastAPI):
 def create_app() -> FastAPI:
     gw = gateway_settings()
     require_protection(gw)
-    app = FastAPI(title="Fleet gateway", lifespan=lifespan, openapi_url="/openapi.json" if gw.docs else None,
-                  docs_url="/docs" if gw.docs else None, redoc_url=None)
+    app = FastAPI(
+        title="Fleet gateway",
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if gw.docs else None,
+        docs_url="/docs" if gw.docs else None,
+        redoc_url=None,
+    )
     app.include_router(router)
     app.include_router(agents_router)
     app.add_exception_handler(ApiError, api_error_handler)
@@ -126,8 +138,11 @@ def create_app() -> FastAPI:
             return error_response(503, "not_ready", f"stopped: {', '.join(dead)}")
         if not gw.dev:  # how busy the gateway is, and on what: for the operator (/metrics), not for anyone
             return {"status": "ready"}
-        return {"status": "ready", "open_streams": sum(hub.open_streams() for hub in hubs),
-                **connections()}  # which database and broker, credentials masked
+        return {
+            "status": "ready",
+            "open_streams": sum(hub.open_streams() for hub in hubs),
+            **connections(),
+        }  # which database and broker, credentials masked
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():
@@ -136,8 +151,9 @@ def create_app() -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def page():
         if not gw.dev:
-            return JSONResponse({"error": "not_found", "message": "the chat page is served with GATEWAY_DEV=true"},
-                                status_code=404)
+            return JSONResponse(
+                {"error": "not_found", "message": "the chat page is served with GATEWAY_DEV=true"}, status_code=404
+            )
         return HTMLResponse(chat_page())
 
     return app

@@ -24,8 +24,18 @@ from fleet.gateway.errors import ApiError
 from fleet.gateway.settings import GatewaySettings
 
 # The key type each asymmetric algorithm needs: a token whose alg does not fit its kid's key is refused.
-KEY_TYPES = {"RS256": "RSA", "RS384": "RSA", "RS512": "RSA", "PS256": "RSA", "PS384": "RSA", "PS512": "RSA",
-             "ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP"}
+KEY_TYPES = {
+    "RS256": "RSA",
+    "RS384": "RSA",
+    "RS512": "RSA",
+    "PS256": "RSA",
+    "PS384": "RSA",
+    "PS512": "RSA",
+    "ES256": "EC",
+    "ES384": "EC",
+    "ES512": "EC",
+    "EdDSA": "OKP",
+}
 JWKS_FETCH_TIMEOUT_S = 5.0
 
 log = structlog.get_logger(__name__)
@@ -71,8 +81,12 @@ class JwksKeys:
             if kid in self.keys:
                 return self.keys[kid]
         if self.fetched_at is None or not self._fresh(time.monotonic()):
-            raise ApiError(503, "jwks_unavailable", "the signing keys could not be fetched (GATEWAY_JWKS_URL);"
-                           " repeat the request in a moment", {"Retry-After": str(max(1, int(self.min_refetch_s)))})
+            raise ApiError(
+                503,
+                "jwks_unavailable",
+                "the signing keys could not be fetched (GATEWAY_JWKS_URL); repeat the request in a moment",
+                {"Retry-After": str(max(1, int(self.min_refetch_s)))},
+            )
         raise _unauthorized(f"no key for the token's kid {kid!r} in the key set")
 
     async def _fetch(self, now: float) -> None:
@@ -99,8 +113,9 @@ class JwksKeys:
 class Authenticator:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self._jwks = (JwksKeys(settings.jwks_url, settings.jwks_ttl_s, settings.jwks_min_refetch_s)
-                      if settings.jwks_url else None)
+        self._jwks = (
+            JwksKeys(settings.jwks_url, settings.jwks_ttl_s, settings.jwks_min_refetch_s) if settings.jwks_url else None
+        )
         if settings.verify_jwt and settings.jwt_secret is None and self._jwks is None:
             raise ValueError("GATEWAY_VERIFY_JWT needs GATEWAY_JWT_SECRET or GATEWAY_JWKS_URL")
 
@@ -124,7 +139,8 @@ class Authenticator:
         Without verified tokens and without an operator key, every caller is trusted (development mode, or a
         backend that signs its requests)."""
         if self.settings.verify_jwt and self.settings.operator_role in _claim_values(
-                caller.claims, self.settings.operator_claim):
+            caller.claims, self.settings.operator_claim
+        ):
             return
         key = self.settings.operator_key
         sent = request.headers.get("x-operator-key")
@@ -132,8 +148,12 @@ class Authenticator:
             return
         if key is None and not self.settings.verify_jwt:
             return
-        raise ApiError(403, "operator_only", f"this route is for operators: a token whose {self.settings.operator_claim}"
-                       f" claim includes {self.settings.operator_role!r}, or the X-Operator-Key header")
+        raise ApiError(
+            403,
+            "operator_only",
+            f"this route is for operators: a token whose {self.settings.operator_claim}"
+            f" claim includes {self.settings.operator_role!r}, or the X-Operator-Key header",
+        )
 
     async def _verify(self, token: str) -> dict:
         try:
@@ -143,8 +163,14 @@ class Authenticator:
             audience = self.settings.jwt_audience or None  # empty: no audience check
             issuer = self.settings.jwt_issuer
             required = ["exp", "sub"] + (["iss"] if issuer else [])
-            return jwt.decode(token, key, algorithms=[alg], audience=audience, issuer=issuer,
-                              options={"require": required, "verify_aud": audience is not None})
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=audience,
+                issuer=issuer,
+                options={"require": required, "verify_aud": audience is not None},
+            )
         except jwt.ExpiredSignatureError:
             raise _unauthorized("the token has expired") from None
         except jwt.InvalidSignatureError:

@@ -40,6 +40,7 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
-        response = error_response(413, "body_too_large", f"the body exceeds {self.max_bytes} bytes"
-                                  " (GATEWAY_MAX_BODY_BYTES)")
+        response = error_response(
+            413, "body_too_large", f"the body exceeds {self.max_bytes} bytes (GATEWAY_MAX_BODY_BYTES)"
+        )
         await response(scope, receive, send)

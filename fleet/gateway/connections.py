@@ -27,8 +27,10 @@ IDLE, HEADERS, BODY, APP = "idle", "headers", "body", "app"
 
 def _refusal(message: str) -> bytes:
     body = json.dumps({"error": "too_many_connections", "message": message}).encode()
-    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"retry-after: 1\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"retry-after: 1\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
 
 class LimitedH11Protocol(H11Protocol):
@@ -41,8 +43,7 @@ class LimitedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._phase, self._timer = IDLE, None
         if len(self.connections) > self.max_connections:
-            transport.write(_refusal(f"more than {self.max_connections} open connections"
-                                     " (GATEWAY_MAX_CONNECTIONS)"))
+            transport.write(_refusal(f"more than {self.max_connections} open connections (GATEWAY_MAX_CONNECTIONS)"))
             transport.close()
             return
         self._arm()
@@ -94,6 +95,13 @@ class LimitedH11Protocol(H11Protocol):
 
 def limited_protocol(gw: GatewaySettings) -> type[LimitedH11Protocol]:
     """The protocol class with this process's limits."""
-    return type("GatewayH11Protocol", (LimitedH11Protocol,), {
-        "max_connections": gw.max_connections, "idle_timeout_s": gw.idle_timeout_s,
-        "header_timeout_s": gw.header_timeout_s, "body_timeout_s": gw.body_timeout_s})
+    return type(
+        "GatewayH11Protocol",
+        (LimitedH11Protocol,),
+        {
+            "max_connections": gw.max_connections,
+            "idle_timeout_s": gw.idle_timeout_s,
+            "header_timeout_s": gw.header_timeout_s,
+            "body_timeout_s": gw.body_timeout_s,
+        },
+    )

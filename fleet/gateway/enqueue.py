@@ -57,6 +57,10 @@ async def follow_and_enqueue(g: Gateway, hub, claim: KeyClaim | None, job: JobSp
         try:
             await claim.store.confirm_key(claim.scope, claim.key)
         except Exception as e:  # noqa: BLE001  logged; the job is enqueued: stream it; its key stays pending and expires soon
-            log.error("gateway.key_confirm_failed", job_id=job.job_id, error=type(e).__name__,
-                      note=f"a repeat after {PENDING_TTL_S} s would enqueue the job again")
+            log.error(
+                "gateway.key_confirm_failed",
+                job_id=job.job_id,
+                error=type(e).__name__,
+                note=f"a repeat after {PENDING_TTL_S} s would enqueue the job again",
+            )
     return queue, backlog

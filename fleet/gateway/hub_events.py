@@ -71,8 +71,12 @@ class EventsHub(Hub):
         if kind == "job.started" and self.seqs[job_id] == 0:
             return {"type": "ready", "attempt": payload.get("attempt")}
         if kind == "job.dead":
-            return {"type": "error", "error_class": payload.get("error_class"), "message": payload.get("reason"),
-                    "status": "error"} | ({"done": self.result[job_id]} if job_id in self.result else {})
+            return {
+                "type": "error",
+                "error_class": payload.get("error_class"),
+                "message": payload.get("reason"),
+                "status": "error",
+            } | ({"done": self.result[job_id]} if job_id in self.result else {})
         return None
 
 
@@ -97,12 +101,19 @@ class AgentHub(EventsHub):
 
     def _frame(self, job_id: str, kind: str, payload: dict) -> dict | None:
         if kind in ("agent.created", "agent.exists"):
-            self.result[job_id] = {"agent_id": payload.get("agent_id"), "template": payload.get("template"),
-                                   "created": kind == "agent.created"}
+            self.result[job_id] = {
+                "agent_id": payload.get("agent_id"),
+                "template": payload.get("template"),
+                "created": kind == "agent.created",
+            }
             return None
         if kind == "job.succeeded":
             return {"type": "agent.done"} | self.result.get(job_id, {})
         if kind in ("job.deferred", "job.retrying"):
-            return {"type": "agent.status", "state": kind.removeprefix("job."), "error": payload.get("error"),
-                    "delay_ms": payload.get("delay_ms")}
+            return {
+                "type": "agent.status",
+                "state": kind.removeprefix("job."),
+                "error": payload.get("error"),
+                "delay_ms": payload.get("delay_ms"),
+            }
         return super()._frame(job_id, kind, payload)

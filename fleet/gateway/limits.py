@@ -25,9 +25,12 @@ WINDOW_S = 60
 
 
 def _limit(settings: Settings, gw: GatewaySettings, kind: str) -> int:
-    return {"chat": settings.chat_rate_limit_per_min, "embed": settings.embed_rate_limit_per_min,
-            "agents": gw.agent_rate_limit_per_min, "operator": gw.operator_rate_limit_per_min}.get(
-        kind, gw.read_rate_limit_per_min)
+    return {
+        "chat": settings.chat_rate_limit_per_min,
+        "embed": settings.embed_rate_limit_per_min,
+        "agents": gw.agent_rate_limit_per_min,
+        "operator": gw.operator_rate_limit_per_min,
+    }.get(kind, gw.read_rate_limit_per_min)
 
 
 def _try(limiter: WindowRateLimiter) -> bool:
@@ -43,8 +46,9 @@ async def check_rate(settings: Settings, gw: GatewaySettings, kind: str, client:
         return
     limiter = WindowRateLimiter(backend(), f"fleet:gateway:{kind}:{client}", limit=limit, window=WINDOW_S)
     if not await asyncio.to_thread(_try, limiter):
-        raise ApiError(429, "rate_limited", f"more than {limit} {kind} requests a minute",
-                       {"Retry-After": str(WINDOW_S)})
+        raise ApiError(
+            429, "rate_limited", f"more than {limit} {kind} requests a minute", {"Retry-After": str(WINDOW_S)}
+        )
 
 
 class StreamSlot:
@@ -62,8 +66,12 @@ class StreamCap:
     def check(self, user_id: str | None) -> None:
         """A 429 when this user has no stream to spare (before a request writes anything)."""
         if user_id is not None and 0 < self.per_user <= len(self._open.get(user_id, ())):
-            raise ApiError(429, "too_many_streams", f"{self.per_user} streams of yours are open already"
-                           " (GATEWAY_MAX_STREAMS_PER_USER); close one first", {"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"{self.per_user} streams of yours are open already (GATEWAY_MAX_STREAMS_PER_USER); close one first",
+                {"Retry-After": "1"},
+            )
 
     def take(self, user_id: str | None) -> StreamSlot | None:
         """A slot for one more stream of this user, or a 429 (no cap without a verified user)."""
@@ -80,8 +88,9 @@ class StreamCap:
             if not slots:
                 del self._open[user_id]
 
-    async def held(self, user_id: str | None, slot: StreamSlot | None,
-                   stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def held(
+        self, user_id: str | None, slot: StreamSlot | None, stream: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
         """The stream, its slot given back when it ends."""
         try:
             async with aclosing(stream):

@@ -27,8 +27,13 @@ class GatewayProcess:
 
     def start(self, timeout: float = 60) -> GatewayProcess:
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "gateway", "--port", str(self.port)],
-                                     env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet.ops.cli", "gateway", "--port", str(self.port)],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for(lambda: self._ready() or self.proc.poll() is not None, timeout, 0.1, "the gateway to be ready")
         except AssertionError:

@@ -24,7 +24,16 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     except UnprotectedGateway as e:
         print(f"fleet gateway: {e}", file=sys.stderr)
         return 2
-    uvicorn.run("fleet.gateway.app:create_app", factory=True, host=host or gw.host, port=gw.port if port is None else port,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5, backlog=4096,
-                http=limited_protocol(gw), timeout_keep_alive=max(1, int(gw.idle_timeout_s)))
+    uvicorn.run(
+        "fleet.gateway.app:create_app",
+        factory=True,
+        host=host or gw.host,
+        port=gw.port if port is None else port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        backlog=4096,
+        http=limited_protocol(gw),
+        timeout_keep_alive=max(1, int(gw.idle_timeout_s)),
+    )
     return 0

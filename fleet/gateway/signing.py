@@ -23,14 +23,23 @@ TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")  # no sign, exponent, nan 
 SIGNATURE = re.compile(r"[0-9a-f]{64}")
 
 
-def signed_text(timestamp: str, method: str, target: str, body: bytes, authorization: str = "",
-                idempotency_key: str = "") -> bytes:
+def signed_text(
+    timestamp: str, method: str, target: str, body: bytes, authorization: str = "", idempotency_key: str = ""
+) -> bytes:
     head = "\n".join((timestamp, method.upper(), target, authorization, idempotency_key, ""))
     return head.encode("latin-1", "replace") + body
 
 
-def sign(key: str, timestamp: str, method: str, target: str, body: bytes, *, authorization: str = "",
-         idempotency_key: str = "") -> str:
+def sign(
+    key: str,
+    timestamp: str,
+    method: str,
+    target: str,
+    body: bytes,
+    *,
+    authorization: str = "",
+    idempotency_key: str = "",
+) -> str:
     """The signature of a request; `target` is the path with its query string (`/v1/jobs/x?a=1`)."""
     text = signed_text(timestamp, method, target, body, authorization, idempotency_key)
     return hmac.new(key.encode(), text, hashlib.sha256).hexdigest()
@@ -60,12 +69,20 @@ async def check_signature(request: Request, body: bytes, settings: GatewaySettin
         raise _refused(f"X-Timestamp is outside the {settings.hmac_window_s} s window")
     if not SIGNATURE.fullmatch(signature):
         raise _refused("X-Signature is not a hex HMAC-SHA256 (64 hex digits)")
-    expected = sign(settings.hmac_key.get_secret_value(), timestamp, request.method, request_target(request), body,
-                    authorization=request.headers.get("authorization", ""),
-                    idempotency_key=request.headers.get("idempotency-key", ""))
+    expected = sign(
+        settings.hmac_key.get_secret_value(),
+        timestamp,
+        request.method,
+        request_target(request),
+        body,
+        authorization=request.headers.get("authorization", ""),
+        idempotency_key=request.headers.get("idempotency-key", ""),
+    )
     if not hmac.compare_digest(expected, signature):
         raise _refused("X-Signature does not match the request")
     # A request that changes something is accepted once; a read (GET) may be repeated within the window
     # (polling a job twice in one second signs the same text and must not be refused).
-    if request.method not in ("GET", "HEAD") and not await store.remember_signature(signature, 2 * settings.hmac_window_s):
+    if request.method not in ("GET", "HEAD") and not await store.remember_signature(
+        signature, 2 * settings.hmac_window_s
+    ):
         raise _refused("this signature was already used (a replayed request)")

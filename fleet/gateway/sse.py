@@ -41,9 +41,17 @@ def numbered(frames: list[dict], after: int) -> list[dict]:
     return [f if f.get("seq") is not None else f | {"seq": after + i} for i, f in enumerate(frames, 1)]
 
 
-async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[dict]], *, last_seq: int | None,
-                     ended: Ended | None, check_first: bool, keepalive_s: float,
-                     timeout_s: float) -> AsyncIterator[bytes]:
+async def job_stream(
+    hub: Hub,
+    job_id: str,
+    followed: tuple[asyncio.Queue, list[dict]],
+    *,
+    last_seq: int | None,
+    ended: Ended | None,
+    check_first: bool,
+    keepalive_s: float,
+    timeout_s: float,
+) -> AsyncIterator[bytes]:
     """The frames after `last_seq` until the job's final frame (or the stream timeout). `followed` is
     what hub.follow(job_id) returned (called before the job was enqueued); `check_first` looks for a
     stored answer before waiting (on pgmq, where frames already sent are not heard again)."""
@@ -68,11 +76,19 @@ async def job_stream(hub: Hub, job_id: str, followed: tuple[asyncio.Queue, list[
                 frame = queue.get_nowait() if stored is not None else await asyncio.wait_for(queue.get(), keepalive_s)
             except (TimeoutError, asyncio.QueueEmpty):
                 if stored is not None:
-                    yield b"".join(map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent)))
+                    yield b"".join(
+                        map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent))
+                    )
                     return
                 if time.monotonic() > deadline:
-                    yield encode({"type": "error", "job_id": job_id, "error_class": "StreamTimeout",
-                                  "message": f"no end within {timeout_s:.0f}s; the job goes on, its answer is stored"})
+                    yield encode(
+                        {
+                            "type": "error",
+                            "job_id": job_id,
+                            "error_class": "StreamTimeout",
+                            "message": f"no end within {timeout_s:.0f}s; the job goes on, its answer is stored",
+                        }
+                    )
                     return
                 yield KEEPALIVE
                 if ended is not None and (stored := await ended(job_id)) is not None:

@@ -12,14 +12,21 @@ from fleet.shared.db import connect_kwargs, database_dsn
 
 KEY_TTL_S = 7 * 86400
 PENDING_TTL_S = 60  # a key claimed by a request that has not enqueued its job yet
-JOB_STATES = {"job.started": "running", "job.retrying": "retrying", "job.deferred": "deferred",
-              "job.succeeded": "succeeded", "job.dead": "dead", "job.skipped": "skipped"}
+JOB_STATES = {
+    "job.started": "running",
+    "job.retrying": "retrying",
+    "job.deferred": "deferred",
+    "job.succeeded": "succeeded",
+    "job.dead": "dead",
+    "job.skipped": "skipped",
+}
 
 
 class Store:
     def __init__(self, max_size: int = 10) -> None:
-        self.pool = AsyncConnectionPool(database_dsn(), min_size=1, max_size=max_size, kwargs=connect_kwargs(),
-                                        name="gateway", open=False)
+        self.pool = AsyncConnectionPool(
+            database_dsn(), min_size=1, max_size=max_size, kwargs=connect_kwargs(), name="gateway", open=False
+        )
 
     async def open(self) -> None:
         await self.pool.open(wait=True, timeout=30)
@@ -42,7 +49,9 @@ class Store:
                 "insert into request_dedup (scope, key, result, expires_at)"
                 " values (%s, %s, %s, now() + %s * interval '1 second') on conflict (scope, key) do update"
                 " set result = excluded.result, expires_at = excluded.expires_at, created_at = now()"
-                " where request_dedup.expires_at < now() returning result", (scope, key, Jsonb(planned), PENDING_TTL_S))
+                " where request_dedup.expires_at < now() returning result",
+                (scope, key, Jsonb(planned), PENDING_TTL_S),
+            )
             if (row := await cur.fetchone()) is not None:
                 return row[0]["job_id"], row[0]["trace_id"], "new"
             cur = await conn.execute("select result from request_dedup where scope = %s and key = %s", (scope, key))
@@ -52,21 +61,28 @@ class Store:
     async def confirm_key(self, scope: str, key: str) -> None:
         """The key's job is enqueued: the key now holds it for KEY_TTL_S."""
         async with self.pool.connection() as conn:
-            await conn.execute("update request_dedup set result = result - 'pending', expires_at = now() + %s *"
-                               " interval '1 second' where scope = %s and key = %s", (KEY_TTL_S, scope, key))
+            await conn.execute(
+                "update request_dedup set result = result - 'pending', expires_at = now() + %s *"
+                " interval '1 second' where scope = %s and key = %s",
+                (KEY_TTL_S, scope, key),
+            )
 
     async def release_key(self, scope: str, key: str) -> None:
         """The key's job could not be enqueued: the key is free again (a confirmed key is never released)."""
         async with self.pool.connection() as conn:
-            await conn.execute("delete from request_dedup where scope = %s and key = %s and result ? 'pending'",
-                               (scope, key))
+            await conn.execute(
+                "delete from request_dedup where scope = %s and key = %s and result ? 'pending'", (scope, key)
+            )
 
-    async def record_job(self, job_id: str, trace_id: str, kind: str, user_id: str | None,
-                         session_id: str | None) -> None:
+    async def record_job(
+        self, job_id: str, trace_id: str, kind: str, user_id: str | None, session_id: str | None
+    ) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(
                 "insert into gateway_jobs (job_id, trace_id, kind, user_id, session_id) values (%s, %s, %s, %s, %s)"
-                " on conflict (job_id) do nothing", (job_id, trace_id, kind, user_id, session_id))
+                " on conflict (job_id) do nothing",
+                (job_id, trace_id, kind, user_id, session_id),
+            )
 
     async def forget_job(self, job_id: str) -> None:
         """A job that could not be enqueued: no owner row for a job that does not exist."""
@@ -76,37 +92,59 @@ class Store:
     async def claim_session(self, session_id: str, user_id: str | None) -> str | None:
         """Creates the session for this user if it is new; returns its owner."""
         async with self.pool.connection() as conn:
-            await conn.execute("insert into chat_sessions (id, user_id) values (%s, %s) on conflict (id) do nothing",
-                               (session_id, user_id))
+            await conn.execute(
+                "insert into chat_sessions (id, user_id) values (%s, %s) on conflict (id) do nothing",
+                (session_id, user_id),
+            )
             cur = await conn.execute("select user_id from chat_sessions where id = %s", (session_id,))
             owner = (await cur.fetchone())[0]
         return str(owner) if owner is not None else None
 
     async def job(self, job_id: str) -> dict | None:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute("select job_id, trace_id, kind, user_id, session_id, created_at from gateway_jobs"
-                              " where job_id = %s", (job_id,))
+            await cur.execute(
+                "select job_id, trace_id, kind, user_id, session_id, created_at from gateway_jobs where job_id = %s",
+                (job_id,),
+            )
             return await cur.fetchone()
 
     async def trace_owned_by(self, trace_id: str, user_id: str) -> bool:
         async with self.pool.connection() as conn:
-            cur = await conn.execute("select 1 from gateway_jobs where trace_id = %s and user_id = %s limit 1",
-                                     (trace_id, user_id))
+            cur = await conn.execute(
+                "select 1 from gateway_jobs where trace_id = %s and user_id = %s limit 1", (trace_id, user_id)
+            )
             return await cur.fetchone() is not None
 
-    async def events(self, *, job_id: str | None = None, trace_id: str | None = None, job_ids: list[str] | None = None,
-                     limit: int = 1000) -> list[dict]:
-        where, arg = (("job_id = %s", job_id) if job_id is not None else ("trace_id = %s", trace_id)
-                      if trace_id is not None else ("job_id = any(%s)", job_ids))
+    async def events(
+        self,
+        *,
+        job_id: str | None = None,
+        trace_id: str | None = None,
+        job_ids: list[str] | None = None,
+        limit: int = 1000,
+    ) -> list[dict]:
+        where, arg = (
+            ("job_id = %s", job_id)
+            if job_id is not None
+            else ("trace_id = %s", trace_id)
+            if trace_id is not None
+            else ("job_id = any(%s)", job_ids)
+        )
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(f"select id, created_at, type, queue, actor, job_id, trace_id, payload from bus_events"
-                              f" where {where} order by id limit %s", (arg, limit))
+            await cur.execute(
+                f"select id, created_at, type, queue, actor, job_id, trace_id, payload from bus_events"
+                f" where {where} order by id limit %s",
+                (arg, limit),
+            )
             return await cur.fetchall()
 
     async def dead_letter(self, job_id: str) -> dict | None:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute("select reason, error_class, attempts, created_at from dead_letters"
-                              " where message_id = %s order by id desc limit 1", (job_id,))
+            await cur.execute(
+                "select reason, error_class, attempts, created_at from dead_letters"
+                " where message_id = %s order by id desc limit 1",
+                (job_id,),
+            )
             return await cur.fetchone()
 
     async def remember_signature(self, signature: str, ttl_s: int) -> bool:
@@ -116,7 +154,9 @@ class Store:
             cur = await conn.execute(
                 "insert into gateway_signatures as g (signature, expires_at) values (%s, now() + %s * interval '1 second')"
                 " on conflict (signature) do update set expires_at = excluded.expires_at where g.expires_at < now()"
-                " returning 1", (signature, ttl_s))
+                " returning 1",
+                (signature, ttl_s),
+            )
             return await cur.fetchone() is not None
 
 

@@ -35,11 +35,17 @@ def scoped_source_id(source_id: str, user_id: str) -> str:
     if source_id.startswith(prefix):
         return source_id
     if source_id.startswith(USER_SCOPE):
-        raise ApiError(403, "source_id_out_of_scope", f"source_id {source_id!r} is in another user's key space"
-                       f" (a user's ids are {prefix}<id>)")
+        raise ApiError(
+            403,
+            "source_id_out_of_scope",
+            f"source_id {source_id!r} is in another user's key space (a user's ids are {prefix}<id>)",
+        )
     if len(prefix) + len(source_id) > MAX_SOURCE_ID:
-        raise ApiError(422, "invalid_request", f"source_id has at most {MAX_SOURCE_ID - len(prefix)} characters"
-                       f" (the {prefix} prefix counts)")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"source_id has at most {MAX_SOURCE_ID - len(prefix)} characters (the {prefix} prefix counts)",
+        )
     return prefix + source_id
 
 
@@ -58,8 +64,11 @@ def embed_models(settings: Settings) -> list[str]:
 
 def _model_allowed(model: str | None, allowed: list[str], setting: str) -> None:
     if model is not None and model not in allowed:
-        raise ApiError(422, "model_not_allowed", f"model {model!r} is not configured ({setting}); the models"
-                       f" you may name: {', '.join(allowed)}")
+        raise ApiError(
+            422,
+            "model_not_allowed",
+            f"model {model!r} is not configured ({setting}); the models you may name: {', '.join(allowed)}",
+        )
 
 
 def chat_checks(body: ChatBody, settings: Settings, gw: GatewaySettings) -> None:
@@ -67,8 +76,12 @@ def chat_checks(body: ChatBody, settings: Settings, gw: GatewaySettings) -> None
     _model_allowed(body.model, chat_models(settings, gw), "GATEWAY_MODELS")
     for i, message in enumerate(body.messages or ()):
         if message.role not in gw.client_roles:
-            raise ApiError(422, "role_not_allowed", f"messages[{i}] has role {message.role!r}; clients may send"
-                           f" {', '.join(gw.client_roles)} (GATEWAY_CLIENT_ROLES)")
+            raise ApiError(
+                422,
+                "role_not_allowed",
+                f"messages[{i}] has role {message.role!r}; clients may send"
+                f" {', '.join(gw.client_roles)} (GATEWAY_CLIENT_ROLES)",
+            )
 
 
 def embed_payload(caller: Caller, body: EmbedBody, settings: Settings, gw: GatewaySettings) -> dict:
@@ -79,8 +92,12 @@ def embed_payload(caller: Caller, body: EmbedBody, settings: Settings, gw: Gatew
         return payload
     if body.source is not None:
         if not gw.users_embed_sources:
-            raise ApiError(403, "registered_source_refused", "embedding a registered source is for the operator"
-                           " (GATEWAY_USERS_EMBED_SOURCES=false); send inline documents instead")
+            raise ApiError(
+                403,
+                "registered_source_refused",
+                "embedding a registered source is for the operator"
+                " (GATEWAY_USERS_EMBED_SOURCES=false); send inline documents instead",
+            )
         return payload
     for doc in payload["documents"]:
         doc["source_id"] = scoped_source_id(doc["source_id"], caller.user_id)

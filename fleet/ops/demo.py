@@ -19,8 +19,15 @@ SIMULATED = {"latency_ms": 40, "latency_per_input_ms": 0.5, "ttft_ms": 300, "tok
 CHAT_QUESTIONS = ["What is the fleet?", "How do retries work?", "Where are answers stored?"]
 
 
-def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_services: bool = False,
-             documents: int = 3000, chats: int = 3) -> int:
+def run_demo(
+    *,
+    jobs: int = 5000,
+    processes: int = 2,
+    threads: int = 8,
+    keep_services: bool = False,
+    documents: int = 3000,
+    chats: int = 3,
+) -> int:
     from fleet.shared.services import use_embedded
 
     # The demo asks for embedded services: those that DATABASE_URL / REDIS_URL do not name are started here.
@@ -31,8 +38,13 @@ def run_demo(*, jobs: int = 5000, processes: int = 2, threads: int = 8, keep_ser
     simulator = workers = None
     try:
         env, simulator = _worker_env(settings)
-        workers = subprocess.Popen(worker_command(None, processes, threads, int(env["FLEET_METRICS_PORT"])), env=env,
-                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        workers = subprocess.Popen(
+            worker_command(None, processes, threads, int(env["FLEET_METRICS_PORT"])),
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return 0 if _workload(workers, jobs, documents, chats) else 1
     finally:
         for proc, timeout in ((workers, 30), (simulator, 5)):
@@ -66,7 +78,8 @@ def _worker_env(settings) -> tuple[dict[str, str], subprocess.Popen | None]:
         return env, None
     simulator, sim_url = start_simulator(SIMULATED)
     simulated = (["EMBEDDING_API_BASE"] if settings.embedding_api_key is None else []) + (
-        ["CHAT_API_BASE"] if settings.chat_key is None else [])
+        ["CHAT_API_BASE"] if settings.chat_key is None else []
+    )
     for var in simulated:
         env[var] = os.environ[var] = f"{sim_url}/v1"
     if not settings.letta_api_base_url:
@@ -112,7 +125,9 @@ def demo_echo(client, jobs: int, workers: subprocess.Popen) -> bool:
     t_enqueue = time.monotonic()
     client.enqueue_many("echo", echo_payloads(jobs), trace_id=trace_id)
     enqueue_s = time.monotonic() - t_enqueue
-    print(f"  enqueued {jobs} echo jobs in {enqueue_s * 1000:.0f} ms ({jobs / enqueue_s:,.0f} jobs/s), trace {trace_id}")
+    print(
+        f"  enqueued {jobs} echo jobs in {enqueue_s * 1000:.0f} ms ({jobs / enqueue_s:,.0f} jobs/s), trace {trace_id}"
+    )
     t_start = time.monotonic()
     deadline = t_start + max(120, jobs / 50)
     with progress_bar("echo jobs", jobs) as bar:
@@ -141,4 +156,6 @@ def _summary(counts: dict[str, int], jobs: int, elapsed: float, trace_id: str) -
     print(f"    dead     {counts.get('job.dead', 0)}  (see: fleet dlq list --queue echo)")
     print(f"    rate     {jobs / elapsed:,.0f} jobs/s over {elapsed:.1f}s")
     print(f"    story    fleet events --trace {trace_id} | head")
-    print("    chat     GATEWAY_DEV=true FLEET_EMBEDDED=1 fleet gateway, then open http://127.0.0.1:8080/ (chat and embed over HTTP as SSE)")
+    print(
+        "    chat     GATEWAY_DEV=true FLEET_EMBEDDED=1 fleet gateway, then open http://127.0.0.1:8080/ (chat and embed over HTTP as SSE)"
+    )

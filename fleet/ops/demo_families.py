@@ -14,14 +14,31 @@ from fleet.ops.follow import follow_upgrade_run, wait_until
 from fleet.ops.terminal import progress_bar
 
 DEMO_TEMPLATE = {
-    "agents": [{"name": "concierge", "system": "You are the fleet's concierge.",
-                "llm_config": {"model": "meta-llama/Meta-Llama-3.1-8B-Instruct", "model_endpoint_type": "openai",
-                               "model_endpoint": "https://provider.invalid/v1", "context_window": 8192},
-                "embedding_config": {"embedding_endpoint_type": "openai", "embedding_model": "BAAI/bge-m3",
-                                     "embedding_endpoint": "https://provider.invalid/v1", "embedding_dim": 1024},
-                "block_ids": ["persona", "human"], "tool_ids": ["send"], "tags": ["demo"]}],
-    "blocks": [{"id": "persona", "label": "persona", "value": "Helpful and brief.", "limit": 2000},
-               {"id": "human", "label": "human", "value": "", "limit": 2000}],
+    "agents": [
+        {
+            "name": "concierge",
+            "system": "You are the fleet's concierge.",
+            "llm_config": {
+                "model": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+                "model_endpoint_type": "openai",
+                "model_endpoint": "https://provider.invalid/v1",
+                "context_window": 8192,
+            },
+            "embedding_config": {
+                "embedding_endpoint_type": "openai",
+                "embedding_model": "BAAI/bge-m3",
+                "embedding_endpoint": "https://provider.invalid/v1",
+                "embedding_dim": 1024,
+            },
+            "block_ids": ["persona", "human"],
+            "tool_ids": ["send"],
+            "tags": ["demo"],
+        }
+    ],
+    "blocks": [
+        {"id": "persona", "label": "persona", "value": "Helpful and brief.", "limit": 2000},
+        {"id": "human", "label": "human", "value": "", "limit": 2000},
+    ],
     "tools": [{"id": "send", "name": "send_message"}],
 }
 
@@ -30,13 +47,24 @@ def demo_embeddings(client, documents: int, workers) -> bool:
     """Documents embedded by the embed workers; the bar counts documents, a total known before it starts."""
     trace_id = str(uuid.uuid4())
     rng = random.Random(11)
-    words = ("agent memory vector queue worker billing provider latency cohort template upgrade embedding "
-             "retry backoff trace event postgres redis stream token batch").split()
-    docs = [{"source_id": f"demo-doc-{i}", "chunk_index": 0, "metadata": {"demo": True},
-             "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 60)))} for i in range(documents)]
+    words = (
+        "agent memory vector queue worker billing provider latency cohort template upgrade embedding "
+        "retry backoff trace event postgres redis stream token batch"
+    ).split()
+    docs = [
+        {
+            "source_id": f"demo-doc-{i}",
+            "chunk_index": 0,
+            "metadata": {"demo": True},
+            "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 60))),
+        }
+        for i in range(documents)
+    ]
     t0 = time.monotonic()
     jobs = client.embed_documents(docs, docs_per_job=256, trace_id=trace_id)
-    print(f"  embedding {documents} documents in {len(jobs)} jobs (batches of up to 64 per provider call), trace {trace_id}")
+    print(
+        f"  embedding {documents} documents in {len(jobs)} jobs (batches of up to 64 per provider call), trace {trace_id}"
+    )
     with progress_bar("documents", documents) as bar:
         while True:
             handled, finished, embedded = queries.embed_progress(trace_id)
@@ -48,8 +76,10 @@ def demo_embeddings(client, documents: int, workers) -> bool:
                 return False
             time.sleep(0.2)
     elapsed = time.monotonic() - t0
-    print(f"    embedded {embedded} documents ({documents - embedded} unchanged, skipped) in {elapsed:.1f}s: "
-          f"{documents / elapsed:,.0f} docs/s; vector_documents holds {queries.stored_documents('demo-doc-')} demo rows")
+    print(
+        f"    embedded {embedded} documents ({documents - embedded} unchanged, skipped) in {elapsed:.1f}s: "
+        f"{documents / elapsed:,.0f} docs/s; vector_documents holds {queries.stored_documents('demo-doc-')} demo rows"
+    )
     return True
 
 
@@ -87,8 +117,10 @@ def demo_chats(client, questions: list[str]) -> bool:
             print(f"    chat ended {st.status}: {st.error}", file=sys.stderr)
             return False
     usage = [s.usage or {} for s in streams]
-    print(f"    tokens: {sum(u.get('prompt_tokens') or 0 for u in usage)} in, "
-          f"{sum(u.get('completion_tokens') or 0 for u in usage)} out; messages stored in `messages`")
+    print(
+        f"    tokens: {sum(u.get('prompt_tokens') or 0 for u in usage)} in, "
+        f"{sum(u.get('completion_tokens') or 0 for u in usage)} out; messages stored in `messages`"
+    )
     return True
 
 
@@ -123,8 +155,11 @@ def demo_upgrades(client, agents: int = 200) -> bool:
     newer["agents"][0]["llm_config"]["context_window"] = 16384
     publish(name, "1.1.0", newer)
     users = [str(uuid.uuid4()) for _ in range(agents)]
-    client.enqueue_many("create_agent", [{"user_id": u, "template": name, "version": "1.0.0"} for u in users],
-                        trace_id=str(uuid.uuid4()))
+    client.enqueue_many(
+        "create_agent",
+        [{"user_id": u, "template": name, "version": "1.0.0"} for u in users],
+        trace_id=str(uuid.uuid4()),
+    )
     if not wait_until(lambda: queries.agents_of_template(name) >= agents, 120):
         print("fleet demo: the agents were not created in time", file=sys.stderr)
         return False

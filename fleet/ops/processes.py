@@ -15,10 +15,21 @@ from fleet.shared.config import get_settings
 from fleet.shared.services import free_port
 
 
-def worker_command(queues: list[str] | None, processes: int, threads: int, metrics_port: int | None = None) -> list[str]:
+def worker_command(
+    queues: list[str] | None, processes: int, threads: int, metrics_port: int | None = None
+) -> list[str]:
     """`dramatiq fleet.workers:start`: dramatiq's process manager; each process sets up the broker and the actors."""
-    cmd = [sys.executable, "-m", "dramatiq", "fleet.workers:start", "--processes", str(processes),
-           "--threads", str(threads), "--skip-logging"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "fleet.workers:start",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--skip-logging",
+    ]
     if queues:
         cmd += ["--queues", *queues]
     if metrics_port != 0:
@@ -65,8 +76,16 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str =
 class WorkerGroup:
     """`dramatiq fleet.workers:start` as real processes, in their own process group so a test or the soak can SIGKILL them all."""
 
-    def __init__(self, env: dict, *, processes: int = 1, threads: int = 4, metrics: bool = False, log_dir: Path,
-                 queues: list[str] | None = None):
+    def __init__(
+        self,
+        env: dict,
+        *,
+        processes: int = 1,
+        threads: int = 4,
+        metrics: bool = False,
+        log_dir: Path,
+        queues: list[str] | None = None,
+    ):
         self.env = dict(env)
         self.queues = queues
         self.processes = processes
@@ -84,12 +103,21 @@ class WorkerGroup:
             env["FLEET_METRICS_PORT"] = str(self.metrics_port)
         cmd = worker_command(self.queues, self.processes, self.threads, self.metrics_port)
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[2])
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         # dramatiq handles SIGTERM only once its workers have booted: wait for them.
         try:
-            wait_for(lambda: self.logs().count("Worker process is ready for action.") >= self.processes or not self.alive(),
-                     60, what="worker processes to boot")
+            wait_for(
+                lambda: self.logs().count("Worker process is ready for action.") >= self.processes or not self.alive(),
+                60,
+                what="worker processes to boot",
+            )
         except AssertionError:
             self.kill()  # never leave a group running that its caller will not stop
             raise
@@ -138,8 +166,12 @@ def start_simulator(config: dict) -> tuple[subprocess.Popen, str]:
     from fleet.shared.services import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.simulator", "--port", str(port), "--config", json.dumps(config)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet.simulator", "--port", str(port), "--config", json.dumps(config)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15
     while True:

@@ -21,8 +21,10 @@ class NotConfigured(RuntimeError):
     """A process was started without the setting that says where its database (or Redis) is."""
 
 
-_EMBEDDED_HINT = ("; for development, FLEET_EMBEDDED=1 starts an embedded one under FLEET_HOME instead"
-                  " (`fleet demo` and `fleet services up` start their own)")
+_EMBEDDED_HINT = (
+    "; for development, FLEET_EMBEDDED=1 starts an embedded one under FLEET_HOME instead"
+    " (`fleet demo` and `fleet services up` start their own)"
+)
 
 
 def missing_connections(settings: Settings | None = None) -> list[str]:
@@ -33,11 +35,15 @@ def missing_connections(settings: Settings | None = None) -> list[str]:
         return []
     missing = []
     if settings.database_url is None:
-        missing.append("DATABASE_URL is not set: set it to the PostgreSQL this process uses"
-                       " (postgresql://USER:PASSWORD@HOST:5432/DATABASE)" + _EMBEDDED_HINT)
+        missing.append(
+            "DATABASE_URL is not set: set it to the PostgreSQL this process uses"
+            " (postgresql://USER:PASSWORD@HOST:5432/DATABASE)" + _EMBEDDED_HINT
+        )
     if settings.broker == "redis" and settings.redis_url is None:
-        missing.append("REDIS_URL is not set, and FLEET_BROKER=redis needs it: set it to the Redis this process"
-                       " uses (redis://:PASSWORD@HOST:6379/0)" + _EMBEDDED_HINT)
+        missing.append(
+            "REDIS_URL is not set, and FLEET_BROKER=redis needs it: set it to the Redis this process"
+            " uses (redis://:PASSWORD@HOST:6379/0)" + _EMBEDDED_HINT
+        )
     return missing
 
 
@@ -60,8 +66,10 @@ def redis_url(settings: Settings | None = None) -> str:
     if settings.redis_url is not None:
         return settings.redis_url.get_secret_value()
     if not settings.embedded:
-        raise NotConfigured("REDIS_URL is not set: set it to the Redis this process uses"
-                            " (redis://:PASSWORD@HOST:6379/0)" + _EMBEDDED_HINT)
+        raise NotConfigured(
+            "REDIS_URL is not set: set it to the Redis this process uses"
+            " (redis://:PASSWORD@HOST:6379/0)" + _EMBEDDED_HINT
+        )
     with _lock:
         return EmbeddedRedis(settings.home).up()
 
@@ -112,12 +120,19 @@ def connect(settings: Settings | None = None, **overrides) -> psycopg.Connection
     return psycopg.connect(database_dsn(settings), **kwargs)
 
 
-def make_pool(settings: Settings | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "fleet") -> ConnectionPool:
+def make_pool(
+    settings: Settings | None = None, *, min_size: int = 1, max_size: int = 8, name: str = "fleet"
+) -> ConnectionPool:
     settings = settings or get_settings()
     kwargs = connect_kwargs(settings)
     return ConnectionPool(
-        database_dsn(settings), min_size=min_size, max_size=max_size, kwargs=kwargs,
-        name=name, open=True, check=check_if_server_spoke,
+        database_dsn(settings),
+        min_size=min_size,
+        max_size=max_size,
+        kwargs=kwargs,
+        name=name,
+        open=True,
+        check=check_if_server_spoke,
     )
 
 
@@ -173,5 +188,15 @@ def close_pool() -> None:
         _pool = None
 
 
-__all__ = ["connect", "make_pool", "get_pool", "close_pool", "database_dsn", "redis_url", "connections",
-           "missing_connections", "NotConfigured", "dict_row"]
+__all__ = [
+    "connect",
+    "make_pool",
+    "get_pool",
+    "close_pool",
+    "database_dsn",
+    "redis_url",
+    "connections",
+    "missing_connections",
+    "NotConfigured",
+    "dict_row",
+]

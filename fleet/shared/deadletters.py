@@ -48,11 +48,30 @@ def record_dead_letter(dl: DeadLetter) -> int:
         row = conn.execute(
             "insert into dead_letters (queue, actor, message_id, message, raw, reason, error_class, error, attempts, trace_id)"
             " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id",
-            (dl.queue, dl.actor, dl.message_id, message, raw, reason, dl.error_class, error or None,
-             dl.attempts, as_uuid(dl.trace_id)),
+            (
+                dl.queue,
+                dl.actor,
+                dl.message_id,
+                message,
+                raw,
+                reason,
+                dl.error_class,
+                error or None,
+                dl.attempts,
+                as_uuid(dl.trace_id),
+            ),
         ).fetchone()
-    emit("job.dead", trace_id=dl.trace_id, job_id=dl.message_id, queue=dl.queue, actor=dl.actor,
-         reason=reason, error_class=dl.error_class, attempts=dl.attempts, dead_letter_id=row[0])
+    emit(
+        "job.dead",
+        trace_id=dl.trace_id,
+        job_id=dl.message_id,
+        queue=dl.queue,
+        actor=dl.actor,
+        reason=reason,
+        error_class=dl.error_class,
+        attempts=dl.attempts,
+        dead_letter_id=row[0],
+    )
     return row[0]
 
 
@@ -98,8 +117,9 @@ def list_dead_letters(selection: Selection = Selection(), *, limit: int | None =
     """The selected dead letters, newest first, at most `limit` of them (None: all)."""
     where, params = selection.where()
     with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(f"select {SUMMARY_COLUMNS} from dead_letters where {where} order by id desc limit %s",
-                           [*params, limit]).fetchall()
+        return cur.execute(
+            f"select {SUMMARY_COLUMNS} from dead_letters where {where} order by id desc limit %s", [*params, limit]
+        ).fetchall()
 
 
 def count_dead_letters(selection: Selection = Selection()) -> int:
@@ -126,8 +146,9 @@ def claim_for_retry(ids: list[int]) -> list[dict]:
     same dead letters at once re-enqueue each of them once. A claimed letter that is not re-enqueued after
     all is handed back with `release`."""
     with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("update dead_letters set retried_at = now() where id = any(%s) and retried_at is null"
-                           " returning *", (ids,)).fetchall()
+        return cur.execute(
+            "update dead_letters set retried_at = now() where id = any(%s) and retried_at is null returning *", (ids,)
+        ).fetchall()
 
 
 def release(ids: list[int]) -> None:

@@ -18,8 +18,12 @@ from fleet.shared.redact import redact
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-UNREACHABLE = (psycopg.OperationalError, dramatiq.errors.BrokerConnectionError, redis.exceptions.ConnectionError,
-               redis.exceptions.TimeoutError)
+UNREACHABLE = (
+    psycopg.OperationalError,
+    dramatiq.errors.BrokerConnectionError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
 # Set on a message whose retry could not be enqueued (holding its delay): its ack waits until the retry is
 # enqueued, or on pgmq the consumer leaves it unacknowledged for redelivery (middleware/retries.py).
 HOLD_ACK = "fleet_hold_ack"

@@ -112,7 +112,5 @@ def describe(exc: BaseException, limit: int = 2000) -> str:
     """A one-line, bounded error message for events and dead letters (secrets are redacted by the caller)."""
     text = str(exc).replace("\n", " ").strip() or exc.__class__.__name__
     if isinstance(exc, pydantic.ValidationError):
-        text = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<payload>'}: {e['msg']}" for e in exc.errors()[:10]
-        )
+        text = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<payload>'}: {e['msg']}" for e in exc.errors()[:10])
     return text[:limit]

@@ -65,8 +65,16 @@ class EventWriter:
         self.background = True  # off in pgmq worker processes: the consumers write the rows
         self.claimed: set[str] = set()  # queues whose consumer in this process takes their rows
 
-    def emit(self, type: str, *, trace_id: Any = None, job_id: str | None = None, queue: str | None = None,
-             actor: str | None = None, **payload: Any) -> None:
+    def emit(
+        self,
+        type: str,
+        *,
+        trace_id: Any = None,
+        job_id: str | None = None,
+        queue: str | None = None,
+        actor: str | None = None,
+        **payload: Any,
+    ) -> None:
         row = encode_json([as_uuid(trace_id), job_id, queue, actor, type, redact_value(payload)])
         self.append(queue, row)
 

@@ -173,22 +173,43 @@ def stored_answer(job_id: str) -> list[dict] | None:
     frames = [{"type": "ready", "job_id": job_id, "replayed": True}]
     if row["content"]:
         frames.append({"type": "chat.delta", "job_id": job_id, "text": row["content"]})
-    usage = {"prompt_tokens": row["tokens_in"], "completion_tokens": row["tokens_out"], "estimated": row["tokens_estimated"]}
+    usage = {
+        "prompt_tokens": row["tokens_in"],
+        "completion_tokens": row["tokens_out"],
+        "estimated": row["tokens_estimated"],
+    }
     if row["status"] == "complete":
-        frames.append({"type": "chat.done", "job_id": job_id, "text": row["content"], "usage": usage,
-                       "finish_reason": row["finish_reason"], "status": "complete"})
+        frames.append(
+            {
+                "type": "chat.done",
+                "job_id": job_id,
+                "text": row["content"],
+                "usage": usage,
+                "finish_reason": row["finish_reason"],
+                "status": "complete",
+            }
+        )
     else:
-        frames.append({"type": "error", "job_id": job_id, "error_class": "Interrupted",
-                       "message": row["error"] or f"the answer is {row['status']}", "status": row["status"],
-                       "text": row["content"], "usage": usage})
+        frames.append(
+            {
+                "type": "error",
+                "job_id": job_id,
+                "error_class": "Interrupted",
+                "message": row["error"] or f"the answer is {row['status']}",
+                "status": row["status"],
+                "text": row["content"],
+                "usage": usage,
+            }
+        )
     return frames
 
 
 def dead_frame(job_id: str) -> list[dict] | None:
     """An `error` frame for a job that went to the dead letters without publishing one."""
     with get_pool().connection() as conn:
-        row = conn.execute("select reason, error_class from dead_letters where message_id = %s order by id desc limit 1",
-                           (job_id,)).fetchone()
+        row = conn.execute(
+            "select reason, error_class from dead_letters where message_id = %s order by id desc limit 1", (job_id,)
+        ).fetchone()
     if row is None:
         return None
     return [{"type": "error", "job_id": job_id, "error_class": row[1], "message": row[0], "status": "error"}]

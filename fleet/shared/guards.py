@@ -37,8 +37,8 @@ class LeaseHeld(DeferredError):
 @contextmanager
 def guarded(jt: JobType, payload: Any) -> Iterator[None]:
     lease, limit = jt.options.lease, jt.options.rate_limit
-    with (held(jt.name, lease, payload) if lease else nullcontext()):
-        with (limited(jt.name, limit) if limit else nullcontext()):
+    with held(jt.name, lease, payload) if lease else nullcontext():
+        with limited(jt.name, limit) if limit else nullcontext():
             yield
 
 
@@ -57,11 +57,13 @@ def held(name: str, lease: Lease, payload: Any) -> Iterator[None]:
     message = CurrentMessage.get_current_message()
     holder = message.message_id if message is not None else f"direct-{threading.get_ident()}"
     if not claim(scope, key, holder, lease.ttl_s):
-        raise LeaseHeld(f"another {name} job holds the lease on {lease.field}={key}",
-                        retry_after_s=min(5.0, lease.ttl_s / 2))
+        raise LeaseHeld(
+            f"another {name} job holds the lease on {lease.field}={key}", retry_after_s=min(5.0, lease.ttl_s / 2)
+        )
     stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(scope, key, holder, lease.ttl_s, stop), daemon=True,
-                               name=f"lease-{name}")
+    renewer = threading.Thread(
+        target=_renew, args=(scope, key, holder, lease.ttl_s, stop), daemon=True, name=f"lease-{name}"
+    )
     renewer.start()
     try:
         yield
@@ -74,19 +76,26 @@ def held(name: str, lease: Lease, payload: Any) -> Iterator[None]:
 def claim(scope: str, key: str, holder: str, ttl_s: float) -> bool:
     """Claim (scope, key) for `holder` for ttl_s: True when it is free, expired, or already the holder's."""
     with get_pool().connection() as conn:
-        return conn.execute(
-            "insert into request_dedup as d (scope, key, result, expires_at) values (%s, %s, %s,"
-            " now() + %s * interval '1 second') on conflict (scope, key) do update set result = excluded.result,"
-            " expires_at = excluded.expires_at where d.expires_at < now() or d.result->>'job_id' = %s returning 1",
-            (scope, key, Jsonb({"job_id": holder}), ttl_s, holder)).fetchone() is not None
+        return (
+            conn.execute(
+                "insert into request_dedup as d (scope, key, result, expires_at) values (%s, %s, %s,"
+                " now() + %s * interval '1 second') on conflict (scope, key) do update set result = excluded.result,"
+                " expires_at = excluded.expires_at where d.expires_at < now() or d.result->>'job_id' = %s returning 1",
+                (scope, key, Jsonb({"job_id": holder}), ttl_s, holder),
+            ).fetchone()
+            is not None
+        )
 
 
 def _renew(scope: str, key: str, holder: str, ttl_s: float, stop: threading.Event) -> None:
     while not stop.wait(ttl_s / 3):
         try:
             with get_pool().connection() as conn:
-                conn.execute("update request_dedup set expires_at = now() + %s * interval '1 second'"
-                             " where scope = %s and key = %s and result->>'job_id' = %s", (ttl_s, scope, key, holder))
+                conn.execute(
+                    "update request_dedup set expires_at = now() + %s * interval '1 second'"
+                    " where scope = %s and key = %s and result->>'job_id' = %s",
+                    (ttl_s, scope, key, holder),
+                )
         except Exception as e:  # noqa: BLE001  logged; tried again at the next beat; the lease lasts its TTL meanwhile
             log.warning("lease.renew_failed", scope=scope, error=redact(describe(e)))
 
@@ -95,7 +104,9 @@ def release(scope: str, key: str, holder: str) -> None:
     """Give the claim up if it is still the holder's; a failure leaves it to expire."""
     try:
         with get_pool().connection() as conn:
-            conn.execute("delete from request_dedup where scope = %s and key = %s and result->>'job_id' = %s",
-                         (scope, key, holder))
+            conn.execute(
+                "delete from request_dedup where scope = %s and key = %s and result->>'job_id' = %s",
+                (scope, key, holder),
+            )
     except Exception as e:  # noqa: BLE001  logged; the lease then expires by itself
         log.warning("lease.release_failed", scope=scope, error=redact(describe(e)))

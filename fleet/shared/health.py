@@ -61,20 +61,44 @@ def probes(settings: Settings) -> list[Probe]:
         model = settings.chat_model_default
         body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "stream": False}
         headers = bearer(settings.chat_key)
-        found.append(Probe("chat", "chat", model, lambda c, b=body, h=headers: c.post("/chat/completions", json=b, headers=h),
-                           settings.chat_api_base, {}))
+        found.append(
+            Probe(
+                "chat",
+                "chat",
+                model,
+                lambda c, b=body, h=headers: c.post("/chat/completions", json=b, headers=h),
+                settings.chat_api_base,
+                {},
+            )
+        )
     if "embedding" in wanted:
         model = settings.embedding_model_default
         key = settings.embedding_api_key.get_secret_value() if settings.embedding_api_key else None
         body = {"model": model, "input": PROBE_INPUT, "encoding_format": "float"}
         headers = bearer(key)
-        found.append(Probe("embeddings", "embedding", model, lambda c, b=body, h=headers: c.post("/embeddings", json=b, headers=h),
-                           settings.embedding_api_base, {}))
+        found.append(
+            Probe(
+                "embeddings",
+                "embedding",
+                model,
+                lambda c, b=body, h=headers: c.post("/embeddings", json=b, headers=h),
+                settings.embedding_api_base,
+                {},
+            )
+        )
     if settings.letta_api_base_url:
         key = settings.letta_api_key.get_secret_value() if settings.letta_api_key else None
         headers = bearer(key)
-        found.append(Probe("letta", "letta", "", lambda c, h=headers: c.get("/v1/health/", headers=h),
-                           settings.letta_api_base_url, {}))
+        found.append(
+            Probe(
+                "letta",
+                "letta",
+                "",
+                lambda c, h=headers: c.get("/v1/health/", headers=h),
+                settings.letta_api_base_url,
+                {},
+            )
+        )
     return found
 
 
@@ -97,15 +121,19 @@ def run_probe(probe: Probe, timeout_s: float) -> ProbeResult:
                 response.json()  # a garbled answer is a failure too
         return ProbeResult(probe, True, (time.monotonic() - started) * 1000)
     except Exception as e:  # noqa: BLE001  any failure is the probe's result, recorded with its class and message
-        return ProbeResult(probe, False, (time.monotonic() - started) * 1000, type(e).__name__, redact(describe(e, 500)))
+        return ProbeResult(
+            probe, False, (time.monotonic() - started) * 1000, type(e).__name__, redact(describe(e, 500))
+        )
 
 
 def _record(conn, settings: Settings, r: ProbeResult, origin: str = "probe") -> dict:
     """One check into provider_health (the state) and provider_health_checks (the history)."""
     p = r.probe
-    row = conn.execute("select consecutive_failures, coalesce(last_success_at < now() - %s * interval '1 second',"
-                       " true) from provider_health where provider = %s and model = %s for update",
-                       (settings.health_down_quiet_s, p.provider, p.model)).fetchone()
+    row = conn.execute(
+        "select consecutive_failures, coalesce(last_success_at < now() - %s * interval '1 second',"
+        " true) from provider_health where provider = %s and model = %s for update",
+        (settings.health_down_quiet_s, p.provider, p.model),
+    ).fetchone()
     failures = 0 if r.ok else (row[0] if row else 0) + 1
     quiet = row is None or row[1] or origin == "probe"  # a job's failures say "down" only if nothing got through
     if r.ok:
@@ -123,8 +151,17 @@ def _record(conn, settings: Settings, r: ProbeResult, origin: str = "probe") -> 
         " last_error = coalesce(excluded.last_error, provider_health.last_error),"
         " last_success_at = coalesce(excluded.last_success_at, provider_health.last_success_at),"
         " checked_at = now()",
-        {"p": p.provider, "m": p.model, "k": p.kind, "s": status, "l": r.latency_ms, "f": failures,
-         "ec": r.error_class, "e": r.error, "ok": r.ok},
+        {
+            "p": p.provider,
+            "m": p.model,
+            "k": p.kind,
+            "s": status,
+            "l": r.latency_ms,
+            "f": failures,
+            "ec": r.error_class,
+            "e": r.error,
+            "ok": r.ok,
+        },
     )
     conn.execute(
         "insert into provider_health_checks (provider, model, kind, status, ok, latency_ms, error_class, error, origin)"
@@ -135,9 +172,16 @@ def _record(conn, settings: Settings, r: ProbeResult, origin: str = "probe") -> 
     m.provider_up.labels(p.provider, p.kind).set(0 if status == "down" else 1)
     if origin == "probe":
         m.provider_probe_seconds.labels(p.provider).observe(r.latency_ms / 1000)
-    return {"provider": p.provider, "model": p.model, "kind": p.kind, "status": status,
-            "latency_ms": round(r.latency_ms, 1) if r.latency_ms is not None else None,
-            "consecutive_failures": failures, "error_class": r.error_class, "error": r.error}
+    return {
+        "provider": p.provider,
+        "model": p.model,
+        "kind": p.kind,
+        "status": status,
+        "latency_ms": round(r.latency_ms, 1) if r.latency_ms is not None else None,
+        "consecutive_failures": failures,
+        "error_class": r.error_class,
+        "error": r.error,
+    }
 
 
 def refresh(settings: Settings | None = None, *, trace: dict | None = None, only: str | None = None) -> list[dict]:
@@ -198,7 +242,8 @@ def _state(provider: str, settings: Settings) -> _Known:
             row = conn.execute(
                 "select status, checked_at <= now() - %s * interval '1 second'"
                 " from provider_health where provider = %s and model = %s",
-                (settings.health_recheck_s, provider, probe.model)).fetchone()
+                (settings.health_recheck_s, provider, probe.model),
+            ).fetchone()
         if row is not None and row[0] == "down" and row[1]:
             down = _recheck(probe, settings)  # down, and not looked at for a while: look now
         elif row is not None:
@@ -218,7 +263,8 @@ def _recheck(probe: Probe, settings: Settings) -> bool:
         claimed = conn.execute(
             "update provider_health set checked_at = now() where provider = %s and model = %s and status = 'down'"
             " and checked_at <= now() - %s * interval '1 second' returning 1",
-            (probe.provider, probe.model, settings.health_recheck_s)).fetchone()
+            (probe.provider, probe.model, settings.health_recheck_s),
+        ).fetchone()
     if claimed is None:
         return True
     result = run_probe(probe, settings.health_probe_timeout_s)
@@ -286,13 +332,20 @@ def _record_success(provider: str, settings: Settings) -> None:
             "insert into provider_health (provider, model, kind, status, last_success_at) values (%s, %s, %s,"
             " 'healthy', now()) on conflict (provider, model) do update set consecutive_failures = 0,"
             " last_success_at = now(), status = case when provider_health.status = 'down' then 'down' else 'healthy' end"
-            " returning status = 'down'", (provider, probe.model, probe.kind)).fetchone()
+            " returning status = 'down'",
+            (provider, probe.model, probe.kind),
+        ).fetchone()
     if row is not None and not row[0]:
         with _cache_lock:
             _cache[provider] = _Known(time.monotonic(), False)
 
 
 def _bookkeeping_failed(provider: str, step: str, error: BaseException) -> None:
-    log.warning("health.bookkeeping_failed", provider=provider, step=step, error_class=type(error).__name__,
-                error=redact(describe(error, 300)))
+    log.warning(
+        "health.bookkeeping_failed",
+        provider=provider,
+        step=step,
+        error_class=type(error).__name__,
+        error=redact(describe(error, 300)),
+    )
     metrics().health_write_errors.labels(provider, type(error).__name__).inc()

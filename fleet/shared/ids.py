@@ -17,5 +17,7 @@ def _masks(n: int) -> tuple[int, int]:
 def uuid4_strings(n: int) -> list[str]:
     keep, set_ = _masks(n)
     r = ((int.from_bytes(os.urandom(16 * n), "big") & keep) | set_).to_bytes(16 * n, "big").hex()
-    return [f"{r[i:i + 8]}-{r[i + 8:i + 12]}-{r[i + 12:i + 16]}-{r[i + 16:i + 20]}-{r[i + 20:i + 32]}"
-            for i in range(0, 32 * n, 32)]
+    return [
+        f"{r[i : i + 8]}-{r[i + 8 : i + 12]}-{r[i + 12 : i + 16]}-{r[i + 16 : i + 20]}-{r[i + 20 : i + 32]}"
+        for i in range(0, 32 * n, 32)
+    ]

@@ -41,8 +41,16 @@ def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.JSONRenderer()],
-            foreign_pre_chain=[*shared[:-2], structlog.stdlib.add_logger_name, structlog.processors.format_exc_info, _redact_processor],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ],
+            foreign_pre_chain=[
+                *shared[:-2],
+                structlog.stdlib.add_logger_name,
+                structlog.processors.format_exc_info,
+                _redact_processor,
+            ],
         )
     )
     root = logging.getLogger()

@@ -40,8 +40,13 @@ class Reconnects:
     def lost(self, error: BaseException) -> float:
         if self.since is None:
             self.since = time.monotonic()
-            log.warning("db.connection_lost", connection=self.connection, role=self.role,
-                        sqlstate=sqlstate(error), error_class=type(error).__name__)
+            log.warning(
+                "db.connection_lost",
+                connection=self.connection,
+                role=self.role,
+                sqlstate=sqlstate(error),
+                error_class=type(error).__name__,
+            )
         self.failures += 1
         if self.failures == 1:
             return 0.0
@@ -54,6 +59,11 @@ class Reconnects:
         from fleet.shared.metrics import metrics
 
         metrics().db_reconnects.labels(self.role, self.connection).inc()
-        log.info("db.reconnected", connection=self.connection, role=self.role, tries=self.failures,
-                 down_s=round(time.monotonic() - self.since, 3))
+        log.info(
+            "db.reconnected",
+            connection=self.connection,
+            role=self.role,
+            tries=self.failures,
+            down_s=round(time.monotonic() - self.since, 3),
+        )
         self.failures, self.since = 0, None

@@ -48,8 +48,21 @@ def redact(text: str) -> str:
 # A key names a secret when, lower-cased and without separators, it is one of these or ends with a suffix
 # (db_password, client_secret, access_token, x-api-key). Not "tokens" (token counts) nor "idempotency_key".
 _SECRET_KEYS = {"key", "auth", "pwd", "pass", "credential", "credentials", "cookie", "setcookie", "dsn"}
-_SECRET_SUFFIXES = ("password", "passwd", "passphrase", "secret", "secrets", "token", "apikey", "accesskey",
-                    "secretkey", "privatekey", "signingkey", "authorization", "credentials")
+_SECRET_SUFFIXES = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "secrets",
+    "token",
+    "apikey",
+    "accesskey",
+    "secretkey",
+    "privatekey",
+    "signingkey",
+    "authorization",
+    "credentials",
+)
 
 
 def is_secret_key(key: Any) -> bool:

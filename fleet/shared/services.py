@@ -151,9 +151,23 @@ class EmbeddedPostgres(_EmbeddedService):
             if os.geteuid() == 0:
                 shutil.chown(pwfile, PG_SYSTEM_USER)
             subprocess.run(
-                [*self._as_owner(), str(bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres",
-                 "--pwfile", str(pwfile), "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    *self._as_owner(),
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth-host=scram-sha-256",
+                    "--auth-local=trust",
+                    "-E",
+                    "UTF8",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             pwfile.unlink()
             self._save_state(st)
@@ -162,9 +176,23 @@ class EmbeddedPostgres(_EmbeddedService):
             self._save_state(st)
         opts = f"-c listen_addresses=127.0.0.1 -p {st['port']} -k {self.root.resolve()} -c max_connections=300"
         proc = subprocess.run(
-            [*self._as_owner(), str(bin_dir / "pg_ctl"), "-D", str(self.data), "-o", opts,
-             "-l", str(self.root / "postgres.log"), "-w", "-t", "60", "start"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                *self._as_owner(),
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                opts,
+                "-l",
+                str(self.root / "postgres.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         if proc.returncode != 0:
             raise ServiceError(f"PostgreSQL did not start: {proc.stdout.strip()} (log: {self.root / 'postgres.log'})")
@@ -188,7 +216,8 @@ class EmbeddedPostgres(_EmbeddedService):
             return False
         subprocess.run(
             [*self._as_owner(), str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         return True
 
@@ -230,12 +259,16 @@ class EmbeddedRedis(_EmbeddedService):
         conf = self.root / "redis.conf"
         conf.write_text(
             f"port {st['port']}\nbind 127.0.0.1\nrequirepass {st['password']}\n"
-            f"dir {self.root.resolve()}\nappendonly yes\nappendfsync everysec\nsave \"\"\n"
+            f'dir {self.root.resolve()}\nappendonly yes\nappendfsync everysec\nsave ""\n'
             f"logfile {(self.root / 'redis.log').resolve()}\n"
         )
         os.chmod(conf, 0o600)
-        proc = subprocess.Popen([self._server_binary(), str(conf)], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [self._server_binary(), str(conf)],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         st["pid"] = proc.pid
         self._save_state(st)
         deadline = time.monotonic() + 15

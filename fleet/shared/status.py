@@ -14,7 +14,9 @@ REDIS_NAMESPACE = "dramatiq"
 
 def _dead_letter_counts() -> dict[str, int]:
     with get_pool().connection() as conn:
-        return dict(conn.execute("select queue, count(*) from dead_letters where retried_at is null group by queue").fetchall())
+        return dict(
+            conn.execute("select queue, count(*) from dead_letters where retried_at is null group by queue").fetchall()
+        )
 
 
 def _recent_outcomes(window_s: int = 60) -> dict[tuple[str, str], int]:
@@ -56,7 +58,9 @@ def _redis_stats() -> list[dict]:
                 data = client.hget(f"{full}.msgs", first)
                 if data:
                     oldest = max(0, int(time.time() - Message.decode(data).message_timestamp / 1000))
-            stats.append({"queue": q, "depth": depth, "visible": visible, "in_flight": depth - visible, "oldest_age_s": oldest})
+            stats.append(
+                {"queue": q, "depth": depth, "visible": visible, "in_flight": depth - visible, "oldest_age_s": oldest}
+            )
         return stats
     finally:
         client.close()

@@ -22,8 +22,11 @@ def words(text: str) -> int:
 
 
 def prompt_tokens(messages: list[dict]) -> int:
-    return (sum(words(str(m.get("content", ""))) for m in messages) + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
-            + TEMPLATE_TOKENS)
+    return (
+        sum(words(str(m.get("content", ""))) for m in messages)
+        + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+        + TEMPLATE_TOKENS
+    )
 
 
 class ChatRoutes(BaseHandler):
@@ -45,8 +48,13 @@ class ChatRoutes(BaseHandler):
             self.sim.record(entry)
             self._send(400, error_body(400, "messages must be a non-empty list"))
             return
-        entry.update(model=body.get("model"), stream=bool(body.get("stream")), n_messages=len(body["messages"]),
-                     stream_options=body.get("stream_options"), max_tokens=body.get("max_tokens"))
+        entry.update(
+            model=body.get("model"),
+            stream=bool(body.get("stream")),
+            n_messages=len(body["messages"]),
+            stream_options=body.get("stream_options"),
+            max_tokens=body.get("max_tokens"),
+        )
         if not self._auth_ok():
             entry["status"] = 401
             self.sim.record(entry)
@@ -67,8 +75,11 @@ class ChatRoutes(BaseHandler):
             return
         if fault is None:
             roll = self.sim.random.random()
-            fault = "cut" if roll < c.stream_cut_rate else (
-                "malformed" if roll < c.stream_cut_rate + c.malformed_chunk_rate else None)
+            fault = (
+                "cut"
+                if roll < c.stream_cut_rate
+                else ("malformed" if roll < c.stream_cut_rate + c.malformed_chunk_rate else None)
+            )
         entry["fault"] = fault
         self.sim.record(entry)
         turn = self._take_model()
@@ -81,9 +92,20 @@ class ChatRoutes(BaseHandler):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if not body.get("stream"):
             time.sleep((c.ttft_ms + (len(words) / c.tokens_per_s * 1000 if c.tokens_per_s else 0)) / 1000)
-            answer = {"id": "chatcmpl-sim", "object": "chat.completion", "created": int(time.time()),
-                      "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop" if len(words) < (body.get("max_tokens") or 1e9) else "length",
-                      "message": {"role": "assistant", "content": " ".join(words)}}], "usage": usage}
+            answer = {
+                "id": "chatcmpl-sim",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop" if len(words) < (body.get("max_tokens") or 1e9) else "length",
+                        "message": {"role": "assistant", "content": " ".join(words)},
+                    }
+                ],
+                "usage": usage,
+            }
             self._send(200, json.dumps(answer).encode())
             return
         self._stream(body, words, usage, fault, turn)
@@ -105,8 +127,10 @@ class ChatRoutes(BaseHandler):
     def _answer_words(self, body: dict) -> list[str]:
         last = str(body["messages"][-1].get("content", ""))
         seed = int.from_bytes(hashlib.sha256(last.encode()).digest()[:4], "big")
-        vocabulary = ("the fleet answers every question with care and a steady stream of tokens "
-                      "from the simulated provider on loopback").split()
+        vocabulary = (
+            "the fleet answers every question with care and a steady stream of tokens "
+            "from the simulated provider on loopback"
+        ).split()
         n = body.get("max_tokens") or self.sim.config.answer_tokens
         return [vocabulary[(seed + i) % len(vocabulary)] for i in range(int(n))]
 
@@ -118,8 +142,12 @@ class ChatRoutes(BaseHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        base = {"id": "chatcmpl-sim", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": body.get("model")}
+        base = {
+            "id": "chatcmpl-sim",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model"),
+        }
 
         def chunk(delta: dict, finish=None, **extra) -> bytes:
             data = base | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
@@ -139,7 +167,7 @@ class ChatRoutes(BaseHandler):
                 if fault == "cut" and i >= c.cut_after_tokens:
                     return  # the connection closes without finish_reason, usage or [DONE]
                 if fault == "malformed" and i == c.cut_after_tokens:
-                    self.wfile.write(b"data: {\"choices\": [{\"delta\": {\"content\": \n\n")
+                    self.wfile.write(b'data: {"choices": [{"delta": {"content": \n\n')
                     self.wfile.flush()
                     return
                 if c.tokens_per_s and i:
@@ -154,4 +182,3 @@ class ChatRoutes(BaseHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass
-

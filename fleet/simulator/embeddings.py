@@ -28,9 +28,13 @@ class EmbeddingRoutes(BaseHandler):
         inputs = body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs]
-        entry.update(model=body.get("model"), n_inputs=len(inputs or []),
-                     encoding_format=body.get("encoding_format", "<absent>"), inputs=inputs,
-                     request_id=self.headers.get("X-Request-Id"))
+        entry.update(
+            model=body.get("model"),
+            n_inputs=len(inputs or []),
+            encoding_format=body.get("encoding_format", "<absent>"),
+            inputs=inputs,
+            request_id=self.headers.get("X-Request-Id"),
+        )
         status, payload, headers = self._embed_answer(body, inputs)
         entry["status"], entry["answered"] = status, time.time()  # a 429 goes out after the latency
         self.sim.record(entry)
@@ -45,8 +49,18 @@ class EmbeddingRoutes(BaseHandler):
             return 401, error_body(401, "Incorrect API key provided.", code="invalid_api_key"), {}
         if "encoding_format" in body and body["encoding_format"] is None:
             if c.error_style == "infinity":
-                return 422, infinity_detail("enum", ["encoding_format"], "Input should be 'float' or 'base64'",
-                                            {"expected": "'float' or 'base64'"}, union=False, echo=None), {}
+                return (
+                    422,
+                    infinity_detail(
+                        "enum",
+                        ["encoding_format"],
+                        "Input should be 'float' or 'base64'",
+                        {"expected": "'float' or 'base64'"},
+                        union=False,
+                        echo=None,
+                    ),
+                    {},
+                )
             # DeepInfra's answer to the OpenAI SDK's default of sending null
             return 400, error_body(400, "encoding_format: Input should be 'float' or 'base64'"), {}
         if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
@@ -57,7 +71,11 @@ class EmbeddingRoutes(BaseHandler):
         time.sleep((c.latency_ms + c.latency_per_input_ms * len(inputs)) / 1000)
         fault = self.sim.next_fault()
         if fault == 429:
-            return 429, error_body(429, "Rate limit reached", "rate_limit_error"), {"Retry-After": f"{c.retry_after_s:g}"}
+            return (
+                429,
+                error_body(429, "Rate limit reached", "rate_limit_error"),
+                {"Retry-After": f"{c.retry_after_s:g}"},
+            )
         if isinstance(fault, int):
             return fault, error_body(fault, "simulated provider failure", "server_error"), {}
         if fault == "timeout":
@@ -69,7 +87,9 @@ class EmbeddingRoutes(BaseHandler):
         items = []
         tokens = 0
         for i, text in enumerate(inputs):
-            tokens += len(text) if c.error_style == "infinity" else max(1, len(text.encode()) // 4)  # infinity: characters
+            tokens += (
+                len(text) if c.error_style == "infinity" else max(1, len(text.encode()) // 4)
+            )  # infinity: characters
             if c.max_input_tokens is not None:  # the model reads this much; the rest is cut without a word
                 text = " ".join(text.split(" ")[: c.max_input_tokens])
             if as_base64:
@@ -87,19 +107,39 @@ class EmbeddingRoutes(BaseHandler):
         c = self.sim.config
         if c.max_inputs is not None and len(inputs) > c.max_inputs:
             if c.error_style == "infinity":
-                return 422, infinity_detail(
-                    "too_long", ["input", "list[constrained-str]"],
-                    f"List should have at most {c.max_inputs} items after validation, not {len(inputs)}",
-                    {"field_type": "List", "max_length": c.max_inputs, "actual_length": len(inputs)}), {}
+                return (
+                    422,
+                    infinity_detail(
+                        "too_long",
+                        ["input", "list[constrained-str]"],
+                        f"List should have at most {c.max_inputs} items after validation, not {len(inputs)}",
+                        {"field_type": "List", "max_length": c.max_inputs, "actual_length": len(inputs)},
+                    ),
+                    {},
+                )
             return 413, error_body(413, f"request too large: {len(inputs)} inputs, at most {c.max_inputs}"), {}
         for i, text in enumerate(inputs):
             if c.max_input_chars is not None and len(text) > c.max_input_chars:
                 if c.error_style == "infinity":
-                    return 422, infinity_detail(
-                        "string_too_long", ["input", "list[constrained-str]", i],
-                        f"String should have at most {c.max_input_chars} characters", {"max_length": c.max_input_chars}), {}
-                return 400, error_body(400, f"This model's maximum context length is {c.max_input_chars // 4} tokens,"
-                                            f" however you requested {len(text) // 4} tokens in input {i}."), {}
+                    return (
+                        422,
+                        infinity_detail(
+                            "string_too_long",
+                            ["input", "list[constrained-str]", i],
+                            f"String should have at most {c.max_input_chars} characters",
+                            {"max_length": c.max_input_chars},
+                        ),
+                        {},
+                    )
+                return (
+                    400,
+                    error_body(
+                        400,
+                        f"This model's maximum context length is {c.max_input_chars // 4} tokens,"
+                        f" however you requested {len(text) // 4} tokens in input {i}.",
+                    ),
+                    {},
+                )
         return None
 
 
@@ -108,6 +148,12 @@ def infinity_detail(type_: str, loc: list, msg: str, ctx: dict, *, union: bool =
     other branch of its union (a single string) is refused too."""
     detail = [{"type": type_, "loc": ["body", "text", *loc], "msg": msg, "input": echo, "ctx": ctx}]
     if union:
-        detail.append({"type": "string_type", "loc": ["body", "text", "input", "constrained-str"],
-                       "msg": "Input should be a valid string", "input": "..."})
+        detail.append(
+            {
+                "type": "string_type",
+                "loc": ["body", "text", "input", "constrained-str"],
+                "msg": "Input should be a valid string",
+                "input": "...",
+            }
+        )
     return json.dumps({"detail": detail}).encode()

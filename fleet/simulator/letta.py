@@ -142,7 +142,8 @@ class LettaRoutes(BaseHandler):
         if not ctype.startswith("multipart/form-data"):
             return None
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {ctype}\r\n\r\n".encode() + (self.raw_body or b""))
+            f"Content-Type: {ctype}\r\n\r\n".encode() + (self.raw_body or b"")
+        )
         for part in message.iter_parts():
             if part.get_param("name", header="content-disposition") == "file":
                 try:

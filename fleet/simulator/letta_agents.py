@@ -24,13 +24,20 @@ def _missing(config: Any, required: tuple[str, ...], field: str) -> list[dict]:
 
 
 def _rule_errors(rules: list[dict]) -> list[dict]:
-    return [rec.error_like("create_unknown_tool_rule_type", ("body", "tool_rules", i), r.get("type"), "no_such_rule")
-            | {"input": r} for i, r in enumerate(rules or []) if r.get("type") not in rec.rule_types()]
+    return [
+        rec.error_like("create_unknown_tool_rule_type", ("body", "tool_rules", i), r.get("type"), "no_such_rule")
+        | {"input": r}
+        for i, r in enumerate(rules or [])
+        if r.get("type") not in rec.rule_types()
+    ]
 
 
 def create_errors(body: dict) -> list[dict]:
-    errors = [rec.error_like("create_null_block_limit", ("body", "memory_blocks", i, "limit"), None)
-              for i, b in enumerate(body.get("memory_blocks") or []) if "limit" in b and b["limit"] is None]
+    errors = [
+        rec.error_like("create_null_block_limit", ("body", "memory_blocks", i, "limit"), None)
+        for i, b in enumerate(body.get("memory_blocks") or [])
+        if "limit" in b and b["limit"] is None
+    ]
     errors += _rule_errors(body.get("tool_rules"))
     errors += _missing(body.get("llm_config"), rec.LLM_REQUIRED, "llm_config")
     return errors + _missing(body.get("embedding_config"), rec.EMBEDDING_REQUIRED, "embedding_config")
@@ -57,8 +64,11 @@ def _tool_rules(body: dict, agent_type: str, names: set[str]) -> list[dict]:
     if agent_type == "letta_v1_agent" and body.get("include_base_tools", True) and not rules and add_base is None:
         add_base = False  # a v1 agent gets no base rules unless it asks
     if add_base is not False:
-        rules += [_rule({"tool_name": n, "type": rec.base_rule_types()[n]}) for n in sorted(names)
-                  if n in rec.base_rule_types()]
+        rules += [
+            _rule({"tool_name": n, "type": rec.base_rule_types()[n]})
+            for n in sorted(names)
+            if n in rec.base_rule_types()
+        ]
     return rules
 
 
@@ -94,11 +104,21 @@ def create(tools: dict[str, dict], body: dict) -> Answer:
     blocks = [_block(b) for b in body.get("memory_blocks") or []]
     skeleton = rec.agent_skeleton()
     agent = skeleton | {
-        "id": f"agent-{uuid.uuid4()}", "name": body.get("name") or "agent", "system": body.get("system") or "",
-        "agent_type": agent_type, "llm_config": llm, "embedding_config": embedding,
-        "tools": [tools[n] for n in sorted(names)], "tool_rules": _tool_rules(body, agent_type, names),
-        "tags": body.get("tags") or [], "metadata": body.get("metadata") or {}, "blocks": blocks,
-        "memory": skeleton["memory"] | {"blocks": blocks}, "created_at": _now(), "updated_at": _now()}
+        "id": f"agent-{uuid.uuid4()}",
+        "name": body.get("name") or "agent",
+        "system": body.get("system") or "",
+        "agent_type": agent_type,
+        "llm_config": llm,
+        "embedding_config": embedding,
+        "tools": [tools[n] for n in sorted(names)],
+        "tool_rules": _tool_rules(body, agent_type, names),
+        "tags": body.get("tags") or [],
+        "metadata": body.get("metadata") or {},
+        "blocks": blocks,
+        "memory": skeleton["memory"] | {"blocks": blocks},
+        "created_at": _now(),
+        "updated_at": _now(),
+    }
     return 200, agent
 
 
@@ -108,8 +128,11 @@ def _patch_errors(body: dict, tools_by_id: dict[str, dict]) -> Answer | None:
         errors += _missing(body["llm_config"], rec.LLM_REQUIRED, "llm_config")
     if "embedding_config" in body:
         errors += _missing(body["embedding_config"], rec.EMBEDDING_REQUIRED, "embedding_config")
-    errors += [rec.error_like("patch_malformed_tool_id", ("body", "tool_ids", i), t)
-               for i, t in enumerate(body.get("tool_ids") or []) if len(t) < 41]
+    errors += [
+        rec.error_like("patch_malformed_tool_id", ("body", "tool_ids", i), t)
+        for i, t in enumerate(body.get("tool_ids") or [])
+        if len(t) < 41
+    ]
     if errors:
         return 422, rec.validation_error(errors)
     unknown = [t for t in body.get("tool_ids") or [] if t not in tools_by_id]
@@ -142,14 +165,21 @@ def patch(agent: dict, body: dict, tools_by_id: dict[str, dict]) -> Answer:
 def export(agent: dict) -> dict:
     """GET /v1/agents/{id}/export: the agent as a Letta Agent File, file ids in the server's format."""
     skeleton = rec.export_skeleton()
-    blocks = [{k: v for k, v in b.items() if k not in ("id", "created_by_id", "last_updated_by_id")}
-              | {"id": f"block-{i}"} for i, b in enumerate(agent["memory"]["blocks"])]
-    tools = [{k: v for k, v in t.items() if k not in ("id", "created_by_id", "last_updated_by_id")} | {"id": f"tool-{i}"}
-             for i, t in enumerate(agent["tools"])]
-    fields = {k: agent[k] for k in ("name", "system", "agent_type", "llm_config", "embedding_config", "tool_rules", "tags",
-                                    "metadata")}
-    exported = skeleton["agents"][0] | fields | {"block_ids": [b["id"] for b in blocks],
-                                                 "tool_ids": [t["id"] for t in tools]}
+    blocks = [
+        {k: v for k, v in b.items() if k not in ("id", "created_by_id", "last_updated_by_id")} | {"id": f"block-{i}"}
+        for i, b in enumerate(agent["memory"]["blocks"])
+    ]
+    tools = [
+        {k: v for k, v in t.items() if k not in ("id", "created_by_id", "last_updated_by_id")} | {"id": f"tool-{i}"}
+        for i, t in enumerate(agent["tools"])
+    ]
+    fields = {
+        k: agent[k]
+        for k in ("name", "system", "agent_type", "llm_config", "embedding_config", "tool_rules", "tags", "metadata")
+    }
+    exported = (
+        skeleton["agents"][0] | fields | {"block_ids": [b["id"] for b in blocks], "tool_ids": [t["id"] for t in tools]}
+    )
     return skeleton | {"agents": [exported], "blocks": blocks, "tools": tools, "created_at": _now()}
 
 
@@ -160,8 +190,12 @@ def import_problems(agent_file: dict) -> Answer | None:
     if missing:
         lines = "\n".join(f"{loc}\n  Field required [type=missing]" for loc in missing)
         return 400, {"detail": f"{len(missing)} validation errors for AgentFileSchema\n{lines}"}
-    wrong = [f"Invalid ID format: {item['id']} should start with {prefix!r}" for key, prefix in FILE_ID_PREFIX.items()
-             for item in agent_file.get(key) or [] if not str(item.get("id", "")).startswith(prefix)]
+    wrong = [
+        f"Invalid ID format: {item['id']} should start with {prefix!r}"
+        for key, prefix in FILE_ID_PREFIX.items()
+        for item in agent_file.get(key) or []
+        if not str(item.get("id", "")).startswith(prefix)
+    ]
     if wrong:
         return 400, {"detail": f"Import failed: Schema validation failed: {'; '.join(wrong)}"}
     custom = [t for t in agent_file.get("tools") or [] if not t.get("tool_type") and not t.get("source_code")]
@@ -175,8 +209,10 @@ def import_body(agent_file: dict, spec: dict) -> dict:
     tools = {t["id"]: t["name"] for t in agent_file["tools"]}
     blocks = {b["id"]: b for b in agent_file["blocks"]}
     body = {k: v for k, v in spec.items() if k not in ("id", "tool_ids", "block_ids", "memory_blocks", "tools")}
-    return body | {"tools": [tools[t] for t in spec.get("tool_ids") or []],
-                   "memory_blocks": [blocks[b] for b in spec.get("block_ids") or []]}
+    return body | {
+        "tools": [tools[t] for t in spec.get("tool_ids") or []],
+        "memory_blocks": [blocks[b] for b in spec.get("block_ids") or []],
+    }
 
 
 def file_tools(agent_file: dict) -> list[dict]:
@@ -199,11 +235,10 @@ def page(items: list[dict], query: dict[str, list[str]], default_limit: int) -> 
     after = (query.get("after") or [None])[0]
     if after:
         ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
+        items = items[ids.index(after) + 1 :] if after in ids else []
     return items[:limit]
 
 
 def name_filter(items: list[dict], query: dict[str, list[str]]) -> list[dict]:
     name = (query.get("name") or [None])[0]
     return [i for i in items if name is None or i["name"] == name]
-

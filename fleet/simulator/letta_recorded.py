@@ -28,8 +28,10 @@ ID_PATTERN = re.compile(r"^agent-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9
 def exchange(name: str) -> dict[str, Any]:
     path = FIXTURES / f"{name}.json"
     if not path.exists():
-        raise RuntimeError(f"the Letta simulator is built from recorded answers and {path} is missing: run it from a "
-                           "clone of the repository, or re-record them with python -m conformance.record_letta")
+        raise RuntimeError(
+            f"the Letta simulator is built from recorded answers and {path} is missing: run it from a "
+            "clone of the repository, or re-record them with python -m conformance.record_letta"
+        )
     return json.loads(path.read_text())
 
 
@@ -80,7 +82,9 @@ def base_rule_types() -> dict[str, str]:
     types = {}
     for name in ("create_agent_server_defaults", "create_agent_memgpt_v2_base_tools"):
         sent = {(r["tool_name"], r["type"]) for r in request(name)["tool_rules"]}
-        types |= {r["tool_name"]: r["type"] for r in answer(name)["tool_rules"] if (r["tool_name"], r["type"]) not in sent}
+        types |= {
+            r["tool_name"]: r["type"] for r in answer(name)["tool_rules"] if (r["tool_name"], r["type"]) not in sent
+        }
     return types
 
 

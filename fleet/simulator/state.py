@@ -62,8 +62,12 @@ class Simulator:
             if c.fail_next:
                 return c.fail_next.pop(0)
             roll = self.random.random()
-        for rate, fault in ((c.error_rate_5xx, 500), (c.rate_429, 429), (c.timeout_rate, "timeout"),
-                            (c.malformed_rate, "malformed")):
+        for rate, fault in (
+            (c.error_rate_5xx, 500),
+            (c.rate_429, 429),
+            (c.timeout_rate, "timeout"),
+            (c.malformed_rate, "malformed"),
+        ):
             if roll < rate:
                 return fault
             roll -= rate

@@ -36,5 +36,12 @@ def echo(job: EchoJob) -> None:
             raise PermanentError(f"echo asked to fail permanently: {job.message}")
         raise TransientError(f"echo asked to fail (attempt {attempt})", retry_after_s=job.retry_after_s)
     if job.record and message is not None:
-        events.emit("echo.done", trace_id=message.options.get("trace_id"), job_id=message.message_id,
-                    queue=message.queue_name, actor=message.actor_name, message=job.message, attempt=attempt)
+        events.emit(
+            "echo.done",
+            trace_id=message.options.get("trace_id"),
+            job_id=message.message_id,
+            queue=message.queue_name,
+            actor=message.actor_name,
+            message=job.message,
+            attempt=attempt,
+        )

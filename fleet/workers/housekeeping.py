@@ -28,8 +28,9 @@ def delete_in_batches(conn, table: str, batch_size: int, max_age_s: float) -> in
     params = ((max_age_s,) if aged else ()) + (batch_size,)
     deleted = 0
     while True:
-        n = conn.execute(f"delete from {table} where ctid = any(array(select ctid from {table} where {where}"
-                         " limit %s))", params).rowcount
+        n = conn.execute(
+            f"delete from {table} where ctid = any(array(select ctid from {table} where {where} limit %s))", params
+        ).rowcount
         deleted += n
         if n < batch_size:
             return deleted

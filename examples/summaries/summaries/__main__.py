@@ -28,15 +28,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "init":
             conn.execute((Path(__file__).with_name("schema.sql")).read_text())
         elif args.action == "add":
-            conn.execute("insert into summary_documents (document_id, body) values (%s, %s) on conflict (document_id)"
-                         " do update set body = excluded.body", (args.document_id, args.text))
+            conn.execute(
+                "insert into summary_documents (document_id, body) values (%s, %s) on conflict (document_id)"
+                " do update set body = excluded.body",
+                (args.document_id, args.text),
+            )
         elif args.action == "show":
-            row = conn.execute("select summary, job_id from document_summaries where document_id = %s",
-                               (args.document_id,)).fetchone()
+            row = conn.execute(
+                "select summary, job_id from document_summaries where document_id = %s", (args.document_id,)
+            ).fetchone()
             print(json.dumps({"summary": row[0], "job_id": row[1]} if row else None))
     if args.action == "summarize":
-        done = FleetClient().enqueue(summarize, SummarizeJob(document_id=args.document_id),
-                                     idempotency_key=f"summary:{args.document_id}")
+        done = FleetClient().enqueue(
+            summarize, SummarizeJob(document_id=args.document_id), idempotency_key=f"summary:{args.document_id}"
+        )
         print(json.dumps({"job_id": done.job_id, "trace_id": done.trace_id, "duplicate": done.duplicate}))
     return 0
 

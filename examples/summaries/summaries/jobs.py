@@ -30,13 +30,22 @@ class SummarizeJob(BaseModel):
     max_words: int = Field(40, ge=5, le=500)
 
 
-@job(SummarizeJob, queue="summaries", max_retries=4, min_backoff=500, max_backoff=30_000, time_limit=120_000,
-     rate_limit=RateLimit(PER_WINDOW, window_s=WINDOW_S), lease="document_id")
+@job(
+    SummarizeJob,
+    queue="summaries",
+    max_retries=4,
+    min_backoff=500,
+    max_backoff=30_000,
+    time_limit=120_000,
+    rate_limit=RateLimit(PER_WINDOW, window_s=WINDOW_S),
+    lease="document_id",
+)
 def summarize(payload: SummarizeJob) -> None:
     """Summarises a stored document through the chat provider and stores the summary."""
     with get_pool().connection() as conn:
-        row = conn.execute("select body from summary_documents where document_id = %s",
-                           (payload.document_id,)).fetchone()
+        row = conn.execute(
+            "select body from summary_documents where document_id = %s", (payload.document_id,)
+        ).fetchone()
     if row is None:  # no retry can fix it: a dead letter, retried once the document is stored
         raise PermanentError(f"document {payload.document_id!r} is not stored")
     settings = get_settings()
@@ -51,4 +60,5 @@ def summarize(payload: SummarizeJob) -> None:
             "insert into document_summaries (document_id, summary, model, job_id) values (%s, %s, %s, %s)"
             " on conflict (document_id) do update set summary = excluded.summary, model = excluded.model,"
             " job_id = excluded.job_id, summarized_at = now()",
-            (payload.document_id, summary, settings.chat_model_default, message.message_id if message else "direct"))
+            (payload.document_id, summary, settings.chat_model_default, message.message_id if message else "direct"),
+        )

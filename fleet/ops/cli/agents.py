@@ -79,8 +79,14 @@ def cmd_upgrade_run(args) -> int:
 
     try:
         agents = _cohort_size(args.template, cohort)
-        run = start_run(args.template, args.version, cohort, args.dry_run, FleetClient(),
-                        halt=HaltPolicy(args.halt_failure_rate, args.halt_min_sample))
+        run = start_run(
+            args.template,
+            args.version,
+            cohort,
+            args.dry_run,
+            FleetClient(),
+            halt=HaltPolicy(args.halt_failure_rate, args.halt_min_sample),
+        )
     except Exception as e:  # noqa: BLE001  printed: the database says why (unknown template version)
         print(f"fleet upgrade: {getattr(getattr(e, 'diag', None), 'message_primary', None) or e}", file=sys.stderr)
         return 2
@@ -110,8 +116,10 @@ def _follow(run_id: str, timeout_s: float) -> int:
 
     by_status = follow_upgrade_run(run_id, "agents upgraded", timeout_s)
     if by_status is None:
-        print(f"fleet upgrade: run {run_id} not finished after {timeout_s:.0f}s (fleet upgrade status {run_id})",
-              file=sys.stderr)
+        print(
+            f"fleet upgrade: run {run_id} not finished after {timeout_s:.0f}s (fleet upgrade status {run_id})",
+            file=sys.stderr,
+        )
         return 1
     for status, n in sorted(by_status.items()):
         print(f"  {status:<10} {n}")
@@ -130,22 +138,33 @@ def cmd_upgrade_status(args) -> int:
         return 2
     by_status = counts(run_id)
     total = (row["counts"] or {}).get("total", sum(by_status.values()))
-    snapshot = {"run_id": run_id, "template": f"{row['template_name']}@{row['to_version']}", "dry_run": row["dry_run"],
-                "status": row["status"], "total": total, "by_status": by_status}
+    snapshot = {
+        "run_id": run_id,
+        "template": f"{row['template_name']}@{row['to_version']}",
+        "dry_run": row["dry_run"],
+        "status": row["status"],
+        "total": total,
+        "by_status": by_status,
+    }
     if as_json:
         print_json(snapshot)
     else:
         done = sum(n for s, n in by_status.items() if s in ("succeeded", "failed", "skipped", "cancelled"))
-        print(f"run {run_id}: {snapshot['template']}{' (dry run)' if row['dry_run'] else ''}, {row['status']},"
-              f" {done}/{total} done")
+        print(
+            f"run {run_id}: {snapshot['template']}{' (dry run)' if row['dry_run'] else ''}, {row['status']},"
+            f" {done}/{total} done"
+        )
         for status, n in sorted(by_status.items()):
             print(f"  {status:<10} {n}")
     return 0
 
 
 def register(sub) -> None:
-    s = sub.add_parser("templates", help="agent templates: publish, list, diff, export",
-                       description="Agent templates: immutable, versioned (SemVer, increasing per name) Agent Files.")
+    s = sub.add_parser(
+        "templates",
+        help="agent templates: publish, list, diff, export",
+        description="Agent templates: immutable, versioned (SemVer, increasing per name) Agent Files.",
+    )
     actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = actions.add_parser("publish", help="publish an Agent File as a template version")
     p.add_argument("file", help="the Agent File (.af, JSON) to publish")
@@ -166,19 +185,34 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", help="the .af file to write (standard output otherwise)")
     p.set_defaults(func=_template_errors(cmd_templates_export))
 
-    s = sub.add_parser("upgrade", help="cohort upgrades: run, status, halt",
-                       description="Cohort upgrades: move the agents made from a template to another of its versions.")
+    s = sub.add_parser(
+        "upgrade",
+        help="cohort upgrades: run, status, halt",
+        description="Cohort upgrades: move the agents made from a template to another of its versions.",
+    )
     actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = actions.add_parser("run", help="start an upgrade run (says how many agents its cohort selects)")
     p.add_argument("template", help="the template's name")
     p.add_argument("version", help="the version to upgrade to")
     p.add_argument("--dry-run", action="store_true", help="compute each agent's diff and change nothing")
-    p.add_argument("--cohort", default="{}", help='which agents (JSON, default all of the template\'s):'
-                                                  ' {"from_version": V} {"user_ids": [...]} {"percent": 5}')
-    p.add_argument("--halt-failure-rate", type=float, metavar="RATE",
-                   help="halt above this share of failed agents (0 < RATE <= 1; UPGRADE_HALT_FAILURE_RATE if not given)")
-    p.add_argument("--halt-min-sample", type=int, metavar="N",
-                   help="apply the halt rule after N finished agents (UPGRADE_HALT_MIN_SAMPLE if not given)")
+    p.add_argument(
+        "--cohort",
+        default="{}",
+        help="which agents (JSON, default all of the template's):"
+        ' {"from_version": V} {"user_ids": [...]} {"percent": 5}',
+    )
+    p.add_argument(
+        "--halt-failure-rate",
+        type=float,
+        metavar="RATE",
+        help="halt above this share of failed agents (0 < RATE <= 1; UPGRADE_HALT_FAILURE_RATE if not given)",
+    )
+    p.add_argument(
+        "--halt-min-sample",
+        type=int,
+        metavar="N",
+        help="apply the halt rule after N finished agents (UPGRADE_HALT_MIN_SAMPLE if not given)",
+    )
     p.add_argument("--wait", action="store_true", help="follow the run with a progress bar until it ends")
     p.add_argument("--timeout", type=float, default=3600, help="with --wait: give up following after N seconds")
     p.set_defaults(func=cmd_upgrade_run)

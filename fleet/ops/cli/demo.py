@@ -6,8 +6,13 @@ from __future__ import annotations
 def cmd_demo(args) -> int:
     from fleet.ops.demo import run_demo
 
-    return run_demo(jobs=args.jobs, processes=args.processes, threads=args.threads, keep_services=args.keep_services,
-                    documents=args.documents)
+    return run_demo(
+        jobs=args.jobs,
+        processes=args.processes,
+        threads=args.threads,
+        keep_services=args.keep_services,
+        documents=args.documents,
+    )
 
 
 def register(sub) -> None:

@@ -17,16 +17,25 @@ RETRY_PAGE = 100  # dead letters claimed and re-enqueued per round trip
 def _selection(args):
     from fleet.shared.deadletters import Selection
 
-    return Selection(ids=tuple(args.id), queue=args.queue, error_class=args.error_class, older_than_s=args.older_than,
-                     newer_than_s=args.newer_than, include_retried=getattr(args, "all", False))
+    return Selection(
+        ids=tuple(args.id),
+        queue=args.queue,
+        error_class=args.error_class,
+        older_than_s=args.older_than,
+        newer_than_s=args.newer_than,
+        include_retried=getattr(args, "all", False),
+    )
 
 
 def _missing_ids(args, found: list[int]) -> None:
     """Names the ids given that the selection does not hold (unknown, retried already, or filtered out)."""
     missing = sorted(set(args.id) - set(found))
     if missing:
-        print(f"fleet dlq: no {'' if args.all else 'unretried '}dead letter matching the filters with id"
-              f" {', '.join(map(str, missing))}", file=sys.stderr)
+        print(
+            f"fleet dlq: no {'' if args.all else 'unretried '}dead letter matching the filters with id"
+            f" {', '.join(map(str, missing))}",
+            file=sys.stderr,
+        )
 
 
 def cmd_list(args) -> int:
@@ -71,7 +80,7 @@ def cmd_retry(args) -> int:
     client = FleetClient()
     retried = refused = 0
     for start in range(0, len(ids), RETRY_PAGE):
-        claimed = dl.claim_for_retry(ids[start:start + RETRY_PAGE])
+        claimed = dl.claim_for_retry(ids[start : start + RETRY_PAGE])
         pending = [row["id"] for row in claimed]
         try:
             for row in claimed:
@@ -79,8 +88,11 @@ def cmd_retry(args) -> int:
                 masked = dl.masked_fields(payload)
                 if masked:
                     refused += 1
-                    print(f"fleet dlq: dead letter {row['id']} not retried: its payload was stored with masked"
-                          f" values ({', '.join(masked)}); enqueue it again from its producer", file=sys.stderr)
+                    print(
+                        f"fleet dlq: dead letter {row['id']} not retried: its payload was stored with masked"
+                        f" values ({', '.join(masked)}); enqueue it again from its producer",
+                        file=sys.stderr,
+                    )
                     continue
                 client.enqueue(actor or row["queue"], payload, trace_id=row["trace_id"])
                 retried += 1
@@ -105,8 +117,11 @@ def cmd_purge(args) -> int:
         print(f"would purge {matching} dead letter(s)")
         return 0
     if not args.yes:
-        print(f"fleet dlq purge would delete {matching} dead letter(s) for good: add --yes to delete them,"
-              " or --dry-run to list them", file=sys.stderr)
+        print(
+            f"fleet dlq purge would delete {matching} dead letter(s) for good: add --yes to delete them,"
+            " or --dry-run to list them",
+            file=sys.stderr,
+        )
         return 2
     print(f"purged {dl.purge_dead_letters(selection)} dead letter(s)")
     return 0
@@ -123,9 +138,12 @@ def _add_selection(p: argparse.ArgumentParser, *, retried: bool = True) -> None:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("dlq", help="dead letters: list, show, retry, purge",
-                       description="Dead letters: jobs that will not succeed, with the reason. list, retry and purge"
-                                   " select the same dead letters for the same ids and filters.")
+    s = sub.add_parser(
+        "dlq",
+        help="dead letters: list, show, retry, purge",
+        description="Dead letters: jobs that will not succeed, with the reason. list, retry and purge"
+        " select the same dead letters for the same ids and filters.",
+    )
     actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     p = actions.add_parser("list", help="the selected dead letters, newest first")
@@ -140,8 +158,12 @@ def register(sub) -> None:
 
     p = actions.add_parser("retry", help="re-enqueue the selected dead letters (each once)")
     _add_selection(p, retried=False)
-    p.add_argument("--limit", type=int, default=None,
-                   help="re-enqueue at most N, oldest first (default: all selected); a cut is reported")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="re-enqueue at most N, oldest first (default: all selected); a cut is reported",
+    )
     p.add_argument("--dry-run", action="store_true", help="say which dead letters would be re-enqueued, and stop")
     p.set_defaults(func=cmd_retry)
 

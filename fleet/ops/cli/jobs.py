@@ -40,7 +40,9 @@ def cmd_enqueue(args) -> int:
     keys = None
     if args.key:
         if len(payloads) != 1:
-            raise SystemExit("fleet enqueue: --key goes with a single payload (use 'idempotency_key' per line in JSONL)")
+            raise SystemExit(
+                "fleet enqueue: --key goes with a single payload (use 'idempotency_key' per line in JSONL)"
+            )
         keys = [args.key]
     elif args.file and any(isinstance(p, dict) and "idempotency_key" in p for p in payloads):
         keys = [str(p.pop("idempotency_key")) for p in payloads]
@@ -59,15 +61,24 @@ def cmd_enqueue(args) -> int:
         d = done[0]
         print(json.dumps({"job_id": d.job_id, "trace_id": d.trace_id, "queue": d.queue, "duplicate": d.duplicate}))
     else:
-        print(f"enqueued {len(new)} job(s) on {args.job}" + (f", {len(done) - len(new)} duplicate(s) skipped" if len(new) < len(done) else ""))
+        print(
+            f"enqueued {len(new)} job(s) on {args.job}"
+            + (f", {len(done) - len(new)} duplicate(s) skipped" if len(new) < len(done) else "")
+        )
     return 0
 
 
 def cmd_chat(args) -> int:
     from fleet.shared.client import FleetClient
 
-    stream = FleetClient().stream_chat(args.session, args.question, model=args.model, max_tokens=args.max_tokens,
-                                       idempotency_key=args.key, timeout_s=args.timeout)
+    stream = FleetClient().stream_chat(
+        args.session,
+        args.question,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        idempotency_key=args.key,
+        timeout_s=args.timeout,
+    )
     for delta in stream:
         print(delta, end="", flush=True)
     print()
@@ -117,8 +128,12 @@ def register(sub) -> None:
 
     s = sub.add_parser("search", help="embed a query and return the nearest stored chunks")
     s.add_argument("text", help="the query")
-    s.add_argument("--table", choices=["vector_documents", "code_vectors"], default="vector_documents",
-                   help="the table to search (default vector_documents)")
+    s.add_argument(
+        "--table",
+        choices=["vector_documents", "code_vectors"],
+        default="vector_documents",
+        help="the table to search (default vector_documents)",
+    )
     s.add_argument("-k", type=int, default=5, help="how many chunks (default 5)")
     s.add_argument("--filter", default="{}", help="JSON object the chunks' metadata must contain")
     s.add_argument("--json", action="store_true", help="print JSON")

@@ -56,15 +56,22 @@ def _show_outcome(kind: str, result: dict, *, as_json: bool) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("lifecycle", help="memory lifecycle: run (or dry-run) it now, or undo a run",
-                       description="The memory lifecycle (expire, archive, decay, evict, merge, reembed, purge), run"
-                                   " by a lifecycle worker; the scheduler runs it every LIFECYCLE_INTERVAL_S.")
+    s = sub.add_parser(
+        "lifecycle",
+        help="memory lifecycle: run (or dry-run) it now, or undo a run",
+        description="The memory lifecycle (expire, archive, decay, evict, merge, reembed, purge), run"
+        " by a lifecycle worker; the scheduler runs it every LIFECYCLE_INTERVAL_S.",
+    )
     actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = actions.add_parser("run", help="run it now and print how many memories each action changed")
     p.add_argument("--project", help="only this project's memories (default: every project)")
     p.add_argument("--dry-run", action="store_true", help="count what each action would change, and change nothing")
-    p.add_argument("--actions", nargs="*", metavar="ACTION",
-                   help="a subset of expire archive decay evict merge reembed purge (default: all, in that order)")
+    p.add_argument(
+        "--actions",
+        nargs="*",
+        metavar="ACTION",
+        help="a subset of expire archive decay evict merge reembed purge (default: all, in that order)",
+    )
     p.add_argument("--no-wait", action="store_true", help="enqueue the run and return without its counts")
     p.add_argument("--timeout", type=float, default=600, help="wait at most N seconds for the run's result")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -10,8 +10,16 @@ from fleet.ops.cli.output import print_json, print_table, report_cut
 from fleet.ops.terminal import interactive
 from fleet.shared.config import get_settings
 
-HEALTH_COLUMNS = ["provider", "model", "kind", "status", "latency_ms", "consecutive_failures", "last_error_class",
-                  "checked_at"]
+HEALTH_COLUMNS = [
+    "provider",
+    "model",
+    "kind",
+    "status",
+    "latency_ms",
+    "consecutive_failures",
+    "last_error_class",
+    "checked_at",
+]
 
 
 def status_snapshot() -> dict:
@@ -21,9 +29,14 @@ def status_snapshot() -> dict:
     from fleet.shared.status import queue_stats
 
     where = connections()
-    return {"broker": get_settings().broker, "database": where["database"], "redis": where["redis"],
-            "queues": queue_stats(with_recent=True), "scheduler_leader": current_leader(),
-            "providers": current_health()}
+    return {
+        "broker": get_settings().broker,
+        "database": where["database"],
+        "redis": where["redis"],
+        "queues": queue_stats(with_recent=True),
+        "scheduler_leader": current_leader(),
+        "providers": current_health(),
+    }
 
 
 def cmd_health(args) -> int:
@@ -39,8 +52,17 @@ def cmd_health(args) -> int:
     return 0
 
 
-QUEUE_COLUMNS = ["queue", "depth", "visible", "in_flight", "oldest_age_s", "succeeded_1m", "retried_1m", "failed_1m",
-                 "dead_letters"]
+QUEUE_COLUMNS = [
+    "queue",
+    "depth",
+    "visible",
+    "in_flight",
+    "oldest_age_s",
+    "succeeded_1m",
+    "retried_1m",
+    "failed_1m",
+    "dead_letters",
+]
 
 
 def cmd_status(args) -> int:
@@ -76,12 +98,14 @@ def cmd_events(args) -> int:
         return 2
     rows = job_events(trace_id=args.trace, job_id=args.job, limit=args.limit + 1)
     cut = len(rows) > args.limit
-    del rows[args.limit:]
+    del rows[args.limit :]
     if args.json:
         print_json(rows)
     else:
         for r in rows:
-            print(f"{r['created_at']:%Y-%m-%d %H:%M:%S.%f}  {r['type']:<16} {r['queue'] or '':<12} {r['job_id'] or ''}  {json.dumps(r['payload'])}")
+            print(
+                f"{r['created_at']:%Y-%m-%d %H:%M:%S.%f}  {r['type']:<16} {r['queue'] or '':<12} {r['job_id'] or ''}  {json.dumps(r['payload'])}"
+            )
     if cut:
         report_cut("fleet events", args.limit, None, "events")
     return 0

@@ -66,8 +66,10 @@ def cmd_gateway(args) -> int:
         import jwt  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        print(f"fleet gateway: needs the gateway extra ({e.name} is not installed): pip install 'fleet[gateway]'",
-              file=sys.stderr)
+        print(
+            f"fleet gateway: needs the gateway extra ({e.name} is not installed): pip install 'fleet[gateway]'",
+            file=sys.stderr,
+        )
         return 2
     from fleet.gateway.server import serve
 
@@ -77,8 +79,12 @@ def cmd_gateway(args) -> int:
 def register(sub) -> None:
     s = sub.add_parser("worker", help="run dramatiq worker processes for some or all queues")
     s.add_argument("--queues", nargs="*", help="queues to consume (default: all)")
-    s.add_argument("--jobs", action="append", metavar="MODULE[,MODULE]",
-                   help="modules declaring your own job types (`@job`), served beside the fleet's own; adds to FLEET_JOBS")
+    s.add_argument(
+        "--jobs",
+        action="append",
+        metavar="MODULE[,MODULE]",
+        help="modules declaring your own job types (`@job`), served beside the fleet's own; adds to FLEET_JOBS",
+    )
     s.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     s.add_argument("--threads", type=int, default=8, help="threads per process (default 8)")
     s.add_argument("--metrics-port", type=int, default=None, help="exporter port (FLEET_METRICS_PORT); 0 disables it")
@@ -101,5 +107,8 @@ def register(sub) -> None:
     s = sub.add_parser("simulator", help="run the provider simulator (OpenAI-compatible) on loopback")
     s.add_argument("--port", type=int, default=8900, help="loopback port to listen on (default 8900)")
     s.add_argument("--config", default="{}", help="JSON object of simulator settings")
-    s.set_defaults(func=lambda a: __import__("fleet.simulator", fromlist=["main"]).main(
-        ["--port", str(a.port), "--config", a.config]))
+    s.set_defaults(
+        func=lambda a: __import__("fleet.simulator", fromlist=["main"]).main(
+            ["--port", str(a.port), "--config", a.config]
+        )
+    )

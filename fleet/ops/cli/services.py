@@ -25,8 +25,10 @@ def cmd_services(args) -> int:
             else:
                 print("redis: REDIS_URL is set; nothing to start")
         if settings.database_url is None or (want_redis and settings.redis_url is None):
-            print("other fleet processes use these servers with FLEET_EMBEDDED=1 (or DATABASE_URL / REDIS_URL set"
-                  " to them); without either they refuse to start")
+            print(
+                "other fleet processes use these servers with FLEET_EMBEDDED=1 (or DATABASE_URL / REDIS_URL set"
+                " to them); without either they refuse to start"
+            )
     elif args.action == "down":
         print("postgres:", "stopped" if pg.down() else "not running")
         print("redis:", "stopped" if rd.down() else "not running")

@@ -16,7 +16,8 @@ def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
     middleware = fleet_middleware(settings)
     if settings.broker == "redis":
         broker = FleetRedisBroker(
-            url=redis_url(settings), middleware=middleware,
+            url=redis_url(settings),
+            middleware=middleware,
             heartbeat_timeout=settings.visibility_timeout_s * 1000,  # a dead worker's messages come back after this
             maintenance_chance=settings.redis_maintenance_chance,
         )
@@ -25,8 +26,9 @@ def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
     return broker
 
 
-def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message], *, delay: int | None = None,
-                 conn=None) -> None:
+def enqueue_many(
+    broker: dramatiq.Broker, messages: list[dramatiq.Message], *, delay: int | None = None, conn=None
+) -> None:
     """One round trip per batch where the broker can (pgmq, inside `conn`'s transaction when given), one per
     message otherwise (Redis)."""
     if isinstance(broker, PgmqBroker):

@@ -96,13 +96,24 @@ class FleetRedisBroker(ImplementedHooksOnly, RedisBroker):
             if held.command == "ack":
                 acks.setdefault(held.consumer.queue_name, []).append(held.redis_message_id)
             else:
-                args = ["nack", current_millis(), held.consumer.queue_name, self.broker_id, self.heartbeat_timeout,
-                        self.dead_message_ttl, self._should_do_maintenance("nack"), self._max_unpack_size(),
-                        held.redis_message_id]
+                args = [
+                    "nack",
+                    current_millis(),
+                    held.consumer.queue_name,
+                    self.broker_id,
+                    self.heartbeat_timeout,
+                    self.dead_message_ttl,
+                    self._should_do_maintenance("nack"),
+                    self._max_unpack_size(),
+                    held.redis_message_id,
+                ]
                 self.scripts["dispatch"](keys=[self.namespace], args=args, client=pipe)
         for queue_name, ids in acks.items():
-            keys = [f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}", f"{self.namespace}:{queue_name}.msgs",
-                    f"{self.namespace}:__heartbeats__"]
+            keys = [
+                f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}",
+                f"{self.namespace}:{queue_name}.msgs",
+                f"{self.namespace}:__heartbeats__",
+            ]
             self._ack_many(keys=keys, args=[current_millis(), self.broker_id, *ids], client=pipe)
         pipe.execute()
 
@@ -160,8 +171,14 @@ class AckWriter(threading.Thread):
                 self.broker.send_acks(batch)
         except Exception as e:  # noqa: BLE001  logged; any failure holds the acks: an ack must never outrun its events
             self.failures += 1
-            log.warning("acks.held", messages=len(batch), error_class=type(e).__name__, error=redact(str(e)),
-                        note="not acknowledged until the events are written", attempt=self.failures)
+            log.warning(
+                "acks.held",
+                messages=len(batch),
+                error_class=type(e).__name__,
+                error=redact(str(e)),
+                note="not acknowledged until the events are written",
+                attempt=self.failures,
+            )
             return False
         self.failures = 0
         for held in batch:
@@ -204,8 +221,12 @@ class _HeldAckConsumer(_RedisConsumer):
             self.room.clear()
             self.room.wait(0.05)
         if self.held:
-            log.warning("acks.unsettled_at_close", queue=self.queue_name, messages=len(self.held),
-                        note="not acknowledged: Redis redelivers them after the heartbeat timeout")
+            log.warning(
+                "acks.unsettled_at_close",
+                queue=self.queue_name,
+                messages=len(self.held),
+                note="not acknowledged: Redis redelivers them after the heartbeat timeout",
+            )
 
     def requeue_unread(self) -> None:
         """dramatiq's consumer fetches a batch into its cache and hands it out one at a time; what is still in
@@ -217,8 +238,13 @@ class _HeldAckConsumer(_RedisConsumer):
         try:
             self.requeue(Message.decode(data) for data in unread)
         except redis.ConnectionError as e:
-            log.warning("unread.not_requeued", queue=self.queue_name, messages=len(unread), error=redact(str(e)),
-                        note="Redis redelivers them after the heartbeat timeout")
+            log.warning(
+                "unread.not_requeued",
+                queue=self.queue_name,
+                messages=len(unread),
+                error=redact(str(e)),
+                note="Redis redelivers them after the heartbeat timeout",
+            )
 
     def __next__(self):
         # Prefetch full (held acks count): wait for the writer to settle some instead of dramatiq's sleep

@@ -29,22 +29,38 @@ def fleet_middleware(settings: Settings) -> list:
         *_verification(settings),  # before anything that writes for a message
         AttemptClaims(),  # before JobEvents: a skipped copy records job.skipped, not job.started
         JobEvents(),
-        ClassifiedRetries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
-                          max_backoff=settings.max_backoff_ms),
+        ClassifiedRetries(
+            max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms, max_backoff=settings.max_backoff_ms
+        ),
         DeadLetters(),
     ]
     if settings.signing_key is not None:
         # Last: it signs the envelope after every other middleware has set its options.
-        stack.append(EnvelopeSigning(settings.signing_key.get_secret_value().encode(), settings.signing_window_s,
-                                     settings.time_limit_ms))
+        stack.append(
+            EnvelopeSigning(
+                settings.signing_key.get_secret_value().encode(), settings.signing_window_s, settings.time_limit_ms
+            )
+        )
     return stack
 
 
 def _verification(settings: Settings) -> list:
     if settings.signing_key is None:
         return []
-    return [EnvelopeVerification(settings.signing_key.get_secret_value().encode(), settings.signing_window_s,
-                                 settings.time_limit_ms)]
+    return [
+        EnvelopeVerification(
+            settings.signing_key.get_secret_value().encode(), settings.signing_window_s, settings.time_limit_ms
+        )
+    ]
 
 
-__all__ = ["fleet_middleware", "ClassifiedRetries", "DeadLetters", "EnvelopeSigning", "EnvelopeVerification", "JobEvents", "Metrics", "TraceContext"]
+__all__ = [
+    "fleet_middleware",
+    "ClassifiedRetries",
+    "DeadLetters",
+    "EnvelopeSigning",
+    "EnvelopeVerification",
+    "JobEvents",
+    "Metrics",
+    "TraceContext",
+]

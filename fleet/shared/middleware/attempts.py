@@ -42,7 +42,8 @@ class AttemptClaims(Middleware):
                 "insert into request_dedup as d (scope, key, result, expires_at) values ('attempt', %s, %s,"
                 " now() + %s * interval '1 second') on conflict (scope, key) do update set created_at = now()"
                 " where d.result->>'delivery' = excluded.result->>'delivery' returning 1",
-                (key, Jsonb({"delivery": delivery}), CLAIM_TTL_S)).fetchone()
+                (key, Jsonb({"delivery": delivery}), CLAIM_TTL_S),
+            ).fetchone()
         if not claimed:
             log.warning("job.duplicate_skipped", generation=generation_of(message), delivery=delivery)
             raise SkipMessage(f"another copy of attempt {generation_of(message)} of this job already started")

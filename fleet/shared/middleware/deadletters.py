@@ -48,16 +48,24 @@ class DeadLetters(Middleware):
             log.warning("job.dead", reason=reason, dead_letter=False)
             return
         letter = DeadLetter(
-            queue=message.queue_name, actor=message.actor_name, message_id=message.message_id,
-            message=message.asdict(), reason=reason,
+            queue=message.queue_name,
+            actor=message.actor_name,
+            message_id=message.message_id,
+            message=message.asdict(),
+            reason=reason,
             error_class=type(exception).__name__ if exception else None,
             error=describe(exception) if exception else None,
-            attempts=message.options.get("retries", 0) + 1, trace_id=message.options.get("trace_id"),
+            attempts=message.options.get("retries", 0) + 1,
+            trace_id=message.options.get("trace_id"),
         )
         try:
             while_unreachable(lambda: record_dead_letter(letter), what="dead letter")
         except Exception as e:
-            log.exception("dead_letter.record_failed", job_id=message.message_id, reason=reason,
-                          note="the message stays unacknowledged; the write is tried again")
+            log.exception(
+                "dead_letter.record_failed",
+                job_id=message.message_id,
+                reason=reason,
+                note="the message stays unacknowledged; the write is tried again",
+            )
             raise DeadLetterNotRecorded(f"dead letter not recorded: {type(e).__name__}: {redact(describe(e))}") from e
         log.warning("job.dead", reason=reason)

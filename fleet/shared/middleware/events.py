@@ -28,8 +28,7 @@ class EventsNotRecorded(MiddlewareError, BrokerConnectionError):
 
 
 def job_head(message) -> str:
-    return events.job_head(message.options.get("trace_id"), message.message_id, message.queue_name,
-                           message.actor_name)
+    return events.job_head(message.options.get("trace_id"), message.message_id, message.queue_name, message.actor_name)
 
 
 def _number(value) -> str:
@@ -53,8 +52,13 @@ class JobEvents(Middleware):
         # The delivery (pgmq or Redis message id) and the deferrals tell two copies of one attempt apart.
         # Written as text: this row and job.succeeded are two of every job's rows, on every job's path.
         attempt, deferrals = options.get("retries", 0) + 1, options.get("deferrals", 0)
-        events.emit_encoded(head, message.queue_name, '"job.started"', f'{{"attempt":{_number(attempt)},'
-                            f'"deferrals":{_number(deferrals)},"delivery":{events.encode_json(delivery_of(message))}}}')
+        events.emit_encoded(
+            head,
+            message.queue_name,
+            '"job.started"',
+            f'{{"attempt":{_number(attempt)},'
+            f'"deferrals":{_number(deferrals)},"delivery":{events.encode_json(delivery_of(message))}}}',
+        )
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
         started = self._started.pop(message.message_id, None)

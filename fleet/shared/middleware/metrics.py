@@ -35,6 +35,7 @@ class Metrics(Middleware):
         if found is None:  # a race here builds the same children twice: harmless
             found = self._series[key] = JobSeries(*key)
         return found
+
     def after_process_boot(self, broker):
         queues = os.environ.get("FLEET_WORKER_QUEUES", "all")
         metrics().worker_processes.labels(queues).inc()

@@ -79,8 +79,14 @@ class ClassifiedRetries(Middleware):
         if retry_after is not None:
             delay = max(delay, int(retry_after * 1000))
         message.options["retries"] = retries + 1
-        events.emit("job.retrying", **fields, attempt=retries + 1, delay_ms=delay,
-                    error_class=type(exception).__name__, error=error)
+        events.emit(
+            "job.retrying",
+            **fields,
+            attempt=retries + 1,
+            delay_ms=delay,
+            error_class=type(exception).__name__,
+            error=error,
+        )
         log.info("job.retrying", attempt=retries + 1, delay_ms=delay, error_class=type(exception).__name__)
         enqueue_again(broker, message, delay)
 

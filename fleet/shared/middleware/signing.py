@@ -41,9 +41,19 @@ class EnvelopeSigning(Middleware):
     def digest(self, message) -> str:
         options = {k: v for k, v in message.options.items() if k not in SIGNATURE_OPTIONS}
         body = json.dumps(
-            [message.queue_name, message.actor_name, list(message.args), message.kwargs, options,
-             message.message_id, message.message_timestamp, message.options.get("sig_ts")],
-            sort_keys=True, separators=(",", ":"), default=str,
+            [
+                message.queue_name,
+                message.actor_name,
+                list(message.args),
+                message.kwargs,
+                options,
+                message.message_id,
+                message.message_timestamp,
+                message.options.get("sig_ts"),
+            ],
+            sort_keys=True,
+            separators=(",", ":"),
+            default=str,
         )
         return hmac.new(self.key, body.encode(), hashlib.sha256).hexdigest()
 
@@ -72,7 +82,9 @@ class EnvelopeVerification(EnvelopeSigning):
             raise SignatureRejected("forged or altered envelope: signature does not match")
         age_ms = int(time.time() * 1000) - signed_at
         if age_ms > self.window_ms or age_ms < -60_000:
-            raise SignatureRejected(f"envelope signed {age_ms // 1000}s ago is outside the replay window ({self.window_ms // 1000}s)")
+            raise SignatureRejected(
+                f"envelope signed {age_ms // 1000}s ago is outside the replay window ({self.window_ms // 1000}s)"
+            )
         self._claim(broker, message, signed_at)
 
     def _claim(self, broker, message, signed_at: int) -> None:
@@ -89,17 +101,20 @@ class EnvelopeVerification(EnvelopeSigning):
                 " on conflict (scope, key) do update set result = excluded.result, created_at = now()"
                 " where d.result->>'state' = 'running' and ((excluded.result->>'delivery') = (d.result->>'delivery')"
                 "  or d.created_at < now() - %s * interval '1 millisecond') returning 1",
-                (sig, claim, expires, self.time_limit_ms)).fetchone()
+                (sig, claim, expires, self.time_limit_ms),
+            ).fetchone()
             if claimed:
                 return
             state, old_holder = conn.execute(
                 "select result->>'state', result->>'holder' from request_dedup where scope = 'envelope' and key = %s",
-                (sig,)).fetchone() or (None, None)
+                (sig,),
+            ).fetchone() or (None, None)
             if state == "running" and old_holder and holder and redis_worker_dead(broker, old_holder):
                 if conn.execute(
-                        "update request_dedup set result = %s, created_at = now() where scope = 'envelope'"
-                        " and key = %s and result->>'state' = 'running' and result->>'holder' = %s returning 1",
-                        (claim, sig, old_holder)).fetchone():
+                    "update request_dedup set result = %s, created_at = now() where scope = 'envelope'"
+                    " and key = %s and result->>'state' = 'running' and result->>'holder' = %s returning 1",
+                    (claim, sig, old_holder),
+                ).fetchone():
                     return
         if state == "running":
             raise SignatureRejected("replayed envelope: a copy of this signed message is already running")
@@ -112,8 +127,11 @@ class EnvelopeVerification(EnvelopeSigning):
         if exception is not None or not isinstance(sig, str):
             return
         with get_pool().connection() as conn:
-            conn.execute("update request_dedup set result = jsonb_set(result, '{state}', '\"done\"')"
-                         " where scope = 'envelope' and key = %s", (sig,))
+            conn.execute(
+                "update request_dedup set result = jsonb_set(result, '{state}', '\"done\"')"
+                " where scope = 'envelope' and key = %s",
+                (sig,),
+            )
 
 
 def redis_holder(broker) -> str | None:

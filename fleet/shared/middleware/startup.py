@@ -19,9 +19,11 @@ class MissingSetting(MiddlewareError):
 
 
 def missing_settings(settings: Settings, queues: set[str] | None) -> list[str]:
-    return [f"{var} is not set ({why}), and this worker consumes queue {queue!r}"
-            for queue, (attr, var, why) in REQUIRED.items()
-            if (queues is None or queue in queues) and not getattr(settings, attr)]
+    return [
+        f"{var} is not set ({why}), and this worker consumes queue {queue!r}"
+        for queue, (attr, var, why) in REQUIRED.items()
+        if (queues is None or queue in queues) and not getattr(settings, attr)
+    ]
 
 
 class RequiredSettings(Middleware):

@@ -19,7 +19,10 @@ class TraceContext(Middleware):
             message.options["trace_id"] = str(uuid.uuid4())
         trace_id = message.options["trace_id"]
         structlog.contextvars.bind_contextvars(
-            trace_id=trace_id, job_id=message.message_id, queue=message.queue_name, actor=message.actor_name,
+            trace_id=trace_id,
+            job_id=message.message_id,
+            queue=message.queue_name,
+            actor=message.actor_name,
         )
 
     def after_process_message(self, broker, message, *, result=None, exception=None):

@@ -59,10 +59,20 @@ class ChatClient:
     def client(self) -> httpx.Client:
         return http_client(self.settings.chat_api_base, timeout_s=self.settings.chat_timeout_s)
 
-    def stream(self, messages: list[dict], *, model: str | None = None, temperature: float | None = None,
-               max_tokens: int | None = None) -> Iterator[Delta | Finished]:
-        body: dict = {"model": model or self.settings.chat_model_default, "messages": messages, "stream": True,
-                      "stream_options": {"include_usage": True}}
+    def stream(
+        self,
+        messages: list[dict],
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> Iterator[Delta | Finished]:
+        body: dict = {
+            "model": model or self.settings.chat_model_default,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if temperature is not None:
             body["temperature"] = temperature
         if max_tokens is not None:
@@ -81,8 +91,9 @@ class ChatClient:
 
         def attempt() -> httpx.Response:
             try:
-                response = self.client.send(self.client.build_request("POST", "/chat/completions", json=body,
-                                                                      headers=headers), stream=True)
+                response = self.client.send(
+                    self.client.build_request("POST", "/chat/completions", json=body, headers=headers), stream=True
+                )
             except httpx.TimeoutException:
                 m.provider_requests.labels(PROVIDER, "timeout").inc()
                 note_failure(PROVIDER, TransientError("timed out"), self.settings)
@@ -119,8 +130,9 @@ class ChatClient:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     if finish_reason is None:
-                        raise StreamBroken("the stream ended without a finish_reason: the server cut the answer",
-                                           text="".join(parts))
+                        raise StreamBroken(
+                            "the stream ended without a finish_reason: the server cut the answer", text="".join(parts)
+                        )
                     if usage:
                         metrics().provider_tokens.labels(PROVIDER, "input").inc(usage.get("prompt_tokens") or 0)
                         metrics().provider_tokens.labels(PROVIDER, "output").inc(usage.get("completion_tokens") or 0)
@@ -161,8 +173,8 @@ class Tokenizer:
             return 0
         try:
             response = http_client(self.root, timeout_s=self.settings.health_probe_timeout_s).post(
-                "/extras/tokenize/count", json={"input": text, "model": model},
-                headers=bearer(self.settings.chat_key))
+                "/extras/tokenize/count", json={"input": text, "model": model}, headers=bearer(self.settings.chat_key)
+            )
         except httpx.HTTPError as e:
             log.info("chat.tokenizer_unreachable", error=type(e).__name__)
             return None  # an estimate will do (marked so); the answer is already stored

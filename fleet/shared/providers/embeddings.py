@@ -28,8 +28,17 @@ from fleet.shared.metrics import metrics
 from fleet.shared.providers.http import bearer, call_with_retries, http_client, raise_for_provider, timed_post
 
 PROVIDER = "embeddings"
-TOO_LARGE_HINTS = ("too large", "too long", "too_long", "maximum context", "max tokens", "token limit", "exceeds",
-                   "at most", "physical batch size")
+TOO_LARGE_HINTS = (
+    "too large",
+    "too long",
+    "too_long",
+    "maximum context",
+    "max tokens",
+    "token limit",
+    "exceeds",
+    "at most",
+    "physical batch size",
+)
 TOO_LARGE_STATUS = (400, 422, 500)  # with one of the hints; 413 always
 
 
@@ -80,15 +89,18 @@ class EmbeddingsClient:
     def client(self) -> httpx.Client:
         return http_client(self.base_url, timeout_s=self.settings.embed_timeout_s)
 
-    def embed(self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None) -> EmbeddingResult:
+    def embed(
+        self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None
+    ) -> EmbeddingResult:
         """Embed one planned batch, every input of it, or raise InputTooLarge for an input refused even alone."""
         result = self.embed_partial(texts, model=model, expected_dim=expected_dim)
         if result.rejected:
             raise InputTooLarge(next(iter(result.rejected.values())))
         return result
 
-    def embed_partial(self, texts: Sequence[str], *, model: str | None = None,
-                      expected_dim: int | None = None) -> EmbeddingResult:
+    def embed_partial(
+        self, texts: Sequence[str], *, model: str | None = None, expected_dim: int | None = None
+    ) -> EmbeddingResult:
         """Embed one planned batch, halving it while the provider says it is too large. The vectors of the
         halves it embeds are kept: the inputs it refuses even alone come back in `rejected`, so one
         oversized input costs about 2*log2(n) extra calls, never the rest of the batch."""
@@ -102,7 +114,9 @@ class EmbeddingsClient:
             if not self._too_large(e):
                 raise
             if len(texts) == 1:
-                reason = f"the provider refuses this input even alone ({estimate_tokens(texts[0])} estimated tokens): {e}"
+                reason = (
+                    f"the provider refuses this input even alone ({estimate_tokens(texts[0])} estimated tokens): {e}"
+                )
                 return EmbeddingResult([], 0, {offset: reason})
         half = len(texts) // 2
         left = self._bisect(texts[:half], offset, model, expected_dim)

@@ -87,8 +87,12 @@ def raise_for_provider(provider: str, response: httpx.Response) -> None:
             message = detail.get("message") if isinstance(detail, dict) else json.dumps(detail)[:300]
     except (ValueError, AttributeError):
         message = response.text[:300]
-    raise ProviderError(provider, response.status_code, (message or response.reason_phrase)[:500],
-                        retry_after_s=parse_retry_after(response.headers.get("retry-after")))
+    raise ProviderError(
+        provider,
+        response.status_code,
+        (message or response.reason_phrase)[:500],
+        retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+    )
 
 
 def _validation_error(item) -> str:
@@ -107,11 +111,19 @@ def _as_fleet_error(provider: str, fn: Callable[[], T]) -> Callable[[], T]:
             raise TransientError(f"{provider} timed out: {type(e).__name__}") from None
         except httpx.TransportError as e:
             raise TransientError(f"{provider} connection failed: {type(e).__name__}: {e}") from None
+
     return call
 
 
-def call_with_retries(fn: Callable[[], T], *, provider: str, max_retries: int, base_delay_s: float = 0.5,
-                      max_delay_s: float = 20.0, sleep: Callable[[float], None] = time.sleep) -> T:
+def call_with_retries(
+    fn: Callable[[], T],
+    *,
+    provider: str,
+    max_retries: int,
+    base_delay_s: float = 0.5,
+    max_delay_s: float = 20.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """Call `fn`, retrying transient failures up to `max_retries` times (full jitter, at least Retry-After).
 
     A Retry-After longer than max_delay_s is not waited for here: the error goes up so the job is
@@ -128,13 +140,21 @@ def call_with_retries(fn: Callable[[], T], *, provider: str, max_retries: int, b
         return retry_after is not None and retry_after > max_delay_s
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
-        log.info("provider.retrying", provider=provider, attempt=state.attempt_number,
-                 delay_s=round(state.next_action.sleep, 3), error=str(state.outcome.exception())[:200])
+        log.info(
+            "provider.retrying",
+            provider=provider,
+            attempt=state.attempt_number,
+            delay_s=round(state.next_action.sleep, 3),
+            error=str(state.outcome.exception())[:200],
+        )
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(lambda e: classify(e) == "transient"),
         stop=tenacity.stop_after_attempt(max_retries + 1) | retry_after_too_long,
-        wait=wait, sleep=sleep, before_sleep=before_sleep, reraise=True,
+        wait=wait,
+        sleep=sleep,
+        before_sleep=before_sleep,
+        reraise=True,
     )
     return retrying(_as_fleet_error(provider, fn))
 

@@ -14,9 +14,12 @@ The Letta HTTP client (fleet.shared.providers.letta) is platform."""
 
 from fleet.workers import actors_of
 
-__getattr__ = actors_of(__name__, {
-    "create_agent": "actors",
-    "upgrade_fanout": "upgrade_actors",
-    "upgrade_agent": "upgrade_actors",
-    "requeue_stale_upgrades": "upgrade_actors",
-})
+__getattr__ = actors_of(
+    __name__,
+    {
+        "create_agent": "actors",
+        "upgrade_fanout": "upgrade_actors",
+        "upgrade_agent": "upgrade_actors",
+        "requeue_stale_upgrades": "upgrade_actors",
+    },
+)

@@ -56,27 +56,38 @@ def create_agent(job: CreateAgentJob) -> None:
     job_id = message.message_id if message else f"direct-{job.user_id}"
     claim_creation(str(job.user_id), job_id)  # one creator per user, without holding a connection over HTTP
     with get_pool().connection() as conn:
-        row = conn.execute("select letta_agent_id, template_name, template_version from user_profiles"
-                           " where user_id = %s", (job.user_id,)).fetchone()
+        row = conn.execute(
+            "select letta_agent_id, template_name, template_version from user_profiles where user_id = %s",
+            (job.user_id,),
+        ).fetchone()
     if row and row[0]:
         release_creation(str(job.user_id), job_id)
         if row[1] != job.template:
             raise PermanentError(f"user {job.user_id} already has an agent from template {row[1]!r}")
-        events.emit("agent.exists", **(job_fields(message) if message else {}), agent_id=row[0],
-                    template=f"{row[1]}@{row[2]}")
+        events.emit(
+            "agent.exists", **(job_fields(message) if message else {}), agent_id=row[0], template=f"{row[1]}@{row[2]}"
+        )
         return
     letta = LettaClient(settings)
     name = f"{job.template}-{job.user_id}"
     # a crash between Letta's answer and the profile's commit leaves an agent no profile points to: find it by name
     found = letta.find_agents(name)
-    agent = found[0] if found else letta.create_agent(
-        create_body(template, name, str(job.user_id), endpoint, f"{job.template}@{version}"))
+    agent = (
+        found[0]
+        if found
+        else letta.create_agent(create_body(template, name, str(job.user_id), endpoint, f"{job.template}@{version}"))
+    )
     with get_pool().connection() as conn:
         conn.execute(
             "insert into user_profiles (user_id, letta_agent_id, template_name, template_version, updated_at)"
             " values (%s, %s, %s, %s, now()) on conflict (user_id) do update set letta_agent_id = excluded.letta_agent_id,"
             " template_name = excluded.template_name, template_version = excluded.template_version, updated_at = now()",
-            (job.user_id, agent["id"], job.template, version))
+            (job.user_id, agent["id"], job.template, version),
+        )
     release_creation(str(job.user_id), job_id)
-    events.emit("agent.created", **(job_fields(message) if message else {}), agent_id=agent["id"],
-                template=f"{job.template}@{version}")
+    events.emit(
+        "agent.created",
+        **(job_fields(message) if message else {}),
+        agent_id=agent["id"],
+        template=f"{job.template}@{version}",
+    )

@@ -96,10 +96,15 @@ class AgentFile(BaseModel):
         """The fields an upgrade applies (memory blocks are not among them)."""
         a = self.agent
         tools = {t.id: t.name for t in self.tools}
-        return {"system": a.system, "tools": sorted(tools[t] for t in a.tool_ids),
-                "tool_rules": sorted((r.model_dump() for r in a.tool_rules), key=lambda r: (r["tool_name"], r["type"])),
-                "llm_config": a.llm_config, "embedding_config": a.embedding_config, "tags": sorted(a.tags),
-                "metadata": a.metadata}
+        return {
+            "system": a.system,
+            "tools": sorted(tools[t] for t in a.tool_ids),
+            "tool_rules": sorted((r.model_dump() for r in a.tool_rules), key=lambda r: (r["tool_name"], r["type"])),
+            "llm_config": a.llm_config,
+            "embedding_config": a.embedding_config,
+            "tags": sorted(a.tags),
+            "metadata": a.metadata,
+        }
 
     def initial_memory(self) -> list[dict[str, Any]]:
         """The memory blocks of a new agent. A block without a limit gets the server's default: Letta
@@ -138,8 +143,10 @@ def parse_agent_file(content: Any) -> AgentFile:
         raise InvalidAgentFile("an agent file is a JSON object")
     secrets = find_secrets(content)
     if secrets:
-        raise InvalidAgentFile(f"the file contains secret values (at {', '.join(secrets[:5])}); "
-                               "templates are shared: pass credentials to the server, not in the file")
+        raise InvalidAgentFile(
+            f"the file contains secret values (at {', '.join(secrets[:5])}); "
+            "templates are shared: pass credentials to the server, not in the file"
+        )
     try:
         return AgentFile.model_validate(content)
     except ValidationError as e:
@@ -168,15 +175,24 @@ def to_letta_file(template: AgentFile, definitions: dict[str, dict]) -> dict[str
     block_ids = {b.id: f"block-{i}" for i, b in enumerate(template.blocks)}
     tool_ids = {t.id: f"tool-{i}" for i, t in enumerate(template.tools)}
     agent = template.agent.model_dump(exclude_none=True) | {
-        "id": "agent-0", "block_ids": [block_ids[b] for b in template.agent.block_ids],
-        "tool_ids": [tool_ids[t] for t in template.agent.tool_ids]}
+        "id": "agent-0",
+        "block_ids": [block_ids[b] for b in template.agent.block_ids],
+        "tool_ids": [tool_ids[t] for t in template.agent.tool_ids],
+    }
     agent |= {k: agent.get(k) or [] for k in AGENT_FILE_LISTS}
     blocks = [b.model_dump(exclude_none=True) | {"id": block_ids[b.id]} for b in template.blocks]
     tools = []
     for tool in template.tools:
         body = definitions[tool.name] if needs_definition(tool) else tool.model_dump()
-        tools.append({k: v for k, v in body.items() if k not in ("id", "created_by_id", "last_updated_by_id")}
-                     | {"id": tool_ids[tool.id]})
+        tools.append(
+            {k: v for k, v in body.items() if k not in ("id", "created_by_id", "last_updated_by_id")}
+            | {"id": tool_ids[tool.id]}
+        )
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in template.metadata.items()}
-    return {"agents": [agent], "blocks": blocks, "tools": tools, **{k: [] for k in LETTA_FILE_LISTS},
-            "metadata": metadata}
+    return {
+        "agents": [agent],
+        "blocks": blocks,
+        "tools": tools,
+        **{k: [] for k in LETTA_FILE_LISTS},
+        "metadata": metadata,
+    }

@@ -44,17 +44,23 @@ def server_added_rule(rule: dict, template: AgentFile) -> bool:
     if (rule.get("tool_name"), rule.get("type")) in owned:
         return False
     return rule.get("type") == "requires_approval" or (
-        template.agent.include_base_tool_rules and rule.get("type") in BASE_RULE_TYPES)
+        template.agent.include_base_tool_rules and rule.get("type") in BASE_RULE_TYPES
+    )
 
 
 def target_view(template: AgentFile, endpoint: str) -> dict[str, Any]:
     """What the template says, with both billing endpoints forced to the proxy."""
     a = template.agent
     tools = {t.id: t.name for t in template.tools}
-    return {"system": a.system, "tools": sorted(tools[t] for t in a.tool_ids), "tool_rules": template_rules(template),
-            "llm_config": dict(a.llm_config) | {"model_endpoint": endpoint},
-            "embedding_config": dict(a.embedding_config) | {"embedding_endpoint": endpoint},
-            "tags": sorted(a.tags), "metadata": _own_metadata(a.metadata)}
+    return {
+        "system": a.system,
+        "tools": sorted(tools[t] for t in a.tool_ids),
+        "tool_rules": template_rules(template),
+        "llm_config": dict(a.llm_config) | {"model_endpoint": endpoint},
+        "embedding_config": dict(a.embedding_config) | {"embedding_endpoint": endpoint},
+        "tags": sorted(a.tags),
+        "metadata": _own_metadata(a.metadata),
+    }
 
 
 def agent_view(agent: dict, template: AgentFile, endpoint: str) -> dict[str, Any]:
@@ -64,14 +70,25 @@ def agent_view(agent: dict, template: AgentFile, endpoint: str) -> dict[str, Any
     if template.agent.include_base_tools:  # the server's base tools are its own: only the template's count
         names = [n for n in names if n in target["tools"]]
     keys = {(r.tool_name, r.type): set(r.model_dump(exclude_none=True)) for r in template.agent.tool_rules}
-    rules = [_rule(r, keys.get((r.get("tool_name"), r.get("type"))))
-             for r in agent.get("tool_rules") or [] if not server_added_rule(r, template)]
-    llm, embedding, metadata = (agent.get("llm_config") or {}), (agent.get("embedding_config") or {}), (
-        agent.get("metadata") or {})
-    return {"system": agent.get("system", ""), "tools": names, "tool_rules": _sorted_unique(rules),
-            "llm_config": {k: llm.get(k) for k in target["llm_config"]},
-            "embedding_config": {k: embedding.get(k) for k in target["embedding_config"]},
-            "tags": sorted(agent.get("tags") or []), "metadata": {k: metadata.get(k) for k in target["metadata"]}}
+    rules = [
+        _rule(r, keys.get((r.get("tool_name"), r.get("type"))))
+        for r in agent.get("tool_rules") or []
+        if not server_added_rule(r, template)
+    ]
+    llm, embedding, metadata = (
+        (agent.get("llm_config") or {}),
+        (agent.get("embedding_config") or {}),
+        (agent.get("metadata") or {}),
+    )
+    return {
+        "system": agent.get("system", ""),
+        "tools": names,
+        "tool_rules": _sorted_unique(rules),
+        "llm_config": {k: llm.get(k) for k in target["llm_config"]},
+        "embedding_config": {k: embedding.get(k) for k in target["embedding_config"]},
+        "tags": sorted(agent.get("tags") or []),
+        "metadata": {k: metadata.get(k) for k in target["metadata"]},
+    }
 
 
 def changes(agent: dict, template: AgentFile, endpoint: str) -> dict[str, dict[str, Any]]:
@@ -80,8 +97,9 @@ def changes(agent: dict, template: AgentFile, endpoint: str) -> dict[str, dict[s
     return {f: {"from": old[f], "to": new[f]} for f in UPGRADED_FIELDS if old[f] != new[f]}
 
 
-def patch_body(agent: dict, template: AgentFile, endpoint: str, changed: dict,
-               tool_id_of: Callable[[str], str]) -> dict[str, Any]:
+def patch_body(
+    agent: dict, template: AgentFile, endpoint: str, changed: dict, tool_id_of: Callable[[str], str]
+) -> dict[str, Any]:
     """One PATCH for the changed fields: whole objects, the template's fields laid over the agent's."""
     target, body = target_view(template, endpoint), {}
     if "system" in changed:
@@ -90,8 +108,11 @@ def patch_body(agent: dict, template: AgentFile, endpoint: str, changed: dict,
         if field in changed:
             body[field] = dict(agent.get(field) or {}) | target[field]
     if "tools" in changed:
-        kept = [t["id"] for t in agent.get("tools") or []
-                if template.agent.include_base_tools and t["name"] not in target["tools"]]
+        kept = [
+            t["id"]
+            for t in agent.get("tools") or []
+            if template.agent.include_base_tools and t["name"] not in target["tools"]
+        ]
         body["tool_ids"] = [tool_id_of(name) for name in target["tools"]] + kept
     if "tool_rules" in changed:
         kept_rules = [r for r in agent.get("tool_rules") or [] if server_added_rule(r, template)]

@@ -15,8 +15,9 @@ class BillingNotConfigured(PermanentError):
 
 def billing_endpoint(settings: Settings, user_id: str) -> str:
     if not settings.zuplo_base_url:
-        raise BillingNotConfigured("ZUPLO_BASE_URL is not set: agents cannot be created or upgraded without the "
-                                   "billing proxy")
+        raise BillingNotConfigured(
+            "ZUPLO_BASE_URL is not set: agents cannot be created or upgraded without the billing proxy"
+        )
     return f"{settings.zuplo_base_url.rstrip('/')}/api/v1/agents/{user_id}/messages"
 
 
@@ -27,10 +28,16 @@ def create_body(template: AgentFile, name: str, user_id: str, endpoint: str, tem
     target, agent = target_view(template, endpoint), template.agent
     tools = {t.id: t.name for t in template.tools}
     body = {
-        "name": name, "system": agent.system, "llm_config": target["llm_config"],
-        "embedding_config": target["embedding_config"], "memory_blocks": template.initial_memory(),
-        "tools": [tools[t] for t in agent.tool_ids], "tool_rules": target["tool_rules"], "tags": agent.tags,
-        "include_base_tools": agent.include_base_tools, "include_base_tool_rules": agent.include_base_tool_rules,
+        "name": name,
+        "system": agent.system,
+        "llm_config": target["llm_config"],
+        "embedding_config": target["embedding_config"],
+        "memory_blocks": template.initial_memory(),
+        "tools": [tools[t] for t in agent.tool_ids],
+        "tool_rules": target["tool_rules"],
+        "tags": agent.tags,
+        "include_base_tools": agent.include_base_tools,
+        "include_base_tool_rules": agent.include_base_tool_rules,
         "metadata": target["metadata"] | {"fleet_template": template_ref, "fleet_user_id": user_id},
     }
     return body | ({"agent_type": agent.agent_type} if agent.agent_type else {})

@@ -52,8 +52,13 @@ def upgrade_fanout(job: FanoutJob) -> None:
 def upgrade_agent(job: UpgradeAgentJob) -> None:
     """Upgrades one agent to a template version (diff, one PATCH, verify)."""
     message = CurrentMessage.get_current_message()
-    upgrade_one(str(job.run_id), job.agent_id, get_settings(), job_fields(message) if message else {},
-                last_attempt=is_last_attempt(dramatiq.get_broker(), message) if message else True)
+    upgrade_one(
+        str(job.run_id),
+        job.agent_id,
+        get_settings(),
+        job_fields(message) if message else {},
+        last_attempt=is_last_attempt(dramatiq.get_broker(), message) if message else True,
+    )
 
 
 @job(RequeueJob, queue="maintenance", max_retries=0)

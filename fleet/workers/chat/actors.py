@@ -44,11 +44,16 @@ def chat_completion(job: ChatJob) -> None:
 def _answer(job: ChatJob, message, publisher: FramePublisher, settings) -> None:
     job_id = message.message_id
     request = ChatRequest(
-        session_id=job.session_id, job_id=job_id, key=job.idempotency_key or f"job:{job_id}",
+        session_id=job.session_id,
+        job_id=job_id,
+        key=job.idempotency_key or f"job:{job_id}",
         content=job.messages[-1].content if job.messages else job.content,
         messages=[m.model_dump() for m in job.messages] if job.messages else None,
-        model=job.model or settings.chat_model_default, temperature=job.temperature, max_tokens=job.max_tokens,
-        user_id=str(job.user_id) if job.user_id else None, trace=job_fields(message),
+        model=job.model or settings.chat_model_default,
+        temperature=job.temperature,
+        max_tokens=job.max_tokens,
+        user_id=str(job.user_id) if job.user_id else None,
+        trace=job_fields(message),
         ready_sent=bool(message.options.get(READY_SENT)),
     )
     limiter = per_minute("chat", settings.chat_rate_limit_per_min)

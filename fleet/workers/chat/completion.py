@@ -42,8 +42,9 @@ class ChatRequest:
 
 
 def ensure_session(conn, session_id: str, user_id: str | None) -> None:
-    conn.execute("insert into chat_sessions (id, user_id) values (%s, %s) on conflict (id) do nothing",
-                 (session_id, user_id))
+    conn.execute(
+        "insert into chat_sessions (id, user_id) values (%s, %s) on conflict (id) do nothing", (session_id, user_id)
+    )
     owner = conn.execute("select user_id from chat_sessions where id = %s", (session_id,)).fetchone()[0]
     if user_id is not None and owner is not None and str(owner) != str(user_id):
         raise SessionOwnedByAnother(f"session {session_id!r} belongs to another user")
@@ -87,14 +88,30 @@ def replay_stored(req: ChatRequest, row: dict, publisher: FramePublisher) -> Non
         publisher.publish("ready", replayed=True)
     if row["content"]:
         publisher.publish("chat.delta", text=row["content"])
-    usage = {"prompt_tokens": row["tokens_in"], "completion_tokens": row["tokens_out"],
-             "estimated": row["tokens_estimated"]}
+    usage = {
+        "prompt_tokens": row["tokens_in"],
+        "completion_tokens": row["tokens_out"],
+        "estimated": row["tokens_estimated"],
+    }
     if row["status"] == "complete":
-        publisher.publish("chat.done", text=row["content"], usage=usage, finish_reason=row["finish_reason"],
-                          status="complete", replayed=True)
+        publisher.publish(
+            "chat.done",
+            text=row["content"],
+            usage=usage,
+            finish_reason=row["finish_reason"],
+            status="complete",
+            replayed=True,
+        )
     else:
-        publisher.publish("error", error_class="Interrupted", message=row["error"] or "the stored answer is partial",
-                          status=row["status"], text=row["content"], usage=usage, replayed=True)
+        publisher.publish(
+            "error",
+            error_class="Interrupted",
+            message=row["error"] or "the stored answer is partial",
+            status=row["status"],
+            text=row["content"],
+            usage=usage,
+            replayed=True,
+        )
     events.emit("chat.done", **req.trace, status=row["status"], replayed=True, session_id=req.session_id)
 
 
@@ -114,10 +131,14 @@ def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> 
             " where session_id = %s and role = 'assistant' and idempotency_key = %s",
             (req.session_id, req.key),
         ).fetchone()
-        if prior is not None and prior["status"] == "streaming":  # an earlier attempt died mid-stream: no silent restart
-            cur.execute("update messages set status = 'partial', tokens_estimated = true, tokens_out = %s,"
-                        " error = 'the worker stopped while streaming', completed_at = now() where id = %s",
-                        (estimate_tokens(prior["content"]) if prior["content"] else 0, prior["id"]))
+        if (
+            prior is not None and prior["status"] == "streaming"
+        ):  # an earlier attempt died mid-stream: no silent restart
+            cur.execute(
+                "update messages set status = 'partial', tokens_estimated = true, tokens_out = %s,"
+                " error = 'the worker stopped while streaming', completed_at = now() where id = %s",
+                (estimate_tokens(prior["content"]) if prior["content"] else 0, prior["id"]),
+            )
             prior = cur.execute("select * from messages where id = %s", (prior["id"],)).fetchone()
         if prior is None:
             user_row = cur.execute(
@@ -129,8 +150,10 @@ def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> 
             ).fetchone()
             # The history's budget leaves room in the model's context window for the new message and the answer.
             budget = history_budget(settings, req.model, req.max_tokens) - message_tokens(settings, req.content)
-            context = req.messages or (history(conn, req.session_id, user_row["id"], budget, settings)
-                                       + [{"role": "user", "content": req.content}])
+            context = req.messages or (
+                history(conn, req.session_id, user_row["id"], budget, settings)
+                + [{"role": "user", "content": req.content}]
+            )
             check_fits(settings, req.model, req.max_tokens, context)
     # Frames go out after the commit: publishing takes a connection of its own, and holding this one (and
     # its transaction) meanwhile let busy threads exhaust the pool waiting for their second connection.
@@ -140,8 +163,9 @@ def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> 
     return None, context
 
 
-def run_chat(req: ChatRequest, client: ChatClient, publisher: FramePublisher, settings: Settings,
-             *, rate_limit=None) -> str:
+def run_chat(
+    req: ChatRequest, client: ChatClient, publisher: FramePublisher, settings: Settings, *, rate_limit=None
+) -> str:
     """Returns the final status. Raises before the first delta (so the job is retried or dead-lettered);
     after it, never: a broken stream ends `partial` with an `error` frame."""
     replayed, context = prepare(req, publisher, settings)
@@ -215,15 +239,20 @@ def _persist(answer_id: int, text: str) -> None:
 
 def _finish(req, answer_id, event: Finished, context, publisher, started, first_delta_at, settings) -> str:
     usage_out = usage_of(settings, req.model, event.usage, context, event.text)
-    tokens_in, tokens_out, estimated = usage_out["prompt_tokens"], usage_out["completion_tokens"], usage_out["estimated"]
+    tokens_in, tokens_out, estimated = (
+        usage_out["prompt_tokens"],
+        usage_out["completion_tokens"],
+        usage_out["estimated"],
+    )
     with get_pool().connection() as conn:
         conn.execute(
             "update messages set content = %s, status = 'complete', tokens_in = %s, tokens_out = %s,"
             " tokens_estimated = %s, finish_reason = %s, completed_at = now() where id = %s",
             (event.text, tokens_in, tokens_out, estimated, event.finish_reason, answer_id),
         )
-    publisher.publish("chat.done", text=event.text, usage=usage_out, finish_reason=event.finish_reason,
-                      status="complete")
+    publisher.publish(
+        "chat.done", text=event.text, usage=usage_out, finish_reason=event.finish_reason, status="complete"
+    )
     _done_event(req, "complete", usage_out, started, first_delta_at, event.finish_reason)
     return "complete"
 
@@ -238,8 +267,9 @@ def _end_partial(req, answer_id, text, error, context, publisher, started, first
             " tokens_estimated = true, error = %s, completed_at = now() where id = %s",
             (text, tokens_in, tokens_out, message, answer_id),
         )
-    publisher.publish("error", error_class=type(error).__name__, message=message, status="partial", text=text,
-                      usage=usage, final=True)
+    publisher.publish(
+        "error", error_class=type(error).__name__, message=message, status="partial", text=text, usage=usage, final=True
+    )
     _done_event(req, "partial", usage, started, first_delta_at, None, error=message)
     return "partial"
 
@@ -248,7 +278,17 @@ def _done_event(req, status, usage, started, first_delta_at, finish_reason, erro
     now = time.monotonic()
     metrics().chat_completions.labels(req.model, status).inc()
     if usage.get("completion_tokens") and first_delta_at:
-        metrics().chat_tokens_per_s.labels(req.model).observe(usage["completion_tokens"] / max(now - first_delta_at, 1e-3))
-    events.emit("chat.done", **req.trace, status=status, session_id=req.session_id, usage=usage,
-                finish_reason=finish_reason, latency_ms=round((now - started) * 1000, 1),
-                ttft_ms=round((first_delta_at - started) * 1000, 1) if first_delta_at else None, error=error)
+        metrics().chat_tokens_per_s.labels(req.model).observe(
+            usage["completion_tokens"] / max(now - first_delta_at, 1e-3)
+        )
+    events.emit(
+        "chat.done",
+        **req.trace,
+        status=status,
+        session_id=req.session_id,
+        usage=usage,
+        finish_reason=finish_reason,
+        latency_ms=round((now - started) * 1000, 1),
+        ttft_ms=round((first_delta_at - started) * 1000, 1) if first_delta_at else None,
+        error=error,
+    )

@@ -50,7 +50,8 @@ def check_fits(settings: Settings, model: str, max_tokens: int | None, messages:
     if prompt + answer > window:
         raise ContextWindowExceeded(
             f"the prompt (about {prompt} tokens) and room for the answer ({answer}) exceed the context window"
-            f" of {model} ({window} tokens, CHAT_CONTEXT_WINDOWS): shorten the message or start a new session")
+            f" of {model} ({window} tokens, CHAT_CONTEXT_WINDOWS): shorten the message or start a new session"
+        )
 
 
 def empty_answer_error(settings: Settings, model: str, messages: list[dict], cause: BaseException) -> BaseException:
@@ -63,20 +64,28 @@ def empty_answer_error(settings: Settings, model: str, messages: list[dict], cau
     prompt = (counted + overhead(settings, messages)) if counted is not None else prompt_estimate(settings, messages)
     if prompt < window:
         return cause
-    return ContextWindowExceeded(f"the server answered nothing: the prompt ({prompt} tokens"
-                                 f"{'' if counted is not None else ', estimated'}) does not fit the context window"
-                                 f" of {model} ({window} tokens)")
+    return ContextWindowExceeded(
+        f"the server answered nothing: the prompt ({prompt} tokens"
+        f"{'' if counted is not None else ', estimated'}) does not fit the context window"
+        f" of {model} ({window} tokens)"
+    )
 
 
 def usage_of(settings: Settings, model: str, reported: dict | None, messages: list[dict], text: str) -> dict:
     """The server's usage when it sent one; otherwise counted with its tokenizer, or estimated, plus the
     template's overhead, and marked estimated either way."""
     if reported and reported.get("prompt_tokens") is not None:
-        return {"prompt_tokens": reported.get("prompt_tokens"), "completion_tokens": reported.get("completion_tokens"),
-                "estimated": False}
+        return {
+            "prompt_tokens": reported.get("prompt_tokens"),
+            "completion_tokens": reported.get("completion_tokens"),
+            "estimated": False,
+        }
     tokenizer = Tokenizer(settings)
     counted = tokenizer.count("\n".join(m["content"] for m in messages), model)
     content = counted if counted is not None else sum(estimate_tokens(m["content"]) for m in messages)
     answer = tokenizer.count(text, model) if text else 0
-    return {"prompt_tokens": content + overhead(settings, messages),
-            "completion_tokens": answer if answer is not None else estimate_tokens(text), "estimated": True}
+    return {
+        "prompt_tokens": content + overhead(settings, messages),
+        "completion_tokens": answer if answer is not None else estimate_tokens(text),
+        "estimated": True,
+    }

@@ -43,8 +43,10 @@ def embed_documents(job: EmbedJob) -> None:
         with get_pool().connection() as conn:
             delete_stale_chunks(conn, table, docs, found)
     if stats.rejected and message is None:  # called outside a worker: nowhere to put them but an error
-        raise PermanentError(f"{stats.failed} of {len(docs)} document(s) could not be embedded "
-                             f"(the rest are stored): {'; '.join(stats.failures[:5])}")
+        raise PermanentError(
+            f"{stats.failed} of {len(docs)} document(s) could not be embedded "
+            f"(the rest are stored): {'; '.join(stats.failures[:5])}"
+        )
     for doc, reason in stats.rejected:
         dead_letter_input(message, job, doc, reason, model, table)
 
@@ -55,11 +57,32 @@ def dead_letter_input(message, job: EmbedJob, doc: Doc, reason: str, model: str,
     if job.source is not None:
         payload = {"source": job.source, "ids": [doc.metadata["id"]], "model": model}
     else:
-        payload = {"documents": [{"source_id": doc.source_id, "chunk_index": doc.chunk_index, "content": doc.content,
-                                  "metadata": doc.metadata}], "table": table, "model": model}
-    letter = message.asdict() | {"args": [payload], "message_id": f"{message.message_id}/{doc.source_id}#{doc.chunk_index}"}
-    record_dead_letter(DeadLetter(
-        queue=message.queue_name, actor=message.actor_name, message_id=letter["message_id"], message=letter,
-        reason=f"permanent error: InputTooLarge: {doc.source_id}#{doc.chunk_index}: {reason}",
-        error_class="InputTooLarge", error=reason, attempts=message.options.get("retries", 0) + 1,
-        trace_id=message.options.get("trace_id")))
+        payload = {
+            "documents": [
+                {
+                    "source_id": doc.source_id,
+                    "chunk_index": doc.chunk_index,
+                    "content": doc.content,
+                    "metadata": doc.metadata,
+                }
+            ],
+            "table": table,
+            "model": model,
+        }
+    letter = message.asdict() | {
+        "args": [payload],
+        "message_id": f"{message.message_id}/{doc.source_id}#{doc.chunk_index}",
+    }
+    record_dead_letter(
+        DeadLetter(
+            queue=message.queue_name,
+            actor=message.actor_name,
+            message_id=letter["message_id"],
+            message=letter,
+            reason=f"permanent error: InputTooLarge: {doc.source_id}#{doc.chunk_index}: {reason}",
+            error_class="InputTooLarge",
+            error=reason,
+            attempts=message.options.get("retries", 0) + 1,
+            trace_id=message.options.get("trace_id"),
+        )
+    )

@@ -92,8 +92,9 @@ def registered_sources(settings: Settings | None = None) -> dict[str, Source]:
 def source(name: str, settings: Settings | None = None) -> Source:
     sources = registered_sources(settings)
     if name not in sources:
-        raise UnregisteredSource(f"unregistered source {name!r}; registered in EMBED_SOURCES: "
-                                 f"{', '.join(sorted(sources)) or '(none)'}")
+        raise UnregisteredSource(
+            f"unregistered source {name!r}; registered in EMBED_SOURCES: {', '.join(sorted(sources)) or '(none)'}"
+        )
     return sources[name]
 
 
@@ -167,8 +168,9 @@ def unchanged(conn: psycopg.Connection, table: str, docs: list[Doc], model: str)
 UPSERT_COLUMNS = sql.SQL("source_id, chunk_index, content, metadata, model, content_hash, embedding")
 
 
-def upsert_vectors(conn: psycopg.Connection, table: str, docs: list[Doc], vectors: list[list[float]], model: str,
-                   dim: int) -> int:
+def upsert_vectors(
+    conn: psycopg.Connection, table: str, docs: list[Doc], vectors: list[list[float]], model: str, dim: int
+) -> int:
     """Binary COPY into a temporary table, then one INSERT ... ON CONFLICT DO UPDATE, in one transaction.
 
     bench/embed.py compares it with psycopg 3's pipelined executemany of single-row upserts: on this
@@ -177,33 +179,40 @@ def upsert_vectors(conn: psycopg.Connection, table: str, docs: list[Doc], vector
     """
     with_vectors(conn)
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(sql.SQL(
-            "create temp table if not exists embed_stage (source_id text, chunk_index int, content text,"
-            " metadata jsonb, model text, content_hash text, embedding vector({})) on commit delete rows"
-        ).format(sql.Literal(dim)))
+        cur.execute(
+            sql.SQL(
+                "create temp table if not exists embed_stage (source_id text, chunk_index int, content text,"
+                " metadata jsonb, model text, content_hash text, embedding vector({})) on commit delete rows"
+            ).format(sql.Literal(dim))
+        )
         with cur.copy(sql.SQL("copy embed_stage ({}) from stdin (format binary)").format(UPSERT_COLUMNS)) as copy:
             copy.set_types(["text", "int4", "text", "jsonb", "text", "text", "vector"])
             for doc, vec in zip(docs, vectors, strict=True):
-                copy.write_row((doc.source_id, doc.chunk_index, doc.content, Jsonb(doc.metadata), model, doc.hash,
-                                Vector(vec)))
-        cur.execute(sql.SQL(
-            "insert into {table} ({columns}) select {columns} from embed_stage"
-            " on conflict (source_id, chunk_index) do update set content = excluded.content,"
-            " metadata = excluded.metadata, model = excluded.model, content_hash = excluded.content_hash,"
-            " embedding = excluded.embedding, updated_at = now()"
-        ).format(table=sql.Identifier(table), columns=UPSERT_COLUMNS))
+                copy.write_row(
+                    (doc.source_id, doc.chunk_index, doc.content, Jsonb(doc.metadata), model, doc.hash, Vector(vec))
+                )
+        cur.execute(
+            sql.SQL(
+                "insert into {table} ({columns}) select {columns} from embed_stage"
+                " on conflict (source_id, chunk_index) do update set content = excluded.content,"
+                " metadata = excluded.metadata, model = excluded.model, content_hash = excluded.content_hash,"
+                " embedding = excluded.embedding, updated_at = now()"
+            ).format(table=sql.Identifier(table), columns=UPSERT_COLUMNS)
+        )
         return cur.rowcount
 
 
-def load_source_docs(conn: psycopg.Connection, name: str, ids: list[str], settings: Settings,
-                     model: str) -> tuple[list[Doc], list[str], Source]:
+def load_source_docs(
+    conn: psycopg.Connection, name: str, ids: list[str], settings: Settings, model: str
+) -> tuple[list[Doc], list[str], Source]:
     """Rows of a registered source, chunked for `model`; returns (docs, missing ids, source)."""
     src = source(name, settings)
     columns = [sql.SQL("{}::text").format(sql.Identifier(src.id_column)), sql.Identifier(src.content_column)]
     columns += [sql.Identifier(c) for c in src.metadata_columns]
     rows = conn.execute(
         sql.SQL("select {} from {} where {}::text = any(%s)").format(
-            sql.SQL(", ").join(columns), src.table_identifier(), sql.Identifier(src.id_column)),
+            sql.SQL(", ").join(columns), src.table_identifier(), sql.Identifier(src.id_column)
+        ),
         (ids,),
     ).fetchall()
     found = {r[0] for r in rows}
@@ -222,8 +231,10 @@ def delete_stale_chunks(conn: psycopg.Connection, table: str, docs: list[Doc], s
     for d in docs:
         counts[d.source_id] = max(counts.get(d.source_id, 0), d.chunk_index + 1)
     return conn.execute(
-        sql.SQL("delete from {} t using unnest(%s::text[], %s::int[]) as k(source_id, n)"
-                " where t.source_id = k.source_id and t.chunk_index >= k.n").format(sql.Identifier(table)),
+        sql.SQL(
+            "delete from {} t using unnest(%s::text[], %s::int[]) as k(source_id, n)"
+            " where t.source_id = k.source_id and t.chunk_index >= k.n"
+        ).format(sql.Identifier(table)),
         (list(counts), list(counts.values())),
     ).rowcount
 
@@ -240,8 +251,16 @@ class EmbedStats:
     rejected: list[tuple[Doc, str]] = field(default_factory=list)  # inputs the provider refuses even alone
 
 
-def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsClient, *, trace: dict,
-                  settings: Settings, missing: int = 0) -> EmbedStats:
+def run_embedding(
+    docs: list[Doc],
+    table: str,
+    model: str,
+    client: EmbeddingsClient,
+    *,
+    trace: dict,
+    settings: Settings,
+    missing: int = 0,
+) -> EmbedStats:
     """Embed what changed, one provider batch at a time, each upserted as soon as it returns so a
     retried job never pays again for finished batches."""
     stats = EmbedStats(missing=missing)
@@ -263,8 +282,9 @@ def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsCli
             stats.embedded += len(done)
             m.embed_batches.labels(table).inc()
             m.embed_documents.labels(table, "embedded").inc(len(done))
-        events.emit("embed.status", **trace, batches_done=n, batches_total=len(batches), embedded=stats.embedded,
-                    table=table)
+        events.emit(
+            "embed.status", **trace, batches_done=n, batches_total=len(batches), embedded=stats.embedded, table=table
+        )
 
     # Batch n is written while batch n+1 is at the provider; the job ends only when every write has.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-upsert") as writer:
@@ -278,9 +298,20 @@ def run_embedding(docs: list[Doc], table: str, model: str, client: EmbeddingsCli
             pending.result()
     m.embed_documents.labels(table, "skipped").inc(stats.skipped)
     m.embed_documents.labels(table, "failed").inc(stats.failed)
-    events.emit("embed.done", **trace, table=table, model=model, embedded=stats.embedded, skipped=stats.skipped,
-                failed=stats.failed, missing=stats.missing, tokens=stats.tokens, batches=stats.batches,
-                duration_ms=round((time.monotonic() - started) * 1000, 1), failures=stats.failures[:20])
+    events.emit(
+        "embed.done",
+        **trace,
+        table=table,
+        model=model,
+        embedded=stats.embedded,
+        skipped=stats.skipped,
+        failed=stats.failed,
+        missing=stats.missing,
+        tokens=stats.tokens,
+        batches=stats.batches,
+        duration_ms=round((time.monotonic() - started) * 1000, 1),
+        failures=stats.failures[:20],
+    )
     return stats
 
 
@@ -301,8 +332,14 @@ def _embed_group(group: list[Doc], model: str, dim: int, client: EmbeddingsClien
 MATCH_FUNCTIONS = {"vector_documents": "match_agent_knowledge_vectors", "code_vectors": "match_code_vectors"}
 
 
-def search(text: str, *, table: str = "vector_documents", k: int = 5, filter: dict | None = None,
-           settings: Settings | None = None) -> list[dict]:
+def search(
+    text: str,
+    *,
+    table: str = "vector_documents",
+    k: int = 5,
+    filter: dict | None = None,
+    settings: Settings | None = None,
+) -> list[dict]:
     """Embed `text` with the default model and return the k nearest chunks of `table`."""
     settings = settings or get_settings()
     if table not in MATCH_FUNCTIONS:
@@ -315,7 +352,8 @@ def search(text: str, *, table: str = "vector_documents", k: int = 5, filter: di
         with_vectors(conn)
         cur = conn.execute(
             sql.SQL("select source_id, chunk_index, content, metadata, similarity from {}(%s, %s, %s)").format(
-                sql.Identifier(MATCH_FUNCTIONS[table])),
+                sql.Identifier(MATCH_FUNCTIONS[table])
+            ),
             (Vector(vector), k, Jsonb(filter or {})),
         )
         names = [c.name for c in cur.description]

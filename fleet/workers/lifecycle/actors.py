@@ -37,8 +37,13 @@ class LifecycleJob(BaseModel):
 def memory_lifecycle(job: LifecycleJob) -> None:
     """Expires, archives, decays, evicts, merges and re-embeds memories."""
     message = CurrentMessage.get_current_message()
-    run_lifecycle(project=job.project_id, dry_run=job.dry_run, actions=job.actions, batch_size=job.batch_size,
-                  trace=job_fields(message) if message else None)
+    run_lifecycle(
+        project=job.project_id,
+        dry_run=job.dry_run,
+        actions=job.actions,
+        batch_size=job.batch_size,
+        trace=job_fields(message) if message else None,
+    )
 
 
 class EmbedMemoriesJob(BaseModel):
@@ -55,7 +60,9 @@ def embed_memories(job: EmbedMemoriesJob) -> None:
         rows = conn.execute(
             "select m.id, p.content from memories m join memory_payloads p on p.memory_id = m.id"
             " where m.id = any(%s::uuid[]) and m.status = 'activated' and p.content is not null"
-            " and (m.embedding is null or m.embedding_model is distinct from %s)", (job.ids, model)).fetchall()
+            " and (m.embedding is null or m.embedding_model is distinct from %s)",
+            (job.ids, model),
+        ).fetchall()
         dim = vector_dim(conn, "memories")
     if not rows:
         return
@@ -70,4 +77,5 @@ def embed_memories(job: EmbedMemoriesJob) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(
                     "update memories set embedding = %s, embedding_model = %s, updated_at = now() where id = %s",
-                    [(Vector(v), model, mid) for (mid, _), v in zip(group, vectors, strict=True)])
+                    [(Vector(v), model, mid) for (mid, _), v in zip(group, vectors, strict=True)],
+                )

@@ -29,7 +29,9 @@ QUEUE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,46}$")
 
 def validate_queue_name(name: str) -> str:
     if not QUEUE_NAME.match(name):
-        raise ValueError(f"invalid queue name {name!r}: lowercase letters, digits and _ (max 47), starting with a letter")
+        raise ValueError(
+            f"invalid queue name {name!r}: lowercase letters, digits and _ (max 47), starting with a letter"
+        )
     return name
 
 
@@ -105,8 +107,9 @@ class PgmqBroker(ImplementedHooksOnly, Broker):
         self.enqueue_many([message], delay=delay)
         return message
 
-    def enqueue_many(self, messages: Iterable[dramatiq.Message], *, delay: int | None = None,
-                     conn: psycopg.Connection | None = None) -> list[int]:
+    def enqueue_many(
+        self, messages: Iterable[dramatiq.Message], *, delay: int | None = None, conn: psycopg.Connection | None = None
+    ) -> list[int]:
         """Enqueue many messages atomically (one `pgmq.send_batch` per queue and chunk of 1,000), each seen
         by the middleware. With `conn`, inside the caller's transaction on that connection (the SDK claims
         idempotency keys in the same one). Returns the pgmq ids."""
@@ -138,8 +141,15 @@ class PgmqBroker(ImplementedHooksOnly, Broker):
         hooked = self._implementing("before_enqueue") + self._implementing("after_enqueue")
         return all(type(m).__name__ in self.BULK_SAFE_MIDDLEWARE for m in hooked)
 
-    def enqueue_payloads(self, queue_name: str, actor_name: str, payloads: list, *, trace_id: str | None = None,
-                         delay_ms: int | None = None) -> list[tuple[str, str]]:
+    def enqueue_payloads(
+        self,
+        queue_name: str,
+        actor_name: str,
+        payloads: list,
+        *,
+        trace_id: str | None = None,
+        delay_ms: int | None = None,
+    ) -> list[tuple[str, str]]:
         """For producers, atomic per call: the envelopes are written as JSON text (no Message objects, no
         per-message hooks), sent through the same bulk path as enqueue_many. Only when no middleware must
         see each message (see can_enqueue_in_bulk). Returns (message_id, trace_id) per payload."""

@@ -80,8 +80,13 @@ class PgmqConsumer(Consumer):
         try:
             self.conn.execute("select pgmq.set_vt(%s, %s::bigint[], 0)", (self.queue_name, ids))
         except psycopg.Error as e:
-            log.warning("requeue.failed", queue=self.queue_name, count=len(ids), error=str(e),
-                        note="they come back when their visibility timeout ends")
+            log.warning(
+                "requeue.failed",
+                queue=self.queue_name,
+                count=len(ids),
+                error=str(e),
+                note="they come back when their visibility timeout ends",
+            )
         finally:
             self._let_go(ids)  # returned, or left to their visibility timeout: the heartbeat stops either way
 
@@ -212,8 +217,15 @@ class PgmqConsumer(Consumer):
             rows = self.conn.execute(
                 "select msg_id, read_ct, extract(epoch from enqueued_at), message"
                 " from fleet_ack_and_read(%s, %s::bigint[], %s::bigint[], %s, %s, %s::jsonb, %s)",
-                (self.queue_name, acks, nacks, self.settings.visibility_timeout_s, max(qty, 0),
-                 events.as_json_array(event_rows) if event_rows else None, not durable),
+                (
+                    self.queue_name,
+                    acks,
+                    nacks,
+                    self.settings.visibility_timeout_s,
+                    max(qty, 0),
+                    events.as_json_array(event_rows) if event_rows else None,
+                    not durable,
+                ),
             ).fetchall()
         except psycopg.Error as e:
             events.put_back(event_rows)
@@ -238,12 +250,22 @@ class PgmqConsumer(Consumer):
         rejected: list[int] = []
         for msg_id, read_ct, enqueued_at, body in rows:
             try:
-                message, from_sql = decode(self.queue_name, msg_id, enqueued_at, body,
-                                           self.settings.max_payload_bytes, self.broker.actor_for_queue)
+                message, from_sql = decode(
+                    self.queue_name,
+                    msg_id,
+                    enqueued_at,
+                    body,
+                    self.settings.max_payload_bytes,
+                    self.broker.actor_for_queue,
+                )
                 if read_ct > MAX_DELIVERIES:
-                    raise Undeliverable(f"delivered {read_ct} times without being acknowledged (the job keeps killing its worker)")
+                    raise Undeliverable(
+                        f"delivered {read_ct} times without being acknowledged (the job keeps killing its worker)"
+                    )
             except Exception as e:  # noqa: BLE001  any message that cannot be decoded is dead-lettered with the reason
-                reason = str(e) if isinstance(e, Undeliverable) else f"could not decode the message: {type(e).__name__}: {e}"
+                reason = (
+                    str(e) if isinstance(e, Undeliverable) else f"could not decode the message: {type(e).__name__}: {e}"
+                )
                 try:
                     self._dead_letter(msg_id, read_ct, body, reason)
                     rejected.append(msg_id)
@@ -267,14 +289,29 @@ class PgmqConsumer(Consumer):
         delay = min(30.0, 0.5 * 2 ** (self.refusals - 1))
         self.backoff_until = time.monotonic() + delay
         metrics().consumer_errors.labels(self.queue_name, type(error).__name__).inc()
-        log.error("consumer.round_trip_refused", queue=self.queue_name, error_class=type(error).__name__,
-                  error=redact(str(error)), retry_in_s=delay, refusals=self.refusals)
+        log.error(
+            "consumer.round_trip_refused",
+            queue=self.queue_name,
+            error_class=type(error).__name__,
+            error=redact(str(error)),
+            retry_in_s=delay,
+            refusals=self.refusals,
+        )
 
     def _dead_letter(self, msg_id: int, read_ct: int, body: str, reason: str) -> None:
         job_id, actor, trace_id = identity(body)
-        record_dead_letter(DeadLetter(
-            queue=self.queue_name, actor=actor, message_id=job_id or f"pgmq:{self.queue_name}:{msg_id}", message=None,
-            raw=body[:10_000], reason=reason, error_class="UndeliverableMessage", error=reason, attempts=read_ct,
-            trace_id=trace_id,
-        ))
+        record_dead_letter(
+            DeadLetter(
+                queue=self.queue_name,
+                actor=actor,
+                message_id=job_id or f"pgmq:{self.queue_name}:{msg_id}",
+                message=None,
+                raw=body[:10_000],
+                reason=reason,
+                error_class="UndeliverableMessage",
+                error=reason,
+                attempts=read_ct,
+                trace_id=trace_id,
+            )
+        )
         log.warning("message.undeliverable", queue=self.queue_name, pgmq_id=msg_id, reason=reason)

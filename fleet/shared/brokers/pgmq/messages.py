@@ -35,8 +35,9 @@ class Undeliverable(Exception):
     """The row can never become a job: it is dead-lettered and archived."""
 
 
-def decode(queue_name: str, msg_id: int, enqueued_at, body: str, max_bytes: int,
-           actor_for: Callable[[str, Any], str]) -> tuple[dramatiq.Message, bool]:
+def decode(
+    queue_name: str, msg_id: int, enqueued_at, body: str, max_bytes: int, actor_for: Callable[[str, Any], str]
+) -> tuple[dramatiq.Message, bool]:
     """The message, and whether it was a raw JSON job wrapped here (True) rather than an envelope."""
     if len(body) > max_bytes:
         raise Undeliverable(f"message of {len(body)} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({max_bytes})")
@@ -54,7 +55,11 @@ def decode(queue_name: str, msg_id: int, enqueued_at, body: str, max_bytes: int,
 def _envelope(queue_name: str, data: dict) -> dramatiq.Message:
     try:
         fields = {k: data[k] for k in ENVELOPE_FIELDS}
-        if not isinstance(fields["args"], list) or not isinstance(fields["kwargs"], dict) or not isinstance(fields["options"], dict):
+        if (
+            not isinstance(fields["args"], list)
+            or not isinstance(fields["kwargs"], dict)
+            or not isinstance(fields["options"], dict)
+        ):
             raise TypeError("args must be a list, kwargs and options objects")
         fields["args"] = tuple(fields["args"])
         if (why := problem(fields["args"])) is not None:
@@ -66,7 +71,9 @@ def _envelope(queue_name: str, data: dict) -> dramatiq.Message:
         raise Undeliverable(f"malformed message envelope: {e}") from None
 
 
-def _wrapped(queue_name: str, msg_id: int, enqueued_at, data: Any, actor_for: Callable[[str, Any], str]) -> dramatiq.Message:
+def _wrapped(
+    queue_name: str, msg_id: int, enqueued_at, data: Any, actor_for: Callable[[str, Any], str]
+) -> dramatiq.Message:
     """A raw JSON job from SQL or another producer: wrapped for the queue's actor."""
     if not isinstance(data, dict):
         raise Undeliverable(f"a raw message must be a JSON object, got {type(data).__name__}")
@@ -78,8 +85,12 @@ def _wrapped(queue_name: str, msg_id: int, enqueued_at, data: Any, actor_for: Ca
     if (why := problem(payload)) is not None:
         raise Undeliverable(f"raw message refused: {why}")
     return dramatiq.Message(
-        queue_name=queue_name, actor_name=actor_name, args=(payload,), kwargs={},
-        options={"raw": True}, message_id=f"pgmq:{queue_name}:{msg_id}",
+        queue_name=queue_name,
+        actor_name=actor_name,
+        args=(payload,),
+        kwargs={},
+        options={"raw": True},
+        message_id=f"pgmq:{queue_name}:{msg_id}",
         message_timestamp=int(float(enqueued_at) * 1000),
     )
 
@@ -94,5 +105,7 @@ def identity(body: str) -> tuple[str | None, str | None, str | None]:
     if not isinstance(data, dict):
         return None, None, None
     options = data.get("options") if isinstance(data.get("options"), dict) else {}
-    return tuple(v if isinstance(v, str) else None
-                 for v in (data.get("message_id"), data.get("actor_name"), options.get("trace_id")))
+    return tuple(
+        v if isinstance(v, str) else None
+        for v in (data.get("message_id"), data.get("actor_name"), options.get("trace_id"))
+    )

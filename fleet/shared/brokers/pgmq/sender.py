@@ -27,8 +27,13 @@ SEND_BATCH_SIZE = 1000
 Chunk = tuple[str, list[str]]  # (queue name, encoded envelopes)
 
 
-def send_in_bulk(broker: PgmqBroker, queue_names: Iterable[str], chunks: Iterable[Chunk], delay_ms: int | None,
-                 conn: psycopg.Connection | None = None) -> list[int]:
+def send_in_bulk(
+    broker: PgmqBroker,
+    queue_names: Iterable[str],
+    chunks: Iterable[Chunk],
+    delay_ms: int | None,
+    conn: psycopg.Connection | None = None,
+) -> list[int]:
     """Draw `chunks` (the caller's thread encodes each as it is drawn) and send them atomically; returns the
     pgmq ids. Give a batch that fits one chunk as a list: it is then sent as one statement."""
     try:
@@ -58,10 +63,13 @@ def send_encoded(conn: psycopg.Connection, queue_name: str, bodies: list[str], d
         return conn.execute("select pgmq.send(%s, %s::jsonb)", (queue_name, bodies[0]))
     array = "[" + ",".join(bodies) + "]"
     if delay_ms:
-        return conn.execute(f"select * from pgmq.send_batch(%s, array(select jsonb_array_elements(%s::jsonb)), {at})",
-                            (queue_name, array, delay_ms))
-    return conn.execute("select * from pgmq.send_batch(%s, array(select jsonb_array_elements(%s::jsonb)))",
-                        (queue_name, array))
+        return conn.execute(
+            f"select * from pgmq.send_batch(%s, array(select jsonb_array_elements(%s::jsonb)), {at})",
+            (queue_name, array, delay_ms),
+        )
+    return conn.execute(
+        "select * from pgmq.send_batch(%s, array(select jsonb_array_elements(%s::jsonb)))", (queue_name, array)
+    )
 
 
 def _fetch_ids(cursor: psycopg.Cursor) -> list[int]:
@@ -77,8 +85,9 @@ def payload_json(payload) -> str:
         return json.dumps(payload)
 
 
-def payload_envelopes(queue_name: str, actor_name: str, payloads: list, trace_id: str | None, max_bytes: int,
-                      ids: list[tuple[str, str]]) -> Iterator[Chunk]:
+def payload_envelopes(
+    queue_name: str, actor_name: str, payloads: list, trace_id: str | None, max_bytes: int, ids: list[tuple[str, str]]
+) -> Iterator[Chunk]:
     """Envelopes written as JSON text directly (no Message objects), a chunk at a time; appends each
     job's (message id, trace id) to `ids` as it is encoded."""
     head = f'{{"queue_name":{json.dumps(queue_name)},"actor_name":{json.dumps(actor_name)},"args":['
@@ -89,8 +98,10 @@ def payload_envelopes(queue_name: str, actor_name: str, payloads: list, trace_id
         traces = [trace_id] * len(chunk) if trace_id else uuid4_strings(len(chunk))
         bodies = []
         for payload, message_id, trace in zip(chunk, message_ids, traces, strict=True):
-            body = (f'{head}{payload_json(payload)}],"kwargs":{{}},"options":{{"trace_id":"{trace}"}},'
-                    f'"message_id":"{message_id}","message_timestamp":{now_ms}}}')
+            body = (
+                f'{head}{payload_json(payload)}],"kwargs":{{}},"options":{{"trace_id":"{trace}"}},'
+                f'"message_id":"{message_id}","message_timestamp":{now_ms}}}'
+            )
             # orjson writes UTF-8, not \u escapes: count bytes, for a body that could be over (4 bytes a character at most)
             if len(body) * 4 > max_bytes and (size := len(body.encode())) > max_bytes:
                 raise PayloadTooLarge(f"payload of {size} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({max_bytes})")
