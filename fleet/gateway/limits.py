@@ -2,8 +2,8 @@
 
 - Requests a minute: CHAT_RATE_LIMIT_PER_MIN and EMBED_RATE_LIMIT_PER_MIN on the POST routes,
   GATEWAY_AGENT_RATE_LIMIT_PER_MIN on POST /v1/agents, GATEWAY_OPERATOR_RATE_LIMIT_PER_MIN on the
-  operators' POST routes, GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate limiter over the fleet's
-  shared backend (Redis or Postgres), so they hold across processes.
+  operators' POST routes, GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate limiter
+  over the fleet's shared backend (Redis or Postgres), so they hold across processes.
 - Open streams: GATEWAY_MAX_STREAMS_PER_USER SSE streams per verified user in one process.
 """
 
@@ -40,7 +40,8 @@ def _try(limiter: WindowRateLimiter) -> bool:
 
 async def check_rate(settings: Settings, gw: GatewaySettings, kind: str, client: str) -> None:
     """429 with Retry-After when `client` has used its requests of this minute. Retry-After is the
-    window: by then every request counted against the client has left it. `kind` is chat, embed, agents, operator or read."""
+    window: by then every request counted against the client has left it. `kind` is chat, embed, agents,
+    operator or read."""
     limit = _limit(settings, gw, kind)
     if limit <= 0:
         return

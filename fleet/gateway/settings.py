@@ -32,19 +32,26 @@ class GatewaySettings(BaseSettings):
         1_000_000,
         alias="GATEWAY_MAX_BODY_BYTES",
         ge=256,
-        description="The largest request body accepted, on every method; a larger one is a 413 before any credential is checked.",
+        description=(
+            "The largest request body accepted, on every method; a larger one is a 413 before any credential is "
+            "checked."
+        ),
     )
     keepalive_s: float = Field(
         15.0,
         alias="GATEWAY_KEEPALIVE_S",
         gt=0,
-        description="Seconds of quiet after which a stream sends a `: keepalive` comment and checks for a stored answer.",
+        description=(
+            "Seconds of quiet after which a stream sends a `: keepalive` comment and checks for a stored answer."
+        ),
     )
     stream_timeout_s: float = Field(
         600.0,
         alias="GATEWAY_STREAM_TIMEOUT_S",
         gt=0,
-        description="Seconds after which a stream with no final frame ends with a StreamTimeout error frame (the job goes on).",
+        description=(
+            "Seconds after which a stream with no final frame ends with a StreamTimeout error frame (the job goes on)."
+        ),
     )
     keep_frames_s: float = Field(300.0, alias="GATEWAY_KEEP_FRAMES_S", ge=0)  # pgmq resume buffer after a job's end
 
@@ -107,7 +114,10 @@ class GatewaySettings(BaseSettings):
     verify_jwt: bool = Field(
         False,
         alias="GATEWAY_VERIFY_JWT",
-        description="Require a JWT (HS256 with GATEWAY_JWT_SECRET, or keys from GATEWAY_JWKS_URL) on every route but the health checks.",
+        description=(
+            "Require a JWT (HS256 with GATEWAY_JWT_SECRET, or keys from GATEWAY_JWKS_URL) on every route but the "
+            "health checks."
+        ),
     )
     jwt_secret: SecretStr | None = Field(None, alias="GATEWAY_JWT_SECRET")  # HS256 (Supabase's JWT secret)
     jwks_url: str | None = Field(None, alias="GATEWAY_JWKS_URL")  # asymmetric keys (RS256, ES256)
@@ -139,13 +149,18 @@ class GatewaySettings(BaseSettings):
     hmac_key: SecretStr | None = Field(
         None,
         alias="GATEWAY_HMAC_KEY",
-        description="The shared key of HMAC-signed requests (X-Signature over the method, path, query, token, idempotency key, timestamp and body).",
+        description=(
+            "The shared key of HMAC-signed requests (X-Signature over the method, path, query, token, idempotency "
+            "key, timestamp and body)."
+        ),
     )
     hmac_window_s: int = Field(
         300,
         alias="GATEWAY_HMAC_WINDOW_S",
         ge=1,
-        description="How far X-Timestamp may be from the gateway's clock, in seconds; a signature is accepted once within it.",
+        description=(
+            "How far X-Timestamp may be from the gateway's clock, in seconds; a signature is accepted once within it."
+        ),
     )
     agent_rate_limit_per_min: int = Field(
         30,

@@ -152,7 +152,8 @@ class Store:
         # Expired rows are pruned by housekeeping; one not pruned yet is taken over here, not scanned for.
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "insert into gateway_signatures as g (signature, expires_at) values (%s, now() + %s * interval '1 second')"
+                "insert into gateway_signatures as g (signature, expires_at)"
+                " values (%s, now() + %s * interval '1 second')"
                 " on conflict (signature) do update set expires_at = excluded.expires_at where g.expires_at < now()"
                 " returning 1",
                 (signature, ttl_s),

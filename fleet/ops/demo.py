@@ -157,5 +157,6 @@ def _summary(counts: dict[str, int], jobs: int, elapsed: float, trace_id: str) -
     print(f"    rate     {jobs / elapsed:,.0f} jobs/s over {elapsed:.1f}s")
     print(f"    story    fleet events --trace {trace_id} | head")
     print(
-        "    chat     GATEWAY_DEV=true FLEET_EMBEDDED=1 fleet gateway, then open http://127.0.0.1:8080/ (chat and embed over HTTP as SSE)"
+        "    chat     GATEWAY_DEV=true FLEET_EMBEDDED=1 fleet gateway, then open http://127.0.0.1:8080/ (chat and "
+        "embed over HTTP as SSE)"
     )

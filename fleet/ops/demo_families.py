@@ -63,7 +63,8 @@ def demo_embeddings(client, documents: int, workers) -> bool:
     t0 = time.monotonic()
     jobs = client.embed_documents(docs, docs_per_job=256, trace_id=trace_id)
     print(
-        f"  embedding {documents} documents in {len(jobs)} jobs (batches of up to 64 per provider call), trace {trace_id}"
+        f"  embedding {documents} documents in {len(jobs)} jobs (batches of up to 64 per provider call), trace "
+        f"{trace_id}"
     )
     with progress_bar("documents", documents) as bar:
         while True:

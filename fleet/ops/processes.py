@@ -74,7 +74,8 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str =
 
 
 class WorkerGroup:
-    """`dramatiq fleet.workers:start` as real processes, in their own process group so a test or the soak can SIGKILL them all."""
+    """`dramatiq fleet.workers:start` as real processes, in their own process group so a test or the soak can
+    SIGKILL them all."""
 
     def __init__(
         self,

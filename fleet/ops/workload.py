@@ -169,7 +169,8 @@ class Workload:
                             list(r)
                             for r in conn.execute(
                                 sql.SQL(
-                                    "select msg_id, read_ct, enqueued_at::text, vt::text from pgmq.{} where message->>'message_id' = %s"
+                                    "select msg_id, read_ct, enqueued_at::text, vt::text from pgmq.{} where "
+                                    "message->>'message_id' = %s"
                                 ).format(sql.Identifier(table)),
                                 (job_id,),
                             )
@@ -257,7 +258,8 @@ class Workload:
             out["dead_letters_without_reason"] = no_reason
             out.update(self._delivery_checks(conn))
             rows, distinct = conn.execute(
-                "select count(*), count(distinct (source_id, chunk_index)) from vector_documents where source_id like %s",
+                "select count(*), count(distinct (source_id, chunk_index)) from vector_documents where source_id "
+                "like %s",
                 (f"{self.tag}-doc-%",),
             ).fetchone()
             out["embeddings"] = {"documents": self.documents, "rows": rows, "duplicated": rows - distinct}

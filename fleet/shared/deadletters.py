@@ -46,7 +46,8 @@ def record_dead_letter(dl: DeadLetter) -> int:
         raw = storable_text(redact(dl.raw))
     with get_pool().connection() as conn:
         row = conn.execute(
-            "insert into dead_letters (queue, actor, message_id, message, raw, reason, error_class, error, attempts, trace_id)"
+            "insert into dead_letters (queue, actor, message_id, message, raw, reason, error_class, error, attempts, "
+            "trace_id)"
             " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id",
             (
                 dl.queue,

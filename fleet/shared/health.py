@@ -331,7 +331,8 @@ def _record_success(provider: str, settings: Settings) -> None:
         row = conn.execute(
             "insert into provider_health (provider, model, kind, status, last_success_at) values (%s, %s, %s,"
             " 'healthy', now()) on conflict (provider, model) do update set consecutive_failures = 0,"
-            " last_success_at = now(), status = case when provider_health.status = 'down' then 'down' else 'healthy' end"
+            " last_success_at = now(),"
+            " status = case when provider_health.status = 'down' then 'down' else 'healthy' end"
             " returning status = 'down'",
             (provider, probe.model, probe.kind),
         ).fetchone()

@@ -1,6 +1,7 @@
 """What any job payload must be, beyond its actor's model: nested at most MAX_DEPTH deep, free of NUL
-characters, which Postgres text and jsonb cannot store, and of NaN and infinite numbers, which JSON has not. Checked where input enters (the SDK at
-enqueue, the pgmq consumer for raw messages, every actor), so it is refused with a reason there.
+characters, which Postgres text and jsonb cannot store, and of NaN and infinite numbers, which JSON has not.
+Checked where input enters (the SDK at enqueue, the pgmq consumer for raw messages, every actor), so it is
+refused with a reason there.
 `storable` makes text that must be kept anyway (events, dead letters) safe for Postgres."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The rule every long-lived connection follows when its server goes away: try again at once, then with
-jittered exponential backoff (dramatiq's compute_backoff, from 50 ms up to 1 s, so a restarted database is read again within a second of accepting connections). A lost connection is an
-expected fault: one warning per episode, naming the SQLSTATE (never the SQL text), and a count in
-`fleet_db_reconnects_total` by process role and connection."""
+jittered exponential backoff (dramatiq's compute_backoff, from 50 ms up to 1 s, so a restarted database is
+read again within a second of accepting connections). A lost connection is an expected fault: one warning
+per episode, naming the SQLSTATE (never the SQL text), and a count in `fleet_db_reconnects_total` by process
+role and connection."""
 
 from __future__ import annotations
 

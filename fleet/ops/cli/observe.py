@@ -104,7 +104,8 @@ def cmd_events(args) -> int:
     else:
         for r in rows:
             print(
-                f"{r['created_at']:%Y-%m-%d %H:%M:%S.%f}  {r['type']:<16} {r['queue'] or '':<12} {r['job_id'] or ''}  {json.dumps(r['payload'])}"
+                f"{r['created_at']:%Y-%m-%d %H:%M:%S.%f}  {r['type']:<16} {r['queue'] or '':<12} {r['job_id'] or ''}"
+                f"  {json.dumps(r['payload'])}"
             )
     if cut:
         report_cut("fleet events", args.limit, None, "events")

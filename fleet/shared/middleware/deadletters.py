@@ -23,7 +23,8 @@ def reason_for(message, exception: BaseException | None) -> str:
         return f"unknown actor {message.actor_name!r}"
     text = describe(exception)
     if message.options.get("retries_exhausted"):
-        return f"retries exhausted after {message.options.get('retries', 0) + 1} attempts: {type(exception).__name__}: {text}"
+        attempts = message.options.get("retries", 0) + 1
+        return f"retries exhausted after {attempts} attempts: {type(exception).__name__}: {text}"
     return f"permanent error: {type(exception).__name__}: {text}"
 
 

@@ -80,7 +80,8 @@ def create_agent(job: CreateAgentJob) -> None:
     with get_pool().connection() as conn:
         conn.execute(
             "insert into user_profiles (user_id, letta_agent_id, template_name, template_version, updated_at)"
-            " values (%s, %s, %s, %s, now()) on conflict (user_id) do update set letta_agent_id = excluded.letta_agent_id,"
+            " values (%s, %s, %s, %s, now()) on conflict (user_id) do update set letta_agent_id = "
+            "excluded.letta_agent_id,"
             " template_name = excluded.template_name, template_version = excluded.template_version, updated_at = now()",
             (job.user_id, agent["id"], job.template, version),
         )

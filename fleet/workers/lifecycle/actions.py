@@ -135,7 +135,8 @@ def _evict(conn, params: dict, caps: dict[str, int]) -> int:
     for type_, cap in caps.items():
         keep = int(cap * 0.8)
         groups = conn.execute(
-            "select m.project_id, count(*) - %(keep)s from memories m where m.status = 'activated' and m.type = %(type)s"
+            "select m.project_id, count(*) - %(keep)s from memories m where m.status = 'activated' and m.type = "
+            "%(type)s"
             " and (%(project)s::text is null or m.project_id = %(project)s) group by m.project_id"
             " having count(*) > %(keep)s",
             params | {"type": type_, "keep": keep},
@@ -149,7 +150,8 @@ def _evict(conn, params: dict, caps: dict[str, int]) -> int:
                     if not params["dry_run"]:
                         conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"evict:{project_id}:{type_}",))
                     excess_now = conn.execute(
-                        "select count(*) - %s from memories where status = 'activated' and type = %s and project_id = %s",
+                        "select count(*) - %s from memories where status = 'activated' and type = %s and project_id "
+                        "= %s",
                         (keep, type_, project_id),
                     ).fetchone()[0]
                     n = conn.execute(
@@ -158,7 +160,8 @@ def _evict(conn, params: dict, caps: dict[str, int]) -> int:
                                         and m.project_id = %(p)s and {SCOPE}
                                         order by m.confidence, m.last_accessed_at, m.created_at
                                         limit least(%(batch)s, greatest(%(excess)s, 0)) for update skip locked),
-                        changed as (update memories m set status = 'archived', status_changed_at = now(), updated_at = now()
+                        changed as (update memories m set status = 'archived', status_changed_at = now(),
+                                        updated_at = now()
                                     from picked where m.id = picked.id
                                     returning m.id, 'activated'::text as from_status, m.status as to_status,
                                               null::real as from_confidence, null::real as to_confidence,
@@ -198,7 +201,8 @@ def _merge(conn, params: dict) -> int:
         ids = [
             r[0]
             for r in conn.execute(
-                "select m.id from memories m where m.status = 'activated' and m.embedding is not null and m.id > %(after)s"
+                "select m.id from memories m where m.status = 'activated' and m.embedding is not null and m.id > "
+                "%(after)s"
                 " and (%(project)s::text is null or m.project_id = %(project)s) order by m.id limit %(batch)s",
                 params | {"after": after},
             ).fetchall()
@@ -234,8 +238,10 @@ def _reembed(conn, params: dict, enqueue) -> int:
             str(r[0])
             for r in conn.execute(
                 "select m.id from memories m join memory_payloads p on p.memory_id = m.id"
-                " where m.status = 'activated' and (m.embedding is null or m.embedding_model is distinct from %(model)s)"
-                " and p.content is not null and m.id > %(after)s and (%(project)s::text is null or m.project_id = %(project)s)"
+                " where m.status = 'activated' and (m.embedding is null or m.embedding_model is distinct from "
+                "%(model)s)"
+                " and p.content is not null and m.id > %(after)s and (%(project)s::text is null or m.project_id = "
+                "%(project)s)"
                 " order by m.id limit %(batch)s",
                 params | {"after": after},
             ).fetchall()
@@ -336,9 +342,12 @@ def run_lifecycle(
         from fleet.shared.client import FleetClient
 
         client = FleetClient()
-        enqueue = lambda payloads: client.enqueue_many(
-            "embed_memories", payloads, trace_id=(trace or {}).get("trace_id")
-        )  # noqa: E731
+
+        def enqueue_embeddings(payloads):
+            return client.enqueue_many("embed_memories", payloads, trace_id=(trace or {}).get("trace_id"))
+
+        enqueue = enqueue_embeddings
+
     with get_pool().connection() as conn:
         # A dry run does the real work on private copies inside one transaction that is rolled back: its
         # counts are exactly what a run would do (later actions see earlier ones), and nothing changes.

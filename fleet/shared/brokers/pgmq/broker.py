@@ -88,7 +88,8 @@ class PgmqBroker(ImplementedHooksOnly, Broker):
 
         def create(c: psycopg.Connection) -> None:
             exists = c.execute(
-                "select 1 from pg_trigger t join pg_class r on r.oid = t.tgrelid join pg_namespace n on n.oid = r.relnamespace"
+                "select 1 from pg_trigger t join pg_class r on r.oid = t.tgrelid join pg_namespace n on n.oid = "
+                "r.relnamespace"
                 " where n.nspname = 'pgmq' and r.relname = %s and t.tgname = 'fleet_notify_insert'",
                 (f"q_{queue_name}",),
             ).fetchone()

@@ -102,7 +102,8 @@ def payload_envelopes(
                 f'{head}{payload_json(payload)}],"kwargs":{{}},"options":{{"trace_id":"{trace}"}},'
                 f'"message_id":"{message_id}","message_timestamp":{now_ms}}}'
             )
-            # orjson writes UTF-8, not \u escapes: count bytes, for a body that could be over (4 bytes a character at most)
+            # orjson writes UTF-8, not \u escapes: count bytes, for a body that could be over
+            # (4 bytes a character at most)
             if len(body) * 4 > max_bytes and (size := len(body.encode())) > max_bytes:
                 raise PayloadTooLarge(f"payload of {size} bytes exceeds FLEET_MAX_PAYLOAD_BYTES ({max_bytes})")
             bodies.append(body)
