@@ -30,22 +30,10 @@ from pathlib import Path
 from bench.soak_checks import SECRET_KEY, Outcome, soak_report
 
 # The provider fault storm (--faults): 30% 5xx, 10% 429 with Retry-After, 5% timeouts, 5% malformed bodies.
-STORM = {
-    "error_rate_5xx": 0.30,
-    "rate_429": 0.10,
-    "retry_after_s": 1.0,
-    "timeout_rate": 0.05,
-    "timeout_s": 3.0,
-    "malformed_rate": 0.05,
-}
-CALM = {
-    "latency_ms": 5,
-    "latency_per_input_ms": 0.2,
-    "ttft_ms": 20,
-    "tokens_per_s": 0,
-    "answer_tokens": 8,
-    "letta_latency_ms": 5,
-}
+STORM = {"error_rate_5xx": 0.30, "rate_429": 0.10, "retry_after_s": 1.0, "timeout_rate": 0.05, "timeout_s": 3.0,
+         "malformed_rate": 0.05}
+CALM = {"latency_ms": 5, "latency_per_input_ms": 0.2, "ttft_ms": 20, "tokens_per_s": 0, "answer_tokens": 8,
+        "letta_latency_ms": 5}
 GROUPS = 3  # worker groups (a dramatiq main process with one worker process each), all queues
 
 
@@ -75,9 +63,8 @@ class Chaos(threading.Thread):
     new one. Once: restart PostgreSQL;
     once (Redis broker): restart Redis. Dead groups (a restart during an outage) are started again."""
 
-    def __init__(
-        self, start_group, groups: list, *, every_s: float, pg, redis, pg_at: float, redis_at: float, seed: int
-    ) -> None:
+    def __init__(self, start_group, groups: list, *, every_s: float, pg, redis, pg_at: float, redis_at: float,
+                 seed: int) -> None:
         super().__init__(daemon=True)
         self.start_group, self.groups = start_group, groups
         self.every_s, self.pg, self.redis, self.pg_at, self.redis_at = every_s, pg, redis, pg_at, redis_at
@@ -132,41 +119,25 @@ def start_simulator(faults: bool):
 
 def start_scheduler(env: dict, logs: Path) -> subprocess.Popen:
     with open(logs / "scheduler.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fleet.ops.cli", "scheduler"],
-            env=env,
-            start_new_session=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
+        return subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "scheduler"], env=env, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
 
 
 def soak_env(sim_url: str) -> dict:
     """The workers' environment: the simulator for every provider, short timeouts so that the chaos shows."""
     return dict(os.environ) | {
-        "EMBEDDING_API_BASE": f"{sim_url}/v1",
-        "EMBEDDING_API_KEY": SECRET_KEY,
-        "CHAT_API_BASE": f"{sim_url}/v1",
-        "CHAT_API_KEY": SECRET_KEY,
-        "LETTA_API_BASE_URL": sim_url,
-        "LETTA_API_KEY": SECRET_KEY,
-        "ZUPLO_BASE_URL": "https://billing.soak.invalid",
+        "EMBEDDING_API_BASE": f"{sim_url}/v1", "EMBEDDING_API_KEY": SECRET_KEY,
+        "CHAT_API_BASE": f"{sim_url}/v1", "CHAT_API_KEY": SECRET_KEY,
+        "LETTA_API_BASE_URL": sim_url, "LETTA_API_KEY": SECRET_KEY, "ZUPLO_BASE_URL": "https://billing.soak.invalid",
         "HEALTH_PROVIDERS": "chat,embedding,letta",
-        "FLEET_VISIBILITY_TIMEOUT_S": "5",
-        "FLEET_MAX_RETRIES": "8",
-        "FLEET_MIN_BACKOFF_MS": "200",
-        "FLEET_MAX_BACKOFF_MS": "4000",
-        "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000",
-        "FLEET_LOG_LEVEL": "INFO",
-        "UPGRADE_STALE_AFTER_S": "10",
-        "UPGRADE_HALT_MIN_SAMPLE": "100000",
-        "EMBED_PROVIDER_MAX_RETRIES": "1",
-        "LETTA_MAX_RETRIES": "1",
+        "FLEET_VISIBILITY_TIMEOUT_S": "5", "FLEET_MAX_RETRIES": "8", "FLEET_MIN_BACKOFF_MS": "200",
+        "FLEET_MAX_BACKOFF_MS": "4000", "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000", "FLEET_LOG_LEVEL": "INFO",
+        "UPGRADE_STALE_AFTER_S": "10", "UPGRADE_HALT_MIN_SAMPLE": "100000",
+        "EMBED_PROVIDER_MAX_RETRIES": "1", "LETTA_MAX_RETRIES": "1",
     }
 
 
-def produce_waves(work, mix: "Mix", waves: int = 5) -> None:
+def produce_waves(work, mix: Mix, waves: int = 5) -> None:
     """The agents first, then the rest of the work in waves, a second apart."""
     work.agents(mix.agents)
     for w in range(waves):
@@ -179,7 +150,7 @@ def produce_waves(work, mix: "Mix", waves: int = 5) -> None:
         time.sleep(1.0)
 
 
-def wait_to_settle(work, chaos: "Chaos", mix: "Mix", broker: str, t0: float, deadline: float, min_stops: int) -> bool:
+def wait_to_settle(work, chaos: Chaos, mix: Mix, broker: str, t0: float, deadline: float, min_stops: int) -> bool:
     """Start the upgrade once the agents exist, then wait until every job is final and the chaos has done its
     part (or the deadline). Returns whether the upgrade was started."""
     upgrade_started = False
@@ -189,20 +160,14 @@ def wait_to_settle(work, chaos: "Chaos", mix: "Mix", broker: str, t0: float, dea
             if not upgrade_started and work.agents_created() >= mix.agents:
                 work.upgrade()
                 upgrade_started = True
-            restarts_done = (
-                chaos.pg_restarts >= bool(chaos.pg_at)
-                and chaos.redis_restarts >= bool(chaos.redis_at)
-                and len(chaos.stopped_at) >= min_stops
-            )
+            restarts_done = (chaos.pg_restarts >= bool(chaos.pg_at) and chaos.redis_restarts >= bool(chaos.redis_at)
+                             and len(chaos.stopped_at) >= min_stops)
             if upgrade_started and restarts_done and work.settled():
                 break
             if time.monotonic() - last > 5:
                 done, total = work.progress()
-                print(
-                    f"  [{broker}] {time.monotonic() - t0:5.0f}s  {done}/{total} final, kills {chaos.kills},"
-                    f" pg restarts {chaos.pg_restarts}, redis restarts {chaos.redis_restarts}",
-                    flush=True,
-                )
+                print(f"  [{broker}] {time.monotonic() - t0:5.0f}s  {done}/{total} final, kills {chaos.kills},"
+                      f" pg restarts {chaos.pg_restarts}, redis restarts {chaos.redis_restarts}", flush=True)
                 last = time.monotonic()
         except Exception as e:  # the database is restarting: read again shortly
             print(f"  [{broker}] waiting: {type(e).__name__}", flush=True)
@@ -210,17 +175,8 @@ def wait_to_settle(work, chaos: "Chaos", mix: "Mix", broker: str, t0: float, dea
     return upgrade_started
 
 
-def soak(
-    broker: str,
-    jobs: int,
-    *,
-    faults: bool,
-    time_limit_s: float,
-    kill_every_s: float,
-    seed: int,
-    chaos_on: bool = True,
-    min_stops: int = 0,
-) -> dict:
+def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_every_s: float, seed: int,
+         chaos_on: bool = True, min_stops: int = 0) -> dict:
     home = Path(tempfile.mkdtemp(prefix=f"fleet-soak-{broker}-"))
     saved_env = dict(os.environ)
     os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": broker})
@@ -229,10 +185,9 @@ def soak(
     from fleet.shared.config import reset_settings
 
     reset_settings()
+    from fleet.ops.processes import WorkerGroup, stop_process
     from fleet.shared.db import close_pool, connect
-    from fleet.ops.processes import stop_process
     from fleet.shared.migrate import migrate
-    from fleet.ops.processes import WorkerGroup
     from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
     pg, rd = EmbeddedPostgres(home), (EmbeddedRedis(home) if broker == "redis" else None)
@@ -259,23 +214,15 @@ def soak(
         # As in production, a scheduler re-probes the providers, so jobs deferred by a probe that found one down
         # run again once it answers, and stale upgrade agents are requeued; the chaos leaves it running.
         scheduler = start_scheduler(env | {"HEALTH_REFRESH_INTERVAL_S": "5"}, logs)
-        from fleet.shared.client import FleetClient
         from fleet.ops.workload import Workload
+        from fleet.shared.client import FleetClient
 
         client = FleetClient()
         work = Workload(client, connect, seed=seed)
         mix = Mix(jobs)
         t0 = time.monotonic()
-        chaos = Chaos(
-            start_group,
-            groups,
-            every_s=kill_every_s if chaos_on else float("inf"),
-            pg=pg,
-            redis=rd,
-            seed=seed,
-            pg_at=2.5 if chaos_on else 0,
-            redis_at=5.0 if (rd and chaos_on) else 0,
-        )
+        chaos = Chaos(start_group, groups, every_s=kill_every_s if chaos_on else float("inf"), pg=pg, redis=rd,
+                      seed=seed, pg_at=2.5 if chaos_on else 0, redis_at=5.0 if (rd and chaos_on) else 0)
         chaos.start()
         # The work arrives in waves while the chaos runs; producers retry through the restarts.
         produce_waves(work, mix)
@@ -285,21 +232,13 @@ def soak(
         settle_s = time.monotonic() - t0
         chaos.stopping.set()
         chaos.join()
-        return soak_report(
-            work,
-            chaos,
-            Outcome(broker, faults, chaos_on, settled, enqueued_s, settle_s, time_limit_s),
-            scheduler,
-            home,
-            logs,
-            sim_url,
-            env,
-        )
+        return soak_report(work, chaos, Outcome(broker, faults, chaos_on, settled, enqueued_s, settle_s, time_limit_s),
+                           scheduler, home, logs, sim_url, env)
     finally:
         if chaos:
             chaos.stopping.set()
             chaos.join()
-        for g in chaos.groups if chaos else groups:
+        for g in (chaos.groups if chaos else groups):
             g.terminate(30)
         for proc in (scheduler, simulator):
             if proc is not None:
@@ -333,12 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", action="store_true", help="the provider fault storm")
     p.add_argument("--time-limit", type=float, default=900, help="seconds before the run counts as not settled")
     p.add_argument("--kill-every", type=float, default=4.0, help="seconds between SIGKILLs (randomised 0.5x-1.5x)")
-    p.add_argument(
-        "--min-stops",
-        type=int,
-        default=0,
-        help="go on until the chaos has stopped this many worker groups (a short run may settle first)",
-    )
+    p.add_argument("--min-stops", type=int, default=0,
+                   help="go on until the chaos has stopped this many worker groups (a short run may settle first)")
     p.add_argument("--no-chaos", action="store_true", help="no kills or restarts (with --faults: the fault storm)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", type=Path, help="also write the reports to this file")
@@ -346,20 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     # Stopped from outside (a CI timeout, Ctrl-C): unwind, so the workers and services are stopped by PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reports = []
-    for broker in ["pgmq", "redis"] if args.broker == "both" else [args.broker]:
-        print(
-            f"soak on {broker}: {args.jobs} jobs, SIGKILL every ~{args.kill_every}s, faults {args.faults}", flush=True
-        )
-        report = soak(
-            broker,
-            args.jobs,
-            faults=args.faults,
-            time_limit_s=args.time_limit,
-            kill_every_s=args.kill_every,
-            seed=args.seed,
-            chaos_on=not args.no_chaos,
-            min_stops=args.min_stops,
-        )
+    for broker in (["pgmq", "redis"] if args.broker == "both" else [args.broker]):
+        print(f"soak on {broker}: {args.jobs} jobs, SIGKILL every ~{args.kill_every}s, faults {args.faults}", flush=True)
+        report = soak(broker, args.jobs, faults=args.faults, time_limit_s=args.time_limit,
+                      kill_every_s=args.kill_every, seed=args.seed, chaos_on=not args.no_chaos,
+                      min_stops=args.min_stops)
         reports.append(report)
         print(json.dumps(report, indent=2, default=str), flush=True)
     if args.json:

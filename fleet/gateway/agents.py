@@ -10,7 +10,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import psycopg
 from fastapi import APIRouter, Request
@@ -273,7 +273,8 @@ async def halt_upgrade(request: Request, run: str):
     if await asyncio.to_thread(run_state, run_id) is None:
         raise ApiError(404, "run_not_found", f"no upgrade run {run}")
     cancelled = await asyncio.to_thread(halt, run_id)
-    return {"run_id": run_id, "cancelled": cancelled, **(await asyncio.to_thread(run_state, run_id) or {})}
+    state = await asyncio.to_thread(run_state, run_id)
+    return {"run_id": run_id, "cancelled": cancelled, **(state or {})}
 
 
 def _progress_response(g: Gateway, caller: Caller, run_id: str, last_seq: int | None) -> StreamingResponse:
@@ -286,7 +287,9 @@ def _progress_response(g: Gateway, caller: Caller, run_id: str, last_seq: int | 
     )
 
 
-async def run_progress(run_id: str, last_seq: int | None, keepalive_s: float, timeout_s: float) -> AsyncIterator[bytes]:
+async def run_progress(
+    run_id: str, last_seq: int | None, keepalive_s: float, timeout_s: float
+) -> AsyncGenerator[bytes, None]:
     """`ready`, then `upgrade.progress` (status, total, counts per agent status) each time they change, then
     `upgrade.done` once the run has finished. Frames are numbered on from Last-Event-ID on a resume."""
     gauge = gateway_metrics().open_streams.labels("upgrades")

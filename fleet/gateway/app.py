@@ -113,13 +113,13 @@ def create_app() -> FastAPI:
     )
     app.include_router(router)
     app.include_router(agents_router)
-    app.add_exception_handler(ApiError, api_error_handler)
-    app.add_exception_handler(InvalidBody, invalid_body_handler)
-    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(ApiError, api_error_handler)  # type: ignore[arg-type]  # Starlette types a handler as taking any Exception; each is registered for its own class
+    app.add_exception_handler(InvalidBody, invalid_body_handler)  # type: ignore[arg-type]  # as above
+    app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]  # as above
     app.add_exception_handler(Exception, unexpected_handler)
     app.add_middleware(BodyLimitMiddleware, max_bytes=gw.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
-    app.openapi = lambda: openapi_with_bodies(app)
+    app.openapi = lambda: openapi_with_bodies(app)  # type: ignore[method-assign]  # FastAPI's way to customise the schema
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():

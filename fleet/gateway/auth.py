@@ -159,6 +159,8 @@ class Authenticator:
         try:
             header = jwt.get_unverified_header(token)
             alg = header.get("alg")
+            if alg is None:
+                raise jwt.InvalidTokenError(f"algorithm {alg!r} is not accepted")  # as _key_for says
             key = await self._key_for(header, alg)
             audience = self.settings.jwt_audience or None  # empty: no audience check
             issuer = self.settings.jwt_issuer

@@ -41,7 +41,8 @@ class LimitedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._phase, self._timer = IDLE, None
+        self._phase = IDLE
+        self._timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:
             transport.write(_refusal(f"more than {self.max_connections} open connections (GATEWAY_MAX_CONNECTIONS)"))
             transport.close()
@@ -83,8 +84,8 @@ class LimitedH11Protocol(H11Protocol):
             self._timer = self.loop.call_later(limit, self._expired, self._phase)
 
     def _cancel(self) -> None:
-        if getattr(self, "_timer", None) is not None:
-            self._timer.cancel()
+        if (timer := getattr(self, "_timer", None)) is not None:
+            timer.cancel()
             self._timer = None
 
     def _expired(self, phase: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import structlog
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -24,12 +27,12 @@ async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
-def _where(err: dict) -> str:
+def _where(err: Mapping[str, Any]) -> str:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     return ".".join(loc) or "body"
 
 
-def body_problem(errors: list[dict]) -> JSONResponse:
+def body_problem(errors: Sequence[Mapping[str, Any]]) -> JSONResponse:
     """Malformed JSON is a 400; a well-formed body the models refuse (unknown or bad fields) a 422."""
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
@@ -40,7 +43,7 @@ def body_problem(errors: list[dict]) -> JSONResponse:
 
 
 class InvalidBody(Exception):
-    def __init__(self, errors: list[dict]) -> None:
+    def __init__(self, errors: Sequence[Mapping[str, Any]]) -> None:
         super().__init__("invalid body")
         self.errors = errors
 

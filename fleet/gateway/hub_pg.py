@@ -74,6 +74,7 @@ class PgHub(Hub):
 
     async def _poke(self, payload: str = "") -> None:
         async with self._waker_lock:
+            assert self._waker is not None  # connected in start()
             try:
                 await self._waker.execute("select pg_notify(%s, %s)", (self.wake, payload))
             except psycopg.OperationalError:  # the connection was lost (a database restart): once more

@@ -10,13 +10,15 @@ import asyncio
 import json
 import time
 import uuid
+from typing import cast
 
 import redis.asyncio as aioredis
 import structlog
+from redis.typing import KeyT, StreamIdT
 
 from fleet.gateway.hub import Hub
 from fleet.shared.db import redis_url
-from fleet.shared.frames import stream_key
+from fleet.shared.frames import StreamReply, stream_key
 from fleet.shared.reconnect import Reconnects
 
 log = structlog.get_logger(__name__)
@@ -63,11 +65,12 @@ class RedisHub(Hub):
         wake_last, refreshed = self._wake_last, time.monotonic()
         while True:
             try:
-                streams = {self.wake: wake_last} | dict(self.positions)
-                replies = await self._reader.xread(streams, block=BLOCK_MS, count=1000)
+                streams: dict[KeyT, StreamIdT] = {self.wake: wake_last}
+                streams.update(self.positions)
+                replies = cast(StreamReply, await self._reader.xread(streams, block=BLOCK_MS, count=1000))
                 self.reconnects.restored()
-                for key, entries in replies or []:
-                    key = key.decode()
+                for raw_key, entries in replies or []:
+                    key = raw_key.decode()
                     if key == self.wake:
                         wake_last = entries[-1][0]
                         continue

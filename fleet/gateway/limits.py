@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 from dramatiq.rate_limits import WindowRateLimiter
@@ -84,13 +84,13 @@ class StreamCap:
         return slot
 
     def give_back(self, user_id: str | None, slot: StreamSlot | None) -> None:
-        if slot is not None and (slots := self._open.get(user_id)) is not None:
+        if slot is not None and user_id is not None and (slots := self._open.get(user_id)) is not None:
             slots.discard(slot)
             if not slots:
                 del self._open[user_id]
 
     async def held(
-        self, user_id: str | None, slot: StreamSlot | None, stream: AsyncIterator[bytes]
+        self, user_id: str | None, slot: StreamSlot | None, stream: AsyncGenerator[bytes, None]
     ) -> AsyncIterator[bytes]:
         """The stream, its slot given back when it ends."""
         try:

@@ -7,6 +7,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from fleet.gateway.auth import Caller
 from fleet.gateway.enqueue import JobSpec, KeyClaim, follow_and_enqueue
@@ -25,7 +26,7 @@ SEQ = re.compile(r"[0-9]{1,18}")  # a frame's seq as Last-Event-ID (ASCII digits
 JOB_ID = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, as the ids jobs get
 
 
-def body_doc(model: type) -> dict:
+def body_doc(model: type[BaseModel]) -> dict:
     return {
         "requestBody": {
             "required": True,

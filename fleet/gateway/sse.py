@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import structlog
 
@@ -51,7 +51,7 @@ async def job_stream(
     check_first: bool,
     keepalive_s: float,
     timeout_s: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The frames after `last_seq` until the job's final frame (or the stream timeout). `followed` is
     what hub.follow(job_id) returned (called before the job was enqueued); `check_first` looks for a
     stored answer before waiting (on pgmq, where frames already sent are not heard again)."""

@@ -8,7 +8,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from fleet.shared.db import connect_kwargs, database_dsn
+from fleet.shared.db import connect_kwargs, database_dsn, one
 
 KEY_TTL_S = 7 * 86400
 PENDING_TTL_S = 60  # a key claimed by a request that has not enqueued its job yet
@@ -55,7 +55,7 @@ class Store:
             if (row := await cur.fetchone()) is not None:
                 return row[0]["job_id"], row[0]["trace_id"], "new"
             cur = await conn.execute("select result from request_dedup where scope = %s and key = %s", (scope, key))
-            seen = (await cur.fetchone())[0]
+            seen = one(await cur.fetchone())[0]
         return seen["job_id"], seen["trace_id"], "pending" if seen.get("pending") else "done"
 
     async def confirm_key(self, scope: str, key: str) -> None:
@@ -97,7 +97,7 @@ class Store:
                 (session_id, user_id),
             )
             cur = await conn.execute("select user_id from chat_sessions where id = %s", (session_id,))
-            owner = (await cur.fetchone())[0]
+            owner = one(await cur.fetchone())[0]
         return str(owner) if owner is not None else None
 
     async def job(self, job_id: str) -> dict | None:

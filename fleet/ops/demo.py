@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 from fleet.ops import queries
 from fleet.ops.demo_families import demo_chats, demo_embeddings, demo_lifecycle, demo_upgrades
@@ -106,7 +107,7 @@ def _workload(workers: subprocess.Popen, jobs: int, documents: int, chats: int) 
 def echo_payloads(jobs: int) -> list[dict]:
     """A mixed load: 2% fail for good (dead letters), 5% fail once (retried), 3% take a while."""
     rng = random.Random(7)
-    payloads = []
+    payloads: list[dict[str, Any]] = []
     for i in range(jobs):
         roll = rng.random()
         if roll < 0.02:

@@ -4,16 +4,18 @@ agent upgrade, each on the running workers, each with its progress."""
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import sys
 import time
 import uuid
+from typing import Any
 
 from fleet.ops import queries
 from fleet.ops.follow import follow_upgrade_run, wait_until
 from fleet.ops.terminal import progress_bar
 
-DEMO_TEMPLATE = {
+DEMO_TEMPLATE: dict[str, Any] = {
     "agents": [
         {
             "name": "concierge",
@@ -135,7 +137,7 @@ def demo_lifecycle(client, memories: int = 2000) -> bool:
     for dry in (True, False):
         trace = str(uuid.uuid4())
         client.enqueue("memory_lifecycle", {"project_id": project, "dry_run": dry}, trace_id=trace)
-        result = wait_until(lambda trace=trace: queries.lifecycle_result(trace), 120)
+        result = wait_until(functools.partial(queries.lifecycle_result, trace), 120)
         if result is None:
             print("fleet demo: the lifecycle run did not finish", file=sys.stderr)
             return False

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from fleet.ops import queries
 from fleet.ops.terminal import progress_bar
+from fleet.shared.db import one
+
+T = TypeVar("T")
 
 
-def wait_until(ready: Callable[[], object], timeout_s: float, interval_s: float = 0.2):
+def wait_until(ready: Callable[[], T], timeout_s: float, interval_s: float = 0.2) -> T | None:
     """ready()'s first true answer, or None after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -30,7 +34,7 @@ def follow_upgrade_run(run_id: str, label: str, timeout_s: float = 300) -> dict 
         return None
     with progress_bar(label, max(planned[1], 1)) as bar:
         while time.monotonic() < deadline:
-            _, _, done, finished = queries.upgrade_progress(run_id)
+            _, _, done, finished = one(queries.upgrade_progress(run_id))
             bar.update(done)
             if finished:
                 return counts(run_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from fleet.shared.db import get_pool
+from fleet.shared.db import get_pool, one
 
 
 def run_outcome(trace_id: str) -> tuple[str, dict] | None:
@@ -58,22 +58,26 @@ def embed_progress(trace_id: str) -> tuple[int, int, int]:
     """(documents handled, jobs finished, documents embedded) of a trace's embed jobs: a job's latest
     embed.status says how many it embedded so far; its embed.done adds the unchanged ones it skipped."""
     with get_pool().connection() as conn:
-        return conn.execute(
-            "select coalesce(sum(handled), 0), count(*) filter (where finished), coalesce(sum(embedded), 0) from ("
-            " select bool_or(type = 'embed.done') as finished,"
-            "  max(case when type = 'embed.done' then (payload->>'embedded')::int + (payload->>'skipped')::int"
-            "      else (payload->>'embedded')::int end) as handled,"
-            "  max((payload->>'embedded')::int) filter (where type = 'embed.done') as embedded"
-            " from bus_events where trace_id = %s and type in ('embed.status', 'embed.done') group by job_id) jobs",
-            (trace_id,),
-        ).fetchone()
+        return one(
+            conn.execute(
+                "select coalesce(sum(handled), 0), count(*) filter (where finished), coalesce(sum(embedded), 0) from ("
+                " select bool_or(type = 'embed.done') as finished,"
+                "  max(case when type = 'embed.done' then (payload->>'embedded')::int + (payload->>'skipped')::int"
+                "      else (payload->>'embedded')::int end) as handled,"
+                "  max((payload->>'embedded')::int) filter (where type = 'embed.done') as embedded"
+                " from bus_events where trace_id = %s and type in ('embed.status', 'embed.done') group by job_id) jobs",
+                (trace_id,),
+            ).fetchone()
+        )
 
 
 def stored_documents(source_prefix: str) -> int:
     with get_pool().connection() as conn:
-        return conn.execute(
-            "select count(*) from vector_documents where source_id like %s", (source_prefix + "%",)
-        ).fetchone()[0]
+        return one(
+            conn.execute(
+                "select count(*) from vector_documents where source_id like %s", (source_prefix + "%",)
+            ).fetchone()
+        )[0]
 
 
 def seed_memories(project: str, memories: int) -> None:
@@ -100,12 +104,12 @@ def lifecycle_result(trace_id: str) -> dict | None:
 
 def agents_of_template(name: str) -> int:
     with get_pool().connection() as conn:
-        return conn.execute("select count(*) from user_profiles where template_name = %s", (name,)).fetchone()[0]
+        return one(conn.execute("select count(*) from user_profiles where template_name = %s", (name,)).fetchone())[0]
 
 
-def upgrade_progress(run_id: str) -> tuple[str, int, int, bool]:
-    """(status, agents in the run, agents done, finished) of an upgrade run; the total is known once its
-    fan-out has run (status no longer 'pending')."""
+def upgrade_progress(run_id: str) -> tuple[str, int, int, bool] | None:
+    """(status, agents in the run, agents done, finished) of an upgrade run (None if there is no such run);
+    the total is known once its fan-out has run (status no longer 'pending')."""
     with get_pool().connection() as conn:
         return conn.execute(
             "select r.status, coalesce((r.counts->>'total')::int, 0),"

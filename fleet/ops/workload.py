@@ -12,21 +12,29 @@ import copy
 import random
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fleet.ops.demo_families import DEMO_TEMPLATE
+from fleet.shared.db import one
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from fleet.shared.client import FleetClient
 
 FINAL = ("job.succeeded", "job.dead")
 
 
 @dataclass
 class Workload:
-    client: object  # FleetClient
-    connect: object  # () -> psycopg connection
+    client: FleetClient
+    connect: Callable[[], psycopg.Connection[Any]]
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     seed: int = 7
     trace_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    enqueued: Counter = field(default_factory=Counter)  # actor -> jobs enqueued directly
+    enqueued: Counter[str] = field(default_factory=Counter)  # actor -> jobs enqueued directly
     echo_dead: int = 0  # echo jobs asked to fail permanently
     documents: int = 0
     chat_keys: list[str] = field(default_factory=list)
@@ -48,7 +56,7 @@ class Workload:
     # -- the families ------------------------------------------------------
     def echo(self, n: int) -> None:
         """Echo jobs: 2% fail permanently (dead letters), 5% fail once then succeed, some sleep."""
-        payloads = []
+        payloads: list[dict[str, Any]] = []
         for i in range(n):
             if i % 50 == 0:
                 payloads.append({"message": f"{self.tag} {i}", "fail": "permanent"})
@@ -119,9 +127,9 @@ class Workload:
 
     def agents_created(self) -> int:
         with self.connect() as conn:
-            return conn.execute(
-                "select count(*) from user_profiles where template_name = %s", (self.template,)
-            ).fetchone()[0]
+            return one(
+                conn.execute("select count(*) from user_profiles where template_name = %s", (self.template,)).fetchone()
+            )[0]
 
     def upgrade(self, *, dry_run: bool = False) -> str:
         from fleet.workers.agents.upgrades import start_run
@@ -182,10 +190,12 @@ class Workload:
         if not self.upgrade_runs:
             return True
         with self.connect() as conn:
-            return conn.execute(
-                "select bool_and(finished_at is not null) from upgrade_runs where id = any(%s::uuid[])",
-                (self.upgrade_runs,),
-            ).fetchone()[0]
+            return one(
+                conn.execute(
+                    "select bool_and(finished_at is not null) from upgrade_runs where id = any(%s::uuid[])",
+                    (self.upgrade_runs,),
+                ).fetchone()
+            )[0]
 
     def settled(self) -> bool:
         done = self.finished()
@@ -250,37 +260,46 @@ class Workload:
                     "select actor, count(*) from dead_letters where trace_id = %s group by actor", (self.trace_id,)
                 ).fetchall()
             )
-            no_reason = conn.execute(
-                "select count(*) from dead_letters where trace_id = %s and coalesce(reason, '') = ''", (self.trace_id,)
-            ).fetchone()[0]
+            no_reason = one(
+                conn.execute(
+                    "select count(*) from dead_letters where trace_id = %s and coalesce(reason, '') = ''",
+                    (self.trace_id,),
+                ).fetchone()
+            )[0]
             for actor, row in out["jobs"].items():
                 row["dead"] = dead.get(actor, 0)
             out["dead_letters_without_reason"] = no_reason
             out.update(self._delivery_checks(conn))
-            rows, distinct = conn.execute(
-                "select count(*), count(distinct (source_id, chunk_index)) from vector_documents where source_id "
-                "like %s",
-                (f"{self.tag}-doc-%",),
-            ).fetchone()
+            rows, distinct = one(
+                conn.execute(
+                    "select count(*), count(distinct (source_id, chunk_index)) from vector_documents where source_id "
+                    "like %s",
+                    (f"{self.tag}-doc-%",),
+                ).fetchone()
+            )
             out["embeddings"] = {"documents": self.documents, "rows": rows, "duplicated": rows - distinct}
-            answers, keys, not_final = conn.execute(
-                "select count(*), count(distinct idempotency_key), count(*) filter (where status = 'streaming')"
-                " from messages where role = 'assistant' and idempotency_key = any(%s)",
-                (self.chat_keys,),
-            ).fetchone()
+            answers, keys, not_final = one(
+                conn.execute(
+                    "select count(*), count(distinct idempotency_key), count(*) filter (where status = 'streaming')"
+                    " from messages where role = 'assistant' and idempotency_key = any(%s)",
+                    (self.chat_keys,),
+                ).fetchone()
+            )
             out["chat"] = {
                 "chats": len(self.chat_keys),
                 "answers": answers,
                 "duplicated": answers - keys,
                 "still_streaming": not_final,
             }
-            profiles = conn.execute(
-                "select count(*) from user_profiles where template_name = %s", (self.template,)
-            ).fetchone()[0]
+            profiles = one(
+                conn.execute("select count(*) from user_profiles where template_name = %s", (self.template,)).fetchone()
+            )[0]
             out["agents"] = {"requested": len(self.agent_users), "created": profiles}
             runs = []
             for run in self.upgrade_runs:
-                status, dry = conn.execute("select status, dry_run from upgrade_runs where id = %s", (run,)).fetchone()
+                status, dry = one(
+                    conn.execute("select status, dry_run from upgrade_runs where id = %s", (run,)).fetchone()
+                )
                 states = dict(
                     conn.execute(
                         "select status, count(*) from agent_upgrades where run_id = %s group by status", (run,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 import threading
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
@@ -151,6 +152,17 @@ def check_if_server_spoke(conn: psycopg.Connection) -> None:
         ConnectionPool.check_connection(conn)
 
 
+Row = TypeVar("Row")
+
+
+def one(row: Row | None) -> Row:
+    """The row of a statement that always returns one (an aggregate, a function call, `insert ... returning`
+    of a row that is inserted or updated). None is a bug, said as such."""
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row
+
+
 _pool: ConnectionPool | None = None
 _pool_size = 10  # a producer's; a worker process sizes it from its threads (size_pool_for_threads)
 
@@ -190,6 +202,7 @@ def close_pool() -> None:
 
 __all__ = [
     "connect",
+    "one",
     "make_pool",
     "get_pool",
     "close_pool",

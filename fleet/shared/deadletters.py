@@ -9,7 +9,7 @@ from typing import Any
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from fleet.shared.db import get_pool
+from fleet.shared.db import get_pool, one
 from fleet.shared.events import as_uuid, emit
 from fleet.shared.payloads import storable, storable_text
 from fleet.shared.redact import MASK, redact, redact_value
@@ -45,23 +45,25 @@ def record_dead_letter(dl: DeadLetter) -> int:
     if dl.raw:
         raw = storable_text(redact(dl.raw))
     with get_pool().connection() as conn:
-        row = conn.execute(
-            "insert into dead_letters (queue, actor, message_id, message, raw, reason, error_class, error, attempts, "
-            "trace_id)"
-            " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id",
-            (
-                dl.queue,
-                dl.actor,
-                dl.message_id,
-                message,
-                raw,
-                reason,
-                dl.error_class,
-                error or None,
-                dl.attempts,
-                as_uuid(dl.trace_id),
-            ),
-        ).fetchone()
+        row = one(
+            conn.execute(
+                "insert into dead_letters"
+                " (queue, actor, message_id, message, raw, reason, error_class, error, attempts, trace_id)"
+                " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id",
+                (
+                    dl.queue,
+                    dl.actor,
+                    dl.message_id,
+                    message,
+                    raw,
+                    reason,
+                    dl.error_class,
+                    error or None,
+                    dl.attempts,
+                    as_uuid(dl.trace_id),
+                ),
+            ).fetchone()
+        )
     emit(
         "job.dead",
         trace_id=dl.trace_id,
@@ -126,7 +128,7 @@ def list_dead_letters(selection: Selection = Selection(), *, limit: int | None =
 def count_dead_letters(selection: Selection = Selection()) -> int:
     where, params = selection.where()
     with get_pool().connection() as conn:
-        return conn.execute(f"select count(*) from dead_letters where {where}", params).fetchone()[0]
+        return one(conn.execute(f"select count(*) from dead_letters where {where}", params).fetchone())[0]
 
 
 def selected_ids(selection: Selection, *, limit: int | None = None) -> list[int]:

@@ -61,7 +61,7 @@ class EventWriter:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._pid = None
+        self._pid: int | None = None
         self.background = True  # off in pgmq worker processes: the consumers write the rows
         self.claimed: set[str] = set()  # queues whose consumer in this process takes their rows
 

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
 
 import psycopg
 from psycopg import sql
@@ -22,6 +23,11 @@ from fleet.shared.db import database_dsn, get_pool, redis_url
 NOTIFY_LIMIT = 7000  # Postgres refuses NOTIFY payloads of 8000 bytes and more
 STREAM_TTL_S = 3600
 FINAL = ("chat.done", "error")
+# XREAD's answer, which redis-py types loosely: [(stream key, [(entry id, {field: value})])]
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+
+if TYPE_CHECKING:
+    import redis
 
 
 def channel(job_id: str) -> str:
@@ -42,7 +48,7 @@ class FramePublisher:
         self.seq = after_seq  # a retried job's next attempt goes on after the last attempt's frames
         self.sent: set[str] = set()  # the frame types published so far
         self.lock = threading.Lock()
-        self._redis = None
+        self._redis: redis.Redis | None = None
 
     def publish(self, type_: str, **fields) -> None:
         with self.lock:
@@ -109,6 +115,7 @@ class FrameListener:
         heard = False
         while time.monotonic() < deadline:
             quiet = True
+            assert self._conn is not None  # opened (LISTEN) in __init__ for NOTIFY
             for note in self._conn.notifies(timeout=1.0, stop_after=1):
                 quiet, heard = False, True
                 frame = json.loads(note.payload)
@@ -127,11 +134,12 @@ class FrameListener:
         import redis
 
         client = redis.Redis.from_url(redis_url(self.settings))
-        key, last = stream_key(self.job_id), "0"
+        key = stream_key(self.job_id)
+        last: bytes | str = "0"
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                for _, entries in client.xread({key: last}, block=1000, count=1000) or []:
+                for _, entries in cast(StreamReply, client.xread({key: last}, block=1000, count=1000)) or []:
                     for entry_id, fields in entries:
                         last = entry_id
                         frame = json.loads(fields[b"frame"])

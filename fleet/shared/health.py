@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import structlog
@@ -54,6 +55,14 @@ class Probe:
     headers: dict
 
 
+def _post(path: str, body: dict[str, Any], headers: dict[str, str]) -> Callable[[httpx.Client], httpx.Response]:
+    return lambda client: client.post(path, json=body, headers=headers)
+
+
+def _get(path: str, headers: dict[str, str]) -> Callable[[httpx.Client], httpx.Response]:
+    return lambda client: client.get(path, headers=headers)
+
+
 def probes(settings: Settings) -> list[Probe]:
     wanted = {p.strip() for p in settings.health_providers.split(",") if p.strip()}
     found = []
@@ -66,7 +75,7 @@ def probes(settings: Settings) -> list[Probe]:
                 "chat",
                 "chat",
                 model,
-                lambda c, b=body, h=headers: c.post("/chat/completions", json=b, headers=h),
+                _post("/chat/completions", body, headers),
                 settings.chat_api_base,
                 {},
             )
@@ -81,7 +90,7 @@ def probes(settings: Settings) -> list[Probe]:
                 "embeddings",
                 "embedding",
                 model,
-                lambda c, b=body, h=headers: c.post("/embeddings", json=b, headers=h),
+                _post("/embeddings", body, headers),
                 settings.embedding_api_base,
                 {},
             )
@@ -94,7 +103,7 @@ def probes(settings: Settings) -> list[Probe]:
                 "letta",
                 "letta",
                 "",
-                lambda c, h=headers: c.get("/v1/health/", headers=h),
+                _get("/v1/health/", headers),
                 settings.letta_api_base_url,
                 {},
             )
@@ -137,6 +146,7 @@ def _record(conn, settings: Settings, r: ProbeResult, origin: str = "probe") -> 
     failures = 0 if r.ok else (row[0] if row else 0) + 1
     quiet = row is None or row[1] or origin == "probe"  # a job's failures say "down" only if nothing got through
     if r.ok:
+        assert r.latency_ms is not None  # a call that got through was timed
         status = "healthy" if r.latency_ms <= settings.health_degraded_ms else "degraded"
     else:
         status = "down" if failures >= settings.health_down_after and quiet else "degraded"
@@ -170,7 +180,7 @@ def _record(conn, settings: Settings, r: ProbeResult, origin: str = "probe") -> 
     )
     m = metrics()
     m.provider_up.labels(p.provider, p.kind).set(0 if status == "down" else 1)
-    if origin == "probe":
+    if origin == "probe" and r.latency_ms is not None:  # a probe is always timed
         m.provider_probe_seconds.labels(p.provider).observe(r.latency_ms / 1000)
     return {
         "provider": p.provider,

@@ -4,7 +4,7 @@ actors, so that a client (the gateway) validates with the same models without im
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,12 +23,12 @@ class ChatJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     session_id: str = Field(min_length=1, max_length=200)
-    content: str | None = Field(None, min_length=1, max_length=200_000)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=500)
-    model: str | None = Field(None, min_length=1, max_length=200)
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1, le=32_000)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    content: str | None = Field(default=None, min_length=1, max_length=200_000)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=500)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1, le=32_000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     user_id: UUID | None = None
 
     @model_validator(mode="after")
@@ -43,20 +43,20 @@ class ChatJob(BaseModel):
 class InlineDocument(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source_id: str = Field(min_length=1, max_length=512)
-    chunk_index: int = Field(0, ge=0, le=1_000_000)
+    chunk_index: int = Field(default=0, ge=0, le=1_000_000)
     content: str = Field(min_length=1, max_length=200_000)
-    metadata: dict = Field(default_factory=dict)
+    metadata: dict[Any, Any] = Field(default_factory=dict)
 
 
 class EmbedJob(BaseModel):
     """Either inline `documents` (into `table`), or `source` + `ids` naming rows of a registered source."""
 
     model_config = ConfigDict(extra="forbid")
-    documents: list[InlineDocument] | None = Field(None, min_length=1, max_length=10_000)
+    documents: list[InlineDocument] | None = Field(default=None, min_length=1, max_length=10_000)
     table: Literal[TARGET_TABLES] | None = None  # type: ignore[valid-type]
-    source: str | None = Field(None, min_length=1, max_length=100)
-    ids: list[str | int] | None = Field(None, min_length=1, max_length=10_000)
-    model: str | None = Field(None, min_length=1, max_length=200)
+    source: str | None = Field(default=None, min_length=1, max_length=100)
+    ids: list[str | int] | None = Field(default=None, min_length=1, max_length=10_000)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _one_kind(self) -> EmbedJob:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from dramatiq.rate_limits import RateLimiterBackend, WindowRateLimiter
 
 from fleet.shared.config import get_settings
-from fleet.shared.db import get_pool, redis_url
+from fleet.shared.db import get_pool, one, redis_url
 
 
 def _ttl(ms: int) -> float:
@@ -66,11 +66,13 @@ class PostgresBackend(RateLimiterBackend):
         family = key.rsplit("@", 1)[0]
         with get_pool().connection() as conn, conn.transaction():
             conn.execute("select pg_advisory_xact_lock(%s)", (zlib.crc32(family.encode()),))
-            total = conn.execute(
-                "select coalesce(sum(value), 0) from rate_limit_counters"
-                " where key = any(%s) and expires_at >= clock_timestamp()",
-                (list(keys()),),
-            ).fetchone()[0]
+            total = one(
+                conn.execute(
+                    "select coalesce(sum(value), 0) from rate_limit_counters"
+                    " where key = any(%s) and expires_at >= clock_timestamp()",
+                    (list(keys()),),
+                ).fetchone()
+            )[0]
             if total + amount > maximum:
                 return False
             conn.execute(

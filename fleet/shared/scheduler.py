@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from fleet.shared.db import database_dsn
+from fleet.shared.db import database_dsn, one
 from fleet.shared.errors import describe
 from fleet.shared.leadership import LEADER_LOCK_KEY
 
@@ -78,7 +78,7 @@ class Scheduler:
 
     def _contend(self, conn: psycopg.Connection) -> None:
         while not self.stop_event.is_set():
-            got = conn.execute("select pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,)).fetchone()[0]
+            got = one(conn.execute("select pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,)).fetchone())[0]
             if got:
                 break
             self.stop_event.wait(self.tick_s)

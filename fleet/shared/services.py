@@ -20,8 +20,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
 
 log = structlog.get_logger(__name__)
 
@@ -297,7 +301,7 @@ class EmbeddedRedis(_EmbeddedService):
         return True
 
 
-def use_embedded(*, redis: bool) -> list[_EmbeddedService]:
+def use_embedded(*, redis: bool) -> list[EmbeddedPostgres | EmbeddedRedis]:
     """For the commands that ask for embedded services (`fleet demo`, the benchmarks): starts PostgreSQL (and
     Redis, with `redis`) under FLEET_HOME where DATABASE_URL (REDIS_URL) is not set, and sets that variable in
     this process's environment, so that every process it starts uses the same servers. Returns the services
@@ -305,8 +309,10 @@ def use_embedded(*, redis: bool) -> list[_EmbeddedService]:
     from fleet.shared.config import get_settings, reset_settings
 
     settings = get_settings()
-    started: list[_EmbeddedService] = []
-    wanted = [("DATABASE_URL", settings.database_url, EmbeddedPostgres(settings.home))]
+    started: list[EmbeddedPostgres | EmbeddedRedis] = []
+    wanted: list[tuple[str, SecretStr | None, EmbeddedPostgres | EmbeddedRedis]] = [
+        ("DATABASE_URL", settings.database_url, EmbeddedPostgres(settings.home))
+    ]
     if redis:
         wanted.append(("REDIS_URL", settings.redis_url, EmbeddedRedis(settings.home)))
     for var, configured, service in wanted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from dramatiq import Message
 
@@ -57,7 +58,7 @@ def _redis_stats() -> list[dict]:
             if first:
                 data = client.hget(f"{full}.msgs", first)
                 if data:
-                    oldest = max(0, int(time.time() - Message.decode(data).message_timestamp / 1000))
+                    oldest = max(0, int(time.time() - Message.decode(cast(bytes, data)).message_timestamp / 1000))
             stats.append(
                 {"queue": q, "depth": depth, "visible": visible, "in_flight": depth - visible, "oldest_age_s": oldest}
             )

@@ -9,6 +9,7 @@ import psycopg
 from pgvector.psycopg.vector import register_vector_info
 from psycopg.types import TypeInfo
 
+from fleet.shared.db import one
 from fleet.shared.errors import PermanentError
 
 _vector_info: TypeInfo | None = None
@@ -27,7 +28,7 @@ def with_vectors(conn: psycopg.Connection) -> psycopg.Connection:
 
 
 def vector_dim(conn: psycopg.Connection, table: str) -> int:
-    dim = conn.execute("select get_vector_dim(%s)", (table,)).fetchone()[0]
+    dim = one(conn.execute("select get_vector_dim(%s)", (table,)).fetchone())[0]
     if not dim or dim < 1:
         raise PermanentError(f"{table}.embedding has no fixed dimension")
     return dim

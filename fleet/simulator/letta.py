@@ -9,6 +9,7 @@ import email.policy
 import json
 import time
 import uuid
+from typing import cast
 from urllib.parse import parse_qs
 
 from fleet.simulator import letta_agents as agents, letta_recorded as rec
@@ -147,7 +148,7 @@ class LettaRoutes(BaseHandler):
         for part in message.iter_parts():
             if part.get_param("name", header="content-disposition") == "file":
                 try:
-                    return json.loads(part.get_payload(decode=True))
+                    return json.loads(cast(bytes, part.get_payload(decode=True)))  # decoded: a leaf part's bytes
                 except ValueError:
                     return None
         return None

@@ -23,7 +23,7 @@ def _missing(config: Any, required: tuple[str, ...], field: str) -> list[dict]:
     return [rec.error_like("patch_partial_llm_config", ("body", field, k), config) for k in required if k not in config]
 
 
-def _rule_errors(rules: list[dict]) -> list[dict]:
+def _rule_errors(rules: list[dict] | None) -> list[dict]:
     return [
         rec.error_like("create_unknown_tool_rule_type", ("body", "tool_rules", i), r.get("type"), "no_such_rule")
         | {"input": r}
@@ -231,8 +231,9 @@ def malformed_id(agent_id: str) -> Answer:
 
 def page(items: list[dict], query: dict[str, list[str]], default_limit: int) -> list[dict]:
     """`limit` and the `after` cursor, as the server pages its lists."""
-    limit = int((query.get("limit") or [default_limit])[0])
-    after = (query.get("after") or [None])[0]
+    limits, afters = query.get("limit"), query.get("after")
+    limit = int(limits[0]) if limits else default_limit
+    after = afters[0] if afters else None
     if after:
         ids = [i["id"] for i in items]
         items = items[ids.index(after) + 1 :] if after in ids else []
@@ -240,5 +241,6 @@ def page(items: list[dict], query: dict[str, list[str]], default_limit: int) -> 
 
 
 def name_filter(items: list[dict], query: dict[str, list[str]]) -> list[dict]:
-    name = (query.get("name") or [None])[0]
+    names = query.get("name")
+    name = names[0] if names else None
     return [i for i in items if name is None or i["name"] == name]

@@ -79,7 +79,7 @@ def base_tools() -> dict[str, frozenset[str]]:
 @cache
 def base_rule_types() -> dict[str, str]:
     """The rule type the server adds for a tool when it adds base tool rules (exit_loop, continue_loop)."""
-    types = {}
+    types: dict[str, str] = {}
     for name in ("create_agent_server_defaults", "create_agent_memgpt_v2_base_tools"):
         sent = {(r["tool_name"], r["type"]) for r in request(name)["tool_rules"]}
         types |= {

@@ -6,6 +6,7 @@ import argparse
 import json
 import threading
 from http.server import ThreadingHTTPServer
+from typing import cast
 
 from fleet.simulator.chat import ChatRoutes
 from fleet.simulator.embeddings import EmbeddingRoutes
@@ -28,7 +29,7 @@ class SimulatorServer:
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = cast(tuple[str, int], self.httpd.server_address[:2])  # an AF_INET server
         return f"http://{host}:{port}"
 
     def start(self) -> SimulatorServer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import dramatiq
 
 from fleet.shared.brokers.pgmq import PgmqBroker
@@ -10,10 +12,14 @@ from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import redis_url
 from fleet.shared.middleware import fleet_middleware
 
+if TYPE_CHECKING:
+    import psycopg
+
 
 def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
     settings = settings or get_settings()
     middleware = fleet_middleware(settings)
+    broker: dramatiq.Broker
     if settings.broker == "redis":
         broker = FleetRedisBroker(
             url=redis_url(settings),
@@ -27,7 +33,11 @@ def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
 
 
 def enqueue_many(
-    broker: dramatiq.Broker, messages: list[dramatiq.Message], *, delay: int | None = None, conn=None
+    broker: dramatiq.Broker,
+    messages: list[dramatiq.Message[Any]],
+    *,
+    delay: int | None = None,
+    conn: psycopg.Connection[Any] | None = None,
 ) -> None:
     """One round trip per batch where the broker can (pgmq, inside `conn`'s transaction when given), one per
     message otherwise (Redis)."""

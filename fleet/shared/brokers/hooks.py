@@ -7,17 +7,22 @@ that override a hook keeps the per-message cost of the brokers (enqueue, process
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dramatiq.middleware import Middleware, MiddlewareError
 
+if TYPE_CHECKING:  # a mixin for Broker subclasses: typed as one
+    from dramatiq.broker import Broker as _MixinBase
+else:
+    _MixinBase = object
 
-class ImplementedHooksOnly:
+
+class ImplementedHooksOnly(_MixinBase):
     """A mixin for a dramatiq Broker subclass (listed before the Broker)."""
 
     def add_middleware(self, middleware, *, before=None, after=None) -> None:
         super().add_middleware(middleware, before=before, after=after)
-        self._hooks = {}
+        self._hooks: dict[str, list[Middleware]] = {}
 
     def _implementing(self, name: str) -> list:
         hooks = self.__dict__.setdefault("_hooks", {})

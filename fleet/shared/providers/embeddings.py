@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import httpx
@@ -80,7 +81,12 @@ class EmbeddingResult:
 
 
 class EmbeddingsClient:
-    def __init__(self, settings: Settings | None = None, *, rate_limit: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        rate_limit: Callable[[], AbstractContextManager[object]] | None = None,
+    ) -> None:
         self.settings = settings or get_settings()
         self.base_url = self.settings.embedding_api_base
         self.rate_limit = rate_limit  # a context-manager factory, acquired once per HTTP request

@@ -78,6 +78,7 @@ def raise_for_provider(provider: str, response: httpx.Response) -> None:
     """An error status becomes a ProviderError carrying its class and Retry-After; never the request's headers."""
     if response.status_code < 400:
         return
+    message: str | None
     try:
         body = response.json()
         detail = body.get("error") or body.get("detail") or {}  # OpenAI-style, or FastAPI-style (Letta)
@@ -131,12 +132,15 @@ def call_with_retries(
     """
     jitter = tenacity.wait_random_exponential(multiplier=base_delay_s, max=max_delay_s)
 
+    def error(state: tenacity.RetryCallState) -> BaseException | None:
+        return state.outcome.exception() if state.outcome is not None else None  # set once an attempt is made
+
     def wait(state: tenacity.RetryCallState) -> float:
-        retry_after = getattr(state.outcome.exception(), "retry_after_s", None)
+        retry_after = getattr(error(state), "retry_after_s", None)
         return max(jitter(state), retry_after or 0.0)
 
     def retry_after_too_long(state: tenacity.RetryCallState) -> bool:
-        retry_after = getattr(state.outcome.exception(), "retry_after_s", None)
+        retry_after = getattr(error(state), "retry_after_s", None)
         return retry_after is not None and retry_after > max_delay_s
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -144,13 +148,14 @@ def call_with_retries(
             "provider.retrying",
             provider=provider,
             attempt=state.attempt_number,
-            delay_s=round(state.next_action.sleep, 3),
-            error=str(state.outcome.exception())[:200],
+            delay_s=round(state.next_action.sleep, 3) if state.next_action is not None else None,
+            error=str(error(state))[:200],
         )
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(lambda e: classify(e) == "transient"),
-        stop=tenacity.stop_after_attempt(max_retries + 1) | retry_after_too_long,
+        # tenacity combines any callable with `|`; its stubs ask for a stop_base
+        stop=tenacity.stop_after_attempt(max_retries + 1) | retry_after_too_long,  # type: ignore[operator]
         wait=wait,
         sleep=sleep,
         before_sleep=before_sleep,

@@ -45,7 +45,9 @@ class LettaClient:
 
     @property
     def client(self) -> httpx.Client:
-        return http_client(self.settings.letta_api_base_url, timeout_s=30.0)
+        url = self.settings.letta_api_base_url
+        assert url  # checked in __init__
+        return http_client(url, timeout_s=30.0)
 
     def _headers(self) -> dict[str, Any]:
         return bearer(self.settings.letta_api_key.get_secret_value() if self.settings.letta_api_key else None)

@@ -3,6 +3,7 @@ proxy forced on both endpoints; idempotent per user and template."""
 
 from __future__ import annotations
 
+from typing import Any
 from uuid import UUID
 
 from dramatiq.middleware import CurrentMessage
@@ -48,7 +49,8 @@ def create_agent(job: CreateAgentJob) -> None:
     """Creates a Letta agent from a template for a user (billing proxy forced)."""
     settings = get_settings()
     endpoint = billing_endpoint(settings, str(job.user_id))
-    version = job.version or next(iter(reversed(list_templates(job.template))), {}).get("version")
+    latest: dict[str, Any] = next(iter(reversed(list_templates(job.template))), {})
+    version = job.version or latest.get("version")
     if version is None:
         raise PermanentError(f"template {job.template!r} has no published version")
     template = parse_agent_file(get(job.template, version))

@@ -9,7 +9,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from fleet.shared.db import get_pool
+from fleet.shared.db import get_pool, one
 from fleet.workers.agents.agentfile import diff, needs_definition, parse_agent_file, to_letta_file
 from fleet.workers.agents.semver import Version
 
@@ -28,11 +28,13 @@ def publish(name: str, version: str, content: dict[str, Any]) -> dict:
     parse_agent_file(content)
     try:
         with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            return cur.execute(
-                "insert into agent_templates (name, version, content, sha256) values (%s, %s, %s, '')"
-                " returning name, version, sha256, published_at",
-                (name, version, Jsonb(content)),
-            ).fetchone()
+            return one(
+                cur.execute(
+                    "insert into agent_templates (name, version, content, sha256) values (%s, %s, %s, '')"
+                    " returning name, version, sha256, published_at",
+                    (name, version, Jsonb(content)),
+                ).fetchone()
+            )
     except (psycopg.errors.CheckViolation, psycopg.errors.UniqueViolation, psycopg.errors.InvalidParameterValue) as e:
         message = e.diag.message_primary or str(e)
         if isinstance(e, psycopg.errors.UniqueViolation):

@@ -25,6 +25,7 @@ def chat_completion(job: ChatJob) -> None:
     """Streams a chat answer to listeners and stores the messages."""
     settings = get_settings()
     message = CurrentMessage.get_current_message()
+    assert message is not None  # CurrentMessage sets it for every job
     job_id = message.message_id
     publisher = FramePublisher(job_id, settings, after_seq=int(message.options.get(LAST_SEQ, 0)))
     try:
@@ -43,11 +44,13 @@ def chat_completion(job: ChatJob) -> None:
 
 def _answer(job: ChatJob, message, publisher: FramePublisher, settings) -> None:
     job_id = message.message_id
+    content = job.messages[-1].content if job.messages else job.content
+    assert content is not None  # a ChatJob has content or messages
     request = ChatRequest(
         session_id=job.session_id,
         job_id=job_id,
         key=job.idempotency_key or f"job:{job_id}",
-        content=job.messages[-1].content if job.messages else job.content,
+        content=content,
         messages=[m.model_dump() for m in job.messages] if job.messages else None,
         model=job.model or settings.chat_model_default,
         temperature=job.temperature,

@@ -10,7 +10,7 @@ from psycopg.rows import dict_row
 
 from fleet.shared import events
 from fleet.shared.config import Settings
-from fleet.shared.db import get_pool
+from fleet.shared.db import get_pool, one
 from fleet.shared.errors import PermanentError, classify, describe
 from fleet.shared.frames import FramePublisher
 from fleet.shared.metrics import metrics
@@ -141,13 +141,15 @@ def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> 
             )
             prior = cur.execute("select * from messages where id = %s", (prior["id"],)).fetchone()
         if prior is None:
-            user_row = cur.execute(
-                "insert into messages (session_id, role, content, idempotency_key, job_id, trace_id, model)"
-                " values (%s, 'user', %s, %s, %s, %s, %s)"
-                " on conflict (session_id, role, idempotency_key) where idempotency_key is not null"
-                " do update set job_id = excluded.job_id returning id",
-                (req.session_id, req.content, req.key, req.job_id, req.trace.get("trace_id"), req.model),
-            ).fetchone()
+            user_row = one(
+                cur.execute(
+                    "insert into messages (session_id, role, content, idempotency_key, job_id, trace_id, model)"
+                    " values (%s, 'user', %s, %s, %s, %s, %s)"
+                    " on conflict (session_id, role, idempotency_key) where idempotency_key is not null"
+                    " do update set job_id = excluded.job_id returning id",
+                    (req.session_id, req.content, req.key, req.job_id, req.trace.get("trace_id"), req.model),
+                ).fetchone()
+            )
             # The history's budget leaves room in the model's context window for the new message and the answer.
             budget = history_budget(settings, req.model, req.max_tokens) - message_tokens(settings, req.content)
             context = req.messages or (
@@ -225,11 +227,13 @@ def _chain(first, stream):
 
 def _start_answer(req: ChatRequest) -> int:
     with get_pool().connection() as conn:
-        return conn.execute(
-            "insert into messages (session_id, role, content, status, model, idempotency_key, job_id, trace_id)"
-            " values (%s, 'assistant', '', 'streaming', %s, %s, %s, %s) returning id",
-            (req.session_id, req.model, req.key, req.job_id, req.trace.get("trace_id")),
-        ).fetchone()[0]
+        return one(
+            conn.execute(
+                "insert into messages (session_id, role, content, status, model, idempotency_key, job_id, trace_id)"
+                " values (%s, 'assistant', '', 'streaming', %s, %s, %s, %s) returning id",
+                (req.session_id, req.model, req.key, req.job_id, req.trace.get("trace_id")),
+            ).fetchone()
+        )[0]
 
 
 def _persist(answer_id: int, text: str) -> None:

@@ -34,6 +34,7 @@ def embed_documents(job: EmbedJob) -> None:
         table = job.table or "vector_documents"
     else:
         ids = [str(i) for i in job.ids or []]
+        assert job.source is not None  # an EmbedJob has documents or a source
         with get_pool().connection() as conn:
             docs, missing, src = load_source_docs(conn, job.source, ids, settings, model)
         table = src.target

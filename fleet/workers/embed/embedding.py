@@ -356,5 +356,5 @@ def search(
             ),
             (Vector(vector), k, Jsonb(filter or {})),
         )
-        names = [c.name for c in cur.description]
+        names = [c.name for c in cur.description or ()]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

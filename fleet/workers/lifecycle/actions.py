@@ -19,7 +19,7 @@ import psycopg
 
 from fleet.shared import events
 from fleet.shared.config import Settings, get_settings
-from fleet.shared.db import get_pool
+from fleet.shared.db import get_pool, one
 from fleet.shared.metrics import metrics
 
 ACTIONS = ("expire", "archive", "decay", "evict", "merge", "reembed", "purge")
@@ -82,7 +82,7 @@ def _loop(conn: psycopg.Connection, sql: str, params: dict) -> int:
     total, after = 0, uuid.UUID(int=0)
     while True:
         with conn.transaction():
-            changed, picked, last = conn.execute(sql, params | {"after": after}).fetchone()
+            changed, picked, last = one(conn.execute(sql, params | {"after": after}).fetchone())
         total += changed
         if picked < params["batch"] or last is None:
             return total
@@ -232,7 +232,8 @@ def _merge(conn, params: dict) -> int:
 
 def _reembed(conn, params: dict, enqueue) -> int:
     """Memories without an embedding, or with one from another model: embed_memories jobs, 100 ids each."""
-    total, after = 0, uuid.UUID(int=0)
+    total = 0
+    after: uuid.UUID | str = uuid.UUID(int=0)
     while True:
         ids = [
             str(r[0])

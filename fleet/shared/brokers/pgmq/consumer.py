@@ -57,7 +57,7 @@ class PgmqConsumer(Consumer):
         broker.heartbeat()
 
     # Called from worker threads: only queue the ids; the consumer thread sends them in batches.
-    def ack(self, message: PgmqMessage) -> None:
+    def ack(self, message: PgmqMessage) -> None:  # type: ignore[override]  # the broker hands its consumer only the messages it made
         with self.state.lock:
             if message.options.pop(HOLD_ACK, False):
                 # Its retry could not be enqueued: stop the heartbeat so pgmq delivers it again after the vt.
@@ -68,12 +68,12 @@ class PgmqConsumer(Consumer):
                 self.state.durable = True
         self.state.wake.set()
 
-    def nack(self, message: PgmqMessage) -> None:
+    def nack(self, message: PgmqMessage) -> None:  # type: ignore[override]  # as ack
         with self.state.lock:
             self.state.nacks.append(message.pgmq_id)
         self.state.wake.set()
 
-    def requeue(self, messages: Iterable[PgmqMessage]) -> None:
+    def requeue(self, messages: Iterable[PgmqMessage]) -> None:  # type: ignore[override]  # as ack
         ids = [m.pgmq_id for m in messages if isinstance(m, PgmqMessage)]
         if not ids:
             return

@@ -104,8 +104,9 @@ def identity(body: str) -> tuple[str | None, str | None, str | None]:
         return None, None, None
     if not isinstance(data, dict):
         return None, None, None
-    options = data.get("options") if isinstance(data.get("options"), dict) else {}
-    return tuple(
+    options = data["options"] if isinstance(data.get("options"), dict) else {}
+    message_id, actor_name, trace_id = (
         v if isinstance(v, str) else None
         for v in (data.get("message_id"), data.get("actor_name"), options.get("trace_id"))
     )
+    return message_id, actor_name, trace_id

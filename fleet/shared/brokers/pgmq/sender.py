@@ -43,7 +43,8 @@ def send_in_bulk(
             if conn is None and isinstance(chunks, list) and len(chunks) == 1:
                 # One statement on a pooled (autocommit) connection is atomic by itself: BEGIN and COMMIT
                 # would be two more round trips for every single enqueue.
-                return _fetch_ids(send_encoded(c, *chunks[0], delay_ms))
+                queue_name, bodies = chunks[0]
+                return _fetch_ids(send_encoded(c, queue_name, bodies, delay_ms))
             with c.transaction():
                 with c.pipeline():
                     cursors = [send_encoded(c, queue_name, bodies, delay_ms) for queue_name, bodies in chunks]
