@@ -25,9 +25,8 @@ THREADS = 8
 
 
 def start(config: dict):
-    from fleet.ops.processes import worker_command, worker_env
+    from fleet.ops.processes import start_simulator, worker_command, worker_env
     from fleet.shared.config import reset_settings
-    from fleet.ops.processes import start_simulator
 
     sim, url = start_simulator(config)
     env = worker_env(["chat"], 0) | {"CHAT_API_BASE": f"{url}/v1", "CHAT_KEEPALIVE_S": "5"}
@@ -44,8 +43,8 @@ def start(config: dict):
 
 
 def latency(samples: int = 60) -> None:
-    from fleet.shared.client import FleetClient
     from fleet.ops.processes import stop_process
+    from fleet.shared.client import FleetClient
 
     sim, workers = start({"ttft_ms": TTFT_S * 1000, "answer_tokens": 3})
     client = FleetClient()
@@ -74,8 +73,8 @@ def latency(samples: int = 60) -> None:
 
 def throughput(chats: int = 64) -> None:
     from bench.provider import direct_rate
-    from fleet.shared.client import FleetClient
     from fleet.ops.processes import stop_process
+    from fleet.shared.client import FleetClient
     from fleet.shared.config import get_settings
 
     sim, workers = start({"ttft_ms": 500, "tokens_per_s": 20, "answer_tokens": 11})

@@ -55,7 +55,7 @@ class ServerCpu:
         self.postmaster = postmaster_pid(dsn)
         self.seconds: float | None = None
 
-    def __enter__(self) -> "ServerCpu":
+    def __enter__(self) -> ServerCpu:
         self._start = server_cpu_s(self.postmaster) if self.postmaster else None
         return self
 

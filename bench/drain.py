@@ -9,8 +9,8 @@ python -m bench.drain pickup --samples N
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import threading
 import time

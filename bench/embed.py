@@ -18,13 +18,12 @@ import uuid
 
 import psycopg
 from pgvector import Vector
-
-from fleet.shared.db import database_dsn, get_pool
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from fleet.workers.embed.embedding import Doc, upsert_vectors
+from fleet.shared.db import database_dsn, get_pool
 from fleet.shared.vectors import with_vectors
+from fleet.workers.embed.embedding import Doc, upsert_vectors
 
 # A provider's batch of 32 typically answers in 0.5-2 s. At 2 s the provider is the binding limit
 # here (128 docs/s); pgvector's HNSW insert on this machine (~8 ms a 1024-dim row) would bind first
@@ -37,11 +36,9 @@ DOCS_PER_JOB = 4 * BATCH
 
 
 def bench_docs() -> None:
-    from fleet.ops.processes import worker_command, worker_env
-    from fleet.shared.client import FleetClient
-    from fleet.ops.processes import start_simulator, stop_process
-
     from bench.provider import direct_rate
+    from fleet.ops.processes import start_simulator, stop_process, worker_command, worker_env
+    from fleet.shared.client import FleetClient
     from fleet.shared.config import get_settings
 
     sim, url = start_simulator({"latency_ms": LATENCY_S * 1000})

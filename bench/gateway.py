@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import tempfile
 import time
@@ -84,9 +83,9 @@ def first_delta_via_sdk(client, i: int) -> float:
 
 def latency(broker: str, samples: int = 60) -> None:
     from fleet.gateway.process import GatewayProcess
+    from fleet.ops.processes import start_simulator, stop_process
     from fleet.shared.client import FleetClient
     from fleet.shared.config import Settings
-    from fleet.ops.processes import start_simulator, stop_process
 
     via_gw, via_sdk = [], []
     with ExitStack() as stack:  # whatever fails to start, what did start is stopped

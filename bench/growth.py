@@ -24,9 +24,8 @@ DRAIN = 20_000  # messages read and deleted in each depth measurement
 
 
 def processes() -> None:
-    from fleet.ops.processes import worker_env
+    from fleet.ops.processes import WorkerGroup, wait_for, worker_env
     from fleet.shared.client import FleetClient
-    from fleet.ops.processes import WorkerGroup, wait_for
 
     dsn = database_dsn(get_settings())
     client = FleetClient()

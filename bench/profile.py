@@ -75,8 +75,8 @@ def profile_threads(profiles: list[cProfile.Profile]) -> None:
 
 
 def drain(kind: str, jobs: int, cprofile_to: str | None, bare: bool = False) -> None:
-    from fleet.shared.logs import configure_logging
     from fleet.shared.config import get_settings
+    from fleet.shared.logs import configure_logging
 
     configure_logging(get_settings().log_level)  # what a worker runs at (INFO by default)
     profiles: list[cProfile.Profile] = []

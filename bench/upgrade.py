@@ -10,9 +10,9 @@ import argparse
 import time
 import uuid
 
-from fleet.workers.agents.agentfile import parse_agent_file
 from fleet.shared.client import FleetClient
 from fleet.shared.db import get_pool
+from fleet.workers.agents.agentfile import parse_agent_file
 from fleet.workers.agents.templates import publish
 from fleet.workers.agents.upgrades import fan_out
 

@@ -21,14 +21,14 @@ import httpx
 import psycopg
 import pytest
 
-from fleet.workers.agents.agentfile import parse_agent_file
-from fleet.workers.agents.agentview import changes
+from fleet.gateway.process import GatewayProcess
 from fleet.shared.config import Settings
 from fleet.shared.errors import ProviderError, classify
 from fleet.shared.providers.letta import LettaClient
+from fleet.workers.agents.agentfile import parse_agent_file
+from fleet.workers.agents.agentview import changes
 from fleet.workers.agents.templates import publish
 from tests import test_letta_fidelity as fidelity
-from fleet.gateway.process import GatewayProcess
 from tests.agents_service_support import BILLING as SERVICE_BILLING, JWT_ENV, smoke_flow
 from tests.conftest import started_fleet
 from tests.helpers import wait_for

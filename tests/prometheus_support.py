@@ -39,7 +39,7 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         self.log = open(self.workdir / "prometheus.log", "ab")
         self.proc = subprocess.Popen(
             [

@@ -13,9 +13,8 @@ import pytest
 from fleet.workers.embed.embedding import content_hash
 
 from .conftest import started_fleet
-from .helpers import dead_letters, wait_for
-
 from .embedding_support import API_KEY, MODEL, docs, embed_env, sim_log, stored
+from .helpers import dead_letters, wait_for
 
 pytestmark = pytest.mark.usefixtures("fresh_sim")  # every test starts with a clean simulator
 

@@ -3,15 +3,14 @@ No other embed workers run in this module, so these processes alone take the job
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import httpx
 import pytest
 
 from .conftest import make_client, worker_env
-from .helpers import WorkerGroup, dead_letters, events, wait_for
 from .embedding_support import docs, embed_env, sim_log, stored
+from .helpers import WorkerGroup, dead_letters, events, wait_for
 
 pytestmark = pytest.mark.usefixtures("fresh_sim")  # every test starts with a clean simulator
 

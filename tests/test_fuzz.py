@@ -12,8 +12,7 @@ import uuid
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, Phase, given, seed, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
 from fleet.shared.errors import InvalidPayload
 from fleet.shared.registry import JOB_TYPES

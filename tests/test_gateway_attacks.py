@@ -22,8 +22,16 @@ from fleet.gateway.process import GatewayProcess
 from fleet.ops.processes import wait_for
 
 from .gateway_support import fleet_with_gateway, new_key, post_sse
-from .test_gateway_security import HMAC_KEY, RSA_KEY, SECRET, JwksServer, queued_and_recorded, signed, token
-from .test_gateway_security import quick_sim  # noqa: F401  (autouse: a fast simulator for every test here)
+from .test_gateway_security import (
+    HMAC_KEY,
+    RSA_KEY,
+    SECRET,
+    JwksServer,
+    queued_and_recorded,
+    quick_sim,  # noqa: F401  (autouse: a fast simulator for every test here)
+    signed,
+    token,
+)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 ISSUER = "https://project.example.test/auth/v1"
@@ -194,7 +202,7 @@ def answer_to(port: int, head: bytes, until: bytes, timeout: float = 30) -> byte
         while until not in data and time.monotonic() < deadline:
             try:
                 chunk = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 break
@@ -403,7 +411,7 @@ def closed_by_server(sock: socket.socket, dribble: bytes | None, timeout: float 
                 sock.sendall(dribble)
             if sock.recv(65536) == b"":
                 return True
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (ConnectionResetError, BrokenPipeError):
             return True
@@ -441,7 +449,7 @@ def test_connections_over_the_limit_get_a_503_and_are_closed(agw):
                 s.settimeout(0.5)
                 try:
                     refused = s.recv(100).startswith(b"HTTP/1.1 503")
-                except socket.timeout:
+                except TimeoutError:
                     refused = False  # nothing said: it was admitted and waits for a request
                 if refused:
                     s.close()

@@ -4,9 +4,8 @@ may get a 5xx. Bodies the document allows are real jobs; the rest must be refuse
 
 from __future__ import annotations
 
-import uuid
-
 import time
+import uuid
 
 import hypothesis
 import jwt

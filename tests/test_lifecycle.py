@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from fleet.shared.config import Settings
-from fleet.workers.lifecycle.actions import run_lifecycle, undo_run
 from fleet.simulator import Simulator
+from fleet.workers.lifecycle.actions import run_lifecycle, undo_run
 
 VEC = Simulator()
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import yaml
 
+from fleet.ops.workload import Workload
 from fleet.shared.db import connect
 from fleet.shared.services import free_port
-from fleet.ops.workload import Workload
 
 from .conftest import make_client, worker_env
 from .embedding_support import API_KEY, embed_env

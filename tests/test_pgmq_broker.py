@@ -308,9 +308,9 @@ def test_a_pooled_connection_the_server_ended_is_replaced_at_checkout(services):
     """The pool checks a connection before handing it out only when the server has written to it while it
     sat idle (a terminated backend's FATAL, a shutdown): a healthy one costs no round trip, an ended one is
     replaced and the caller's statement runs on a new connection."""
-    from fleet.shared.db import make_pool
-
     import resource
+
+    from fleet.shared.db import make_pool
 
     # Past descriptor 1024, as in a gateway holding a thousand streams (select.select cannot watch those).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

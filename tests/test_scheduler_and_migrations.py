@@ -9,9 +9,9 @@ import uuid
 import psycopg
 import pytest
 
+from fleet.shared.leadership import current_leader
 from fleet.shared.migrate import MigrationError, migrate
 from fleet.shared.scheduler import Periodic, Scheduler
-from fleet.shared.leadership import current_leader
 
 from .conftest import make_client
 from .helpers import wait_for

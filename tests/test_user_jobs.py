@@ -314,6 +314,7 @@ def test_the_kubernetes_renderer_deploys_the_applications_worker_type(services):
     """deploy/k8s/render.py on the example's Procfile: a Deployment running `fleet worker --jobs`, probed on its
     metrics port, and a KEDA trigger on the summaries queue's depth whose query the database answers."""
     import kubernetes_validate
+
     from .test_deploy import KUBERNETES_VERSION, k8s
 
     image = "ghcr.io/your-org/summaries:1"

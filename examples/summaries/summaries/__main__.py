@@ -8,7 +8,6 @@ from pathlib import Path
 
 from fleet import FleetClient
 from fleet.shared.db import get_pool
-
 from summaries.jobs import SummarizeJob, summarize
 
 
