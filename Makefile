@@ -1,10 +1,10 @@
-# The commands: `make demo`, `make test` and `make conformance`. Each sets up everything they need.
+# The commands: `make demo`, `make test`, `make lint` and `make conformance`. Each sets up everything they need.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-under-load conformance bench soak system-deps services-down clean
+.PHONY: demo test test-under-load lint conformance bench soak system-deps services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,18 @@ test-under-load: $(STAMP) system-deps
 conformance: $(STAMP) system-deps
 	@bash conformance/install.sh
 	@$(PY) -m pytest -q -p no:cacheprovider conformance
+
+# ruff (lint and format) and mypy (strict on the public API: `fleet`'s top level), with zero findings.
+# The linters are the `lint` extra, installed for it only.
+LINT_STAMP := $(VENV)/.lint-installed
+$(LINT_STAMP): $(STAMP)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[lint]'
+	@touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	@$(VENV)/bin/ruff check fleet examples
+	@$(VENV)/bin/ruff format --check fleet tests bench conformance examples
+	@$(VENV)/bin/mypy
 
 # The peers it measures against (pgqueuer, asyncpg) are the `bench` extra, installed for it only.
 BENCH_STAMP := $(VENV)/.bench-installed
