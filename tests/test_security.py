@@ -160,3 +160,32 @@ def test_nan_and_infinite_numbers_are_refused_at_enqueue(services, pgmq_fleet):
     for value in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(InvalidPayload, match=r"\$\.scores\[1\]"):
             pgmq_fleet.client.enqueue("echo", {"message": "m", "scores": [1.0, value]})
+
+
+def test_a_registered_source_declares_which_tenants_read_its_vectors(services):
+    """EMBED_SOURCES' `readers` becomes the source's row in vector_shared_sources (which the row-level
+    security of the vector tables reads, tested as two users in test_gateway_attacks.py)."""
+    from pydantic import ValidationError
+
+    from fleet.shared.config import Settings
+    from fleet.workers.embed.embedding import Source, load_source_docs
+
+    table, name = f"shared_{uuid.uuid4().hex[:8]}", f"src{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute(f"create table {table} (id int primary key, body text)")
+        conn.execute(f"insert into {table} values (1, '')")  # no content: nothing to embed, only the declaration
+
+        def declared(readers: str | None) -> list[tuple]:
+            spec = {"table": table, "content_column": "body"} | ({"readers": readers} if readers else {})
+            load_source_docs(conn, name, ["1"], Settings(EMBED_SOURCES={name: spec}), "any-model")
+            return conn.execute("select project_id from vector_shared_sources where source = %s", (name,)).fetchall()
+
+        assert declared(None) == []
+        assert declared("authenticated") == [(None,)]
+        assert declared("project:acme") == [("acme",)]
+        assert declared(None) == [("acme",)]  # undeclared: the row stays as it is
+        assert declared("operator") == []
+        conn.execute(f"drop table {table}")
+    for bad in ("everyone", "project:", "project:a:b", "authenticated "):
+        with pytest.raises(ValidationError):
+            Source.model_validate({"table": "t", "content_column": "c", "readers": bad})
