@@ -45,8 +45,9 @@ class GatewaySettings(BaseSettings):
         "requests a minute per caller on the GET routes (job, trace, stream resume), across processes;"
         " 0: no limit"))
     models: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="GATEWAY_MODELS", description=(
-        "comma-separated chat models a client may name; empty: only CHAT_MODEL_DEFAULT. Embed jobs may"
-        " name only EMBEDDING_MODEL_DEFAULT"))
+        "comma-separated chat models a client may name (of those the workers accept: CHAT_MODEL_DEFAULT,"
+        " CHAT_MODELS, CHAT_CONTEXT_WINDOWS); empty: all of those. Embed jobs may name only"
+        " EMBEDDING_MODEL_DEFAULT and the models of EMBED_MODEL_INPUT_TOKENS"))
     client_roles: Annotated[list[str], NoDecode] = Field(["user"], alias="GATEWAY_CLIENT_ROLES", description=(
         "comma-separated message roles a client may send in `messages` (of user, assistant, system)"))
 
