@@ -19,6 +19,10 @@ class GatewayMetrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.open_streams = Gauge("fleet_gateway_open_streams", "SSE streams open now, by kind",
                                   ["kind"], registry=self.registry)
+        self.ended_checks = Counter("fleet_gateway_ended_checks_total",
+                                    "Quiet chat streams' checks for an answer stored unheard", registry=self.registry)
+        self.ended_queries = Counter("fleet_gateway_ended_check_queries_total",
+                                     "Database round trips those checks took (one per batch)", registry=self.registry)
 
 
 @lru_cache(maxsize=1)

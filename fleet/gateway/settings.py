@@ -1,5 +1,5 @@
 """The gateway's own settings (GATEWAY_*); the fleet's (DATABASE_URL, FLEET_BROKER, REQUIRE_IDEMPOTENCY,
-CHAT_RATE_LIMIT_PER_MIN, EMBED_RATE_LIMIT_PER_MIN, ...) stay in fleet.shared.config."""
+CHAT_MODELS, ...) stay in fleet.shared.config."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from functools import lru_cache
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
+
+from fleet.shared.config import comma_separated
 
 MIN_HS256_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key is at least as long as the hash (256 bits)
 
@@ -69,6 +71,16 @@ class GatewaySettings(BaseSettings):
         description="The shared key of HMAC-signed requests (X-Signature over the method, path, query, token, idempotency key, timestamp and body).")
     hmac_window_s: int = Field(300, alias="GATEWAY_HMAC_WINDOW_S", ge=1,
         description="How far X-Timestamp may be from the gateway's clock, in seconds; a signature is accepted once within it.")
+    chat_rate_limit_per_min: int = Field(120, alias="GATEWAY_CHAT_RATE_LIMIT_PER_MIN", ge=0, description=(
+        "POST /v1/chat requests a minute per caller (the user, else the client address), across processes;"
+        " 0: no limit. The workers' provider limit is CHAT_RATE_LIMIT_PER_MIN, fleet-wide"))
+    embed_rate_limit_per_min: int = Field(120, alias="GATEWAY_EMBED_RATE_LIMIT_PER_MIN", ge=0, description=(
+        "POST /v1/embed requests a minute per caller, across processes; 0: no limit. The workers' provider"
+        " limit is EMBED_RATE_LIMIT_PER_MIN, fleet-wide"))
+    probe_rate_limit_per_min: int = Field(600, alias="GATEWAY_PROBE_RATE_LIMIT_PER_MIN", ge=0, description=(
+        "requests a minute per client address and route on the routes that answer without the database"
+        " (/healthz, /readyz, /metrics, the chat page, /openapi.json, /docs), counted in each process;"
+        " 0: no limit"))
     agent_rate_limit_per_min: int = Field(30, alias="GATEWAY_AGENT_RATE_LIMIT_PER_MIN", ge=0, description=(
         "POST /v1/agents requests a minute per caller, across processes; 0: no limit"))
     operator_rate_limit_per_min: int = Field(120, alias="GATEWAY_OPERATOR_RATE_LIMIT_PER_MIN", ge=0, description=(
@@ -96,9 +108,7 @@ class GatewaySettings(BaseSettings):
     @field_validator("models", "client_roles", mode="before")
     @classmethod
     def _comma_separated(cls, value):
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return comma_separated(value)
 
     @field_validator("client_roles")
     @classmethod

@@ -222,9 +222,7 @@ class Settings(BaseSettings):
     @field_validator("chat_models", mode="before")
     @classmethod
     def _comma_separated(cls, value):
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return comma_separated(value)
 
     def allowed_chat_models(self) -> list[str]:
         """The chat models a job may name: a payload never picks a model the configuration does not name."""
@@ -243,6 +241,13 @@ class Settings(BaseSettings):
                 if password:
                     values.append(password)
         return [v for v in values if len(v) >= 6]
+
+
+def comma_separated(value):
+    """`a, b,c` as ["a", "b", "c"] (a list setting given in the environment); a list stays as it is."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 @lru_cache(maxsize=1)
