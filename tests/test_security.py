@@ -189,3 +189,32 @@ def test_a_registered_source_declares_which_tenants_read_its_vectors(services):
     for bad in ("everyone", "project:", "project:a:b", "authenticated "):
         with pytest.raises(ValidationError):
             Source.model_validate({"table": "t", "content_column": "c", "readers": bad})
+
+
+def test_a_users_search_finds_their_rows_behind_everyone_elses(services):
+    """Row-level security filters after the HNSW index: a user's nearest rows must come back even when
+    hundreds of other users' rows are nearer to the query (an index scan alone returns 40 candidates)."""
+    from .test_gateway_attacks import as_user
+
+    alice, bob, tag = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex[:8]
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        dim = conn.execute("select get_vector_dim('vector_documents')").fetchone()[0]
+
+        def vector(first: float) -> str:
+            return "[" + ",".join([str(first)] + ["0.01"] * (dim - 1)) + "]"
+
+        rows = [(f"u:{bob}:{tag}-{i}", vector(1.0 + i / 1000)) for i in range(300)]
+        rows += [(f"u:{alice}:{tag}-{i}", vector(-1.0 - i)) for i in range(5)]  # far from the query
+        with conn.cursor() as cur:
+            cur.executemany("insert into vector_documents (source_id, chunk_index, content, embedding, model,"
+                            " content_hash) values (%s, 0, 'x', %s::vector, 'm', 'h')", rows)
+        try:
+            query = (f"select source_id from match_agent_knowledge_vectors('{vector(1.0)}'::vector, 5,"
+                     " '{}'::jsonb, -1)")
+            with conn.transaction():
+                conn.execute("set local enable_seqscan = off")  # the index, as on a table of real size
+                found = as_user(conn, alice, query)
+        finally:
+            conn.execute("delete from vector_documents where source_id like %s or source_id like %s",
+                         (f"u:{bob}:{tag}-%", f"u:{alice}:{tag}-%"))
+    assert sorted(r[0] for r in found) == [f"u:{alice}:{tag}-{i}" for i in range(5)]
