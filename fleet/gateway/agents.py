@@ -183,13 +183,11 @@ async def start_upgrade(request: Request):
     try:
         run_id = await asyncio.to_thread(start_run, body.template, body.version, cohort, body.dry_run, g.client,
                                          run_id=run_id, halt=HaltPolicy(body.halt_failure_rate, body.halt_min_sample))
-    except (PermanentError, psycopg.errors.ForeignKeyViolation) as e:  # unpublished since the check above
-        if key is not None:
+    except BaseException as e:
+        if key is not None:  # no run was started under the key: it is free again
             await g.store.release_key(scope, claim)
-        raise ApiError(404, "template_not_found", str(e).splitlines()[0]) from None
-    except BaseException:
-        if key is not None:
-            await g.store.release_key(scope, claim)
+        if isinstance(e, (PermanentError, psycopg.errors.ForeignKeyViolation)):  # unpublished since the check
+            raise ApiError(404, "template_not_found", str(e).splitlines()[0]) from None
         raise
     if key is not None:
         await g.store.confirm_key(scope, claim)
