@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import psycopg
 import structlog
 from dramatiq.common import compute_backoff
 
@@ -14,6 +15,8 @@ log = structlog.get_logger(__name__)
 
 FIRST_BACKOFF_MS = 50
 MAX_BACKOFF_MS = 1_000
+# What a lost or refused PostgreSQL connection raises (psycopg_pool's PoolTimeout is an OperationalError too).
+DB_CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 def sqlstate(error: BaseException | None) -> str | None:
