@@ -89,12 +89,13 @@ def _wait_counted(group: WorkerGroup, connection: str) -> None:
              f"the reconnect of {connection} in /metrics")
 
 
-def _kill_insert_in_flight(dsn: str, statement: str = "%fleet_insert_events(%") -> None:
+def _kill_insert_in_flight(dsn: str, statement: str = "%fleet_insert_events(%", meanwhile=lambda: None) -> None:
     """Terminate a fleet backend in the middle of inserting bus_events: the table is locked so the insert
     (a statement like `statement`) waits, its backend (found in pg_stat_activity) is terminated, and the
     lock is let go."""
     with psycopg.connect(dsn) as locker, psycopg.connect(dsn, autocommit=True) as admin:
         locker.execute("lock table bus_events in exclusive mode")  # reads go on; inserts wait
+        meanwhile()  # what makes the fleet write events (jobs enqueued while the table is locked)
 
         def blocked() -> list[int]:
             return [r[0] for r in admin.execute(
@@ -149,6 +150,17 @@ def test_the_event_writer_reconnects_at_once_and_loses_no_event(services, tmp_pa
     assert "reconnects 3.0" in logs, logs[-3000:]
 
 
+def _echo_jobs(client, trace: str, numbers: range) -> None:
+    for i in numbers:
+        client.enqueue("echo", {"message": f"job {i}"}, trace_id=trace)
+
+
+def _wait_succeeded(dsn: str, trace: str, count: int) -> list[dict]:
+    wait_for(lambda: sum(e["type"] == "job.succeeded" for e in events(dsn, trace_id=trace)) >= count, 60,
+             what="every job to succeed")
+    return events(dsn, trace_id=trace)
+
+
 def test_acks_and_events_a_pgmq_consumer_holds_when_its_connection_dies_are_committed_after_the_reconnect(
         services, tmp_path):
     """The consumer's round trip that carries its acks and the jobs' events is terminated mid-flight (it waits
@@ -159,12 +171,8 @@ def test_acks_and_events_a_pgmq_consumer_holds_when_its_connection_dies_are_comm
     group = WorkerGroup(worker_env(services, "pgmq"), threads=2, metrics=False, log_dir=tmp_path).start()
     try:
         trace = str(uuid.uuid4())
-        for i in range(6):
-            client.enqueue("echo", {"message": f"job {i}"}, trace_id=trace)
-        _kill_insert_in_flight(dsn, "%fleet_ack_and_read(%")
-        wait_for(lambda: sum(e["type"] == "job.succeeded" for e in events(dsn, trace_id=trace)) >= 6, 60,
-                 what="every job to succeed")
-        evs = events(dsn, trace_id=trace)
+        _kill_insert_in_flight(dsn, "%fleet_ack_and_read(%", lambda: _echo_jobs(client, trace, range(6)))
+        evs = _wait_succeeded(dsn, trace, 6)
         assert sorted(Counter(e["type"] for e in evs).items()) == [("job.started", 6), ("job.succeeded", 6)], evs
         with psycopg.connect(dsn, autocommit=True) as conn:
             left = conn.execute("select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s",
@@ -187,14 +195,9 @@ def test_the_redis_ack_writer_reconnects_and_commits_the_acks_it_holds(services,
     group = WorkerGroup(worker_env(services, "redis"), threads=2, metrics=True, log_dir=tmp_path).start()
     try:
         trace = str(uuid.uuid4())
-        for i in range(6):
-            client.enqueue("echo", {"message": f"job {i}"}, trace_id=trace)
-        _kill_insert_in_flight(dsn)
-        for i in range(6, 12):
-            client.enqueue("echo", {"message": f"job {i}"}, trace_id=trace)
-        wait_for(lambda: sum(e["type"] == "job.succeeded" for e in events(dsn, trace_id=trace)) >= 12, 60,
-                 what="every job to succeed")
-        started = [e for e in events(dsn, trace_id=trace) if e["type"] == "job.started"]
+        _kill_insert_in_flight(dsn, meanwhile=lambda: _echo_jobs(client, trace, range(6)))
+        _echo_jobs(client, trace, range(6, 12))
+        started = [e for e in _wait_succeeded(dsn, trace, 12) if e["type"] == "job.started"]
         assert len(started) == 12 and len({e["job_id"] for e in started}) == 12  # each ran once: nothing redelivered
         logs = group.logs()
         assert [(w["connection"], w["sqlstate"]) for w in _lost(logs)] == [("ack-writer", "57P01")], logs[-3000:]
