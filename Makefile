@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-under-load lint conformance bench soak system-deps services-down clean
+.PHONY: demo test test-under-load conformance bench soak soak-reconnect system-deps services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench: $(BENCH_STAMP) system-deps
 soak: $(STAMP) system-deps
 	@$(PY) -m bench.soak --broker both --jobs 10000 --time-limit 1200
 	@$(PY) -m bench.soak --broker both --jobs 10000 --faults --no-chaos --time-limit 1200
+	@$(MAKE) --no-print-directory soak-reconnect
+
+# Pickup latency at 100 jobs/s (pgmq, 8 threads) while PostgreSQL terminates the worker's backends twice a
+# second for 30 s, and through a PostgreSQL restart; fails on a lost job. A short version runs in `make test`.
+soak-reconnect: $(STAMP)
+	@$(PY) -m bench.soak_reconnect
 
 services-down: $(STAMP)
 	@$(VENV)/bin/fleet services down

@@ -98,12 +98,12 @@ class GatewayFleet:
 def fleet_with_gateway(services, sim, kind: str, log_dir, gateway_env: dict | None = None, **worker_env):
     env = CHAT_ENV | {"CHAT_API_BASE": f"{sim.url}/v1", "EMBEDDING_API_BASE": f"{sim.url}/v1"} | worker_env
     with started_fleet(services, kind, log_dir, **env) as fleet:
-        # development mode unless the test asks for production (gateway_env GATEWAY_DEV=false)
-        gw_env = (
-            fleet.env
-            | {"GATEWAY_KEEPALIVE_S": "0.5", "GATEWAY_DEV": "true", "GATEWAY_DOCS": "true"}
-            | (gateway_env or {})
-        )
+        # development mode unless the test asks for production (gateway_env GATEWAY_DEV=false); the per-caller
+        # request limits are counted in the shared backend, where every test's 127.0.0.1 is one caller, so
+        # they are off unless a test sets them (the tests of the limits do)
+        gw_env = fleet.env | {"GATEWAY_KEEPALIVE_S": "0.5", "GATEWAY_DEV": "true", "GATEWAY_DOCS": "true",
+                              "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "0", "GATEWAY_EMBED_RATE_LIMIT_PER_MIN": "0"} | (
+            gateway_env or {})
         gateway = GatewayProcess(gw_env, log_dir).start()
         try:
             yield GatewayFleet(fleet, gateway)

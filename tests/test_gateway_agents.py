@@ -159,3 +159,14 @@ def test_runs_are_read_halted_and_repeated_by_key(ams, flow):
     assert again["counts"] == state["counts"] == {"skipped": 1}  # already on 2.0.0
     resumed = get_sse(ams.url, f"/v1/upgrades/{state['run_id']}/stream", headers=OPERATOR | {"Last-Event-ID": "7"})
     assert resumed.types() == ["ready", "upgrade.done"] and resumed.frames[0]["_id"] == "8"
+
+
+def test_me_answers_with_the_reason_when_letta_cannot_be_asked(ams, flow, tmp_path):
+    from fleet.gateway.process import GatewayProcess
+    from fleet.shared.services import free_port
+
+    unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with GatewayProcess(ams.gateway.env | {"LETTA_API_BASE_URL": unreachable}, tmp_path) as gateway:
+        profile = me(gateway.url, flow["token"])
+    assert profile["letta_agent_id"] == flow["agent_id"] and profile["version"] == "2.0.0"  # from the database
+    assert profile["agent"] is None and "connection failed" in profile["agent_error"], profile["agent_error"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -21,17 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from fleet.gateway.process import GatewayProcess
 from fleet.ops.processes import wait_for
 
-from .gateway_support import fleet_with_gateway, new_key, post_sse
-from .test_gateway_security import (
-    HMAC_KEY,
-    RSA_KEY,
-    SECRET,
-    JwksServer,
-    queued_and_recorded,
-    quick_sim,  # noqa: F401  (autouse: a fast simulator for every test here)
-    signed,
-    token,
-)
+from .gateway_support import fleet_with_gateway, get_sse, new_key, post_sse
+from .test_gateway_security import HMAC_KEY, RSA_KEY, SECRET, JwksServer, queued_and_recorded, signed, token
+from .test_gateway_security import quick_sim  # noqa: F401  (autouse: a fast simulator for every test here)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 ISSUER = "https://project.example.test/auth/v1"
@@ -44,19 +37,10 @@ def someone() -> str:
 @pytest.fixture(scope="module")
 def agw(services, sim, tmp_path_factory):
     jwks = JwksServer()
-    env = {
-        "GATEWAY_DEV": "false",
-        "GATEWAY_DOCS": "false",
-        "GATEWAY_VERIFY_JWT": "true",
-        "GATEWAY_JWT_SECRET": SECRET,
-        "GATEWAY_JWKS_URL": jwks.url,
-        "GATEWAY_HMAC_KEY": HMAC_KEY,
-        "GATEWAY_HMAC_WINDOW_S": "60",
-        "GATEWAY_MAX_BODY_BYTES": "4096",
-        "GATEWAY_MAX_STREAMS_PER_USER": "2",
-        "GATEWAY_READ_RATE_LIMIT_PER_MIN": "20",
-        "CHAT_RATE_LIMIT_PER_MIN": "30",
-    }
+    env = {"GATEWAY_DEV": "false", "GATEWAY_DOCS": "false", "GATEWAY_VERIFY_JWT": "true",
+           "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": jwks.url, "GATEWAY_HMAC_KEY": HMAC_KEY,
+           "GATEWAY_HMAC_WINDOW_S": "60", "GATEWAY_MAX_BODY_BYTES": "4096", "GATEWAY_MAX_STREAMS_PER_USER": "2",
+           "GATEWAY_READ_RATE_LIMIT_PER_MIN": "20", "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "30"}
     try:
         with fleet_with_gateway(services, sim, "pgmq", tmp_path_factory.mktemp("gw-attacks"), gateway_env=env) as f:
             f.log_dir = tmp_path_factory.mktemp("gw-attacks-more")
@@ -353,6 +337,65 @@ def test_the_get_routes_have_a_rate_limit(agw):
     user = token(someone())
     codes = [get(agw.url, f"/v1/jobs/{uuid.uuid4()}", user).status_code for _ in range(21)]
     assert codes[:20] == [404] * 20 and codes[20] == 429, codes
+
+
+def test_the_probe_routes_have_a_rate_limit_of_their_own(agw):
+    """/healthz, /readyz, /metrics and the documents answer without the database, so their limit is counted in
+    the process, per client address and route."""
+    with another_gateway(agw, GATEWAY_PROBE_RATE_LIMIT_PER_MIN="20") as gw:
+        # a fixed window may turn over once during the burst: 2 x 20 + 1 requests see a refusal regardless
+        answers = [httpx.get(f"{gw.url}/metrics", timeout=30) for _ in range(41)]
+        other_route = httpx.get(f"{gw.url}/healthz", timeout=30)
+    statuses = [a.status_code for a in answers]
+    assert statuses[0] == 200 and 429 in statuses, statuses
+    refused = answers[statuses.index(429)]
+    assert refused.json()["error"] == "rate_limited" and int(refused.headers["retry-after"]) >= 1
+    assert other_route.status_code == 200
+
+
+def test_the_post_routes_have_a_rate_limit_by_default(agw):
+    """GATEWAY_CHAT_RATE_LIMIT_PER_MIN is 120 unless set: the 121st request of a minute is refused (bad bodies
+    count too, since the limit is checked before the body is read)."""
+    env = {k: v for k, v in agw.gateway.env.items() if k != "GATEWAY_CHAT_RATE_LIMIT_PER_MIN"}
+    gateway, user = GatewayProcess(env, agw.log_dir).start(), token(someone())
+    try:
+        codes = []
+        for i in range(121):
+            content = json.dumps({"n": i}).encode()
+            codes.append(httpx.post(f"{gateway.url}/v1/chat", content=content, timeout=30,
+                                    headers=signed("POST", "/v1/chat", content, bearer=user)).status_code)
+    finally:
+        gateway.stop()
+    assert codes[:120] == [422] * 120 and codes[120] == 429, codes
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_quiet_streams_check_for_an_unheard_end_in_one_batch(agw):
+    """Streams whose job says nothing check the stored answer after each quiet spell; the streams of a process
+    check together (two queries a batch), not one query each."""
+    user, jobs = someone(), [f"quiet-{uuid.uuid4()}" for _ in range(10)]
+    with psycopg.connect(agw.fleet.dsn, autocommit=True) as conn:  # jobs of the user's that never run
+        for job_id in jobs:
+            conn.execute("insert into gateway_jobs (job_id, trace_id, kind, user_id) values (%s, %s, 'chat', %s)",
+                         (job_id, str(uuid.uuid4()), user))
+    bearer = token(user)
+
+    def quiet_stream(job_id: str):
+        path = f"/v1/jobs/{job_id}/stream"
+        return get_sse(gw.url, path, headers=signed("GET", path, b"", bearer=bearer), timeout=60)
+
+    with another_gateway(agw, GATEWAY_KEEPALIVE_S="0.5", GATEWAY_STREAM_TIMEOUT_S="4",
+                         GATEWAY_MAX_STREAMS_PER_USER="0", GATEWAY_READ_RATE_LIMIT_PER_MIN="0") as gw:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            streams = list(pool.map(quiet_stream, jobs))
+        metrics = httpx.get(f"{gw.url}/metrics", timeout=30).text
+    assert all(s.frames[-1]["error_class"] == "StreamTimeout" and s.comments >= 3 for s in streams), streams
+    checks, queries = _metric(metrics, "fleet_gateway_ended_checks_total"), _metric(
+        metrics, "fleet_gateway_ended_check_queries_total")
+    assert checks >= 3 * len(jobs) and queries * 3 <= checks, (checks, queries)
 
 
 # --- JWKS -----------------------------------------------------------------------------------------------------

@@ -203,3 +203,63 @@ def test_nan_and_infinite_numbers_are_refused_at_enqueue(services, pgmq_fleet):
     for value in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(InvalidPayload, match=r"\$\.scores\[1\]"):
             pgmq_fleet.client.enqueue("echo", {"message": "m", "scores": [1.0, value]})
+
+
+def test_a_registered_source_declares_which_tenants_read_its_vectors(services):
+    """EMBED_SOURCES' `readers` becomes the source's row in vector_shared_sources (which the row-level
+    security of the vector tables reads, tested as two users in test_gateway_attacks.py)."""
+    from pydantic import ValidationError
+
+    from fleet.shared.config import Settings
+    from fleet.workers.embed.embedding import Source, load_source_docs
+
+    table, name = f"shared_{uuid.uuid4().hex[:8]}", f"src{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        conn.execute(f"create table {table} (id int primary key, body text)")
+        conn.execute(f"insert into {table} values (1, '')")  # no content: nothing to embed, only the declaration
+
+        def declared(readers: str | None) -> list[tuple]:
+            spec = {"table": table, "content_column": "body"} | ({"readers": readers} if readers else {})
+            load_source_docs(conn, name, ["1"], Settings(EMBED_SOURCES={name: spec}), "any-model")
+            return conn.execute("select project_id from vector_shared_sources where source = %s", (name,)).fetchall()
+
+        assert declared(None) == []
+        assert declared("authenticated") == [(None,)]
+        assert declared("project:acme") == [("acme",)]
+        assert declared(None) == [("acme",)]  # undeclared: the row stays as it is
+        assert declared("operator") == []
+        conn.execute(f"drop table {table}")
+    for bad in ("everyone", "project:", "project:a:b", "authenticated "):
+        with pytest.raises(ValidationError):
+            Source.model_validate({"table": "t", "content_column": "c", "readers": bad})
+
+
+def test_a_users_search_finds_their_rows_behind_everyone_elses(services):
+    """Row-level security filters after the HNSW index: a user's nearest rows must come back even when
+    hundreds of other users' rows are nearer to the query (an index scan alone returns 40 candidates)."""
+    from .test_gateway_attacks import as_user
+
+    alice, bob, tag = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex[:8]
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        dim = conn.execute("select get_vector_dim('vector_documents')").fetchone()[0]
+
+        def vector(first: float) -> str:
+            return "[" + ",".join([str(first)] + ["0.01"] * (dim - 1)) + "]"
+
+        rows = [(f"u:{bob}:{tag}-{i}", vector(1.0 + i / 1000)) for i in range(300)]
+        rows += [(f"u:{alice}:{tag}-{i}", vector(-1.0 - i)) for i in range(5)]  # far from the query
+        with conn.cursor() as cur:
+            cur.executemany("insert into vector_documents (source_id, chunk_index, content, embedding, model,"
+                            " content_hash) values (%s, 0, 'x', %s::vector, 'm', 'h')", rows)
+        try:
+            # 50: other tests' shared sources are readable by every user too and may come first
+            query = (f"select source_id from match_agent_knowledge_vectors('{vector(1.0)}'::vector, 50,"
+                     " '{}'::jsonb, -1)")
+            with conn.transaction():
+                conn.execute("set local enable_seqscan = off")  # the index, as on a table of real size
+                found = as_user(conn, alice, query)
+        finally:
+            conn.execute("delete from vector_documents where source_id like %s or source_id like %s",
+                         (f"u:{bob}:{tag}-%", f"u:{alice}:{tag}-%"))
+    assert sorted(r[0] for r in found if r[0].startswith(f"u:{alice}:")) == [f"u:{alice}:{tag}-{i}" for i in range(5)]
+    assert not any(r[0].startswith(f"u:{bob}:") for r in found)

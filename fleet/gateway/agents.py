@@ -2,7 +2,8 @@
 templates (publish, list, read, diff) and cohort upgrades (start with progress as SSE, read, halt).
 
 The work is the agents family's (fleet.workers.agents): these routes check who asks, enqueue its jobs and
-read its tables. Operator routes need the operator claim or key (Authenticator.require_operator)."""
+read its tables. Operator routes need the operator claim or key (Authenticator.require_operator). The
+family is imported when a route first runs, so importing the app declares no actor."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from collections.abc import AsyncGenerator
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from fleet.shared.errors import PermanentError
 
 from fleet.gateway.auth import Caller
 from fleet.gateway.errors import ApiError
@@ -52,6 +55,8 @@ def _user_of(caller: Caller, named: uuid.UUID | str | None) -> str:
 
 async def _published(name: str, version: str | None) -> str:
     """The version to use (the highest published when none is named), or a 404."""
+    from fleet.workers.agents import templates
+
     rows = await asyncio.to_thread(templates.list_templates, name)
     if not rows:
         raise ApiError(404, "template_not_found", f"no template {name!r} is published")
@@ -91,6 +96,8 @@ async def me(request: Request, user_id: str | None = None):
     g = gateway(request)
     caller, _ = await admitted(request)
     user = _user_of(caller, user_id)
+    from fleet.workers.agents.profiles import profile_of
+
     profile = await asyncio.to_thread(profile_of, user, g.settings)
     if profile is None:
         return {
@@ -126,6 +133,10 @@ def _template_name(name: str) -> str:
     summary="Publish an Agent File as a template version (immutable, SemVer above every published one)",
 )
 async def publish_template(request: Request):
+    from fleet.workers.agents import templates
+    from fleet.workers.agents.agentfile import InvalidAgentFile
+    from fleet.workers.agents.semver import InvalidVersion
+
     _, _, raw = await _operator(request, "operator")
     body = parse(TemplateBody, raw)
     try:
@@ -141,6 +152,8 @@ async def publish_template(request: Request):
 
 @router.get("/v1/templates", tags=["operators"], summary="The published templates and versions, in SemVer order")
 async def list_templates(request: Request, name: str | None = None):
+    from fleet.workers.agents import templates
+
     await _operator(request)
     if name is not None:
         _template_name(name)
@@ -153,6 +166,8 @@ async def list_templates(request: Request, name: str | None = None):
     summary="What an upgrade from one version to another changes (memory blocks are never applied)",
 )
 async def diff_templates(request: Request, name: str, from_version: str, to_version: str):
+    from fleet.workers.agents import templates
+
     await _operator(request)
     try:
         return await asyncio.to_thread(templates.diff_versions, _template_name(name), from_version, to_version)
@@ -162,6 +177,8 @@ async def diff_templates(request: Request, name: str, from_version: str, to_vers
 
 @router.get("/v1/templates/{name}/{version}", tags=["operators"], summary="A template version's Agent File")
 async def read_template(request: Request, name: str, version: str):
+    from fleet.workers.agents import templates
+
     await _operator(request)
     try:
         content = await asyncio.to_thread(templates.get, _template_name(name), version)
@@ -177,6 +194,8 @@ async def read_template(request: Request, name: str, version: str):
     summary="Run a cohort upgrade (dry run by default); counts per status stream as SSE until it ends",
 )
 async def start_upgrade(request: Request):
+    from fleet.workers.agents.upgrades import HaltPolicy, start_run
+
     g, caller, raw = await _operator(request, "operator")
     body = parse(UpgradeBody, raw)
     key = idempotency_key(request, body.idempotency_key, g.settings.require_idempotency)
@@ -203,23 +222,13 @@ async def start_upgrade(request: Request):
         if v is not None
     }
     try:
-        run_id = await asyncio.to_thread(
-            start_run,
-            body.template,
-            body.version,
-            cohort,
-            body.dry_run,
-            g.client,
-            run_id=run_id,
-            halt=HaltPolicy(body.halt_failure_rate, body.halt_min_sample),
-        )
-    except (PermanentError, psycopg.errors.ForeignKeyViolation) as e:  # unpublished since the check above
-        if key is not None:
+        run_id = await asyncio.to_thread(start_run, body.template, body.version, cohort, body.dry_run, g.client,
+                                         run_id=run_id, halt=HaltPolicy(body.halt_failure_rate, body.halt_min_sample))
+    except BaseException as e:
+        if key is not None:  # no run was started under the key: it is free again
             await g.store.release_key(scope, claim)
-        raise ApiError(404, "template_not_found", str(e).splitlines()[0]) from None
-    except BaseException:
-        if key is not None:
-            await g.store.release_key(scope, claim)
+        if isinstance(e, (PermanentError, psycopg.errors.ForeignKeyViolation)):  # unpublished since the check
+            raise ApiError(404, "template_not_found", str(e).splitlines()[0]) from None
         raise
     if key is not None:
         await g.store.confirm_key(scope, claim)
@@ -239,6 +248,8 @@ def _run_id(run: str) -> str:
     summary="A run's state and counts, and its agents (diff, status, error) up to `limit`",
 )
 async def read_upgrade(request: Request, run: str, limit: int = 100):
+    from fleet.workers.agents.upgrades import run_state
+
     await _operator(request)
     if not 0 <= limit <= RUN_AGENTS_MAX:
         raise ApiError(422, "bad_limit", f"limit is 0 to {RUN_AGENTS_MAX}")
@@ -255,6 +266,8 @@ async def read_upgrade(request: Request, run: str, limit: int = 100):
     summary="Resume a run's progress stream",
 )
 async def upgrade_stream(request: Request, run: str):
+    from fleet.workers.agents.upgrades import run_state
+
     g, caller, _ = await _operator(request)
     run_id = _run_id(run)
     if await asyncio.to_thread(run_state, run_id) is None:
@@ -268,6 +281,8 @@ async def upgrade_stream(request: Request, run: str):
     summary="Halt a run: its pending agents are cancelled, those in progress finish",
 )
 async def halt_upgrade(request: Request, run: str):
+    from fleet.workers.agents.upgrades import halt, run_state
+
     await _operator(request, "operator")
     run_id = _run_id(run)
     if await asyncio.to_thread(run_state, run_id) is None:
@@ -292,6 +307,8 @@ async def run_progress(
 ) -> AsyncGenerator[bytes, None]:
     """`ready`, then `upgrade.progress` (status, total, counts per agent status) each time they change, then
     `upgrade.done` once the run has finished. Frames are numbered on from Last-Event-ID on a resume."""
+    from fleet.workers.agents.upgrades import run_state
+
     gauge = gateway_metrics().open_streams.labels("upgrades")
     gauge.inc()
     seq = last_seq or 0

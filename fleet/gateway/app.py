@@ -25,6 +25,7 @@ from fleet.gateway.errors import (
     validation_handler,
 )
 from fleet.gateway.hub_events import AgentHub, EmbedHub
+from fleet.gateway.limits import ProbeRateLimit
 from fleet.gateway.metrics import MetricsMiddleware, gateway_metrics
 from fleet.gateway.models import AgentBody, ChatBody, EmbedBody, TemplateBody, UpgradeBody
 from fleet.gateway.page import chat_page
@@ -118,6 +119,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]  # as above
     app.add_exception_handler(Exception, unexpected_handler)
     app.add_middleware(BodyLimitMiddleware, max_bytes=gw.max_body_bytes)
+    app.add_middleware(ProbeRateLimit, per_min=gw.probe_rate_limit_per_min)
     app.add_middleware(MetricsMiddleware)
     app.openapi = lambda: openapi_with_bodies(app)  # type: ignore[method-assign]  # FastAPI's way to customise the schema
 

@@ -1,15 +1,20 @@
 """Per-caller limits.
 
-- Requests a minute: CHAT_RATE_LIMIT_PER_MIN and EMBED_RATE_LIMIT_PER_MIN on the POST routes,
+- Requests a minute: GATEWAY_CHAT_RATE_LIMIT_PER_MIN and GATEWAY_EMBED_RATE_LIMIT_PER_MIN on the POST routes,
   GATEWAY_AGENT_RATE_LIMIT_PER_MIN on POST /v1/agents, GATEWAY_OPERATOR_RATE_LIMIT_PER_MIN on the
   operators' POST routes, GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate limiter
   over the fleet's shared backend (Redis or Postgres), so they hold across processes.
 - Open streams: GATEWAY_MAX_STREAMS_PER_USER SSE streams per verified user in one process.
+- Probes and documents (/healthz, /readyz, /metrics, the page, the OpenAPI document):
+  GATEWAY_PROBE_RATE_LIMIT_PER_MIN per client address and route, in each process: they must answer
+  while the database (where the shared limits are counted) is down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -25,12 +30,9 @@ WINDOW_S = 60
 
 
 def _limit(settings: Settings, gw: GatewaySettings, kind: str) -> int:
-    return {
-        "chat": settings.chat_rate_limit_per_min,
-        "embed": settings.embed_rate_limit_per_min,
-        "agents": gw.agent_rate_limit_per_min,
-        "operator": gw.operator_rate_limit_per_min,
-    }.get(kind, gw.read_rate_limit_per_min)
+    return {"chat": gw.chat_rate_limit_per_min, "embed": gw.embed_rate_limit_per_min,
+            "agents": gw.agent_rate_limit_per_min, "operator": gw.operator_rate_limit_per_min}.get(
+        kind, gw.read_rate_limit_per_min)
 
 
 def _try(limiter: WindowRateLimiter) -> bool:
@@ -99,3 +101,34 @@ class StreamCap:
                     yield chunk
         finally:
             self.give_back(user_id, slot)
+
+
+PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/", "/openapi.json", "/docs"})
+
+
+class ProbeRateLimit:
+    """A fixed one-minute window per (client address, route) in this process (pure ASGI). Counts are
+    dropped at each window's end, so the table holds at most one minute of clients (dramatiq's in-memory
+    rate-limit backend keeps every key it has seen)."""
+
+    def __init__(self, app, per_min: int) -> None:
+        self.app, self.per_min = app, per_min
+        self.window_started, self.counts = time.monotonic(), {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.per_min <= 0 or scope["path"] not in PROBE_ROUTES:
+            return await self.app(scope, receive, send)
+        now = time.monotonic()
+        if now - self.window_started >= WINDOW_S:
+            self.window_started, self.counts = now, {}
+        key = ((scope.get("client") or ("unknown",))[0], scope["path"])
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] <= self.per_min:
+            return await self.app(scope, receive, send)
+        retry_after = max(1, int(WINDOW_S - (now - self.window_started)))
+        body = json.dumps({"error": "rate_limited", "message": f"more than {self.per_min} requests a minute to"
+                           f" {scope['path']} (GATEWAY_PROBE_RATE_LIMIT_PER_MIN)"}).encode()
+        await send({"type": "http.response.start", "status": 429, "headers": [
+            (b"content-type", b"application/json"), (b"retry-after", str(retry_after).encode()),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -2,7 +2,8 @@
 
 While nothing comes, a `: keepalive` comment every GATEWAY_KEEPALIVE_S; after each quiet spell a chat
 stream checks the stored answer (and the dead letters), because the stored message is the truth: a
-job that ended while no one in this process listened ends the stream from there.
+job that ended while no one in this process listened ends the stream from there. The quiet streams of
+a process check together, in one batch per spell (Gateway.ended_checks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = structlog.get_logger(__name__)
 
 KEEPALIVE = b": keepalive\n\n"
 CATCH_UP_S = 5.0
-Ended = Callable[[str], Awaitable[list[dict] | None]]
+Ended = Callable[..., Awaitable[list[dict] | None]]  # (job_id, *, at_once=False)
 
 
 def encode(frame: dict) -> bytes:
@@ -60,7 +61,7 @@ async def job_stream(
     gauge.inc()
     sent = last_seq or 0  # the last seq the client has: a stored answer's frames are numbered on from it
     try:
-        if check_first and not backlog and ended is not None and (stored := await ended(job_id)) is not None:
+        if check_first and not backlog and ended is not None and (stored := await ended(job_id, at_once=True)) is not None:
             yield b"".join(map(encode, numbered(stored[-1:] if last_seq is not None else stored, sent)))
             return  # after a resume only the final frame
         heard = bool(backlog)

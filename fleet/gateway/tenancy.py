@@ -4,7 +4,7 @@ Sessions: a verified user's session ids are their own namespace (`u:{sub}:` befo
 so two users' "s1" are two sessions, and no answer tells a user that another user's session exists.
 
 Models and roles: a client names only a configured model (GATEWAY_MODELS, else the family's own list:
-CHAT_MODEL_DEFAULT and the models of CHAT_CONTEXT_WINDOWS; for embeddings EMBEDDING_MODEL_DEFAULT and
+CHAT_MODEL_DEFAULT, CHAT_MODELS and the models of CHAT_CONTEXT_WINDOWS, which the workers accept; for embeddings EMBEDDING_MODEL_DEFAULT and
 the models of EMBED_MODEL_INPUT_TOKENS), and sends only the message roles of GATEWAY_CLIENT_ROLES.
 
 Vectors: which vectors an embed request may write. `upsert_vectors` overwrites rows by (source_id, chunk_index)
@@ -55,7 +55,7 @@ def scoped_session_id(session_id: str, caller: Caller) -> str:
 
 
 def chat_models(settings: Settings, gw: GatewaySettings) -> list[str]:
-    return gw.models or [settings.chat_model_default, *settings.chat_context_windows]
+    return gw.models or settings.allowed_chat_models()
 
 
 def embed_models(settings: Settings) -> list[str]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Descriptions that several families' settings share.
 PROVIDER_RETRIES = "Retries of one provider call inside a job, before the job itself is retried."
@@ -115,6 +115,9 @@ class Settings(BaseSettings):
         "The chat provider's OpenAI-compatible base URL."))
     chat_model_default: str = Field("meta-llama/Meta-Llama-3.1-8B-Instruct", alias="CHAT_MODEL_DEFAULT",
                                     description="The model a chat uses when it names none.")
+    chat_models: Annotated[list[str], NoDecode] = Field(default_factory=list, alias="CHAT_MODELS", description=(
+        "Comma-separated chat models a job may name besides CHAT_MODEL_DEFAULT and the models of"
+        " CHAT_CONTEXT_WINDOWS; a job naming another model is dead-lettered."))
     chat_api_key: SecretStr | None = Field(None, alias="CHAT_API_KEY", description=(
         "The chat provider's API key (OPENAI_API_KEY when unset)."))
     openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY", description=(
@@ -215,6 +218,15 @@ class Settings(BaseSettings):
             return False
         return urlsplit(self.database_url.get_secret_value()).port == 6543
 
+    @field_validator("chat_models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return comma_separated(value)
+
+    def allowed_chat_models(self) -> list[str]:
+        """The chat models a job may name: a payload never picks a model the configuration does not name."""
+        return list(dict.fromkeys([self.chat_model_default, *self.chat_models, *self.chat_context_windows]))
+
     def secrets(self) -> list[str]:
         """Every secret value this process knows, for redaction."""
         values: list[str] = []
@@ -228,6 +240,13 @@ class Settings(BaseSettings):
                 if password:
                     values.append(password)
         return [v for v in values if len(v) >= 6]
+
+
+def comma_separated(value):
+    """`a, b,c` as ["a", "b", "c"] (a list setting given in the environment); a list stays as it is."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 @lru_cache(maxsize=1)

@@ -1,8 +1,9 @@
 """The append-only `bus_events` log: every step of a job's life, with its trace id.
 
-Writes are buffered as JSON rows and inserted by a background thread every 50 ms. In a pgmq worker
-process the consumers write them instead: each queue's consumer takes that queue's rows into its ack
-round trip, so a job's events commit in the same transaction as its acknowledgement or an earlier
+Writes are buffered as JSON rows and inserted by a background thread every 50 ms; when its connection is
+lost, the rows are put back and the insert is tried again at once, then with backoff (fleet.shared.reconnect).
+In a pgmq worker process the consumers write them instead: each queue's consumer takes that queue's rows
+into its ack round trip, so a job's events commit in the same transaction as its acknowledgement or an earlier
 one, never a later one (a worker killed in between would leave a job acked without its outcome).
 """
 
@@ -21,11 +22,13 @@ import structlog
 
 from fleet.shared.db import get_pool
 from fleet.shared.payloads import storable
-from fleet.shared.redact import redact_value
+from fleet.shared.reconnect import DB_CONNECTION_LOST, Reconnects
+from fleet.shared.redact import redact, redact_value
 
 log = structlog.get_logger(__name__)
 
 FLUSH_INTERVAL_S = 0.05
+REFUSED_BACKOFF_S = 0.5  # an insert the database refuses (not a lost connection) is tried again this often
 # The one definition of the insert is in SQL (fleet_insert_events), shared with the pgmq consumer's ack.
 INSERT_ROWS = "select fleet_insert_events(%s::jsonb)"
 
@@ -64,6 +67,7 @@ class EventWriter:
         self._pid: int | None = None
         self.background = True  # off in pgmq worker processes: the consumers write the rows
         self.claimed: set[str] = set()  # queues whose consumer in this process takes their rows
+        self.reconnects = Reconnects("events")
 
     def emit(
         self,
@@ -90,13 +94,18 @@ class EventWriter:
             self._thread.start()
 
     def _run(self) -> None:
+        wait = FLUSH_INTERVAL_S
         while self.background:
-            time.sleep(FLUSH_INTERVAL_S)
-            try:
-                self.flush()
-            except Exception as e:  # noqa: BLE001  logged; keep the rows and try again next tick
-                log.warning("events.flush_failed", error=str(e))
-                time.sleep(0.5)
+            time.sleep(wait)
+            wait = FLUSH_INTERVAL_S
+            try:  # a failed flush has put its rows back: they go in the next try
+                if self.flush():
+                    self.reconnects.restored()
+            except DB_CONNECTION_LOST as e:  # the pool replaces a broken connection: at once, then with backoff
+                wait = self.reconnects.lost(e)
+            except Exception as e:
+                log.warning("events.flush_failed", error_class=type(e).__name__, error=redact(str(e)))
+                wait = REFUSED_BACKOFF_S
 
     def take(self, queue: str | None = None) -> list[Row]:
         """Hand buffered rows to a caller that inserts them in its own statement (see as_json_array):

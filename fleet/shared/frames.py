@@ -176,8 +176,30 @@ def stored_message(job_id: str, *, final_only: bool = False) -> dict | None:
 def stored_answer(job_id: str) -> list[dict] | None:
     """The frames a listener would have seen, rebuilt from a finished stored answer."""
     row = stored_message(job_id, final_only=True)
-    if row is None:
-        return None
+    return None if row is None else answer_frames(job_id, row)
+
+
+def ended_frames(job_ids: list[str]) -> dict[str, list[dict]]:
+    """`stored_answer(j) or dead_frame(j)` for many jobs in two queries: the jobs that have ended, each with
+    the frames of its finished stored answer, else the `error` frame of its dead letter."""
+    from psycopg.rows import dict_row
+
+    with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "select distinct on (job_id) job_id, content, status, model, tokens_in, tokens_out, tokens_estimated,"
+            " finish_reason, error from messages where job_id = any(%s) and role = 'assistant'"
+            " order by job_id, id desc", (job_ids,)).fetchall()
+        ended = {r["job_id"]: answer_frames(r["job_id"], r) for r in rows if r["status"] != "streaming"}
+        rest = [j for j in job_ids if j not in ended]
+        if rest:
+            for row in cur.execute("select distinct on (message_id) message_id, reason, error_class from dead_letters"
+                                   " where message_id = any(%s) order by message_id, id desc", (rest,)):
+                ended[row["message_id"]] = [{"type": "error", "job_id": row["message_id"], "status": "error",
+                                             "error_class": row["error_class"], "message": row["reason"]}]
+    return ended
+
+
+def answer_frames(job_id: str, row: dict) -> list[dict]:
     frames = [{"type": "ready", "job_id": job_id, "replayed": True}]
     if row["content"]:
         frames.append({"type": "chat.delta", "job_id": job_id, "text": row["content"]})

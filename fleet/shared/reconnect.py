@@ -1,20 +1,23 @@
 """The rule every long-lived connection follows when its server goes away: try again at once, then with
-jittered exponential backoff (dramatiq's compute_backoff, from 50 ms up to 1 s, so a restarted database is
-read again within a second of accepting connections). A lost connection is an expected fault: one warning
-per episode, naming the SQLSTATE (never the SQL text), and a count in `fleet_db_reconnects_total` by process
-role and connection."""
+jittered exponential backoff (dramatiq's compute_backoff, from 50 ms up to 0.5 s, so a restarted database
+is read again within half a second of accepting connections). A lost connection is an
+expected fault: one warning per episode, naming the SQLSTATE (never the SQL text), and a count in
+`fleet_db_reconnects_total` by process role and connection."""
 
 from __future__ import annotations
 
 import time
 
+import psycopg
 import structlog
 from dramatiq.common import compute_backoff
 
 log = structlog.get_logger(__name__)
 
 FIRST_BACKOFF_MS = 50
-MAX_BACKOFF_MS = 1_000
+MAX_BACKOFF_MS = 500
+# What a lost or refused PostgreSQL connection raises (psycopg_pool's PoolTimeout is an OperationalError too).
+DB_CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 def sqlstate(error: BaseException | None) -> str | None:

@@ -8,8 +8,8 @@ Here a worker thread hands its ack (or nack) to one writer thread per process, w
    batch's jobs, emitted before their acks were handed over,
 3. only then sends the batch's acks to Redis, pipelined in one round trip.
 When the insert fails (Postgres down, a refused write), nothing is acknowledged: the batch waits and the
-writer tries again with a backoff; the messages stay in Redis's ack set, so a worker that dies meanwhile
-leaves them to be redelivered. Held acks count against the consumer's prefetch, so a worker whose events
+writer tries again (after a lost connection at once, then with backoff: fleet.shared.reconnect); the
+messages stay in Redis's ack set, so a worker that dies meanwhile leaves them to be redelivered. Held acks count against the consumer's prefetch, so a worker whose events
 cannot be written stops taking new messages.
 """
 
@@ -27,8 +27,7 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
 from fleet.shared import events
-from fleet.shared.brokers.hooks import ImplementedHooksOnly
-from fleet.shared.reconnect import Reconnects
+from fleet.shared.reconnect import DB_CONNECTION_LOST, Reconnects
 from fleet.shared.redact import redact
 
 log = structlog.get_logger(__name__)
@@ -48,6 +47,8 @@ for i = 3, #ARGV do
 end
 return acked
 """
+# A lost connection to Postgres or to Redis: the writer reconnects (fleet.shared.reconnect).
+CONNECTION_LOST = (*DB_CONNECTION_LOST, redis.ConnectionError, redis.TimeoutError)
 IDLE_FLUSH_S = 0.05  # events that no ack waits for (a producer's, a retry's) are written this often
 MAX_BACKOFF_S = 2.0
 CLOSE_WAIT_S = 10.0
@@ -125,7 +126,8 @@ class AckWriter(threading.Thread):
         self.pending: list[HeldAck] = []
         self.cond = threading.Condition()
         self.running = True
-        self.failures = 0
+        self.failures = 0  # refused commits in a row (not lost connections)
+        self.reconnects = Reconnects("ack-writer")
 
     def hold(self, held: HeldAck) -> None:
         with self.cond:
@@ -158,32 +160,32 @@ class AckWriter(threading.Thread):
                 time.sleep(GATHER_S)
             with self.cond:
                 batch, self.pending = self.pending, []
-            if not self.commit(batch):
+            wait = self.commit(batch)
+            if wait is not None:
                 with self.cond:
                     self.pending[:0] = batch  # nothing of it was acknowledged: hold it for the next try
-                time.sleep(min(MAX_BACKOFF_S, 0.05 * 2 ** min(self.failures, 6)))
+                time.sleep(wait)
 
-    def commit(self, batch: list[HeldAck]) -> bool:
-        """Events first, then the acks; False (and nothing acknowledged) when either step failed."""
+    def commit(self, batch: list[HeldAck]) -> float | None:
+        """Events first, then the acks; None when both were done, else how long to wait before the next try
+        (nothing acknowledged that is not confirmed)."""
         try:
-            events.flush()
+            wrote = events.flush()
             if batch:
                 self.broker.send_acks(batch)
-        except Exception as e:  # noqa: BLE001  logged; any failure holds the acks: an ack must never outrun its events
+        except CONNECTION_LOST as e:  # the pools replace the lost connection: try again at once, then with backoff
+            return self.reconnects.lost(e)
+        except Exception as e:  # any failure holds the acks: an ack must never outrun its events
             self.failures += 1
-            log.warning(
-                "acks.held",
-                messages=len(batch),
-                error_class=type(e).__name__,
-                error=redact(str(e)),
-                note="not acknowledged until the events are written",
-                attempt=self.failures,
-            )
-            return False
+            log.warning("acks.held", messages=len(batch), error_class=type(e).__name__, error=redact(str(e)),
+                        note="not acknowledged until the events are written", attempt=self.failures)
+            return min(MAX_BACKOFF_S, 0.05 * 2 ** min(self.failures, 6))
         self.failures = 0
+        if wrote or batch:  # a round trip was made: the connections are back
+            self.reconnects.restored()
         for held in batch:
             held.consumer.settled(held.message_id)
-        return True
+        return None
 
 
 class _HeldAckConsumer(_RedisConsumer):

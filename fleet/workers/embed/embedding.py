@@ -37,7 +37,7 @@ class UnregisteredSource(PermanentError):
 
 class Source(BaseModel):
     """A content table registered in EMBED_SOURCES: {"docs": {"table": "public.docs", "id_column": "id",
-    "content_column": "body", "target": "vector_documents"}}"""
+    "content_column": "body", "target": "vector_documents", "readers": "authenticated"}}"""
 
     model_config = ConfigDict(extra="forbid")
     table: str
@@ -45,6 +45,10 @@ class Source(BaseModel):
     content_column: str
     target: str = "vector_documents"
     metadata_columns: list[str] = Field(default_factory=list)
+    # Which tenants read the source's vectors (row-level security, through vector_shared_sources):
+    # "authenticated" every signed-in user, "project:<id>" that project's members, "operator" no tenant;
+    # unset, the source's row in vector_shared_sources is left as the operator wrote it.
+    readers: str | None = Field(None, pattern=r"^(operator|authenticated|project:[^:\s]{1,200})$")
 
     @field_validator("table")
     @classmethod
@@ -215,6 +219,7 @@ def load_source_docs(
         ),
         (ids,),
     ).fetchall()
+    declare_readers(conn, name, src)
     found = {r[0] for r in rows}
     docs = []
     for row in rows:
@@ -223,6 +228,19 @@ def load_source_docs(
         for i, piece in enumerate(chunk_text(content, chunk_tokens(settings, model)) if content.strip() else []):
             docs.append(Doc(f"{name}:{row_id}", i, piece, meta | {"chunk": i}))
     return docs, [i for i in ids if i not in found], src
+
+
+def declare_readers(conn: psycopg.Connection, name: str, src: Source) -> None:
+    """Make vector_shared_sources say what the source's `readers` declares (nothing when it declares none)."""
+    if src.readers is None:
+        return
+    if src.readers == "operator":
+        conn.execute("delete from vector_shared_sources where source = %s", (name,))
+        return
+    project = src.readers.removeprefix("project:") if src.readers.startswith("project:") else None
+    conn.execute("insert into vector_shared_sources (source, project_id) values (%s, %s) on conflict (source)"
+                 " do update set project_id = excluded.project_id where vector_shared_sources.project_id"
+                 " is distinct from excluded.project_id", (name, project))
 
 
 def delete_stale_chunks(conn: psycopg.Connection, table: str, docs: list[Doc], source_ids: list[str]) -> int:
