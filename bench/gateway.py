@@ -31,10 +31,16 @@ IDLE_HOLD_S = 12.0
 def fleet_env(broker: str, sim_url: str) -> dict:
     from fleet.ops.processes import worker_env
 
-    return worker_env(["chat"], 0) | {"FLEET_BROKER": broker, "CHAT_API_BASE": f"{sim_url}/v1",
-                                      "CHAT_KEEPALIVE_S": "5", "GATEWAY_KEEPALIVE_S": "5", "GATEWAY_DEV": "true",
-                                      # one client address sends every request of the benchmark
-                                      "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "0", "GATEWAY_EMBED_RATE_LIMIT_PER_MIN": "0"}
+    return worker_env(["chat"], 0) | {
+        "FLEET_BROKER": broker,
+        "CHAT_API_BASE": f"{sim_url}/v1",
+        "CHAT_KEEPALIVE_S": "5",
+        "GATEWAY_KEEPALIVE_S": "5",
+        "GATEWAY_DEV": "true",
+        # one client address sends every request of the benchmark
+        "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "0",
+        "GATEWAY_EMBED_RATE_LIMIT_PER_MIN": "0",
+    }
 
 
 def start_workers(env: dict, threads: int = 8) -> subprocess.Popen:

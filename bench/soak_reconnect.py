@@ -61,8 +61,9 @@ class Producer(threading.Thread):
                 time.sleep(due - time.monotonic())
             try:
                 if conn is None:
-                    conn = psycopg.connect(self.dsn, autocommit=True, application_name="soak-producer",
-                                           connect_timeout=2)
+                    conn = psycopg.connect(
+                        self.dsn, autocommit=True, application_name="soak-producer", connect_timeout=2
+                    )
                 body = json.dumps({"seq": self.sent, "t": time.time()})
                 conn.execute("select pgmq.send(%s, %s::jsonb)", (QUEUE, body))
                 self.sent += 1
@@ -94,7 +95,9 @@ class Killer(threading.Thread):
                 row = admin.execute(
                     "select pg_terminate_backend(pid), application_name, query from pg_stat_activity"
                     " where application_name = any(%s) and backend_type = 'client backend'"
-                    " and pid <> pg_backend_pid() order by random() limit 1", (list(FLEET_APPS),)).fetchone()
+                    " and pid <> pg_backend_pid() order by random() limit 1",
+                    (list(FLEET_APPS),),
+                ).fetchone()
                 if row:
                     self.killed[what_backend(row[1], row[2] or "")] += 1
                 self.stopping.wait(self.interval)
@@ -103,8 +106,10 @@ class Killer(threading.Thread):
 def started(dsn: str) -> list[tuple]:
     """(seq, sent at, started at) of each start recorded."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute("select (payload->>'seq')::int, (payload->>'t')::float8, (payload->>'started')::float8"
-                            " from bus_events where type = 'probe.started'").fetchall()
+        return conn.execute(
+            "select (payload->>'seq')::int, (payload->>'t')::float8, (payload->>'started')::float8"
+            " from bus_events where type = 'probe.started'"
+        ).fetchall()
 
 
 def what_backend(app: str, query: str) -> str:
@@ -121,8 +126,12 @@ def percentiles(ms: list[float]) -> dict:
     if not ms:
         return {"jobs": 0}
     ms = sorted(ms)
-    return {"jobs": len(ms), "p50_ms": round(statistics.median(ms), 1),
-            "p99_ms": round(ms[max(0, int(len(ms) * 0.99) - 1)], 1), "max_ms": round(ms[-1], 1)}
+    return {
+        "jobs": len(ms),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p99_ms": round(ms[max(0, int(len(ms) * 0.99) - 1)], 1),
+        "max_ms": round(ms[-1], 1),
+    }
 
 
 def back_to_full(starts: list[float], since: float, rate: float, until: float, window_s: float = 0.1) -> float | None:
@@ -142,8 +151,16 @@ def back_to_full(starts: list[float], since: float, rate: float, until: float, w
     return None
 
 
-def run(rate: float, threads: int, clean_s: float, kill_s: float, after_s: float, kills_per_s: float,
-        restart: bool, down_s: float) -> dict:
+def run(
+    rate: float,
+    threads: int,
+    clean_s: float,
+    kill_s: float,
+    after_s: float,
+    kills_per_s: float,
+    restart: bool,
+    down_s: float,
+) -> dict:
     home = Path(tempfile.mkdtemp(prefix="fleet-soak-reconnect-"))
     saved_env = dict(os.environ)
     os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": "pgmq"})
@@ -158,7 +175,6 @@ def run(rate: float, threads: int, clean_s: float, kill_s: float, after_s: float
 
     pg = EmbeddedPostgres(home)
     group = producer = killer = None
-    marks: dict[str, float] = {}
     try:
         dsn = pg.up()
         os.environ.update({"DATABASE_URL": dsn, "FLEET_DB_POOLER": "false"})
@@ -170,27 +186,14 @@ def run(rate: float, threads: int, clean_s: float, kill_s: float, after_s: float
         env = dict(os.environ) | {"FLEET_JOBS": "bench.reconnect_jobs", "FLEET_LOG_LEVEL": "INFO"}
         group = WorkerGroup(env, processes=1, threads=threads, metrics=False, log_dir=logs, queues=[QUEUE]).start()
         with psycopg.connect(dsn, autocommit=True) as conn:  # the consumer created the queue
-            wait_for(lambda: conn.execute("select 1 from pgmq.list_queues() where queue_name = %s",
-                                          (QUEUE,)).fetchone(), 60, what="the probe queue")
+            wait_for(
+                lambda: conn.execute("select 1 from pgmq.list_queues() where queue_name = %s", (QUEUE,)).fetchone(),
+                60,
+                what="the probe queue",
+            )
         producer, killer = Producer(dsn, rate), Killer(dsn, kills_per_s)
         killer.start()
-        marks["start"] = time.time()
-        producer.start()
-        time.sleep(clean_s)
-        marks["kill_start"] = time.time()
-        killer.active.set()
-        time.sleep(kill_s)
-        killer.active.clear()
-        marks["kill_end"] = time.time()
-        time.sleep(after_s)
-        if restart:
-            marks["pg_down"] = time.time()
-            pg.down(mode="immediate")
-            time.sleep(down_s)
-            pg.up()
-            marks["pg_accepting"] = time.time()  # pg_ctl start -w returns once it accepts connections
-            time.sleep(after_s)
-        marks["end"] = time.time()
+        marks = timeline(pg, producer, killer, clean_s, kill_s, after_s, restart, down_s)
         producer.stopping.set()
         producer.join()
         sent = producer.sent
@@ -218,8 +221,33 @@ def run(rate: float, threads: int, clean_s: float, kill_s: float, after_s: float
         shutil.rmtree(home, ignore_errors=True)
 
 
-def report(rows: list[tuple], sent: int, marks: dict, rate: float, producer: Producer, killer: Killer,
-           logs: str, restart: bool) -> dict:
+def timeline(
+    pg, producer: Producer, killer: Killer, clean_s: float, kill_s: float, after_s: float, restart: bool, down_s: float
+) -> dict[str, float]:
+    """The scenario under load: clean, backends killed, after; then a restart and after. Returns its marks."""
+    marks = {"start": time.time()}
+    producer.start()
+    time.sleep(clean_s)
+    marks["kill_start"] = time.time()
+    killer.active.set()
+    time.sleep(kill_s)
+    killer.active.clear()
+    marks["kill_end"] = time.time()
+    time.sleep(after_s)
+    if restart:
+        marks["pg_down"] = time.time()
+        pg.down(mode="immediate")
+        time.sleep(down_s)
+        pg.up()
+        marks["pg_accepting"] = time.time()  # pg_ctl start -w returns once it accepts connections
+        time.sleep(after_s)
+    marks["end"] = time.time()
+    return marks
+
+
+def report(
+    rows: list[tuple], sent: int, marks: dict, rate: float, producer: Producer, killer: Killer, logs: str, restart: bool
+) -> dict:
     runs = Counter(r[0] for r in rows)
     first = {}
     for seq, t, started in sorted(rows, key=lambda r: r[2]):
@@ -229,23 +257,34 @@ def report(rows: list[tuple], sent: int, marks: dict, rate: float, producer: Pro
         return percentiles([(s - t) * 1000 for t, s in first.values() if lo <= t < hi])
 
     r: dict = {
-        "rate_per_s": rate, "jobs_sent": sent, "jobs_started": len(first),
-        "lost": sorted(set(range(sent)) - set(first))[:20], "lost_count": len(set(range(sent)) - set(first)),
+        "rate_per_s": rate,
+        "jobs_sent": sent,
+        "jobs_started": len(first),
+        "lost": sorted(set(range(sent)) - set(first))[:20],
+        "lost_count": len(set(range(sent)) - set(first)),
         "started_twice": sum(1 for n in runs.values() if n > 1),
         "clean": window(marks["start"], marks["kill_start"]),
-        "kill": {"backends_killed": dict(killer.killed), "during": window(marks["kill_start"], marks["kill_end"]),
-                 "after_10s": window(marks["kill_end"], min(marks["kill_end"] + 10, marks.get("pg_down", marks["end"])))},
+        "kill": {
+            "backends_killed": dict(killer.killed),
+            "during": window(marks["kill_start"], marks["kill_end"]),
+            "after_10s": window(marks["kill_end"], min(marks["kill_end"] + 10, marks.get("pg_down", marks["end"]))),
+        },
         "producer_errors": dict(producer.errors),
-        "worker_log": {"connection_lost": logs.count('"db.connection_lost"'), "reconnected": logs.count('"db.reconnected"'),
-                       "consumer_restarts": logs.count("Restarting consumer"), "critical": logs.count('"critical"')},
+        "worker_log": {
+            "connection_lost": logs.count('"db.connection_lost"'),
+            "reconnected": logs.count('"db.reconnected"'),
+            "consumer_restarts": logs.count("Restarting consumer"),
+            "critical": logs.count('"critical"'),
+        },
     }
     if restart:
         accepting = marks["pg_accepting"]
         r["restart"] = {
             "down_s": round(accepting - marks["pg_down"], 2),
             "after_10s": window(accepting, accepting + 10),
-            "first_start_after_accepting_s": round(min((s for _, s in first.values() if s >= accepting),
-                                                       default=float("nan")) - accepting, 3),
+            "first_start_after_accepting_s": round(
+                min((s for _, s in first.values() if s >= accepting), default=float("nan")) - accepting, 3
+            ),
             "back_to_full_throughput_s": back_to_full([s for _, s in first.values()], accepting, rate, marks["end"]),
         }
     r["problems"] = problems(r)
@@ -286,8 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the report to this file")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the workers and PostgreSQL stop by PID
-    r = run(args.rate, args.threads, args.clean_s, args.kill_s, args.after_s, args.kills_per_s,
-            not args.no_restart, args.down_s)
+    r = run(
+        args.rate,
+        args.threads,
+        args.clean_s,
+        args.kill_s,
+        args.after_s,
+        args.kills_per_s,
+        not args.no_restart,
+        args.down_s,
+    )
     r["target_misses"] = target_misses(r)
     print(json.dumps(r, indent=2), flush=True)
     if args.json:

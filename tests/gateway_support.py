@@ -101,9 +101,17 @@ def fleet_with_gateway(services, sim, kind: str, log_dir, gateway_env: dict | No
         # development mode unless the test asks for production (gateway_env GATEWAY_DEV=false); the per-caller
         # request limits are counted in the shared backend, where every test's 127.0.0.1 is one caller, so
         # they are off unless a test sets them (the tests of the limits do)
-        gw_env = fleet.env | {"GATEWAY_KEEPALIVE_S": "0.5", "GATEWAY_DEV": "true", "GATEWAY_DOCS": "true",
-                              "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "0", "GATEWAY_EMBED_RATE_LIMIT_PER_MIN": "0"} | (
-            gateway_env or {})
+        gw_env = (
+            fleet.env
+            | {
+                "GATEWAY_KEEPALIVE_S": "0.5",
+                "GATEWAY_DEV": "true",
+                "GATEWAY_DOCS": "true",
+                "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "0",
+                "GATEWAY_EMBED_RATE_LIMIT_PER_MIN": "0",
+            }
+            | (gateway_env or {})
+        )
         gateway = GatewayProcess(gw_env, log_dir).start()
         try:
             yield GatewayFleet(fleet, gateway)

@@ -152,8 +152,9 @@ def test_require_idempotency_rejects_a_job_without_a_key(cfleet, sim):
 
 def test_a_model_the_configuration_does_not_name_is_dead_lettered(cfleet, sim):
     """A producer other than the gateway cannot pick a model (a cost) or grow the model metric labels."""
-    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "expensive?", model="the-most-expensive-model",
-                                idempotency_key=key(), timeout_s=60)
+    stream = cfleet.client.chat(
+        f"s-{uuid.uuid4()}", "expensive?", model="the-most-expensive-model", idempotency_key=key(), timeout_s=60
+    )
     assert stream.status == "error" and stream.error["error_class"] == "InvalidPayload"
     dl = wait_for(lambda: dead_letters(cfleet.dsn, stream.trace_id), 60, what="the dead letter")
     assert "model 'the-most-expensive-model' is not configured" in dl[0]["reason"]

@@ -23,8 +23,16 @@ from fleet.gateway.process import GatewayProcess
 from fleet.ops.processes import wait_for
 
 from .gateway_support import fleet_with_gateway, get_sse, new_key, post_sse
-from .test_gateway_security import HMAC_KEY, RSA_KEY, SECRET, JwksServer, queued_and_recorded, signed, token
-from .test_gateway_security import quick_sim  # noqa: F401  (autouse: a fast simulator for every test here)
+from .test_gateway_security import (
+    HMAC_KEY,
+    RSA_KEY,
+    SECRET,
+    JwksServer,
+    queued_and_recorded,
+    quick_sim,  # noqa: F401  (autouse: a fast simulator for every test here)
+    signed,
+    token,
+)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 ISSUER = "https://project.example.test/auth/v1"
@@ -37,10 +45,19 @@ def someone() -> str:
 @pytest.fixture(scope="module")
 def agw(services, sim, tmp_path_factory):
     jwks = JwksServer()
-    env = {"GATEWAY_DEV": "false", "GATEWAY_DOCS": "false", "GATEWAY_VERIFY_JWT": "true",
-           "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": jwks.url, "GATEWAY_HMAC_KEY": HMAC_KEY,
-           "GATEWAY_HMAC_WINDOW_S": "60", "GATEWAY_MAX_BODY_BYTES": "4096", "GATEWAY_MAX_STREAMS_PER_USER": "2",
-           "GATEWAY_READ_RATE_LIMIT_PER_MIN": "20", "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "30"}
+    env = {
+        "GATEWAY_DEV": "false",
+        "GATEWAY_DOCS": "false",
+        "GATEWAY_VERIFY_JWT": "true",
+        "GATEWAY_JWT_SECRET": SECRET,
+        "GATEWAY_JWKS_URL": jwks.url,
+        "GATEWAY_HMAC_KEY": HMAC_KEY,
+        "GATEWAY_HMAC_WINDOW_S": "60",
+        "GATEWAY_MAX_BODY_BYTES": "4096",
+        "GATEWAY_MAX_STREAMS_PER_USER": "2",
+        "GATEWAY_READ_RATE_LIMIT_PER_MIN": "20",
+        "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "30",
+    }
     try:
         with fleet_with_gateway(services, sim, "pgmq", tmp_path_factory.mktemp("gw-attacks"), gateway_env=env) as f:
             f.log_dir = tmp_path_factory.mktemp("gw-attacks-more")
@@ -362,8 +379,14 @@ def test_the_post_routes_have_a_rate_limit_by_default(agw):
         codes = []
         for i in range(121):
             content = json.dumps({"n": i}).encode()
-            codes.append(httpx.post(f"{gateway.url}/v1/chat", content=content, timeout=30,
-                                    headers=signed("POST", "/v1/chat", content, bearer=user)).status_code)
+            codes.append(
+                httpx.post(
+                    f"{gateway.url}/v1/chat",
+                    content=content,
+                    timeout=30,
+                    headers=signed("POST", "/v1/chat", content, bearer=user),
+                ).status_code
+            )
     finally:
         gateway.stop()
     assert codes[:120] == [422] * 120 and codes[120] == 429, codes
@@ -379,22 +402,31 @@ def test_quiet_streams_check_for_an_unheard_end_in_one_batch(agw):
     user, jobs = someone(), [f"quiet-{uuid.uuid4()}" for _ in range(10)]
     with psycopg.connect(agw.fleet.dsn, autocommit=True) as conn:  # jobs of the user's that never run
         for job_id in jobs:
-            conn.execute("insert into gateway_jobs (job_id, trace_id, kind, user_id) values (%s, %s, 'chat', %s)",
-                         (job_id, str(uuid.uuid4()), user))
+            conn.execute(
+                "insert into gateway_jobs (job_id, trace_id, kind, user_id) values (%s, %s, 'chat', %s)",
+                (job_id, str(uuid.uuid4()), user),
+            )
     bearer = token(user)
 
     def quiet_stream(job_id: str):
         path = f"/v1/jobs/{job_id}/stream"
         return get_sse(gw.url, path, headers=signed("GET", path, b"", bearer=bearer), timeout=60)
 
-    with another_gateway(agw, GATEWAY_KEEPALIVE_S="0.5", GATEWAY_STREAM_TIMEOUT_S="4",
-                         GATEWAY_MAX_STREAMS_PER_USER="0", GATEWAY_READ_RATE_LIMIT_PER_MIN="0") as gw:
+    with another_gateway(
+        agw,
+        GATEWAY_KEEPALIVE_S="0.5",
+        GATEWAY_STREAM_TIMEOUT_S="4",
+        GATEWAY_MAX_STREAMS_PER_USER="0",
+        GATEWAY_READ_RATE_LIMIT_PER_MIN="0",
+    ) as gw:
         with ThreadPoolExecutor(len(jobs)) as pool:
             streams = list(pool.map(quiet_stream, jobs))
         metrics = httpx.get(f"{gw.url}/metrics", timeout=30).text
     assert all(s.frames[-1]["error_class"] == "StreamTimeout" and s.comments >= 3 for s in streams), streams
-    checks, queries = _metric(metrics, "fleet_gateway_ended_checks_total"), _metric(
-        metrics, "fleet_gateway_ended_check_queries_total")
+    checks, queries = (
+        _metric(metrics, "fleet_gateway_ended_checks_total"),
+        _metric(metrics, "fleet_gateway_ended_check_queries_total"),
+    )
     assert checks >= 3 * len(jobs) and queries * 3 <= checks, (checks, queries)
 
 

@@ -102,9 +102,19 @@ def signed(
 @pytest.fixture(scope="module")
 def sgw(services, sim, tmp_path_factory):
     jwks = JwksServer()
-    env = {"GATEWAY_DEV": "false", "GATEWAY_DOCS": "false", "GATEWAY_VERIFY_JWT": "true", "GATEWAY_JWT_SECRET": SECRET, "GATEWAY_JWKS_URL": jwks.url,
-           "GATEWAY_HMAC_KEY": HMAC_KEY, "GATEWAY_HMAC_WINDOW_S": "60", "GATEWAY_MAX_BODY_BYTES": "4096",
-           "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "3", "REQUIRE_IDEMPOTENCY": "true", "FLEET_MAX_PAYLOAD_BYTES": "1024"}
+    env = {
+        "GATEWAY_DEV": "false",
+        "GATEWAY_DOCS": "false",
+        "GATEWAY_VERIFY_JWT": "true",
+        "GATEWAY_JWT_SECRET": SECRET,
+        "GATEWAY_JWKS_URL": jwks.url,
+        "GATEWAY_HMAC_KEY": HMAC_KEY,
+        "GATEWAY_HMAC_WINDOW_S": "60",
+        "GATEWAY_MAX_BODY_BYTES": "4096",
+        "GATEWAY_CHAT_RATE_LIMIT_PER_MIN": "3",
+        "REQUIRE_IDEMPOTENCY": "true",
+        "FLEET_MAX_PAYLOAD_BYTES": "1024",
+    }
     try:
         with fleet_with_gateway(
             services, sim, "pgmq", tmp_path_factory.mktemp("gw-sec"), gateway_env=env, REQUIRE_IDEMPOTENCY="true"

@@ -73,10 +73,12 @@ def test_a_terminated_consumer_connection_is_replaced_without_a_consumer_restart
         client.broker.close()
 
 
-
 def _metric(text: str, connection: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("fleet_db_reconnects_total{") and f'connection="{connection}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fleet_db_reconnects_total{") and f'connection="{connection}"' in line
+    )
 
 
 def _scrape(port: int) -> str | None:
@@ -92,8 +94,12 @@ def _lost(logs: str) -> list[dict]:
 
 
 def _wait_counted(group: WorkerGroup, connection: str) -> None:
-    wait_for(lambda: (text := _scrape(group.metrics_port)) and _metric(text, connection) >= 1, 60, 0.2,
-             f"the reconnect of {connection} in /metrics")
+    wait_for(
+        lambda: (text := _scrape(group.metrics_port)) and _metric(text, connection) >= 1,
+        60,
+        0.2,
+        f"the reconnect of {connection} in /metrics",
+    )
 
 
 def _kill_insert_in_flight(dsn: str, statement: str = "%fleet_insert_events(%", meanwhile=lambda: None) -> None:
@@ -105,9 +111,14 @@ def _kill_insert_in_flight(dsn: str, statement: str = "%fleet_insert_events(%", 
         meanwhile()  # what makes the fleet write events (jobs enqueued while the table is locked)
 
         def blocked() -> list[int]:
-            return [r[0] for r in admin.execute(
-                "select pid from pg_stat_activity where application_name = 'fleet' and wait_event_type = 'Lock'"
-                " and query like %s", (statement,)).fetchall()]
+            return [
+                r[0]
+                for r in admin.execute(
+                    "select pid from pg_stat_activity where application_name = 'fleet' and wait_event_type = 'Lock'"
+                    " and query like %s",
+                    (statement,),
+                ).fetchall()
+            ]
 
         pids = wait_for(blocked, 60, what="an insert into bus_events waiting for the lock")
         for pid in pids:
@@ -139,8 +150,9 @@ def test_the_event_writer_reconnects_at_once_and_loses_no_event(services, tmp_pa
     dsn, trace, count = services["dsn"], str(uuid.uuid4()), 150
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with open(tmp_path / "emitter.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", EMITTER, trace, str(count)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", EMITTER, trace, str(count)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
         try:
             for kills in range(3):
                 wait_for(lambda: len(events(dsn, trace_id=trace)) > 20 * (kills + 1), 60, what="events to arrive")
@@ -152,7 +164,9 @@ def test_the_event_writer_reconnects_at_once_and_loses_no_event(services, tmp_pa
     seqs = sorted(e["payload"]["seq"] for e in events(dsn, trace_id=trace))
     assert seqs == list(range(count)), f"{len(seqs)} events of {count}:\n{logs[-3000:]}"
     lost = _lost(logs)
-    assert len(lost) == 3 and {(w["connection"], w["sqlstate"], w["level"]) for w in lost} == {("events", "57P01", "warning")}, logs[-3000:]
+    assert len(lost) == 3 and {(w["connection"], w["sqlstate"], w["level"]) for w in lost} == {
+        ("events", "57P01", "warning")
+    }, logs[-3000:]
     assert "events.flush_failed" not in logs and "fleet_insert_events" not in logs
     assert "reconnects 3.0" in logs, logs[-3000:]
 
@@ -163,13 +177,17 @@ def _echo_jobs(client, trace: str, numbers: range) -> None:
 
 
 def _wait_succeeded(dsn: str, trace: str, count: int) -> list[dict]:
-    wait_for(lambda: sum(e["type"] == "job.succeeded" for e in events(dsn, trace_id=trace)) >= count, 60,
-             what="every job to succeed")
+    wait_for(
+        lambda: sum(e["type"] == "job.succeeded" for e in events(dsn, trace_id=trace)) >= count,
+        60,
+        what="every job to succeed",
+    )
     return events(dsn, trace_id=trace)
 
 
 def test_acks_and_events_a_pgmq_consumer_holds_when_its_connection_dies_are_committed_after_the_reconnect(
-        services, tmp_path):
+    services, tmp_path
+):
     """The consumer's round trip that carries its acks and the jobs' events is terminated mid-flight (it waits
     on a lock): the consumer keeps both, sends them on its new connection, and no message comes back after
     its visibility timeout (each job started once), and none is left in the queue."""
@@ -182,8 +200,9 @@ def test_acks_and_events_a_pgmq_consumer_holds_when_its_connection_dies_are_comm
         evs = _wait_succeeded(dsn, trace, 6)
         assert sorted(Counter(e["type"] for e in evs).items()) == [("job.started", 6), ("job.succeeded", 6)], evs
         with psycopg.connect(dsn, autocommit=True) as conn:
-            left = conn.execute("select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s",
-                                (trace,)).fetchone()[0]
+            left = conn.execute(
+                "select count(*) from pgmq.q_echo where message->'options'->>'trace_id' = %s", (trace,)
+            ).fetchone()[0]
         assert left == 0  # acknowledged, not waiting out a visibility timeout
         logs = group.logs()
         assert [(w["connection"], w["sqlstate"]) for w in _lost(logs)] == [("consumer:echo", "57P01")], logs[-3000:]
@@ -230,7 +249,9 @@ def test_a_redis_consumer_whose_server_restarts_reads_again_without_a_consumer_r
         client.enqueue("echo", {"message": "before"}, trace_id=first)
         wait_for(lambda: _succeeded(dsn, first), 60, what="a job before the restart")
         server.down()
-        wait_for(lambda: '"connection": "consumer:echo"' in group.logs(), 60, what="the consumer to lose its connection")
+        wait_for(
+            lambda: '"connection": "consumer:echo"' in group.logs(), 60, what="the consumer to lose its connection"
+        )
         server.up()
         after = str(uuid.uuid4())
         client.enqueue("echo", {"message": "after"}, trace_id=after)
@@ -250,9 +271,28 @@ def test_short_backend_kill_soak_loses_nothing(tmp_path):
     second under a steady load. Asserts only what does not depend on the machine's speed: every job sent
     started, no consumer was restarted by dramatiq, and the losses were seen and recovered from."""
     out = tmp_path / "reconnect.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.soak_reconnect", "--rate", "50", "--clean-s", "2",
-                           "--kill-s", "8", "--after-s", "2", "--no-restart", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.soak_reconnect",
+            "--rate",
+            "50",
+            "--clean-s",
+            "2",
+            "--kill-s",
+            "8",
+            "--after-s",
+            "2",
+            "--no-restart",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     report = json.loads(out.read_text())
     assert report["lost_count"] == 0 and report["jobs_started"] == report["jobs_sent"] > 0

@@ -249,17 +249,23 @@ def test_a_users_search_finds_their_rows_behind_everyone_elses(services):
         rows = [(f"u:{bob}:{tag}-{i}", vector(1.0 + i / 1000)) for i in range(300)]
         rows += [(f"u:{alice}:{tag}-{i}", vector(-1.0 - i)) for i in range(5)]  # far from the query
         with conn.cursor() as cur:
-            cur.executemany("insert into vector_documents (source_id, chunk_index, content, embedding, model,"
-                            " content_hash) values (%s, 0, 'x', %s::vector, 'm', 'h')", rows)
+            cur.executemany(
+                "insert into vector_documents (source_id, chunk_index, content, embedding, model,"
+                " content_hash) values (%s, 0, 'x', %s::vector, 'm', 'h')",
+                rows,
+            )
         try:
             # 50: other tests' shared sources are readable by every user too and may come first
-            query = (f"select source_id from match_agent_knowledge_vectors('{vector(1.0)}'::vector, 50,"
-                     " '{}'::jsonb, -1)")
+            query = (
+                f"select source_id from match_agent_knowledge_vectors('{vector(1.0)}'::vector, 50, '{{}}'::jsonb, -1)"
+            )
             with conn.transaction():
                 conn.execute("set local enable_seqscan = off")  # the index, as on a table of real size
                 found = as_user(conn, alice, query)
         finally:
-            conn.execute("delete from vector_documents where source_id like %s or source_id like %s",
-                         (f"u:{bob}:{tag}-%", f"u:{alice}:{tag}-%"))
+            conn.execute(
+                "delete from vector_documents where source_id like %s or source_id like %s",
+                (f"u:{bob}:{tag}-%", f"u:{alice}:{tag}-%"),
+            )
     assert sorted(r[0] for r in found if r[0].startswith(f"u:{alice}:")) == [f"u:{alice}:{tag}-{i}" for i in range(5)]
     assert not any(r[0].startswith(f"u:{bob}:") for r in found)

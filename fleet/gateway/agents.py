@@ -17,8 +17,6 @@ import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from fleet.shared.errors import PermanentError
-
 from fleet.gateway.auth import Caller
 from fleet.gateway.errors import ApiError
 from fleet.gateway.metrics import gateway_metrics
@@ -27,11 +25,6 @@ from fleet.gateway.routes import SSE_HEADERS, admitted, body_doc, gateway, idemp
 from fleet.gateway.sse import KEEPALIVE, encode
 from fleet.gateway.state import Gateway
 from fleet.shared.errors import PermanentError
-from fleet.workers.agents import templates
-from fleet.workers.agents.agentfile import InvalidAgentFile
-from fleet.workers.agents.profiles import profile_of
-from fleet.workers.agents.semver import InvalidVersion
-from fleet.workers.agents.upgrades import HaltPolicy, halt, run_state, start_run
 
 router = APIRouter()
 NAME = re.compile(TEMPLATE_NAME)
@@ -222,8 +215,16 @@ async def start_upgrade(request: Request):
         if v is not None
     }
     try:
-        run_id = await asyncio.to_thread(start_run, body.template, body.version, cohort, body.dry_run, g.client,
-                                         run_id=run_id, halt=HaltPolicy(body.halt_failure_rate, body.halt_min_sample))
+        run_id = await asyncio.to_thread(
+            start_run,
+            body.template,
+            body.version,
+            cohort,
+            body.dry_run,
+            g.client,
+            run_id=run_id,
+            halt=HaltPolicy(body.halt_failure_rate, body.halt_min_sample),
+        )
     except BaseException as e:
         if key is not None:  # no run was started under the key: it is free again
             await g.store.release_key(scope, claim)

@@ -132,7 +132,7 @@ def create_app() -> FastAPI:
         g: Gateway = request.app.state.gateway
         try:
             await asyncio.wait_for(g.store.ping(), 2.0)
-        except Exception as e:  # noqa: BLE001  not ready, whatever the cause: the answer says why (no secrets: the error names no DSN)
+        except Exception as e:  # noqa: BLE001  not ready: say why (no secrets: the error names no DSN)
             return error_response(503, "not_ready", f"database unreachable: {type(e).__name__}")
         hubs = (g.chat_hub, g.embed_hub, g.agent_hub)
         dead = [task for hub in hubs for task in hub.stopped_tasks()]

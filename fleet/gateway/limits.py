@@ -2,8 +2,8 @@
 
 - Requests a minute: GATEWAY_CHAT_RATE_LIMIT_PER_MIN and GATEWAY_EMBED_RATE_LIMIT_PER_MIN on the POST routes,
   GATEWAY_AGENT_RATE_LIMIT_PER_MIN on POST /v1/agents, GATEWAY_OPERATOR_RATE_LIMIT_PER_MIN on the
-  operators' POST routes, GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate limiter
-  over the fleet's shared backend (Redis or Postgres), so they hold across processes.
+  operators' POST routes, GATEWAY_READ_RATE_LIMIT_PER_MIN on the GET routes; dramatiq's window rate
+  limiter over the fleet's shared backend (Redis or Postgres), so they hold across processes.
 - Open streams: GATEWAY_MAX_STREAMS_PER_USER SSE streams per verified user in one process.
 - Probes and documents (/healthz, /readyz, /metrics, the page, the OpenAPI document):
   GATEWAY_PROBE_RATE_LIMIT_PER_MIN per client address and route, in each process: they must answer
@@ -30,9 +30,12 @@ WINDOW_S = 60
 
 
 def _limit(settings: Settings, gw: GatewaySettings, kind: str) -> int:
-    return {"chat": gw.chat_rate_limit_per_min, "embed": gw.embed_rate_limit_per_min,
-            "agents": gw.agent_rate_limit_per_min, "operator": gw.operator_rate_limit_per_min}.get(
-        kind, gw.read_rate_limit_per_min)
+    return {
+        "chat": gw.chat_rate_limit_per_min,
+        "embed": gw.embed_rate_limit_per_min,
+        "agents": gw.agent_rate_limit_per_min,
+        "operator": gw.operator_rate_limit_per_min,
+    }.get(kind, gw.read_rate_limit_per_min)
 
 
 def _try(limiter: WindowRateLimiter) -> bool:
@@ -113,7 +116,8 @@ class ProbeRateLimit:
 
     def __init__(self, app, per_min: int) -> None:
         self.app, self.per_min = app, per_min
-        self.window_started, self.counts = time.monotonic(), {}
+        self.window_started = time.monotonic()
+        self.counts: dict[tuple[str, str], int] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.per_min <= 0 or scope["path"] not in PROBE_ROUTES:
@@ -126,9 +130,22 @@ class ProbeRateLimit:
         if self.counts[key] <= self.per_min:
             return await self.app(scope, receive, send)
         retry_after = max(1, int(WINDOW_S - (now - self.window_started)))
-        body = json.dumps({"error": "rate_limited", "message": f"more than {self.per_min} requests a minute to"
-                           f" {scope['path']} (GATEWAY_PROBE_RATE_LIMIT_PER_MIN)"}).encode()
-        await send({"type": "http.response.start", "status": 429, "headers": [
-            (b"content-type", b"application/json"), (b"retry-after", str(retry_after).encode()),
-            (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "error": "rate_limited",
+                "message": f"more than {self.per_min} requests a minute to"
+                f" {scope['path']} (GATEWAY_PROBE_RATE_LIMIT_PER_MIN)",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"retry-after", str(retry_after).encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

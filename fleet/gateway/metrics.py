@@ -11,18 +11,32 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("fleet_gateway_requests_total", "HTTP requests by route and status",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("fleet_gateway_request_duration_seconds",
-                                 "Time to the response's headers (a stream's first byte), by route",
-                                 ["method", "route"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.open_streams = Gauge("fleet_gateway_open_streams", "SSE streams open now, by kind",
-                                  ["kind"], registry=self.registry)
-        self.ended_checks = Counter("fleet_gateway_ended_checks_total",
-                                    "Quiet chat streams' checks for an answer stored unheard", registry=self.registry)
-        self.ended_queries = Counter("fleet_gateway_ended_check_queries_total",
-                                     "Database round trips those checks took (one per batch)", registry=self.registry)
+        self.requests = Counter(
+            "fleet_gateway_requests_total",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fleet_gateway_request_duration_seconds",
+            "Time to the response's headers (a stream's first byte), by route",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.open_streams = Gauge(
+            "fleet_gateway_open_streams", "SSE streams open now, by kind", ["kind"], registry=self.registry
+        )
+        self.ended_checks = Counter(
+            "fleet_gateway_ended_checks_total",
+            "Quiet chat streams' checks for an answer stored unheard",
+            registry=self.registry,
+        )
+        self.ended_queries = Counter(
+            "fleet_gateway_ended_check_queries_total",
+            "Database round trips those checks took (one per batch)",
+            registry=self.registry,
+        )
 
 
 @lru_cache(maxsize=1)

@@ -61,7 +61,12 @@ async def job_stream(
     gauge.inc()
     sent = last_seq or 0  # the last seq the client has: a stored answer's frames are numbered on from it
     try:
-        if check_first and not backlog and ended is not None and (stored := await ended(job_id, at_once=True)) is not None:
+        if (
+            check_first
+            and not backlog
+            and ended is not None
+            and (stored := await ended(job_id, at_once=True)) is not None
+        ):
             yield b"".join(map(encode, numbered(stored[-1:] if last_seq is not None else stored, sent)))
             return  # after a resume only the final frame
         heard = bool(backlog)

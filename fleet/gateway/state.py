@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from fleet.shared.client import FleetClient
-from fleet.shared.config import Settings
-from fleet.shared.frames import ended_frames
-
 from fleet.gateway.auth import Authenticator
 from fleet.gateway.hub import Hub
 from fleet.gateway.limits import StreamCap
@@ -17,7 +13,7 @@ from fleet.gateway.settings import GatewaySettings
 from fleet.gateway.store import Store
 from fleet.shared.client import FleetClient
 from fleet.shared.config import Settings
-from fleet.shared.frames import dead_frame, stored_answer
+from fleet.shared.frames import ended_frames
 
 
 @dataclass
@@ -75,7 +71,7 @@ class EndedChecks:
             metrics.ended_checks.inc(sum(len(f) for f in batch.values()))
             try:
                 ended = await asyncio.to_thread(ended_frames, list(batch))
-            except Exception as e:  # each stream that asked gets the error (and logs it as its own)
+            except Exception as e:  # noqa: BLE001  each stream that asked gets the error (and logs it as its own)
                 for futures in batch.values():
                     for future in futures:
                         if not future.done():

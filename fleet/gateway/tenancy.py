@@ -4,8 +4,9 @@ Sessions: a verified user's session ids are their own namespace (`u:{sub}:` befo
 so two users' "s1" are two sessions, and no answer tells a user that another user's session exists.
 
 Models and roles: a client names only a configured model (GATEWAY_MODELS, else the family's own list:
-CHAT_MODEL_DEFAULT, CHAT_MODELS and the models of CHAT_CONTEXT_WINDOWS, which the workers accept; for embeddings EMBEDDING_MODEL_DEFAULT and
-the models of EMBED_MODEL_INPUT_TOKENS), and sends only the message roles of GATEWAY_CLIENT_ROLES.
+CHAT_MODEL_DEFAULT, CHAT_MODELS and the models of CHAT_CONTEXT_WINDOWS, which the workers accept; for
+embeddings EMBEDDING_MODEL_DEFAULT and the models of EMBED_MODEL_INPUT_TOKENS), and sends only the
+message roles of GATEWAY_CLIENT_ROLES.
 
 Vectors: which vectors an embed request may write. `upsert_vectors` overwrites rows by (source_id, chunk_index)
 in tables every caller shares, so a verified user's inline documents are kept to the user's own key space

@@ -103,7 +103,7 @@ class EventWriter:
                     self.reconnects.restored()
             except DB_CONNECTION_LOST as e:  # the pool replaces a broken connection: at once, then with backoff
                 wait = self.reconnects.lost(e)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  logged, and the rows kept for the next flush
                 log.warning("events.flush_failed", error_class=type(e).__name__, error=redact(str(e)))
                 wait = REFUSED_BACKOFF_S
 

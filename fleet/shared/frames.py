@@ -23,6 +23,7 @@ from fleet.shared.db import database_dsn, get_pool, redis_url
 NOTIFY_LIMIT = 7000  # Postgres refuses NOTIFY payloads of 8000 bytes and more
 STREAM_TTL_S = 3600
 FINAL = ("chat.done", "error")
+
 # XREAD's answer, which redis-py types loosely: [(stream key, [(entry id, {field: value})])]
 StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
@@ -113,9 +114,9 @@ class FrameListener:
             return
         deadline = time.monotonic() + timeout
         heard = False
+        assert self._conn is not None  # opened (LISTEN) in __init__ for NOTIFY
         while time.monotonic() < deadline:
             quiet = True
-            assert self._conn is not None  # opened (LISTEN) in __init__ for NOTIFY
             for note in self._conn.notifies(timeout=1.0, stop_after=1):
                 quiet, heard = False, True
                 frame = json.loads(note.payload)
@@ -188,14 +189,26 @@ def ended_frames(job_ids: list[str]) -> dict[str, list[dict]]:
         rows = cur.execute(
             "select distinct on (job_id) job_id, content, status, model, tokens_in, tokens_out, tokens_estimated,"
             " finish_reason, error from messages where job_id = any(%s) and role = 'assistant'"
-            " order by job_id, id desc", (job_ids,)).fetchall()
+            " order by job_id, id desc",
+            (job_ids,),
+        ).fetchall()
         ended = {r["job_id"]: answer_frames(r["job_id"], r) for r in rows if r["status"] != "streaming"}
         rest = [j for j in job_ids if j not in ended]
         if rest:
-            for row in cur.execute("select distinct on (message_id) message_id, reason, error_class from dead_letters"
-                                   " where message_id = any(%s) order by message_id, id desc", (rest,)):
-                ended[row["message_id"]] = [{"type": "error", "job_id": row["message_id"], "status": "error",
-                                             "error_class": row["error_class"], "message": row["reason"]}]
+            for row in cur.execute(
+                "select distinct on (message_id) message_id, reason, error_class from dead_letters"
+                " where message_id = any(%s) order by message_id, id desc",
+                (rest,),
+            ):
+                ended[row["message_id"]] = [
+                    {
+                        "type": "error",
+                        "job_id": row["message_id"],
+                        "status": "error",
+                        "error_class": row["error_class"],
+                        "message": row["reason"],
+                    }
+                ]
     return ended
 
 

@@ -9,8 +9,9 @@ Here a worker thread hands its ack (or nack) to one writer thread per process, w
 3. only then sends the batch's acks to Redis, pipelined in one round trip.
 When the insert fails (Postgres down, a refused write), nothing is acknowledged: the batch waits and the
 writer tries again (after a lost connection at once, then with backoff: fleet.shared.reconnect); the
-messages stay in Redis's ack set, so a worker that dies meanwhile leaves them to be redelivered. Held acks count against the consumer's prefetch, so a worker whose events
-cannot be written stops taking new messages.
+messages stay in Redis's ack set, so a worker that dies meanwhile leaves them to be redelivered. Held
+acks count against the consumer's prefetch, so a worker whose events cannot be written stops taking new
+messages.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
 from fleet.shared import events
+from fleet.shared.brokers.hooks import ImplementedHooksOnly
 from fleet.shared.reconnect import DB_CONNECTION_LOST, Reconnects
 from fleet.shared.redact import redact
 
@@ -175,10 +177,16 @@ class AckWriter(threading.Thread):
                 self.broker.send_acks(batch)
         except CONNECTION_LOST as e:  # the pools replace the lost connection: try again at once, then with backoff
             return self.reconnects.lost(e)
-        except Exception as e:  # any failure holds the acks: an ack must never outrun its events
+        except Exception as e:  # noqa: BLE001  any failure holds the acks: an ack must never outrun its events
             self.failures += 1
-            log.warning("acks.held", messages=len(batch), error_class=type(e).__name__, error=redact(str(e)),
-                        note="not acknowledged until the events are written", attempt=self.failures)
+            log.warning(
+                "acks.held",
+                messages=len(batch),
+                error_class=type(e).__name__,
+                error=redact(str(e)),
+                note="not acknowledged until the events are written",
+                attempt=self.failures,
+            )
             return min(MAX_BACKOFF_S, 0.05 * 2 ** min(self.failures, 6))
         self.failures = 0
         if wrote or batch:  # a round trip was made: the connections are back

@@ -45,8 +45,11 @@ def chat_completion(job: ChatJob) -> None:
 def _answer(job: ChatJob, message, publisher: FramePublisher, settings) -> None:
     job_id = message.message_id
     if job.model is not None and job.model not in settings.allowed_chat_models():
-        raise InvalidPayload(f"model {job.model!r} is not configured (CHAT_MODEL_DEFAULT, CHAT_MODELS,"
-                             " CHAT_CONTEXT_WINDOWS)")
+        raise InvalidPayload(
+            f"model {job.model!r} is not configured (CHAT_MODEL_DEFAULT, CHAT_MODELS, CHAT_CONTEXT_WINDOWS)"
+        )
+    content = job.messages[-1].content if job.messages else job.content
+    assert content is not None  # a ChatJob has content or messages
     request = ChatRequest(
         session_id=job.session_id,
         job_id=job_id,

@@ -238,9 +238,12 @@ def declare_readers(conn: psycopg.Connection, name: str, src: Source) -> None:
         conn.execute("delete from vector_shared_sources where source = %s", (name,))
         return
     project = src.readers.removeprefix("project:") if src.readers.startswith("project:") else None
-    conn.execute("insert into vector_shared_sources (source, project_id) values (%s, %s) on conflict (source)"
-                 " do update set project_id = excluded.project_id where vector_shared_sources.project_id"
-                 " is distinct from excluded.project_id", (name, project))
+    conn.execute(
+        "insert into vector_shared_sources (source, project_id) values (%s, %s) on conflict (source)"
+        " do update set project_id = excluded.project_id where vector_shared_sources.project_id"
+        " is distinct from excluded.project_id",
+        (name, project),
+    )
 
 
 def delete_stale_chunks(conn: psycopg.Connection, table: str, docs: list[Doc], source_ids: list[str]) -> int:
