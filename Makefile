@@ -40,8 +40,8 @@ $(LINT_STAMP): $(STAMP)
 	@touch $(LINT_STAMP)
 
 lint: $(LINT_STAMP)
-	@$(VENV)/bin/ruff check fleet examples
-	@$(VENV)/bin/ruff format --check fleet tests bench conformance examples
+	@$(VENV)/bin/ruff check fleet shared workers examples
+	@$(VENV)/bin/ruff format --check fleet shared workers tests bench conformance examples
 	@$(VENV)/bin/mypy
 
 # The peers it measures against (pgqueuer, asyncpg) are the `bench` extra, installed for it only.

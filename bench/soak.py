@@ -24,16 +24,30 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.soak_checks import SECRET_KEY, Outcome, soak_report
 
 # The provider fault storm (--faults): 30% 5xx, 10% 429 with Retry-After, 5% timeouts, 5% malformed bodies.
-STORM = {"error_rate_5xx": 0.30, "rate_429": 0.10, "retry_after_s": 1.0, "timeout_rate": 0.05, "timeout_s": 3.0,
-         "malformed_rate": 0.05}
-CALM = {"latency_ms": 5, "latency_per_input_ms": 0.2, "ttft_ms": 20, "tokens_per_s": 0, "answer_tokens": 8,
-        "letta_latency_ms": 5}
+STORM = {
+    "error_rate_5xx": 0.30,
+    "rate_429": 0.10,
+    "retry_after_s": 1.0,
+    "timeout_rate": 0.05,
+    "timeout_s": 3.0,
+    "malformed_rate": 0.05,
+}
+CALM = {
+    "latency_ms": 5,
+    "latency_per_input_ms": 0.2,
+    "ttft_ms": 20,
+    "tokens_per_s": 0,
+    "answer_tokens": 8,
+    "letta_latency_ms": 5,
+}
 GROUPS = 3  # worker groups (a dramatiq main process with one worker process each), all queues
 
 
@@ -63,8 +77,9 @@ class Chaos(threading.Thread):
     new one. Once: restart PostgreSQL;
     once (Redis broker): restart Redis. Dead groups (a restart during an outage) are started again."""
 
-    def __init__(self, start_group, groups: list, *, every_s: float, pg, redis, pg_at: float, redis_at: float,
-                 seed: int) -> None:
+    def __init__(
+        self, start_group, groups: list, *, every_s: float, pg, redis, pg_at: float, redis_at: float, seed: int
+    ) -> None:
         super().__init__(daemon=True)
         self.start_group, self.groups = start_group, groups
         self.every_s, self.pg, self.redis, self.pg_at, self.redis_at = every_s, pg, redis, pg_at, redis_at
@@ -119,21 +134,37 @@ def start_simulator(faults: bool):
 
 def start_scheduler(env: dict, logs: Path) -> subprocess.Popen:
     with open(logs / "scheduler.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "fleet.ops.cli", "scheduler"], env=env, start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fleet.ops.cli", "scheduler"],
+            env=env,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
 
 
 def soak_env(sim_url: str) -> dict:
     """The workers' environment: the simulator for every provider, short timeouts so that the chaos shows."""
     return dict(os.environ) | {
-        "EMBEDDING_API_BASE": f"{sim_url}/v1", "EMBEDDING_API_KEY": SECRET_KEY,
-        "CHAT_API_BASE": f"{sim_url}/v1", "CHAT_API_KEY": SECRET_KEY,
-        "LETTA_API_BASE_URL": sim_url, "LETTA_API_KEY": SECRET_KEY, "ZUPLO_BASE_URL": "https://billing.soak.invalid",
+        "EMBEDDING_API_BASE": f"{sim_url}/v1",
+        "EMBEDDING_API_KEY": SECRET_KEY,
+        "CHAT_API_BASE": f"{sim_url}/v1",
+        "CHAT_API_KEY": SECRET_KEY,
+        "LETTA_API_BASE_URL": sim_url,
+        "LETTA_API_KEY": SECRET_KEY,
+        "ZUPLO_BASE_URL": "https://billing.soak.invalid",
         "HEALTH_PROVIDERS": "chat,embedding,letta",
-        "FLEET_VISIBILITY_TIMEOUT_S": "5", "FLEET_MAX_RETRIES": "8", "FLEET_MIN_BACKOFF_MS": "200",
-        "FLEET_MAX_BACKOFF_MS": "4000", "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000", "FLEET_LOG_LEVEL": "INFO",
-        "UPGRADE_STALE_AFTER_S": "10", "UPGRADE_HALT_MIN_SAMPLE": "100000",
-        "EMBED_PROVIDER_MAX_RETRIES": "1", "LETTA_MAX_RETRIES": "1",
+        "FLEET_VISIBILITY_TIMEOUT_S": "5",
+        "FLEET_MAX_RETRIES": "8",
+        "FLEET_MIN_BACKOFF_MS": "200",
+        "FLEET_MAX_BACKOFF_MS": "4000",
+        "FLEET_REDIS_MAINTENANCE_CHANCE": "1000000",
+        "FLEET_LOG_LEVEL": "INFO",
+        "UPGRADE_STALE_AFTER_S": "10",
+        "UPGRADE_HALT_MIN_SAMPLE": "100000",
+        "EMBED_PROVIDER_MAX_RETRIES": "1",
+        "LETTA_MAX_RETRIES": "1",
     }
 
 
@@ -160,14 +191,20 @@ def wait_to_settle(work, chaos: Chaos, mix: Mix, broker: str, t0: float, deadlin
             if not upgrade_started and work.agents_created() >= mix.agents:
                 work.upgrade()
                 upgrade_started = True
-            restarts_done = (chaos.pg_restarts >= bool(chaos.pg_at) and chaos.redis_restarts >= bool(chaos.redis_at)
-                             and len(chaos.stopped_at) >= min_stops)
+            restarts_done = (
+                chaos.pg_restarts >= bool(chaos.pg_at)
+                and chaos.redis_restarts >= bool(chaos.redis_at)
+                and len(chaos.stopped_at) >= min_stops
+            )
             if upgrade_started and restarts_done and work.settled():
                 break
             if time.monotonic() - last > 5:
                 done, total = work.progress()
-                print(f"  [{broker}] {time.monotonic() - t0:5.0f}s  {done}/{total} final, kills {chaos.kills},"
-                      f" pg restarts {chaos.pg_restarts}, redis restarts {chaos.redis_restarts}", flush=True)
+                print(
+                    f"  [{broker}] {time.monotonic() - t0:5.0f}s  {done}/{total} final, kills {chaos.kills},"
+                    f" pg restarts {chaos.pg_restarts}, redis restarts {chaos.redis_restarts}",
+                    flush=True,
+                )
                 last = time.monotonic()
         except Exception as e:  # the database is restarting: read again shortly
             print(f"  [{broker}] waiting: {type(e).__name__}", flush=True)
@@ -175,8 +212,10 @@ def wait_to_settle(work, chaos: Chaos, mix: Mix, broker: str, t0: float, deadlin
     return upgrade_started
 
 
-def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_every_s: float, seed: int,
-         chaos_on: bool = True, min_stops: int = 0) -> dict:
+@contextmanager
+def isolated_home(broker: str) -> Iterator[Path]:
+    """A FLEET_HOME of its own and no inherited database, Redis, metrics directory or signing key; the
+    environment and settings as they were afterwards."""
     home = Path(tempfile.mkdtemp(prefix=f"fleet-soak-{broker}-"))
     saved_env = dict(os.environ)
     os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": broker})
@@ -185,7 +224,43 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
     from fleet.shared.config import reset_settings
 
     reset_settings()
+    try:
+        yield home
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        reset_settings()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def soak(
+    broker: str,
+    jobs: int,
+    *,
+    faults: bool,
+    time_limit_s: float,
+    kill_every_s: float,
+    seed: int,
+    chaos_on: bool = True,
+    min_stops: int = 0,
+) -> dict:
+    with isolated_home(broker) as home:
+        return _soak(home, broker, jobs, faults, time_limit_s, kill_every_s, seed, chaos_on, min_stops)
+
+
+def _soak(
+    home: Path,
+    broker: str,
+    jobs: int,
+    faults: bool,
+    time_limit_s: float,
+    kill_every_s: float,
+    seed: int,
+    chaos_on: bool,
+    min_stops: int,
+) -> dict:
     from fleet.ops.processes import WorkerGroup, stop_process
+    from fleet.shared.config import reset_settings
     from fleet.shared.db import close_pool, connect
     from fleet.shared.migrate import migrate
     from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
@@ -221,8 +296,9 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         work = Workload(client, connect, seed=seed)
         mix = Mix(jobs)
         t0 = time.monotonic()
-        chaos = Chaos(start_group, groups, every_s=kill_every_s if chaos_on else float("inf"), pg=pg, redis=rd,
-                      seed=seed, pg_at=2.5 if chaos_on else 0, redis_at=5.0 if (rd and chaos_on) else 0)
+        every_s = kill_every_s if chaos_on else float("inf")
+        pg_at, redis_at = (2.5 if chaos_on else 0), (5.0 if (rd and chaos_on) else 0)
+        chaos = Chaos(start_group, groups, every_s=every_s, pg=pg, redis=rd, seed=seed, pg_at=pg_at, redis_at=redis_at)
         chaos.start()
         # The work arrives in waves while the chaos runs; producers retry through the restarts.
         produce_waves(work, mix)
@@ -232,13 +308,13 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         settle_s = time.monotonic() - t0
         chaos.stopping.set()
         chaos.join()
-        return soak_report(work, chaos, Outcome(broker, faults, chaos_on, settled, enqueued_s, settle_s, time_limit_s),
-                           scheduler, home, logs, sim_url, env)
+        outcome = Outcome(broker, faults, chaos_on, settled, enqueued_s, settle_s, time_limit_s)
+        return soak_report(work, chaos, outcome, scheduler, home, logs, sim_url, env)
     finally:
         if chaos:
             chaos.stopping.set()
             chaos.join()
-        for g in (chaos.groups if chaos else groups):
+        for g in chaos.groups if chaos else groups:
             g.terminate(30)
         for proc in (scheduler, simulator):
             if proc is not None:
@@ -247,10 +323,6 @@ def soak(broker: str, jobs: int, *, faults: bool, time_limit_s: float, kill_ever
         if rd:
             rd.down()
         pg.down()
-        os.environ.clear()
-        os.environ.update(saved_env)
-        reset_settings()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def produce(enqueue, attempts: int = 60) -> None:
@@ -272,8 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", action="store_true", help="the provider fault storm")
     p.add_argument("--time-limit", type=float, default=900, help="seconds before the run counts as not settled")
     p.add_argument("--kill-every", type=float, default=4.0, help="seconds between SIGKILLs (randomised 0.5x-1.5x)")
-    p.add_argument("--min-stops", type=int, default=0,
-                   help="go on until the chaos has stopped this many worker groups (a short run may settle first)")
+    p.add_argument(
+        "--min-stops",
+        type=int,
+        default=0,
+        help="go on until the chaos has stopped this many worker groups (a short run may settle first)",
+    )
     p.add_argument("--no-chaos", action="store_true", help="no kills or restarts (with --faults: the fault storm)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", type=Path, help="also write the reports to this file")
@@ -281,11 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     # Stopped from outside (a CI timeout, Ctrl-C): unwind, so the workers and services are stopped by PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reports = []
-    for broker in (["pgmq", "redis"] if args.broker == "both" else [args.broker]):
-        print(f"soak on {broker}: {args.jobs} jobs, SIGKILL every ~{args.kill_every}s, faults {args.faults}", flush=True)
-        report = soak(broker, args.jobs, faults=args.faults, time_limit_s=args.time_limit,
-                      kill_every_s=args.kill_every, seed=args.seed, chaos_on=not args.no_chaos,
-                      min_stops=args.min_stops)
+    for broker in ["pgmq", "redis"] if args.broker == "both" else [args.broker]:
+        print(
+            f"soak on {broker}: {args.jobs} jobs, SIGKILL every ~{args.kill_every}s, faults {args.faults}", flush=True
+        )
+        report = soak(
+            broker,
+            args.jobs,
+            faults=args.faults,
+            time_limit_s=args.time_limit,
+            kill_every_s=args.kill_every,
+            seed=args.seed,
+            chaos_on=not args.no_chaos,
+            min_stops=args.min_stops,
+        )
         reports.append(report)
         print(json.dumps(report, indent=2, default=str), flush=True)
     if args.json:

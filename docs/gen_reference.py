@@ -187,7 +187,7 @@ def _field_rows(cls: type, prefix: str = "") -> list[tuple[str, list[str]]]:
 
 
 def gen_settings() -> int:
-    text = header("Settings", "the pydantic settings classes (`fleet/shared/config.py`, `fleet/gateway/settings.py`)")
+    text = header("Settings", "the pydantic settings classes (`shared/config.py`, `fleet/gateway/settings.py`)")
     text += ("Every setting is an environment variable; a `.env` file in the working directory is read too.\n"
              "An unset secret or URL is shown as *unset*.\n\n")
     count = 0
@@ -294,8 +294,10 @@ def _str_list(node: ast.AST | None, names: dict[str, ast.AST]) -> list[str] | No
 
 
 def _python_files():
-    for path in sorted(FLEET.rglob("*.py")):
-        if "simulator" in path.parts:
+    # through links: fleet/shared and fleet/workers link to shared/ and workers/ (rglob does not follow them)
+    found = sorted(Path(top) / f for top, _, files in os.walk(FLEET, followlinks=True) for f in files)
+    for path in found:
+        if path.suffix != ".py" or "simulator" in path.parts:
             continue  # the provider simulator is a test double; its names are not the fleet's
         yield path
 
@@ -321,7 +323,7 @@ def gen_metrics() -> int:
                                         "where": str(path.relative_to(ROOT))})
     if not found:
         raise Empty("no metrics found")
-    text = header("Metrics", "the metrics and collectors the code declares (`fleet/shared/metrics.py`,"
+    text = header("Metrics", "the metrics and collectors the code declares (`shared/metrics.py`,"
                   " `fleet/gateway/metrics.py`)")
     text += ("Worker processes write their series to `PROMETHEUS_MULTIPROC_DIR`; one exporter per host (forked by\n"
              "`fleet worker`, or `fleet metrics`) serves them all, and reads the queue and fleet-wide series from the\n"
@@ -411,7 +413,7 @@ def gen_jobs() -> int:
     types = sorted(_job_types(), key=lambda t: (t.queue, t.name))
     if not types:
         raise Empty("no job types registered")
-    text = header("Job types", "the job registry (`fleet/shared/registry.py`) and each job's payload model")
+    text = header("Job types", "the job registry (`shared/registry.py`) and each job's payload model")
     text += ("Each job type is one dramatiq actor on one queue; its payload is one JSON object validated by the\n"
              "payload model below. A payload the model refuses is a permanent error: dead-lettered at once with the\n"
              "validation message.\n\n| job type | queue | what it does | options |\n|---|---|---|---|\n")

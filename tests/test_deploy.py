@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.util
+import os
 import shlex
 import shutil
 import subprocess
@@ -142,10 +143,16 @@ def test_the_dockerfile_copies_what_exists_and_runs_fleet():
         for line in (DEPLOY / "docker" / "Dockerfile").read_text().splitlines()
         if line and not line.startswith("#")
     ]
-    for words in lines:
-        if words[0] == "COPY":
-            for source in words[1:-1]:
-                assert (ROOT / source).exists(), source
+    copied = [source for words in lines if words[0] == "COPY" for source in words[1:-1]]
+    for source in copied:
+        assert (ROOT / source).exists(), source
+    # a link in a copied folder (fleet/shared -> ../shared) must point at something copied too
+    for source in copied:
+        for top, dirs, files in os.walk(ROOT / source):
+            for name in dirs + files:
+                if (path := Path(top) / name).is_symlink():
+                    target = path.resolve().relative_to(ROOT)
+                    assert any(target.is_relative_to(c) for c in copied), f"{path.relative_to(ROOT)} -> {target}"
     entry = next(" ".join(w[1:]) for w in lines if w[0] == "ENTRYPOINT")
     assert entry == '["fleet"]'
 

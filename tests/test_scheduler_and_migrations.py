@@ -98,9 +98,10 @@ def test_failed_migration_is_rolled_back(services, tmp_path):
         assert conn.execute("select count(*) from fleet_migrations where version = %s", (version,)).fetchone()[0] == 0
 
 
-def test_a_built_wheel_carries_every_migration(tmp_path):
+def test_a_built_wheel_carries_every_migration_and_module(tmp_path):
     """`fleet migrate` from an installed wheel: the migrations ship inside the package (fleet/migrations,
-    a link to sql/ in the repository), byte for byte."""
+    a link to sql/ in the repository), byte for byte; so do shared/ and workers/, as fleet.shared and
+    fleet.workers, and nothing else is installed beside `fleet`."""
     import shutil
     import subprocess
     import sys
@@ -110,7 +111,14 @@ def test_a_built_wheel_carries_every_migration(tmp_path):
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "fleet", "sql"):  # a clean tree: the build leaves its files there
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "fleet",
+        "shared",
+        "workers",
+        "sql",
+    ):  # a clean tree: the build leaves its files there
         copy = shutil.copytree if (root / name).is_dir() else shutil.copy2
         copy(root / name, src / name, **({"symlinks": True} if copy is shutil.copytree else {}))
     built = subprocess.run(
@@ -122,5 +130,17 @@ def test_a_built_wheel_carries_every_migration(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("fleet-*.whl"))
     with zipfile.ZipFile(wheel) as z:
-        shipped = {Path(n).name: z.read(n) for n in z.namelist() if n.startswith("fleet/migrations/")}
+        names = z.namelist()
+        shipped = {Path(n).name: z.read(n) for n in names if n.startswith("fleet/migrations/")}
+        # the platform and the families (shared/ and workers/, linked from fleet/) are fleet.shared and fleet.workers
+        modules = {
+            n: z.read(n) for n in names if n.endswith(".py") and n.startswith(("fleet/shared/", "fleet/workers/"))
+        }
     assert shipped == {p.name: p.read_bytes() for p in (root / "sql").glob("*.sql")}
+    expected = {
+        f"fleet/{p.relative_to(root)}": p.read_bytes()
+        for folder in ("shared", "workers")
+        for p in (root / folder).rglob("*.py")
+    }
+    assert modules == expected
+    assert not any(n.startswith(("shared/", "workers/")) for n in names)  # one import name: fleet

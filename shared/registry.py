@@ -146,7 +146,8 @@ def validate_queue_name(queue: str) -> str:
     if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
         raise InvalidJobDeclaration(
             f"invalid queue name {queue!r}: a queue name is 1 to {MAX_QUEUE_NAME} lowercase letters, digits and"
-            " underscores, starting with a letter (pgmq's table names and Redis's keys both hold it)")
+            " underscores, starting with a letter (pgmq's table names and Redis's keys both hold it)"
+        )
     return queue
 
 
@@ -186,21 +187,29 @@ class Job(Generic[M]):
     @property
     def actor(self) -> dramatiq.Actor[..., Any]:
         if self._actor is None:
-            raise RuntimeError(f"job {self.name!r} is not declared on a broker: a worker process declares it"
-                               " (fleet.workers.start()); a producer enqueues it with FleetClient.enqueue")
+            raise RuntimeError(
+                f"job {self.name!r} is not declared on a broker: a worker process declares it"
+                " (fleet.workers.start()); a producer enqueues it with FleetClient.enqueue"
+            )
         return self._actor
 
     def declare(self, broker: dramatiq.Broker) -> dramatiq.Actor[..., Any]:
         import dramatiq
 
         if self._actor is None or self._actor.broker is not broker:
+
             def run(payload: Any = None) -> Any:
                 return self.fn(payload)
 
             run.__name__ = run.__qualname__ = self.name
             # Permanent errors are expected outcomes: dramatiq logs them without a traceback.
-            declare = dramatiq.actor(actor_name=self.name, queue_name=self.queue, broker=broker,
-                                     throws=(PermanentError,), **self.type.options.actor_options())
+            declare = dramatiq.actor(
+                actor_name=self.name,
+                queue_name=self.queue,
+                broker=broker,
+                throws=(PermanentError,),
+                **self.type.options.actor_options(),
+            )
             self._actor = declare(run)
         return self._actor
 
@@ -208,10 +217,20 @@ class Job(Generic[M]):
         return f"Job({self.name!r}, queue={self.queue!r})"
 
 
-def job(model: type[M], *, queue: str | None = None, name: str | None = None, description: str | None = None,
-        max_retries: int | None = None, min_backoff: int | None = None, max_backoff: int | None = None,
-        time_limit: int | None = None, rate_limit: RateLimit | int | None = None, lease: Lease | str | None = None,
-        dead_letters: bool = True) -> Callable[[Callable[[M], Any]], Job[M]]:
+def job(
+    model: type[M],
+    *,
+    queue: str | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    max_retries: int | None = None,
+    min_backoff: int | None = None,
+    max_backoff: int | None = None,
+    time_limit: int | None = None,
+    rate_limit: RateLimit | int | None = None,
+    lease: Lease | str | None = None,
+    dead_letters: bool = True,
+) -> Callable[[Callable[[M], Any]], Job[M]]:
     """Declare a job type: its function takes one argument, its payload, parsed by `model` (a pydantic model);
     a payload the model refuses is a permanent failure, dead-lettered with the validation message. `queue`
     (default: the function's name) must be a legal pgmq and Redis queue name. An int rate_limit is per
@@ -229,8 +248,9 @@ def job(model: type[M], *, queue: str | None = None, name: str | None = None, de
     def decorator(fn: Callable[[M], Any]) -> Job[M]:
         job_name = name or fn.__name__
         doc = description if description is not None else (fn.__doc__ or "").strip().split("\n\n")[0]
-        jt = JobType(job_name, validate_queue_name(queue or job_name), " ".join(doc.split()), model, options,
-                     fn.__module__)
+        jt = JobType(
+            job_name, validate_queue_name(queue or job_name), " ".join(doc.split()), model, options, fn.__module__
+        )
         declared = Job(fn, model, jt)
         _register(declared)
         return declared
@@ -249,8 +269,9 @@ def _register(declared: Job[Any]) -> None:
     with _lock:
         known = _jobs.get(declared.name)
         if known is not None and known.type.module != declared.type.module:
-            raise InvalidJobDeclaration(f"job type {declared.name!r} is declared twice: in {known.type.module}"
-                                        f" and in {declared.type.module}")
+            raise InvalidJobDeclaration(
+                f"job type {declared.name!r} is declared twice: in {known.type.module} and in {declared.type.module}"
+            )
         _jobs[declared.name] = declared
         if _broker is not None:
             declared.declare(_broker)
@@ -348,7 +369,9 @@ def publish(types: list[JobType]) -> None:
             "insert into job_types (name, queue, description, payload_schema, options, module, published_at)"
             " values (%s, %s, %s, %s, %s, %s, now()) on conflict (name) do update set queue = excluded.queue,"
             " description = excluded.description, payload_schema = excluded.payload_schema,"
-            " options = excluded.options, module = excluded.module, published_at = now()", rows)
+            " options = excluded.options, module = excluded.module, published_at = now()",
+            rows,
+        )
 
 
 def published_job_type(name: str) -> JobType | None:
@@ -358,9 +381,11 @@ def published_job_type(name: str) -> JobType | None:
 
     try:
         with get_pool().connection() as conn:
-            row = conn.execute("select name, queue, description, module from job_types where name = %s"
-                               " or (queue = %s and (select count(*) from job_types where queue = %s) = 1)",
-                               (name, name, name)).fetchone()
+            row = conn.execute(
+                "select name, queue, description, module from job_types where name = %s"
+                " or (queue = %s and (select count(*) from job_types where queue = %s) = 1)",
+                (name, name, name),
+            ).fetchone()
     except (
         NotConfigured,
         psycopg.Error,
@@ -369,5 +394,20 @@ def published_job_type(name: str) -> JobType | None:
     return JobType(row[0], row[1], row[2] or "", module=row[3] or "") if row else None
 
 
-__all__ = ["JOB_TYPES", "FAMILY_MODULES", "InvalidJobDeclaration", "Job", "JobOptions", "JobType", "Lease",
-           "RateLimit", "UnknownJobType", "declare_actors", "job", "job_type", "load", "publish", "queues"]
+__all__ = [
+    "JOB_TYPES",
+    "FAMILY_MODULES",
+    "InvalidJobDeclaration",
+    "Job",
+    "JobOptions",
+    "JobType",
+    "Lease",
+    "RateLimit",
+    "UnknownJobType",
+    "declare_actors",
+    "job",
+    "job_type",
+    "load",
+    "publish",
+    "queues",
+]

@@ -70,8 +70,12 @@ class FleetClient:
         jt = job_type(name)
         self.broker.declare_queue(jt.queue)
         message: dramatiq.Message[Any] = dramatiq.Message(
-            queue_name=jt.queue, actor_name=jt.name, args=(payload,), kwargs={},
-            options={"trace_id": trace_id or str(uuid.uuid4())})
+            queue_name=jt.queue,
+            actor_name=jt.name,
+            args=(payload,),
+            kwargs={},
+            options={"trace_id": trace_id or str(uuid.uuid4())},
+        )
         size = len(message.encode())
         if size > self.settings.max_payload_bytes:
             limit = self.settings.max_payload_bytes
@@ -79,15 +83,39 @@ class FleetClient:
         return message
 
     @overload
-    def enqueue(self, job: Job[M], payload: M | dict[str, Any], *, idempotency_key: str | None = None,
-                trace_id: str | None = None, delay_ms: int | None = None, job_id: str | None = None) -> Enqueued: ...
+    def enqueue(
+        self,
+        job: Job[M],
+        payload: M | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        trace_id: str | None = None,
+        delay_ms: int | None = None,
+        job_id: str | None = None,
+    ) -> Enqueued: ...
 
     @overload
-    def enqueue(self, job: str, payload: Any, *, idempotency_key: str | None = None, trace_id: str | None = None,
-                delay_ms: int | None = None, job_id: str | None = None) -> Enqueued: ...
+    def enqueue(
+        self,
+        job: str,
+        payload: Any,
+        *,
+        idempotency_key: str | None = None,
+        trace_id: str | None = None,
+        delay_ms: int | None = None,
+        job_id: str | None = None,
+    ) -> Enqueued: ...
 
-    def enqueue(self, job: Job[Any] | str, payload: Any, *, idempotency_key: str | None = None,
-                trace_id: str | None = None, delay_ms: int | None = None, job_id: str | None = None) -> Enqueued:
+    def enqueue(
+        self,
+        job: Job[Any] | str,
+        payload: Any,
+        *,
+        idempotency_key: str | None = None,
+        trace_id: str | None = None,
+        delay_ms: int | None = None,
+        job_id: str | None = None,
+    ) -> Enqueued:
         """Enqueue one job: a declared job (its model's instance, or a dict the model accepts) or a job type by
         name. `job_id` fixes its id in advance (a listener can subscribe before it runs)."""
         if job_id is not None:
@@ -95,22 +123,42 @@ class FleetClient:
                 raise ValueError("give either job_id or idempotency_key")
             jt, (checked,) = self._checked(job, [payload])
             trace = str(uuid.UUID(str(trace_id))) if trace_id else str(uuid.uuid4())
-            (sent, trace), = self._send(jt.name, [checked], trace, delay_ms, [(job_id, trace)])
+            ((sent, trace),) = self._send(jt.name, [checked], trace, delay_ms, [(job_id, trace)])
             return Enqueued(sent, trace, jt.queue)
         keys = [idempotency_key] if idempotency_key is not None else None
         return self.enqueue_many(job, [payload], idempotency_keys=keys, trace_id=trace_id, delay_ms=delay_ms)[0]
 
     @overload
-    def enqueue_many(self, job: Job[M], payloads: Iterable[M | dict[str, Any]], *,
-                     idempotency_keys: list[str] | None = None, trace_id: str | None = None,
-                     delay_ms: int | None = None) -> list[Enqueued]: ...
+    def enqueue_many(
+        self,
+        job: Job[M],
+        payloads: Iterable[M | dict[str, Any]],
+        *,
+        idempotency_keys: list[str] | None = None,
+        trace_id: str | None = None,
+        delay_ms: int | None = None,
+    ) -> list[Enqueued]: ...
 
     @overload
-    def enqueue_many(self, job: str, payloads: Iterable[Any], *, idempotency_keys: list[str] | None = None,
-                     trace_id: str | None = None, delay_ms: int | None = None) -> list[Enqueued]: ...
+    def enqueue_many(
+        self,
+        job: str,
+        payloads: Iterable[Any],
+        *,
+        idempotency_keys: list[str] | None = None,
+        trace_id: str | None = None,
+        delay_ms: int | None = None,
+    ) -> list[Enqueued]: ...
 
-    def enqueue_many(self, job: Job[Any] | str, payloads: Iterable[Any], *, idempotency_keys: list[str] | None = None,
-                     trace_id: str | None = None, delay_ms: int | None = None) -> list[Enqueued]:
+    def enqueue_many(
+        self,
+        job: Job[Any] | str,
+        payloads: Iterable[Any],
+        *,
+        idempotency_keys: list[str] | None = None,
+        trace_id: str | None = None,
+        delay_ms: int | None = None,
+    ) -> list[Enqueued]:
         """Enqueue a batch, atomically on pgmq. With keys, a key seen before enqueues nothing new.
         A given trace_id is shared by the batch; otherwise each job gets its own."""
         jt, payloads = self._checked(job, list(payloads))
@@ -126,18 +174,21 @@ class FleetClient:
             return self._enqueue_claimed_atomically(name, payloads, idempotency_keys, trace_id, delay_ms)
         return self._enqueue_claimed_then_confirmed(name, payloads, idempotency_keys, trace_id, delay_ms)
 
-    def _enqueue_claimed_atomically(self, name: str, payloads: list[Any], keys: list[str], trace_id: str | None,
-                                    delay_ms: int | None) -> list[Enqueued]:
+    def _enqueue_claimed_atomically(
+        self, name: str, payloads: list[Any], keys: list[str], trace_id: str | None, delay_ms: int | None
+    ) -> list[Enqueued]:
         """pgmq: the keys are claimed and the jobs sent in one transaction, so neither exists without the other."""
         queue = job_type(name).queue
         with get_pool().connection() as conn, conn.transaction():
             fresh, results, claims = self._claim_keys(conn, queue, keys, trace_id, self.idempotency_ttl_s)
-            sent = self._send(name, [payloads[i] for i in fresh], trace_id, delay_ms, [claims[i] for i in fresh],
-                              conn=conn)
+            sent = self._send(
+                name, [payloads[i] for i in fresh], trace_id, delay_ms, [claims[i] for i in fresh], conn=conn
+            )
         return self._merge_results(queue, fresh, results, sent, len(payloads))
 
-    def _enqueue_claimed_then_confirmed(self, name: str, payloads: list[Any], keys: list[str], trace_id: str | None,
-                                        delay_ms: int | None) -> list[Enqueued]:
+    def _enqueue_claimed_then_confirmed(
+        self, name: str, payloads: list[Any], keys: list[str], trace_id: str | None, delay_ms: int | None
+    ) -> list[Enqueued]:
         """Redis: Postgres and Redis share no transaction. The keys are claimed as pending for a short time
         (pending_ttl_s), the jobs sent, then the claims confirmed for the full TTL. A producer that dies or
         fails in between leaves a pending claim that expires soon, after which the key can be used again."""
@@ -160,16 +211,23 @@ class FleetClient:
         return jt, [jt.validate(p) for p in payloads]
 
     @staticmethod
-    def _merge_results(queue: str, fresh: list[int], results: dict[int, Enqueued], sent: list[tuple[str, str]],
-                       count: int) -> list[Enqueued]:
+    def _merge_results(
+        queue: str, fresh: list[int], results: dict[int, Enqueued], sent: list[tuple[str, str]], count: int
+    ) -> list[Enqueued]:
         for i, (job_id, trace) in zip(fresh, sent, strict=True):
             results[i] = Enqueued(job_id, trace, queue)
         return [results[i] for i in range(count)]
 
     # -- job families ------------------------------------------------------
-    def embed_documents(self, documents: Iterable[dict[str, Any]], *, table: str | None = None,
-                        model: str | None = None, docs_per_job: int = 256,
-                        trace_id: str | None = None) -> list[Enqueued]:
+    def embed_documents(
+        self,
+        documents: Iterable[dict[str, Any]],
+        *,
+        table: str | None = None,
+        model: str | None = None,
+        docs_per_job: int = 256,
+        trace_id: str | None = None,
+    ) -> list[Enqueued]:
         """Embed documents ({source_id, chunk_index, content, metadata}) into `table`
         (vector_documents or code_vectors), in jobs of `docs_per_job` documents."""
         docs = list(documents)
@@ -177,24 +235,41 @@ class FleetClient:
         payloads = [{"documents": docs[i : i + docs_per_job]} | extra for i in range(0, len(docs), docs_per_job)]
         return self.enqueue_many("embed_documents", payloads, trace_id=trace_id)
 
-    def embed_rows(self, source: str, ids: Iterable[str | int], *, ids_per_job: int = 256,
-                   trace_id: str | None = None) -> list[Enqueued]:
+    def embed_rows(
+        self, source: str, ids: Iterable[str | int], *, ids_per_job: int = 256, trace_id: str | None = None
+    ) -> list[Enqueued]:
         """Embed rows of a source registered in EMBED_SOURCES."""
         ids = list(ids)
         payloads = [{"source": source, "ids": ids[i : i + ids_per_job]} for i in range(0, len(ids), ids_per_job)]
         return self.enqueue_many("embed_documents", payloads, trace_id=trace_id)
 
-    def stream_chat(self, session_id: str, content: str | None = None, *, messages: list[dict[str, Any]] | None = None,
-                    model: str | None = None, temperature: float | None = None, max_tokens: int | None = None,
-                    idempotency_key: str | None = None, user_id: str | None = None,
-                    timeout_s: float = 300) -> ChatStream:
+    def stream_chat(
+        self,
+        session_id: str,
+        content: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        idempotency_key: str | None = None,
+        user_id: str | None = None,
+        timeout_s: float = 300,
+    ) -> ChatStream:
         """Enqueue a chat job and follow it: iterate for the text deltas as they arrive; afterwards the
         stream holds the final `text`, `usage`, `finish_reason` and `status`."""
         from fleet.shared.frames import FrameListener
 
         payload: dict[str, Any] = {"session_id": session_id}
-        for k, v in (("content", content), ("messages", messages), ("model", model), ("temperature", temperature),
-                     ("max_tokens", max_tokens), ("idempotency_key", idempotency_key), ("user_id", user_id)):
+        for k, v in (
+            ("content", content),
+            ("messages", messages),
+            ("model", model),
+            ("temperature", temperature),
+            ("max_tokens", max_tokens),
+            ("idempotency_key", idempotency_key),
+            ("user_id", user_id),
+        ):
             if v is not None:
                 payload[k] = v
         job_id = str(uuid.uuid4())
@@ -213,9 +288,15 @@ class FleetClient:
             pass
         return stream
 
-    def _send(self, name: str, payloads: list[Any], trace_id: str | None, delay_ms: int | None,
-              preassigned: list[tuple[str, str]] | None,
-              conn: psycopg.Connection[Any] | None = None) -> list[tuple[str, str]]:
+    def _send(
+        self,
+        name: str,
+        payloads: list[Any],
+        trace_id: str | None,
+        delay_ms: int | None,
+        preassigned: list[tuple[str, str]] | None,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> list[tuple[str, str]]:
         if not payloads:
             return []
         jt = job_type(name)
@@ -225,8 +306,10 @@ class FleetClient:
             return broker.enqueue_payloads(jt.queue, jt.name, payloads, trace_id=trace_id, delay_ms=delay_ms)
         messages = [self.message(name, p, trace_id) for p in payloads]
         if preassigned is not None:  # the ids recorded with the idempotency keys
-            messages = [m.copy(message_id=job_id, options={"trace_id": trace})
-                        for m, (job_id, trace) in zip(messages, preassigned, strict=True)]
+            messages = [
+                m.copy(message_id=job_id, options={"trace_id": trace})
+                for m, (job_id, trace) in zip(messages, preassigned, strict=True)
+            ]
         enqueue_many(broker, messages, delay=delay_ms, conn=conn)
         return [(m.message_id, m.options["trace_id"]) for m in messages]
 
@@ -255,10 +338,12 @@ class FleetClient:
                 (IDEMPOTENCY_SCOPE, ttl_s, keys, records),
             )
         }
-        seen = dict(conn.execute(
-            "select key, result from request_dedup where scope = %s and key = any(%s)",
-            (IDEMPOTENCY_SCOPE, list(set(keys))),
-        ).fetchall())
+        seen = dict(
+            conn.execute(
+                "select key, result from request_dedup where scope = %s and key = any(%s)",
+                (IDEMPOTENCY_SCOPE, list(set(keys))),
+            ).fetchall()
+        )
         fresh: list[int] = []
         results: dict[int, Enqueued] = {}
         claims: dict[int, tuple[str, str]] = {}
@@ -274,19 +359,27 @@ class FleetClient:
 
     def _confirm_keys(self, keys: list[str]) -> None:
         with get_pool().connection() as conn:
-            conn.execute("update request_dedup set result = result - 'pending',"
-                         " expires_at = now() + %s * interval '1 second' where scope = %s and key = any(%s)",
-                         (self.idempotency_ttl_s, IDEMPOTENCY_SCOPE, keys))
+            conn.execute(
+                "update request_dedup set result = result - 'pending',"
+                " expires_at = now() + %s * interval '1 second' where scope = %s and key = any(%s)",
+                (self.idempotency_ttl_s, IDEMPOTENCY_SCOPE, keys),
+            )
 
     def _release_pending(self, keys: list[str]) -> None:
         """The send failed: free the keys now. Should that fail too, the pending claims expire by themselves."""
         try:
             with get_pool().connection() as conn:
-                conn.execute("delete from request_dedup where scope = %s and key = any(%s) and result ? 'pending'",
-                             (IDEMPOTENCY_SCOPE, keys))
+                conn.execute(
+                    "delete from request_dedup where scope = %s and key = any(%s) and result ? 'pending'",
+                    (IDEMPOTENCY_SCOPE, keys),
+                )
         except Exception as e:  # noqa: BLE001  logged; the keys expire by themselves
-            log.warning("idempotency.release_failed", keys=len(keys), error=redact(describe(e)),
-                        note=f"the pending keys expire within {self.pending_ttl_s:.0f} s")
+            log.warning(
+                "idempotency.release_failed",
+                keys=len(keys),
+                error=redact(describe(e)),
+                note=f"the pending keys expire within {self.pending_ttl_s:.0f} s",
+            )
 
 
 class ChatStream:
@@ -315,7 +408,7 @@ class ChatStream:
                 final = frame.get("text")
                 joined = "".join(received)
                 if final and final != joined and final.startswith(joined):
-                    yield final[len(joined):]  # deltas sent before this listener could hear them
+                    yield final[len(joined) :]  # deltas sent before this listener could hear them
                 self.text = final if final is not None else joined
                 self.usage = frame.get("usage")
                 self.finish_reason = frame.get("finish_reason")

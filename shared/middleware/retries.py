@@ -1,4 +1,4 @@
-"""Retries decided by error class (fleet/shared/errors.py), replacing dramatiq's Retries.
+"""Retries decided by error class (shared/errors.py), replacing dramatiq's Retries.
 
 transient: exponential backoff with full jitter, at least the provider's Retry-After, up to max_retries;
            an actor's own backoff range applies, capped by the configured max_backoff.

@@ -1,5 +1,5 @@
 """What every provider client shares: one pooled httpx client per process and base URL, error
-classification (fleet/shared/errors.py) and a short, bounded retry of a single call that honours Retry-After.
+classification (shared/errors.py) and a short, bounded retry of a single call that honours Retry-After.
 
 Retry in one layer per concern: this retries one HTTP call a few times within a job; dramatiq's
 retries (with long backoff) handle the job as a whole. No SDK retries underneath.

@@ -9,7 +9,7 @@ them, never send it). An answer is complete only when a `finish_reason` arrived 
 Each carries the text received so far, so the caller can store a partial answer.
 
 Opening the stream (up to the response headers) is retried CHAT_PROVIDER_MAX_RETRIES times within the
-job; every provider fault is reported to the health state (fleet/shared/health.py).
+job; every provider fault is reported to the health state (shared/health.py).
 """
 
 from __future__ import annotations

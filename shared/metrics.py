@@ -13,8 +13,26 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-DURATION_BUCKETS_MS = (5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000, 30000, 60000, 600000,
-                       900000)
+DURATION_BUCKETS_MS = (
+    5,
+    10,
+    25,
+    50,
+    75,
+    100,
+    250,
+    500,
+    750,
+    1000,
+    2500,
+    5000,
+    7500,
+    10000,
+    30000,
+    60000,
+    600000,
+    900000,
+)
 
 
 class _Metrics:
@@ -23,61 +41,122 @@ class _Metrics:
     def __init__(self) -> None:
         import prometheus_client as prom
 
+        self._dramatiq_series(prom)
+        self._job_and_provider_series(prom)
+        self._family_series(prom)
+        self._process_series(prom)
+
+    def _dramatiq_series(self, prom) -> None:
+        """dramatiq's own names, so its dashboards work on the fleet's workers."""
         labels = ["queue_name", "actor_name"]
         self.messages = prom.Counter("dramatiq_messages_total", "The total number of messages processed.", labels)
         self.errors = prom.Counter("dramatiq_message_errors_total", "The total number of errored messages.", labels)
         self.retries = prom.Counter("dramatiq_message_retries_total", "The total number of retried messages.", labels)
-        self.rejects = prom.Counter("dramatiq_message_rejects_total", "The total number of dead-lettered messages.",
-                                    labels)
-        self.inprogress = prom.Gauge("dramatiq_messages_inprogress", "The number of messages in progress.", labels,
-                                     multiprocess_mode="livesum")
-        self.duration = prom.Histogram("dramatiq_message_duration_milliseconds", "The time spent processing messages.",
-                                       labels, buckets=DURATION_BUCKETS_MS)
-        self.jobs = prom.Counter("fleet_jobs_total", "Jobs finished, by outcome (succeeded, retried, deferred, dead).",
-                                 ["queue", "actor", "outcome"])
-        self.job_seconds = prom.Histogram("fleet_job_duration_seconds", "Job run time in seconds.", ["queue", "actor"],
-                                          buckets=tuple(b / 1000 for b in DURATION_BUCKETS_MS))
+        self.rejects = prom.Counter(
+            "dramatiq_message_rejects_total", "The total number of dead-lettered messages.", labels
+        )
+        self.inprogress = prom.Gauge(
+            "dramatiq_messages_inprogress", "The number of messages in progress.", labels, multiprocess_mode="livesum"
+        )
+        self.duration = prom.Histogram(
+            "dramatiq_message_duration_milliseconds",
+            "The time spent processing messages.",
+            labels,
+            buckets=DURATION_BUCKETS_MS,
+        )
+
+    def _job_and_provider_series(self, prom) -> None:
+        self.jobs = prom.Counter(
+            "fleet_jobs_total",
+            "Jobs finished, by outcome (succeeded, retried, deferred, dead).",
+            ["queue", "actor", "outcome"],
+        )
+        self.job_seconds = prom.Histogram(
+            "fleet_job_duration_seconds",
+            "Job run time in seconds.",
+            ["queue", "actor"],
+            buckets=tuple(b / 1000 for b in DURATION_BUCKETS_MS),
+        )
         self.enqueued = prom.Counter("fleet_jobs_enqueued_total", "Jobs enqueued by this process.", ["queue"])
-        self.provider_requests = prom.Counter("fleet_provider_requests_total", "HTTP requests to providers, by status.",
-                                              ["provider", "status"])
-        self.provider_latency = prom.Histogram("fleet_provider_request_seconds", "Provider request latency.",
-                                               ["provider"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
-        self.provider_tokens = prom.Counter("fleet_provider_tokens_total", "Tokens reported by providers.",
-                                            ["provider", "kind"])
-        self.embed_documents = prom.Counter("fleet_embed_documents_total",
-                                            "Documents by outcome (embedded, skipped, failed).", ["table", "outcome"])
-        self.embed_batches = prom.Counter("fleet_embed_batches_total", "Provider batches embedded and stored.",
-                                          ["table"])
-        self.chat_ttft = prom.Histogram("fleet_chat_time_to_first_token_seconds",
-                                        "From the provider request to the first delta.", ["model"],
-                                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-        self.chat_tokens_per_s = prom.Histogram("fleet_chat_tokens_per_second",
-                                                "Output tokens per second after the first delta.", ["model"],
-                                                buckets=(5, 10, 20, 40, 80, 160, 320, 640))
-        self.chat_completions = prom.Counter("fleet_chat_completions_total", "Chat answers by final status.",
-                                             ["model", "status"])
-        self.provider_up = prom.Gauge("fleet_provider_up", "1 unless the last health probe found the provider down.",
-                                      ["provider", "kind"], multiprocess_mode="mostrecent")
-        self.provider_probe_seconds = prom.Histogram("fleet_provider_probe_seconds", "Health probe latency.",
-                                                     ["provider"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
-        self.lifecycle_actions = prom.Counter("fleet_lifecycle_actions_total", "Memories changed by lifecycle action.",
-                                              ["action"])
-        self.worker_processes = prom.Gauge("fleet_worker_processes", "Worker processes running.", ["queues"],
-                                           multiprocess_mode="livesum")
-        self.queue_consumers = prom.Gauge("fleet_queue_consumers", "Worker processes consuming each queue.", ["queue"],
-                                          multiprocess_mode="livesum")
-        self.db_reconnects = prom.Counter("fleet_db_reconnects_total", "Long-lived connections (to PostgreSQL, or"
-                                          " Redis for the gateway's frames) made again after they were lost, by process"
-                                          " role and connection.",
-                                          ["role", "connection"])
-        self.consumer_errors = prom.Counter("fleet_consumer_errors_total", "Broker round trips refused by the database"
-                                            " for a reason other than a lost connection (the consumer backs off).",
-                                            ["queue", "error_class"])
-        self.health_write_errors = prom.Counter("fleet_health_write_errors_total", "Health bookkeeping of a job's"
-                                                " provider call the database refused (the call's outcome stands).",
-                                                ["provider", "error_class"])
-        self.upgrades = prom.Counter("fleet_upgrades_total", "Agents finished by upgrade runs, by status and mode.",
-                                     ["status", "mode"])
+        self.provider_requests = prom.Counter(
+            "fleet_provider_requests_total", "HTTP requests to providers, by status.", ["provider", "status"]
+        )
+        self.provider_latency = prom.Histogram(
+            "fleet_provider_request_seconds",
+            "Provider request latency.",
+            ["provider"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.provider_tokens = prom.Counter(
+            "fleet_provider_tokens_total", "Tokens reported by providers.", ["provider", "kind"]
+        )
+
+    def _family_series(self, prom) -> None:
+        self.embed_documents = prom.Counter(
+            "fleet_embed_documents_total", "Documents by outcome (embedded, skipped, failed).", ["table", "outcome"]
+        )
+        self.embed_batches = prom.Counter(
+            "fleet_embed_batches_total", "Provider batches embedded and stored.", ["table"]
+        )
+        self.chat_ttft = prom.Histogram(
+            "fleet_chat_time_to_first_token_seconds",
+            "From the provider request to the first delta.",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.chat_tokens_per_s = prom.Histogram(
+            "fleet_chat_tokens_per_second",
+            "Output tokens per second after the first delta.",
+            ["model"],
+            buckets=(5, 10, 20, 40, 80, 160, 320, 640),
+        )
+        self.chat_completions = prom.Counter(
+            "fleet_chat_completions_total", "Chat answers by final status.", ["model", "status"]
+        )
+        self.provider_up = prom.Gauge(
+            "fleet_provider_up",
+            "1 unless the last health probe found the provider down.",
+            ["provider", "kind"],
+            multiprocess_mode="mostrecent",
+        )
+        self.provider_probe_seconds = prom.Histogram(
+            "fleet_provider_probe_seconds",
+            "Health probe latency.",
+            ["provider"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+        )
+        self.lifecycle_actions = prom.Counter(
+            "fleet_lifecycle_actions_total", "Memories changed by lifecycle action.", ["action"]
+        )
+
+    def _process_series(self, prom) -> None:
+        self.worker_processes = prom.Gauge(
+            "fleet_worker_processes", "Worker processes running.", ["queues"], multiprocess_mode="livesum"
+        )
+        self.queue_consumers = prom.Gauge(
+            "fleet_queue_consumers", "Worker processes consuming each queue.", ["queue"], multiprocess_mode="livesum"
+        )
+        self.db_reconnects = prom.Counter(
+            "fleet_db_reconnects_total",
+            "Long-lived connections (to PostgreSQL, or"
+            " Redis for the gateway's frames) made again after they were lost, by process"
+            " role and connection.",
+            ["role", "connection"],
+        )
+        self.consumer_errors = prom.Counter(
+            "fleet_consumer_errors_total",
+            "Broker round trips refused by the database"
+            " for a reason other than a lost connection (the consumer backs off).",
+            ["queue", "error_class"],
+        )
+        self.health_write_errors = prom.Counter(
+            "fleet_health_write_errors_total",
+            "Health bookkeeping of a job's provider call the database refused (the call's outcome stands).",
+            ["provider", "error_class"],
+        )
+        self.upgrades = prom.Counter(
+            "fleet_upgrades_total", "Agents finished by upgrade runs, by status and mode.", ["status", "mode"]
+        )
 
 
 _metrics: _Metrics | None = None
@@ -109,13 +188,16 @@ class QueueCollector:
 
         from fleet.shared.status import queue_stats
 
-        depth = GaugeMetricFamily("fleet_queue_depth", "Messages in the queue (visible, delayed and in flight).",
-                                  labels=["queue"])
+        depth = GaugeMetricFamily(
+            "fleet_queue_depth", "Messages in the queue (visible, delayed and in flight).", labels=["queue"]
+        )
         visible = GaugeMetricFamily("fleet_queue_visible", "Messages ready to be read now.", labels=["queue"])
-        inflight = GaugeMetricFamily("fleet_queue_in_flight", "Messages read and not yet acknowledged (or delayed).",
-                                     labels=["queue"])
-        oldest = GaugeMetricFamily("fleet_queue_oldest_age_seconds", "Age of the oldest message in the queue.",
-                                   labels=["queue"])
+        inflight = GaugeMetricFamily(
+            "fleet_queue_in_flight", "Messages read and not yet acknowledged (or delayed).", labels=["queue"]
+        )
+        oldest = GaugeMetricFamily(
+            "fleet_queue_oldest_age_seconds", "Age of the oldest message in the queue.", labels=["queue"]
+        )
         dead = GaugeMetricFamily("fleet_dead_letters", "Dead letters not yet retried.", labels=["queue"])
         up = GaugeMetricFamily("fleet_broker_up", "1 when the broker and database answered this scrape.")
         try:
@@ -152,13 +234,17 @@ def _fleet_wide_gauges():
     leader.add_metric([], 1 if current_leader() else 0)
     yield leader
     with get_pool().connection() as conn:
-        counts: dict[str, int] = dict(conn.execute(
-            "select u.status, count(*) from agent_upgrades u join upgrade_runs r on r.id = u.run_id"
-            " where r.status in ('pending', 'running') group by u.status").fetchall())
+        counts: dict[str, int] = dict(
+            conn.execute(
+                "select u.status, count(*) from agent_upgrades u join upgrade_runs r on r.id = u.run_id"
+                " where r.status in ('pending', 'running') group by u.status"
+            ).fetchall()
+        )
         unfinished = conn.execute("select count(*) from upgrade_runs where status in ('pending', 'running')")
         runs = one(unfinished.fetchone())[0]
-    agents = GaugeMetricFamily("fleet_upgrade_run_agents", "Agents of unfinished upgrade runs, by status.",
-                               labels=["status"])
+    agents = GaugeMetricFamily(
+        "fleet_upgrade_run_agents", "Agents of unfinished upgrade runs, by status.", labels=["status"]
+    )
     for state in UPGRADE_STATES:
         agents.add_metric([state], counts.get(state, 0))
     yield agents

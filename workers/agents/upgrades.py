@@ -41,8 +41,13 @@ def select_cohort(conn, run: dict) -> list[tuple[str, str, str | None]]:
         "select letta_agent_id, user_id::text, template_version from user_profiles"
         " where letta_agent_id is not null and template_name = %s"
         " and (%s::text is null or template_version = %s) and (%s::uuid[] is null or user_id = any(%s::uuid[]))",
-        (run["template_name"], cohort.get("from_version"), cohort.get("from_version"),
-         cohort.get("user_ids"), cohort.get("user_ids")),
+        (
+            run["template_name"],
+            cohort.get("from_version"),
+            cohort.get("from_version"),
+            cohort.get("user_ids"),
+            cohort.get("user_ids"),
+        ),
     ).fetchall()
     percent = cohort.get("percent")
     return [r for r in rows if percent is None or in_canary(r[1], float(percent))]
@@ -57,23 +62,38 @@ class HaltPolicy:
     min_sample: int | None = None
 
 
-def start_run(template: str, version: str, cohort: dict, dry_run: bool, client, *, run_id: str | None = None,
-              halt: HaltPolicy = HaltPolicy()) -> str:
+def start_run(
+    template: str,
+    version: str,
+    cohort: dict,
+    dry_run: bool,
+    client,
+    *,
+    run_id: str | None = None,
+    halt: HaltPolicy = HaltPolicy(),
+) -> str:
     """A new run, its fan-out enqueued: through pgmq in SQL (ams_enqueue_upgrade), or by the SDK on Redis.
     A `run_id` that names a run already started returns it and enqueues nothing."""
     with get_pool().connection() as conn:
         if client.settings.broker != "redis":
-            return str(one(conn.execute("select ams_enqueue_upgrade(%s, %s, %s, %s, %s::uuid, %s::real, %s::integer)",
-                                        (template, version, Jsonb(cohort), dry_run, run_id, halt.failure_rate,
-                                         halt.min_sample)).fetchone())[0])
-        if not conn.execute("select 1 from agent_templates where name = %s and version = %s",
-                            (template, version)).fetchone():
+            return str(
+                one(
+                    conn.execute(
+                        "select ams_enqueue_upgrade(%s, %s, %s, %s, %s::uuid, %s::real, %s::integer)",
+                        (template, version, Jsonb(cohort), dry_run, run_id, halt.failure_rate, halt.min_sample),
+                    ).fetchone()
+                )[0]
+            )
+        if not conn.execute(
+            "select 1 from agent_templates where name = %s and version = %s", (template, version)
+        ).fetchone():
             raise PermanentError(f"template {template}@{version} is not published")
-        row = conn.execute("insert into upgrade_runs (id, template_name, to_version, dry_run, cohort,"
-                           " halt_failure_rate, halt_min_sample) values (coalesce(%s, gen_random_uuid()), %s, %s, %s,"
-                           " %s, %s, %s) on conflict (id) do nothing returning id",
-                           (run_id, template, version, dry_run, Jsonb(cohort), halt.failure_rate,
-                            halt.min_sample)).fetchone()
+        row = conn.execute(
+            "insert into upgrade_runs (id, template_name, to_version, dry_run, cohort,"
+            " halt_failure_rate, halt_min_sample) values (coalesce(%s, gen_random_uuid()), %s, %s, %s,"
+            " %s, %s, %s) on conflict (id) do nothing returning id",
+            (run_id, template, version, dry_run, Jsonb(cohort), halt.failure_rate, halt.min_sample),
+        ).fetchone()
     if row is None:  # started before under this id
         return str(run_id)
     client.enqueue("upgrade_fanout", {"run_id": str(row[0])})
@@ -93,10 +113,19 @@ def fan_out(run_id: str, client) -> int:
                 "insert into agent_upgrades (run_id, agent_id, user_id, from_version, to_version, dry_run)"
                 " select %s, a, u::uuid, f, %s, %s from unnest(%s::text[], %s::text[], %s::text[]) as t(a, u, f)"
                 " on conflict (run_id, agent_id) do nothing",
-                (run_id, run["to_version"], run["dry_run"], [c[0] for c in cohort], [c[1] for c in cohort],
-                 [c[2] for c in cohort]))
-            conn.execute("update upgrade_runs set status = 'running', counts = %s where id = %s",
-                         (Jsonb({"total": len(cohort)}), run_id))
+                (
+                    run_id,
+                    run["to_version"],
+                    run["dry_run"],
+                    [c[0] for c in cohort],
+                    [c[1] for c in cohort],
+                    [c[2] for c in cohort],
+                ),
+            )
+            conn.execute(
+                "update upgrade_runs set status = 'running', counts = %s where id = %s",
+                (Jsonb({"total": len(cohort)}), run_id),
+            )
     # a retried fan-out enqueues again; upgrade_agent recognises finished and running rows
     client.enqueue_many("upgrade_agent", [{"run_id": str(run_id), "agent_id": c[0]} for c in cohort])
     if not cohort:
@@ -129,14 +158,21 @@ class Heartbeat(threading.Thread):
                     self.lost = True
                     return
             except Exception as e:  # noqa: BLE001  logged; the next beat tries again, the lease lasts its TTL meanwhile
-                log.warning("upgrade.heartbeat_failed", run_id=self.key[0], agent_id=self.key[1],
-                            error=redact(describe(e)))
+                log.warning(
+                    "upgrade.heartbeat_failed", run_id=self.key[0], agent_id=self.key[1], error=redact(describe(e))
+                )
 
     def beat(self) -> bool:
         """Renew the lease; False when it is no longer this attempt's."""
         with get_pool().connection() as conn:
-            return conn.execute("update agent_upgrades set heartbeat_at = now() where run_id = %s and agent_id = %s"
-                                " and status = 'running' and lease = %s", (*self.key, self.lease)).rowcount == 1
+            return (
+                conn.execute(
+                    "update agent_upgrades set heartbeat_at = now() where run_id = %s and agent_id = %s"
+                    " and status = 'running' and lease = %s",
+                    (*self.key, self.lease),
+                ).rowcount
+                == 1
+            )
 
     def fence(self) -> None:
         """Right before the PATCH: the lease must still be this attempt's (and is renewed, so no other copy can
@@ -152,10 +188,13 @@ def upgrade_one(run_id: str, agent_id: str, settings: Settings, trace: dict, *, 
     lease = str(uuid.uuid4())
     with get_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         with conn.transaction():
-            row = cur.execute("select u.*, r.status as run_status, r.template_name,"
-                              " u.heartbeat_at >= now() - %s * interval '1 second' as lease_live from agent_upgrades u"
-                              " join upgrade_runs r on r.id = u.run_id where u.run_id = %s and u.agent_id = %s"
-                              " for update of u", (settings.upgrade_stale_after_s, run_id, agent_id)).fetchone()
+            row = cur.execute(
+                "select u.*, r.status as run_status, r.template_name,"
+                " u.heartbeat_at >= now() - %s * interval '1 second' as lease_live from agent_upgrades u"
+                " join upgrade_runs r on r.id = u.run_id where u.run_id = %s and u.agent_id = %s"
+                " for update of u",
+                (settings.upgrade_stale_after_s, run_id, agent_id),
+            ).fetchone()
             if row is None:
                 raise PermanentError(f"agent {agent_id} is not part of upgrade run {run_id}")
             if row["status"] in FINAL:
@@ -163,12 +202,16 @@ def upgrade_one(run_id: str, agent_id: str, settings: Settings, trace: dict, *, 
             if row["run_status"] == "halted":
                 return _finish(cur, row, "cancelled", None, "the run was halted", trace)
             if row["status"] == "running" and row["lease"] is not None and row["lease_live"]:
-                raise DeferredError(f"another attempt holds the upgrade of agent {agent_id}",
-                                    retry_after_s=settings.upgrade_stale_after_s)
-            cur.execute("update agent_upgrades set status = 'running', lease = %s, attempts = attempts + 1,"
-                        " heartbeat_at = now(), started_at = coalesce(started_at, now())"
-                        " where run_id = %s and agent_id = %s",
-                        (lease, run_id, agent_id))
+                raise DeferredError(
+                    f"another attempt holds the upgrade of agent {agent_id}",
+                    retry_after_s=settings.upgrade_stale_after_s,
+                )
+            cur.execute(
+                "update agent_upgrades set status = 'running', lease = %s, attempts = attempts + 1,"
+                " heartbeat_at = now(), started_at = coalesce(started_at, now())"
+                " where run_id = %s and agent_id = %s",
+                (lease, run_id, agent_id),
+            )
     heartbeat = Heartbeat(run_id, agent_id, lease, settings.upgrade_heartbeat_s)
     heartbeat.start()
     try:
@@ -189,8 +232,10 @@ def upgrade_one(run_id: str, agent_id: str, settings: Settings, trace: dict, *, 
             log.warning("upgrade.superseded", run_id=run_id, agent_id=agent_id, error="lease lost before the finish")
             return result
         if status == "succeeded" and not row["dry_run"]:
-            cur.execute("update user_profiles set template_version = %s, updated_at = now() where letta_agent_id = %s",
-                        (row["to_version"], agent_id))
+            cur.execute(
+                "update user_profiles set template_version = %s, updated_at = now() where letta_agent_id = %s",
+                (row["to_version"], agent_id),
+            )
     if status == "failed":
         maybe_halt(run_id, settings)
     finish_if_done(run_id)
@@ -201,8 +246,10 @@ def _release(run_id: str, agent_id: str, lease: str) -> None:
     """A failed attempt that will be retried gives its lease up, so the retry need not wait for it to go stale."""
     try:
         with get_pool().connection() as conn:
-            conn.execute("update agent_upgrades set lease = null where run_id = %s and agent_id = %s and lease = %s",
-                         (run_id, agent_id, lease))
+            conn.execute(
+                "update agent_upgrades set lease = null where run_id = %s and agent_id = %s and lease = %s",
+                (run_id, agent_id, lease),
+            )
     except Exception as e:  # noqa: BLE001  logged; the retry then waits until the lease is stale: slower, still exclusive
         log.warning("upgrade.lease_release_failed", run_id=run_id, agent_id=agent_id, error=redact(describe(e)))
 
@@ -224,8 +271,10 @@ def _apply(row: dict, settings: Settings, fence=lambda: None) -> tuple[str, dict
         letta.update_agent(row["agent_id"], patch)
     after_agent = letta.get_agent(row["agent_id"])
     after = blocks_fingerprint(letta.blocks(row["agent_id"]))
-    if after_agent["llm_config"].get("model_endpoint") != endpoint or \
-            after_agent["embedding_config"].get("embedding_endpoint") != endpoint:
+    if (
+        after_agent["llm_config"].get("model_endpoint") != endpoint
+        or after_agent["embedding_config"].get("embedding_endpoint") != endpoint
+    ):
         return "failed", change, "the billing endpoints are not the proxy after the upgrade"
     if after != before:
         return "failed", change, "memory blocks changed during the upgrade (label, value or limit differ)"
@@ -242,18 +291,27 @@ def _tool_id_of(agent: dict, letta: LettaClient, name: str) -> str:
     return letta.find_tool_id(name)
 
 
-def _finish(cur, row: dict, status: str, change: dict | None, error: str | None, trace: dict,
-            *, lease: str | None = None) -> str:
+def _finish(
+    cur, row: dict, status: str, change: dict | None, error: str | None, trace: dict, *, lease: str | None = None
+) -> str:
     """Records the final status; with a lease, only while it is still this attempt's ("superseded" if not)."""
     finished = cur.execute(
         "update agent_upgrades set status = %s, diff = %s, error = %s, finished_at = now()"
         " where run_id = %s and agent_id = %s and status not in ('succeeded', 'failed', 'skipped', 'cancelled')"
         " and (%s::text is null or lease = %s)",
-        (status, Jsonb(change) if change is not None else None, error, row["run_id"], row["agent_id"], lease, lease))
+        (status, Jsonb(change) if change is not None else None, error, row["run_id"], row["agent_id"], lease, lease),
+    )
     if lease is not None and finished.rowcount == 0:
         return "superseded"
-    events.emit("upgrade.agent", **trace, run_id=str(row["run_id"]), agent_id=row["agent_id"], status=status,
-                error=error, changed=sorted(change or {}))
+    events.emit(
+        "upgrade.agent",
+        **trace,
+        run_id=str(row["run_id"]),
+        agent_id=row["agent_id"],
+        status=status,
+        error=error,
+        changed=sorted(change or {}),
+    )
     metrics().upgrades.labels(status, "dry_run" if row["dry_run"] else "apply").inc()
     return status
 
@@ -261,48 +319,68 @@ def _finish(cur, row: dict, status: str, change: dict | None, error: str | None,
 def maybe_halt(run_id: str, settings: Settings) -> bool:
     """Halt a run whose failure rate passed the threshold after the minimum sample."""
     with get_pool().connection() as conn, conn.transaction():
-        done, failed, rate, sample = one(conn.execute(
-            "select count(*) filter (where u.status in ('succeeded', 'failed')),"
-            " count(*) filter (where u.status = 'failed'), r.halt_failure_rate, r.halt_min_sample"
-            " from upgrade_runs r left join agent_upgrades u on u.run_id = r.id where r.id = %s"
-            " group by r.id", (run_id,)).fetchone())
+        done, failed, rate, sample = one(
+            conn.execute(
+                "select count(*) filter (where u.status in ('succeeded', 'failed')),"
+                " count(*) filter (where u.status = 'failed'), r.halt_failure_rate, r.halt_min_sample"
+                " from upgrade_runs r left join agent_upgrades u on u.run_id = r.id where r.id = %s"
+                " group by r.id",
+                (run_id,),
+            ).fetchone()
+        )
         rate = settings.upgrade_halt_failure_rate if rate is None else rate
         sample = settings.upgrade_halt_min_sample if sample is None else sample
         if done < sample or failed / done <= rate:
             return False
         conn.execute("update upgrade_runs set status = 'halted' where id = %s and status = 'running'", (run_id,))
-        conn.execute("update agent_upgrades set status = 'cancelled', finished_at = now()"
-                     " where run_id = %s and status = 'pending'", (run_id,))
+        conn.execute(
+            "update agent_upgrades set status = 'cancelled', finished_at = now()"
+            " where run_id = %s and status = 'pending'",
+            (run_id,),
+        )
     return True
 
 
 def halt(run_id: str) -> int:
     with get_pool().connection() as conn, conn.transaction():
-        conn.execute("update upgrade_runs set status = 'halted' where id = %s and status in ('pending', 'running')",
-                     (run_id,))
-        return conn.execute("update agent_upgrades set status = 'cancelled', finished_at = now()"
-                            " where run_id = %s and status = 'pending'", (run_id,)).rowcount
+        conn.execute(
+            "update upgrade_runs set status = 'halted' where id = %s and status in ('pending', 'running')", (run_id,)
+        )
+        return conn.execute(
+            "update agent_upgrades set status = 'cancelled', finished_at = now()"
+            " where run_id = %s and status = 'pending'",
+            (run_id,),
+        ).rowcount
 
 
 def counts(run_id: str) -> dict[str, int]:
     with get_pool().connection() as conn:
-        return dict(conn.execute("select status, count(*) from agent_upgrades where run_id = %s group by status",
-                                 (run_id,)).fetchall())
+        return dict(
+            conn.execute(
+                "select status, count(*) from agent_upgrades where run_id = %s group by status", (run_id,)
+            ).fetchall()
+        )
 
 
 def finish_if_done(run_id: str) -> None:
     with get_pool().connection() as conn, conn.transaction():
-        left = one(conn.execute(
-            "select count(*) from agent_upgrades where run_id = %s and status in ('pending', 'running')",
-            (run_id,)).fetchone())[0]
+        left = one(
+            conn.execute(
+                "select count(*) from agent_upgrades where run_id = %s and status in ('pending', 'running')", (run_id,)
+            ).fetchone()
+        )[0]
         if left:
             return
-        by_status: dict[str, int] = dict(conn.execute(
-            "select status, count(*) from agent_upgrades where run_id = %s group by status", (run_id,)).fetchall())
+        by_status: dict[str, int] = dict(
+            conn.execute(
+                "select status, count(*) from agent_upgrades where run_id = %s group by status", (run_id,)
+            ).fetchall()
+        )
         updated = conn.execute(
             "update upgrade_runs set status = case when status = 'halted' then 'halted' else 'completed' end,"
             " counts = counts || %s, finished_at = now() where id = %s and finished_at is null returning status",
-            (Jsonb(by_status), run_id)).fetchone()
+            (Jsonb(by_status), run_id),
+        ).fetchone()
     if updated:
         events.emit("upgrade.done", run_id=str(run_id), status=updated[0], counts=by_status)
 
@@ -313,7 +391,8 @@ def requeue_stale(settings: Settings, client) -> int:
         rows = conn.execute(
             "update agent_upgrades set status = 'pending', lease = null where status = 'running'"
             " and heartbeat_at < now() - %s * interval '1 second' returning run_id::text, agent_id",
-            (settings.upgrade_stale_after_s,)).fetchall()
+            (settings.upgrade_stale_after_s,),
+        ).fetchall()
     if rows:
         client.enqueue_many("upgrade_agent", [{"run_id": r, "agent_id": a} for r, a in rows])
     return len(rows)
@@ -326,14 +405,21 @@ def run_state(run_id: str, agents_limit: int = 0) -> dict | None:
         run = cur.execute(
             "select id::text as run_id, template_name as template, to_version as version, dry_run, cohort, status,"
             " (counts->>'total')::int as total, halt_failure_rate, halt_min_sample, created_at, finished_at"
-            " from upgrade_runs where id = %s", (run_id,)).fetchone()
+            " from upgrade_runs where id = %s",
+            (run_id,),
+        ).fetchone()
         if run is None:
             return None
-        run["counts"] = dict(conn.execute("select status, count(*) from agent_upgrades where run_id = %s"
-                                          " group by status", (run_id,)).fetchall())
+        run["counts"] = dict(
+            conn.execute(
+                "select status, count(*) from agent_upgrades where run_id = %s group by status", (run_id,)
+            ).fetchall()
+        )
         if agents_limit > 0:
             run["agents"] = cur.execute(
                 "select agent_id, user_id::text, from_version, status, diff, error, attempts, finished_at"
-                " from agent_upgrades where run_id = %s order by agent_id limit %s", (run_id, agents_limit)).fetchall()
+                " from agent_upgrades where run_id = %s order by agent_id limit %s",
+                (run_id, agents_limit),
+            ).fetchall()
     run["finished"] = run["finished_at"] is not None
     return run

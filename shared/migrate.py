@@ -15,8 +15,9 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-# fleet/migrations: in the repository a link to sql/, in an installed wheel a copy of its files.
-SQL_DIR = Path(__file__).resolve().parents[1] / "migrations"
+# fleet/migrations: in the repository a link to sql/, in an installed wheel a copy of its files. The path is
+# not resolved: in the repository fleet/shared is itself a link to shared/, and the migrations sit beside it.
+SQL_DIR = Path(__file__).parent.parent / "migrations"
 LOCK_KEY = 0x666C656574_01  # advisory lock: one migrator at a time
 
 
