@@ -24,8 +24,8 @@ import psycopg
 import pydantic
 import structlog
 from dramatiq.broker import Broker
-from psycopg.types.json import Jsonb
 
+from fleet.shared import claims
 from fleet.shared.brokers import PgmqBroker, build_broker, enqueue_many
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
-IDEMPOTENCY_SCOPE = "enqueue"
 IDEMPOTENCY_TTL_S = 7 * 86400
 PENDING_TTL_S = 60  # Redis: how long a key claimed for a send that has not been confirmed stays claimed
 
@@ -326,53 +325,30 @@ class FleetClient:
         """Record each new key (or one whose record expired) with the job id it will have, on `conn`;
         returns (fresh indexes, duplicates, claims)."""
         planned = [(str(uuid.uuid4()), trace_id or str(uuid.uuid4())) for _ in keys]
-        records = [Jsonb({"job_id": j, "trace_id": t} | ({"pending": True} if pending else {})) for j, t in planned]
-        claimed = {
-            row[0]
-            for row in conn.execute(
-                "insert into request_dedup (scope, key, result, expires_at)"
-                " select distinct on (k) %s, k, r, now() + %s * interval '1 second'"
-                " from unnest(%s::text[], %s::jsonb[]) with ordinality as t(k, r, n) order by k, n"
-                " on conflict (scope, key) do update set result = excluded.result, expires_at = excluded.expires_at,"
-                " created_at = now() where request_dedup.expires_at < now() returning key",
-                (IDEMPOTENCY_SCOPE, ttl_s, keys, records),
-            )
-        }
-        seen = dict(
-            conn.execute(
-                "select key, result from request_dedup where scope = %s and key = any(%s)",
-                (IDEMPOTENCY_SCOPE, list(set(keys))),
-            ).fetchall()
-        )
+        records = [{"job_id": j, "trace_id": t} | ({"pending": True} if pending else {}) for j, t in planned]
+        claimed, seen = claims.claim_keys(conn, claims.IDEMPOTENCY, keys, records, ttl_s)
         fresh: list[int] = []
         results: dict[int, Enqueued] = {}
-        claims: dict[int, tuple[str, str]] = {}
+        mine: dict[int, tuple[str, str]] = {}
         first: dict[str, int] = {}
         for i, k in enumerate(keys):
             if k in claimed and k not in first:
                 first[k] = i
                 fresh.append(i)
-                claims[i] = (seen[k]["job_id"], seen[k]["trace_id"])
+                mine[i] = (seen[k]["job_id"], seen[k]["trace_id"])
             else:  # seen before, or repeated inside this batch
                 results[i] = Enqueued(seen[k]["job_id"], seen[k]["trace_id"], queue, duplicate=True)
-        return fresh, results, claims
+        return fresh, results, mine
 
     def _confirm_keys(self, keys: list[str]) -> None:
         with get_pool().connection() as conn:
-            conn.execute(
-                "update request_dedup set result = result - 'pending',"
-                " expires_at = now() + %s * interval '1 second' where scope = %s and key = any(%s)",
-                (self.idempotency_ttl_s, IDEMPOTENCY_SCOPE, keys),
-            )
+            claims.confirm_keys(conn, claims.IDEMPOTENCY, keys, self.idempotency_ttl_s)
 
     def _release_pending(self, keys: list[str]) -> None:
         """The send failed: free the keys now. Should that fail too, the pending claims expire by themselves."""
         try:
             with get_pool().connection() as conn:
-                conn.execute(
-                    "delete from request_dedup where scope = %s and key = any(%s) and result ? 'pending'",
-                    (IDEMPOTENCY_SCOPE, keys),
-                )
+                claims.release_pending(conn, claims.IDEMPOTENCY, keys)
         except Exception as e:  # noqa: BLE001  logged; the keys expire by themselves
             log.warning(
                 "idempotency.release_failed",

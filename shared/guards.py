@@ -2,7 +2,7 @@
 
 - Rate limit: dramatiq's WindowRateLimiter on the fleet's shared backend (fleet.shared.ratelimit), so the
   limit holds across processes and machines. Over the limit, RateLimitExceeded defers the job.
-- Lease: a row in request_dedup (scope `lease:<job type>`, key: the payload field's value) naming the job
+- Lease: a claim (fleet.shared.claims, scope `lease:<job type>`, key: the payload field's value) naming the job
   id that holds it, renewed every third of its TTL while the job runs and deleted when it ends. A job whose
   lease another job holds is deferred; a copy of the same job (a redelivery keeps its id) takes it back at
   once; a dead worker's lease expires after its TTL. `claim`/`release` are the same protocol for any
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from dramatiq.middleware import CurrentMessage
-from psycopg.types.json import Jsonb
 
+from fleet.shared import claims
 from fleet.shared.db import get_pool
 from fleet.shared.errors import DeferredError, describe
 from fleet.shared.redact import redact
@@ -53,7 +53,7 @@ def limited(name: str, limit: RateLimit):
 
 @contextmanager
 def held(name: str, lease: Lease, payload: Any) -> Iterator[None]:
-    scope, key = f"lease:{name}", str(getattr(payload, lease.field))
+    scope, key = claims.lease_scope(name), str(getattr(payload, lease.field))
     message = CurrentMessage.get_current_message()
     holder = message.message_id if message is not None else f"direct-{threading.get_ident()}"
     if not claim(scope, key, holder, lease.ttl_s):
@@ -76,26 +76,14 @@ def held(name: str, lease: Lease, payload: Any) -> Iterator[None]:
 def claim(scope: str, key: str, holder: str, ttl_s: float) -> bool:
     """Claim (scope, key) for `holder` for ttl_s: True when it is free, expired, or already the holder's."""
     with get_pool().connection() as conn:
-        return (
-            conn.execute(
-                "insert into request_dedup as d (scope, key, result, expires_at) values (%s, %s, %s,"
-                " now() + %s * interval '1 second') on conflict (scope, key) do update set result = excluded.result,"
-                " expires_at = excluded.expires_at where d.expires_at < now() or d.result->>'job_id' = %s returning 1",
-                (scope, key, Jsonb({"job_id": holder}), ttl_s, holder),
-            ).fetchone()
-            is not None
-        )
+        return claims.claim_held(conn, scope, key, holder, ttl_s)
 
 
 def _renew(scope: str, key: str, holder: str, ttl_s: float, stop: threading.Event) -> None:
     while not stop.wait(ttl_s / 3):
         try:
             with get_pool().connection() as conn:
-                conn.execute(
-                    "update request_dedup set expires_at = now() + %s * interval '1 second'"
-                    " where scope = %s and key = %s and result->>'job_id' = %s",
-                    (ttl_s, scope, key, holder),
-                )
+                claims.renew(conn, scope, key, holder, ttl_s)
         except Exception as e:  # noqa: BLE001  logged; tried again at the next beat; the lease lasts its TTL meanwhile
             log.warning("lease.renew_failed", scope=scope, error=redact(describe(e)))
 
@@ -104,9 +92,6 @@ def release(scope: str, key: str, holder: str) -> None:
     """Give the claim up if it is still the holder's; a failure leaves it to expire."""
     try:
         with get_pool().connection() as conn:
-            conn.execute(
-                "delete from request_dedup where scope = %s and key = %s and result->>'job_id' = %s",
-                (scope, key, holder),
-            )
+            claims.release_held(conn, scope, key, holder)
     except Exception as e:  # noqa: BLE001  logged; the lease then expires by itself
         log.warning("lease.release_failed", scope=scope, error=redact(describe(e)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -186,3 +187,32 @@ def test_the_checks_find_a_cycle_a_crossing_and_a_long_function(tmp_path):
         "fleet.workers.chat.tokens -> fleet.workers.embed.embedding (a family imports no other family)",
     ]
     assert oversized(tmp_path) == ["fleet/workers/embed/embedding.py:1 chunk: 91 lines (function)"]
+
+
+# A table written by several modules is a protocol with several owners: each of these has one.
+TABLE_OWNERS = {
+    "request_dedup": {"fleet.shared.claims", "fleet.workers.housekeeping"},  # housekeeping deletes expired rows
+}
+
+
+def table_users(root: Path, table: str) -> set[str]:
+    """The modules of `fleet` with a string literal that names `table` in a statement."""
+    pattern = re.compile(rf"\b(from|into|update|join)\s+{table}\b", re.IGNORECASE)
+    found = set()
+    for name, path in modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and pattern.search(node.value):
+                found.add(name)
+    return found
+
+
+def test_each_shared_table_has_one_owner():
+    for table, owners in TABLE_OWNERS.items():
+        assert table_users(ROOT, table) <= owners, table
+
+
+def test_the_owner_check_finds_a_second_writer(tmp_path):
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / "__init__.py").write_text("")
+    (tmp_path / "fleet" / "other.py").write_text('Q = "delete from request_dedup where scope = %s"\n')
+    assert table_users(tmp_path, "request_dedup") == {"fleet.other"}

@@ -24,6 +24,7 @@ from fleet.gateway.models import TEMPLATE_NAME, AgentBody, TemplateBody, Upgrade
 from fleet.gateway.routes import SSE_HEADERS, admitted, body_doc, gateway, idempotency_key, last_event_id, start_job
 from fleet.gateway.sse import KEEPALIVE, encode
 from fleet.gateway.state import Gateway
+from fleet.shared import claims
 from fleet.shared.errors import PermanentError
 
 router = APIRouter()
@@ -194,7 +195,7 @@ async def start_upgrade(request: Request):
     key = idempotency_key(request, body.idempotency_key, g.settings.require_idempotency)
     await _published(body.template, body.version)
     last_seq = last_event_id(request)
-    scope, claim = "gateway.upgrades", f"{caller.client}:{key}"
+    scope, claim = claims.gateway_scope("upgrades"), f"{caller.client}:{key}"
     run_id = str(uuid.uuid4())
     if key is not None:  # the key names the run: a repeat streams the run it started
         run_id, _, state = await g.store.claim_key(scope, claim)

@@ -19,6 +19,7 @@ from fleet.gateway.sse import job_stream
 from fleet.gateway.state import Gateway
 from fleet.gateway.store import job_state
 from fleet.gateway.tenancy import chat_checks, embed_payload, scoped_session_id
+from fleet.shared import claims
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -115,7 +116,7 @@ async def _start_job(
     last_seq: int | None,
     slot,
 ) -> StreamingResponse:
-    claim = KeyClaim(g.store, f"gateway.{kind}", f"{caller.user_id or '-'}:{key}") if key is not None else None
+    claim = KeyClaim(g.store, claims.gateway_scope(kind), f"{caller.user_id or '-'}:{key}") if key is not None else None
     if claim is not None:
         job_id, trace_id, state = await g.store.claim_key(claim.scope, claim.key)
         if state == "pending":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from fleet.shared import claims
 from fleet.shared.db import connect_kwargs, database_dsn, one
 
 KEY_TTL_S = 7 * 86400
@@ -45,34 +45,20 @@ class Store:
         request that died before its enqueue, is claimed afresh."""
         planned = {"job_id": str(uuid.uuid4()), "trace_id": str(uuid.uuid4()), "pending": True}
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "insert into request_dedup (scope, key, result, expires_at)"
-                " values (%s, %s, %s, now() + %s * interval '1 second') on conflict (scope, key) do update"
-                " set result = excluded.result, expires_at = excluded.expires_at, created_at = now()"
-                " where request_dedup.expires_at < now() returning result",
-                (scope, key, Jsonb(planned), PENDING_TTL_S),
-            )
-            if (row := await cur.fetchone()) is not None:
-                return row[0]["job_id"], row[0]["trace_id"], "new"
-            cur = await conn.execute("select result from request_dedup where scope = %s and key = %s", (scope, key))
-            seen = one(await cur.fetchone())[0]
-        return seen["job_id"], seen["trace_id"], "pending" if seen.get("pending") else "done"
+            claimed, seen = await claims.claim_keys_async(conn, scope, [key], [planned], PENDING_TTL_S)
+        record = seen[key]
+        state = "new" if claimed else "pending" if record.get("pending") else "done"
+        return record["job_id"], record["trace_id"], state
 
     async def confirm_key(self, scope: str, key: str) -> None:
         """The key's job is enqueued: the key now holds it for KEY_TTL_S."""
         async with self.pool.connection() as conn:
-            await conn.execute(
-                "update request_dedup set result = result - 'pending', expires_at = now() + %s *"
-                " interval '1 second' where scope = %s and key = %s",
-                (KEY_TTL_S, scope, key),
-            )
+            await claims.confirm_keys_async(conn, scope, [key], KEY_TTL_S)
 
     async def release_key(self, scope: str, key: str) -> None:
         """The key's job could not be enqueued: the key is free again (a confirmed key is never released)."""
         async with self.pool.connection() as conn:
-            await conn.execute(
-                "delete from request_dedup where scope = %s and key = %s and result ? 'pending'", (scope, key)
-            )
+            await claims.release_pending_async(conn, scope, [key])
 
     async def record_job(
         self, job_id: str, trace_id: str, kind: str, user_id: str | None, session_id: str | None

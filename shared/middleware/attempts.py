@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import structlog
 from dramatiq.middleware import Middleware, SkipMessage
-from psycopg.types.json import Jsonb
 
+from fleet.shared import claims
 from fleet.shared.db import get_pool
 
 log = structlog.get_logger(__name__)
@@ -38,12 +38,7 @@ class AttemptClaims(Middleware):
             return  # a first attempt has one producer; its redeliveries are the same message
         key = f"{message.message_id}:{generation_of(message)}"
         with get_pool().connection() as conn:
-            claimed = conn.execute(
-                "insert into request_dedup as d (scope, key, result, expires_at) values ('attempt', %s, %s,"
-                " now() + %s * interval '1 second') on conflict (scope, key) do update set created_at = now()"
-                " where d.result->>'delivery' = excluded.result->>'delivery' returning 1",
-                (key, Jsonb({"delivery": delivery}), CLAIM_TTL_S),
-            ).fetchone()
+            claimed = claims.claim_held(conn, claims.ATTEMPT, key, delivery, CLAIM_TTL_S, field="delivery")
         if not claimed:
             log.warning("job.duplicate_skipped", generation=generation_of(message), delivery=delivery)
             raise SkipMessage(f"another copy of attempt {generation_of(message)} of this job already started")

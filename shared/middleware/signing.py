@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, MiddlewareError
-from psycopg.types.json import Jsonb
 
+from fleet.shared import claims
 from fleet.shared.db import get_pool
 from fleet.shared.errors import PermanentError
 
@@ -94,27 +94,13 @@ class EnvelopeVerification(EnvelopeSigning):
         or once the job's time limit has passed since it was claimed."""
         sig, holder = message.options["sig"], redis_holder(broker)
         expires = datetime.fromtimestamp((signed_at + self.window_ms) / 1000, tz=UTC)
-        claim = Jsonb({"state": "running", "delivery": getattr(message, "pgmq_id", None), "holder": holder})
+        claim = {"state": "running", "delivery": getattr(message, "pgmq_id", None), "holder": holder}
         with get_pool().connection() as conn:
-            claimed = conn.execute(
-                "insert into request_dedup as d (scope, key, result, expires_at) values ('envelope', %s, %s, %s)"
-                " on conflict (scope, key) do update set result = excluded.result, created_at = now()"
-                " where d.result->>'state' = 'running' and ((excluded.result->>'delivery') = (d.result->>'delivery')"
-                "  or d.created_at < now() - %s * interval '1 millisecond') returning 1",
-                (sig, claim, expires, self.time_limit_ms),
-            ).fetchone()
-            if claimed:
+            if claims.claim_envelope(conn, sig, claim, expires, self.time_limit_ms):
                 return
-            state, old_holder = conn.execute(
-                "select result->>'state', result->>'holder' from request_dedup where scope = 'envelope' and key = %s",
-                (sig,),
-            ).fetchone() or (None, None)
+            state, old_holder = claims.envelope_state(conn, sig)
             if state == "running" and old_holder and holder and redis_worker_dead(broker, old_holder):
-                if conn.execute(
-                    "update request_dedup set result = %s, created_at = now() where scope = 'envelope'"
-                    " and key = %s and result->>'state' = 'running' and result->>'holder' = %s returning 1",
-                    (claim, sig, old_holder),
-                ).fetchone():
+                if claims.take_over_envelope(conn, sig, claim, old_holder):
                     return
         if state == "running":
             raise SignatureRejected("replayed envelope: a copy of this signed message is already running")
@@ -127,11 +113,7 @@ class EnvelopeVerification(EnvelopeSigning):
         if exception is not None or not isinstance(sig, str):
             return
         with get_pool().connection() as conn:
-            conn.execute(
-                "update request_dedup set result = jsonb_set(result, '{state}', '\"done\"')"
-                " where scope = 'envelope' and key = %s",
-                (sig,),
-            )
+            claims.envelope_done(conn, sig)
 
 
 def redis_holder(broker) -> str | None:

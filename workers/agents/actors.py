@@ -10,7 +10,7 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import job
-from fleet.shared import events
+from fleet.shared import claims, events
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.errors import DeferredError, PermanentError
@@ -36,12 +36,12 @@ def claim_creation(user_id: str, job_id: str) -> None:
     """Claim the creation of this user's agent for this job (its retries and redeliveries keep the job id, so
     they take their own claim back at once); another job for the same user is deferred until the claim is
     released or expires."""
-    if not claim("create_agent", user_id, job_id, CLAIM_S):
+    if not claim(claims.CREATE_AGENT, user_id, job_id, CLAIM_S):
         raise DeferredError(f"another job is creating the agent of user {user_id}", retry_after_s=5)
 
 
 def release_creation(user_id: str, job_id: str) -> None:
-    release("create_agent", user_id, job_id)
+    release(claims.CREATE_AGENT, user_id, job_id)
 
 
 @job(CreateAgentJob, queue="agents")
