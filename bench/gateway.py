@@ -85,10 +85,10 @@ def first_delta_via_sdk(client, i: int) -> float:
 
 
 def latency(broker: str, samples: int = 60) -> None:
-    from fleet.gateway.process import GatewayProcess
     from fleet.ops.processes import start_simulator, stop_process
     from fleet.shared.client import FleetClient
     from fleet.shared.config import Settings
+    from tests.gateway_process import GatewayProcess
 
     via_gw, via_sdk = [], []
     with ExitStack() as stack:  # whatever fails to start, what did start is stopped
@@ -166,8 +166,8 @@ async def many_streams(url: str, env: dict, n: int) -> dict:
 
 
 def streams(broker: str, n: int = STREAMS) -> None:
-    from fleet.gateway.process import GatewayProcess
     from fleet.ops.processes import start_simulator, stop_process
+    from tests.gateway_process import GatewayProcess
 
     with ExitStack() as stack:
         sim, sim_url = start_simulator({"answer_tokens": 3})

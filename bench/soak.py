@@ -289,8 +289,8 @@ def _soak(
         # As in production, a scheduler re-probes the providers, so jobs deferred by a probe that found one down
         # run again once it answers, and stale upgrade agents are requeued; the chaos leaves it running.
         scheduler = start_scheduler(env | {"HEALTH_REFRESH_INTERVAL_S": "5"}, logs)
-        from fleet.ops.workload import Workload
         from fleet.shared.client import FleetClient
+        from tests.workload import Workload
 
         client = FleetClient()
         work = Workload(client, connect, seed=seed)

@@ -31,8 +31,8 @@ def soak_report(
     work, chaos, o: Outcome, scheduler: subprocess.Popen, home: Path, logs: Path, sim_url: str, env: dict
 ) -> dict:
     """What the run proved, and its problems (each a reason for the soak to fail)."""
-    from fleet.ops.workload import problems
     from fleet.shared.db import connect
+    from tests.workload import problems
 
     patches = httpx.get(f"{sim_url}/_sim/letta").json()["patches"]
     report = work.report(patches)

@@ -21,7 +21,6 @@ import httpx
 import psycopg
 import pytest
 
-from fleet.gateway.process import GatewayProcess
 from fleet.shared.config import Settings
 from fleet.shared.errors import ProviderError, classify
 from fleet.shared.providers.letta import LettaClient
@@ -31,6 +30,7 @@ from fleet.workers.agents.templates import publish
 from tests import test_letta_fidelity as fidelity
 from tests.agents_service_support import BILLING as SERVICE_BILLING, JWT_ENV, smoke_flow
 from tests.conftest import started_fleet
+from tests.gateway_process import GatewayProcess
 from tests.helpers import wait_for
 
 from .letta_server import LettaServer

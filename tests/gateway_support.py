@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from fleet.gateway.process import GatewayProcess
-
 from .conftest import started_fleet
 from .embedding_support import API_KEY
+from .gateway_process import GatewayProcess
 
 CHAT_ENV = {
     "CHAT_API_KEY": API_KEY,

@@ -162,8 +162,9 @@ def test_runs_are_read_halted_and_repeated_by_key(ams, flow):
 
 
 def test_me_answers_with_the_reason_when_letta_cannot_be_asked(ams, flow, tmp_path):
-    from fleet.gateway.process import GatewayProcess
     from fleet.shared.services import free_port
+
+    from .gateway_process import GatewayProcess
 
     unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with GatewayProcess(ams.gateway.env | {"LETTA_API_BASE_URL": unreachable}, tmp_path) as gateway:

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from fleet.gateway.process import GatewayProcess
 from fleet.ops.processes import wait_for
 
+from .gateway_process import GatewayProcess
 from .gateway_support import fleet_with_gateway, get_sse, new_key, post_sse
 from .test_gateway_security import (
     HMAC_KEY,

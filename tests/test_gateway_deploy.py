@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from fleet.gateway.app import create_app
-from fleet.gateway.process import ROOT
 from fleet.gateway.settings import GatewaySettings, UnprotectedGateway, require_protection
 
+from .gateway_process import ROOT
 from .test_deploy import DEPLOY, KUBERNETES_VERSION, by_kind, k8s
 
 

@@ -17,7 +17,6 @@ import httpx
 import pytest
 import yaml
 
-from fleet.ops.workload import Workload
 from fleet.shared.db import connect
 from fleet.shared.services import free_port
 
@@ -25,6 +24,7 @@ from .conftest import make_client, worker_env
 from .embedding_support import API_KEY, embed_env
 from .helpers import WorkerGroup, wait_for
 from .prometheus_support import DEPLOY, Prometheus, binary
+from .workload import Workload
 
 # Each alert is driven into its own condition. None: the real rule, unchanged. A pair: the same condition
 # at a threshold a short test can reach (a 2 s backlog for a 5 min one), never one that always holds; the

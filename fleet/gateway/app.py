@@ -36,15 +36,9 @@ from fleet.gateway.store import Store
 from fleet.shared.client import FleetClient
 from fleet.shared.config import get_settings
 from fleet.shared.db import connections
+from fleet.shared.logs import configure_logging
 
 BLOCKING_THREADS = 32  # enqueues and stored-answer reads run in threads (the SDK is synchronous)
-
-
-def fleet_broker():
-    """The workers' broker: importing the actors registers the job types the SDK enqueues."""
-    from fleet.workers import start
-
-    return start()
 
 
 def chat_hub(settings, gw):
@@ -61,6 +55,7 @@ def chat_hub(settings, gw):
 async def lifespan(app: FastAPI):
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(BLOCKING_THREADS, "gateway-io"))
     settings, gw = get_settings(), gateway_settings()
+    configure_logging(settings.log_level)  # the fleet's processors: JSON lines, secrets redacted
     store = Store()
     await store.open()
     hubs = [
@@ -73,7 +68,8 @@ async def lifespan(app: FastAPI):
         for hub in hubs:
             await hub.start()
             started.append(hub)
-        client = FleetClient(fleet_broker(), settings)
+        # a producer, as any: the SDK finds each job type by name (fleet.shared.registry); no actor is declared
+        client = FleetClient(settings=settings)
         app.state.gateway = Gateway(settings, gw, store, hubs[0], hubs[1], client, Authenticator(gw), hubs[2])
         yield
     finally:

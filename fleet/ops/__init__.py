@@ -1,2 +1,2 @@
-"""Operator tools: the `fleet` command line (cli/), the demo, embedded worker processes, workloads and the
-queries they share (queries.py). May import anything; neither the platform nor a family imports them."""
+"""Operator tools: the `fleet` command line (cli/), the demo, embedded worker processes and the queries
+they share (queries.py). May import anything; neither the platform nor a family imports them."""

@@ -1,4 +1,4 @@
-"""`fleet gateway` as a real process, started and stopped by PID (tests, benchmarks, the demo)."""
+"""`fleet gateway` as a real process, started and stopped by PID (tests, benchmarks, conformance)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import httpx
 from fleet.ops.processes import stop_process, wait_for
 from fleet.shared.services import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class GatewayProcess:
