@@ -109,7 +109,7 @@ class Settings(BaseSettings):
         1000,
         alias="FLEET_MIN_BACKOFF_MS",
         ge=1,
-        description=("The first retry's backoff; each retry doubles it, with full jitter."),
+        description=("The first retry's backoff; each retry doubles it, jittered between half and all of it."),
     )
     max_backoff_ms: int = Field(
         300_000,

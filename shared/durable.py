@@ -11,6 +11,7 @@ import dramatiq.errors
 import psycopg
 import redis.exceptions
 import structlog
+import tenacity
 
 from fleet.shared.config import get_settings
 from fleet.shared.redact import redact
@@ -35,13 +36,19 @@ def while_unreachable(operation: Callable[[], T], *, what: str, budget_s: float 
     if budget_s is None:
         budget_s = get_settings().unreachable_budget_s
     deadline = time.monotonic() + budget_s
-    delay = 0.1
-    while True:
-        try:
-            return operation()
-        except UNREACHABLE as e:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("unreachable.retrying", what=what, error=redact(str(e)), retry_in_s=delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+    def next_try_too_late(state: tenacity.RetryCallState) -> bool:
+        return time.monotonic() + (state.upcoming_sleep or 0) > deadline
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        log.warning("unreachable.retrying", what=what, error=redact(str(error)), retry_in_s=state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(UNREACHABLE),
+        wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),  # 0.1 s, doubling, at most 2 s apart
+        stop=next_try_too_late,
+        before_sleep=log_retry,
+        reraise=True,  # the operation's own error once the budget is spent
+    )
+    return retrying(operation)

@@ -1,6 +1,6 @@
 """Error classes decide retries, in one place.
 
-transient  -> retried with exponential backoff and full jitter (Retry-After honoured)
+transient  -> retried with jittered exponential backoff (Retry-After honoured)
 permanent  -> dead-lettered at once, no retries
 deferred   -> put back with a delay without using up a retry (rate limit, provider down)
 """

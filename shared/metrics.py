@@ -48,6 +48,9 @@ class _Metrics:
 
     def _dramatiq_series(self, prom) -> None:
         """dramatiq's own names, so its dashboards work on the fleet's workers."""
+        # Not dramatiq's Prometheus middleware: it points PROMETHEUS_MULTIPROC_DIR at a directory of its own and
+        # forks its own exposition server on one fixed port (dramatiq_prom_port), so it cannot share this
+        # exporter, its queue figures, or a port per worker group.
         labels = ["queue_name", "actor_name"]
         self.messages = prom.Counter("dramatiq_messages_total", "The total number of messages processed.", labels)
         self.errors = prom.Counter("dramatiq_message_errors_total", "The total number of errored messages.", labels)
@@ -288,6 +291,8 @@ def _scrape_timeout(header: str | None) -> float | None:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # Not prometheus_client.start_http_server: besides the exposition it answers /healthz and /readyz, and it
+    # bounds the queue figures' database query by each scrape's own timeout (the header Prometheus sends).
     def do_GET(self):
         path = self.path.split("?")[0]
         if path == "/metrics":

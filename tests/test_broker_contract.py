@@ -66,7 +66,7 @@ def test_retry_with_backoff_then_dead_letter(fleet):
     assert len(attempts) == 3  # FLEET_MAX_RETRIES=2: one try and two retries
     assert [e["payload"]["attempt"] for e in attempts] == [1, 2, 3]
     gaps = [(b["created_at"] - a["created_at"]).total_seconds() for a, b in zip(attempts, attempts[1:])]
-    assert all(g >= 0.09 for g in gaps), gaps  # echo's min_backoff is 200 ms, full jitter from half of it
+    assert all(g >= 0.09 for g in gaps), gaps  # echo's min_backoff is 200 ms, jittered from half of it
     assert len([e for e in evs if e["type"] == "job.retrying"]) == 2
     (dl,) = dead_letters(fleet.dsn, trace)
     assert dl["reason"].startswith("retries exhausted after 3 attempts: TransientError")

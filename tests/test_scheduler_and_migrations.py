@@ -133,14 +133,13 @@ def test_a_built_wheel_carries_every_migration_and_module(tmp_path):
         names = z.namelist()
         shipped = {Path(n).name: z.read(n) for n in names if n.startswith("fleet/migrations/")}
         # the platform and the families (shared/ and workers/, linked from fleet/) are fleet.shared and fleet.workers
-        modules = {
-            n: z.read(n) for n in names if n.endswith(".py") and n.startswith(("fleet/shared/", "fleet/workers/"))
-        }
+        modules = {n: z.read(n) for n in names if n.startswith(("fleet/shared/", "fleet/workers/"))}
     assert shipped == {p.name: p.read_bytes() for p in (root / "sql").glob("*.sql")}
     expected = {
         f"fleet/{p.relative_to(root)}": p.read_bytes()
         for folder in ("shared", "workers")
-        for p in (root / folder).rglob("*.py")
+        for p in (root / folder).rglob("*")
+        if p.is_file() and p.suffix != ".pyc"  # every module and data file (the Redis broker's Lua script)
     }
     assert modules == expected
     assert not any(n.startswith(("shared/", "workers/")) for n in names)  # one import name: fleet

@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 import structlog
@@ -34,21 +35,9 @@ from fleet.shared.redact import redact
 
 log = structlog.get_logger(__name__)
 
-# dramatiq's own ack (dispatch.lua, "ack"), for many messages of one queue in one call: each id leaves this
-# worker's ack set and, if it was there, the queue's message hash; the worker's heartbeat is refreshed as
-# dispatch.lua does on every call. (Maintenance rides on the consumers' fetches, dramatiq's own script.)
-# KEYS: ack set, message hash, heartbeats; ARGV: timestamp, worker id, message ids...
-ACK_MANY = """
-redis.call("zadd", KEYS[3], ARGV[1], ARGV[2])
-local acked = 0
-for i = 3, #ARGV do
-    if redis.call("srem", KEYS[1], ARGV[i]) > 0 then
-        redis.call("hdel", KEYS[2], ARGV[i])
-        acked = acked + 1
-    end
-end
-return acked
-"""
+# Many acks in one call (ack_many.lua, beside this module). Maintenance rides on the consumers' fetches,
+# dramatiq's own script.
+ACK_MANY = (Path(__file__).parent / "ack_many.lua").read_text()
 # A lost connection to Postgres or to Redis: the writer reconnects (fleet.shared.reconnect).
 CONNECTION_LOST = (*DB_CONNECTION_LOST, redis.ConnectionError, redis.TimeoutError)
 IDLE_FLUSH_S = 0.05  # events that no ack waits for (a producer's, a retry's) are written this often
@@ -197,6 +186,9 @@ class AckWriter(threading.Thread):
 
 
 class _HeldAckConsumer(_RedisConsumer):
+    # A subclass of dramatiq's private consumer: RedisBroker.consumer_class is the one way dramatiq lets a
+    # broker change how its consumers acknowledge, and acks held until their events are written are the
+    # point of this broker. dramatiq is pinned (pyproject.toml); tests/test_redis_acks.py checks the behaviour.
     def __init__(self, broker, queue_name, prefetch, timeout):
         super().__init__(broker, queue_name, prefetch, timeout)
         self.room = threading.Event()

@@ -1,16 +1,15 @@
 """Retries decided by error class (shared/errors.py), replacing dramatiq's Retries.
 
-transient: exponential backoff with full jitter, at least the provider's Retry-After, up to max_retries;
-           an actor's own backoff range applies, capped by the configured max_backoff.
+transient: exponential backoff with jitter (dramatiq's compute_backoff), at least the provider's Retry-After,
+           up to max_retries; an actor's own backoff range applies, capped by the configured max_backoff.
 permanent: failed at once, so the broker dead-letters it.
 deferred:  enqueued again after a delay without using up a retry (rate limits, a provider that is down).
 """
 
 from __future__ import annotations
 
-import random
-
 import structlog
+from dramatiq.common import compute_backoff
 from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Middleware, MiddlewareError
 
@@ -25,10 +24,10 @@ log = structlog.get_logger(__name__)
 MAX_DEFERRALS = 10_000  # a job deferred this often has a limit that never clears
 
 
-def full_jitter_backoff(attempt: int, min_ms: int, max_ms: int) -> int:
-    """AWS 'full jitter': uniform in [min_ms/2, min(max, min * 2^attempt)]."""
-    ceiling = min(max_ms, min_ms * (2 ** min(attempt, 30)))
-    return int(random.uniform(min_ms / 2, max(ceiling, min_ms / 2)))
+def backoff_ms(attempt: int, min_ms: int, max_ms: int) -> int:
+    """dramatiq's own backoff (as its Retries computes it): min_ms doubled per attempt, capped at max_ms,
+    then jittered between half of it and all of it."""
+    return compute_backoff(attempt, factor=min_ms, max_backoff=max_ms)[1]
 
 
 class ClassifiedRetries(Middleware):
@@ -62,7 +61,7 @@ class ClassifiedRetries(Middleware):
             deferrals = message.options.get("deferrals", 0)
             if deferrals < MAX_DEFERRALS:
                 message.options["deferrals"] = deferrals + 1
-                delay = int(retry_after * 1000) if retry_after else full_jitter_backoff(min(deferrals, 6), 500, 30_000)
+                delay = int(retry_after * 1000) if retry_after else backoff_ms(min(deferrals, 6), 500, 30_000)
                 events.emit("job.deferred", **fields, delay_ms=delay, error_class=type(exception).__name__, error=error)
                 enqueue_again(broker, message, delay)
                 return
@@ -75,7 +74,7 @@ class ClassifiedRetries(Middleware):
         min_backoff = self._option(broker, message, "min_backoff", self.min_backoff)
         # An actor's max_backoff is its family's policy; FLEET_MAX_BACKOFF_MS is the operator's ceiling on all of them.
         max_backoff = min(self._option(broker, message, "max_backoff", self.max_backoff), self.max_backoff)
-        delay = full_jitter_backoff(retries, min_backoff, max_backoff)
+        delay = backoff_ms(retries, min_backoff, max_backoff)
         if retry_after is not None:
             delay = max(delay, int(retry_after * 1000))
         message.options["retries"] = retries + 1
