@@ -433,3 +433,50 @@ def test_events_emitted_after_a_consumer_closed_are_still_written(services):
     wait_for(lambda: events(services["dsn"], trace_id=trace), 60, what="the event to be written in the background")
     with psycopg.connect(services["dsn"], autocommit=True) as admin:
         admin.execute("select pgmq.drop_queue(%s)", (queue,))
+
+
+def test_the_bulk_path_writes_dramatiqs_own_envelope():
+    """The producers' bulk path encodes no Message, yet each envelope is what dramatiq itself would write."""
+    import dramatiq
+
+    from fleet.shared.brokers.pgmq.sender import payload_envelopes
+
+    payloads = [{"text": "plain"}, {"nested": {"a": [1, 2.5, None, True]}, "quote": 'say "hi" {x}'}, [1, 2]]
+    ids: list[tuple[str, str]] = []
+    [(queue, bodies)] = list(payload_envelopes("queue_1", "an_actor", payloads, None, 10**6, ids))
+    assert queue == "queue_1" and len(bodies) == len(ids) == 3
+    for body, payload, (message_id, trace_id) in zip(bodies, payloads, ids, strict=True):
+        decoded = dramatiq.Message.decode(body.encode())
+        expected = dramatiq.Message(
+            queue_name="queue_1",
+            actor_name="an_actor",
+            args=(payload,),
+            kwargs={},
+            options={"trace_id": trace_id},
+            message_id=message_id,
+            message_timestamp=decoded.message_timestamp,
+        )
+        assert body == expected.encode().decode()  # byte for byte (these payloads are ASCII)
+
+
+def test_only_middleware_that_declares_it_lets_producers_enqueue_in_bulk(pgmq_fleet):
+    from dramatiq.middleware import Middleware
+
+    from fleet.shared.brokers import build_broker
+
+    class SeesEachEnqueue(Middleware):
+        def before_enqueue(self, broker, message, delay):
+            message.options["seen"] = True
+
+    class DoneInBulk(SeesEachEnqueue):
+        enqueue_hooks_done_in_bulk = True
+
+    broker = build_broker()
+    try:
+        assert broker.can_enqueue_in_bulk()  # the fleet's own middleware all declare it
+        broker.add_middleware(DoneInBulk())
+        assert broker.can_enqueue_in_bulk()
+        broker.add_middleware(SeesEachEnqueue())
+        assert not broker.can_enqueue_in_bulk()
+    finally:
+        broker.close()

@@ -25,6 +25,8 @@ class JobSeries:
 
 
 class Metrics(Middleware):
+    enqueue_hooks_done_in_bulk = True  # PgmqBroker.enqueue_payloads counts its jobs once per call
+
     def __init__(self) -> None:
         self._started: dict[str, float] = {}
         self._series: dict[tuple[str, str], JobSeries] = {}

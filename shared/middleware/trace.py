@@ -9,6 +9,8 @@ from dramatiq.middleware import Middleware
 
 
 class TraceContext(Middleware):
+    enqueue_hooks_done_in_bulk = True  # PgmqBroker.enqueue_payloads gives each envelope its trace id itself
+
     def before_enqueue(self, broker, message, delay):
         if "trace_id" not in message.options:
             message.options["trace_id"] = str(uuid.uuid4())

@@ -135,12 +135,13 @@ class PgmqBroker(ImplementedHooksOnly, Broker):
                     self.emit_before("enqueue", message, delay)
                 yield queue_name, [m.encode().decode() for m in chunk]
 
-    # Middleware whose enqueue hooks the payload path does the work of: trace ids in SQL, metrics once per batch.
-    BULK_SAFE_MIDDLEWARE = ("TraceContext", "Metrics")
-
     def can_enqueue_in_bulk(self) -> bool:
+        """Whether producers may use enqueue_payloads: the messages are JSON (dramatiq's JSONEncoder), and
+        every middleware with an enqueue hook declares that the payload path does its work
+        (`enqueue_hooks_done_in_bulk`); any other must see each message."""
         hooked = self._implementing("before_enqueue") + self._implementing("after_enqueue")
-        return all(type(m).__name__ in self.BULK_SAFE_MIDDLEWARE for m in hooked)
+        json_messages = type(dramatiq.get_encoder()) is dramatiq.JSONEncoder
+        return json_messages and all(getattr(m, "enqueue_hooks_done_in_bulk", False) for m in hooked)
 
     def enqueue_payloads(
         self,
