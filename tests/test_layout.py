@@ -216,3 +216,17 @@ def test_the_owner_check_finds_a_second_writer(tmp_path):
     (tmp_path / "fleet" / "__init__.py").write_text("")
     (tmp_path / "fleet" / "other.py").write_text('Q = "delete from request_dedup where scope = %s"\n')
     assert table_users(tmp_path, "request_dedup") == {"fleet.other"}
+
+
+def test_the_pgmq_brokers_parts_depend_on_interfaces_not_on_the_broker():
+    """The consumers, notifier, heartbeat and sender know the broker through fleet.shared.brokers.pgmq.parts,
+    not by importing it, not even for annotations (the broker builds them: the arrow points one way)."""
+    package = ROOT / "shared" / "brokers" / "pgmq"
+    importers = []
+    for path in sorted(package.glob("*.py")):
+        if path.name in ("broker.py", "__init__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "fleet.shared.brokers.pgmq.broker":
+                importers.append(path.name)
+    assert importers == []

@@ -23,7 +23,7 @@ from fleet.shared.reconnect import Reconnects
 from fleet.shared.redact import redact
 
 if TYPE_CHECKING:
-    from fleet.shared.brokers.pgmq.broker import PgmqBroker
+    from fleet.shared.brokers.pgmq.parts import ConsumerHost
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +32,7 @@ MAX_DELIVERIES = 20  # a message read this often without being acked keeps killi
 
 
 class PgmqConsumer(Consumer):
-    def __init__(self, broker: PgmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+    def __init__(self, broker: ConsumerHost, queue_name: str, prefetch: int, timeout: int) -> None:
         self.broker = broker
         self.queue_name = queue_name
         self.prefetch = max(1, prefetch)

@@ -15,13 +15,13 @@ from fleet.shared.db import connect_kwargs
 from fleet.shared.reconnect import Reconnects
 
 if TYPE_CHECKING:
-    from fleet.shared.brokers.pgmq.broker import PgmqBroker
+    from fleet.shared.brokers.pgmq.parts import Queues
 
 log = structlog.get_logger(__name__)
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, broker: PgmqBroker) -> None:
+    def __init__(self, broker: Queues) -> None:
         super().__init__(name="pgmq-heartbeat", daemon=True)
         self.broker = broker
         self.vt = broker.settings.visibility_timeout_s

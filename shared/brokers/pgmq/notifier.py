@@ -13,13 +13,13 @@ from psycopg import sql
 from fleet.shared.reconnect import Reconnects
 
 if TYPE_CHECKING:
-    from fleet.shared.brokers.pgmq.broker import PgmqBroker
+    from fleet.shared.brokers.pgmq.parts import Queues
 
 log = structlog.get_logger(__name__)
 
 
 class Notifier(threading.Thread):
-    def __init__(self, broker: PgmqBroker) -> None:
+    def __init__(self, broker: Queues) -> None:
         super().__init__(name="pgmq-notifier", daemon=True)
         self.broker = broker
         self.channels: dict[str, str] = {}  # channel -> queue

@@ -22,14 +22,14 @@ from fleet.shared.errors import PayloadTooLarge
 from fleet.shared.ids import uuid4_strings
 
 if TYPE_CHECKING:
-    from fleet.shared.brokers.pgmq.broker import PgmqBroker
+    from fleet.shared.brokers.pgmq.parts import QueueCreator
 
 SEND_BATCH_SIZE = 1000
 Chunk = tuple[str, list[str]]  # (queue name, encoded envelopes)
 
 
 def send_in_bulk(
-    broker: PgmqBroker,
+    broker: QueueCreator,
     queue_names: Iterable[str],
     chunks: Iterable[Chunk],
     delay_ms: int | None,
@@ -148,7 +148,7 @@ def payload_envelopes(
 
 
 @contextlib.contextmanager
-def _connection(broker: PgmqBroker, conn: psycopg.Connection | None):
+def _connection(broker: QueueCreator, conn: psycopg.Connection | None):
     if conn is not None:
         yield conn
     else:
