@@ -29,7 +29,13 @@ def bearer(tok: str) -> dict:
     return {"Authorization": f"Bearer {tok}"}
 
 
-OPERATOR = bearer(token(str(uuid.uuid4()), role="operator"))
+OPERATOR_SUB = str(uuid.uuid4())
+
+
+def operator() -> dict:
+    """An operator's headers, with a token minted now: a token minted at import would expire during a long
+    run (the conformance suite runs for minutes before it reaches these tests)."""
+    return bearer(token(OPERATOR_SUB, role="operator"))
 
 
 def billing_endpoint(user: str) -> str:
@@ -45,9 +51,12 @@ def newer(template: dict) -> dict:
     return v2
 
 
-def publish(url: str, name: str, version: str, content: dict, headers: dict = OPERATOR) -> httpx.Response:
+def publish(url: str, name: str, version: str, content: dict, headers: dict | None = None) -> httpx.Response:
     return httpx.post(
-        f"{url}/v1/templates", json={"name": name, "version": version, "content": content}, headers=headers, timeout=30
+        f"{url}/v1/templates",
+        json={"name": name, "version": version, "content": content},
+        headers=operator() if headers is None else headers,
+        timeout=30,
     )
 
 
@@ -63,11 +72,11 @@ def me(url: str, user_token: str) -> dict:
 
 def upgrade(url: str, body: dict) -> tuple[Sse, dict]:
     """Runs an upgrade to its end through the progress stream; returns the stream and the run's state."""
-    sse = post_sse(url, "/v1/upgrades", body, headers=OPERATOR, timeout=180)
+    sse = post_sse(url, "/v1/upgrades", body, headers=operator(), timeout=180)
     assert sse.status == 200, sse.body
     assert sse.types()[0] == "ready" and sse.types()[-1] == "upgrade.done", sse.types()
     run = sse.headers["x-run-id"]
-    state = httpx.get(f"{url}/v1/upgrades/{run}", headers=OPERATOR, timeout=30).json()
+    state = httpx.get(f"{url}/v1/upgrades/{run}", headers=operator(), timeout=30).json()
     return sse, state
 
 

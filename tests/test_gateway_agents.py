@@ -12,7 +12,7 @@ import pytest
 from .agents_service_support import (
     BILLING,
     JWT_ENV,
-    OPERATOR,
+    operator,
     SECRET,
     bearer,
     create,
@@ -126,24 +126,26 @@ def test_template_refusals_are_4xx_with_their_reasons(ams, flow):
 
 def test_templates_are_listed_read_and_diffed(ams, flow):
     name = flow["name"]
-    listed = httpx.get(f"{ams.url}/v1/templates", params={"name": name}, headers=OPERATOR).json()["templates"]
+    listed = httpx.get(f"{ams.url}/v1/templates", params={"name": name}, headers=operator()).json()["templates"]
     assert [t["version"] for t in listed] == ["1.0.0", "2.0.0"]
-    read = httpx.get(f"{ams.url}/v1/templates/{name}/1.0.0", headers=OPERATOR).json()
+    read = httpx.get(f"{ams.url}/v1/templates/{name}/1.0.0", headers=operator()).json()
     assert read["content"] == AGENT
     diff = httpx.get(
-        f"{ams.url}/v1/templates/{name}/diff", params={"from_version": "1.0.0", "to_version": "2.0.0"}, headers=OPERATOR
+        f"{ams.url}/v1/templates/{name}/diff",
+        params={"from_version": "1.0.0", "to_version": "2.0.0"},
+        headers=operator(),
     ).json()
     assert {"system", "tags"} <= set(diff["changes"]) and diff["initial_memory_changed"] is True
-    assert httpx.get(f"{ams.url}/v1/templates/{name}/7.0.0", headers=OPERATOR).status_code == 404
+    assert httpx.get(f"{ams.url}/v1/templates/{name}/7.0.0", headers=operator()).status_code == 404
 
 
 def test_runs_are_read_halted_and_repeated_by_key(ams, flow):
-    run = httpx.get(f"{ams.url}/v1/upgrades/{flow['run_id']}", headers=OPERATOR).json()
+    run = httpx.get(f"{ams.url}/v1/upgrades/{flow['run_id']}", headers=operator()).json()
     assert run["status"] == "completed" and run["dry_run"] is False
-    halted = httpx.post(f"{ams.url}/v1/upgrades/{flow['run_id']}/halt", headers=OPERATOR).json()
+    halted = httpx.post(f"{ams.url}/v1/upgrades/{flow['run_id']}/halt", headers=operator()).json()
     assert halted["cancelled"] == 0 and halted["status"] == "completed"  # a finished run stays as it ended
-    assert httpx.get(f"{ams.url}/v1/upgrades/{uuid.uuid4()}", headers=OPERATOR).status_code == 404
-    assert httpx.get(f"{ams.url}/v1/upgrades/not-a-run", headers=OPERATOR).status_code == 404
+    assert httpx.get(f"{ams.url}/v1/upgrades/{uuid.uuid4()}", headers=operator()).status_code == 404
+    assert httpx.get(f"{ams.url}/v1/upgrades/not-a-run", headers=operator()).status_code == 404
     body = {
         "template": flow["name"],
         "version": "2.0.0",
@@ -157,7 +159,7 @@ def test_runs_are_read_halted_and_repeated_by_key(ams, flow):
     assert first.headers["x-run-id"] == repeat.headers["x-run-id"]  # one run for the key
     assert (state["halt_failure_rate"], state["halt_min_sample"]) == (0.5, 3)
     assert again["counts"] == state["counts"] == {"skipped": 1}  # already on 2.0.0
-    resumed = get_sse(ams.url, f"/v1/upgrades/{state['run_id']}/stream", headers=OPERATOR | {"Last-Event-ID": "7"})
+    resumed = get_sse(ams.url, f"/v1/upgrades/{state['run_id']}/stream", headers=operator() | {"Last-Event-ID": "7"})
     assert resumed.types() == ["ready", "upgrade.done"] and resumed.frames[0]["_id"] == "8"
 
 
