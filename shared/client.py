@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import dramatiq
 import psycopg
@@ -27,6 +27,7 @@ from dramatiq.broker import Broker
 
 from fleet.shared import claims
 from fleet.shared.brokers import PgmqBroker, build_broker, enqueue_many
+from fleet.shared.capabilities import capabilities_of
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
 from fleet.shared.durable import while_unreachable
@@ -169,7 +170,7 @@ class FleetClient:
         if idempotency_keys is None:
             sent = self._send(name, payloads, trace_id, delay_ms, None)
             return [Enqueued(job_id, trace, jt.queue) for job_id, trace in sent]
-        if isinstance(self.broker, PgmqBroker):
+        if capabilities_of(self.broker).sends_in_transaction:
             return self._enqueue_claimed_atomically(name, payloads, idempotency_keys, trace_id, delay_ms)
         return self._enqueue_claimed_then_confirmed(name, payloads, idempotency_keys, trace_id, delay_ms)
 
@@ -301,8 +302,11 @@ class FleetClient:
         jt = job_type(name)
         self.broker.declare_queue(jt.queue)
         broker = self.broker
-        if isinstance(broker, PgmqBroker) and broker.can_enqueue_in_bulk() and preassigned is None:
-            return broker.enqueue_payloads(jt.queue, jt.name, payloads, trace_id=trace_id, delay_ms=delay_ms)
+        bulk = capabilities_of(broker).sends_in_transaction and cast(PgmqBroker, broker).can_enqueue_in_bulk()
+        if bulk and preassigned is None:
+            return cast(PgmqBroker, broker).enqueue_payloads(
+                jt.queue, jt.name, payloads, trace_id=trace_id, delay_ms=delay_ms
+            )
         messages = [self.message(name, p, trace_id) for p in payloads]
         if preassigned is not None:  # the ids recorded with the idempotency keys
             messages = [

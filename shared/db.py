@@ -12,6 +12,7 @@ import psycopg.conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from fleet.shared.capabilities import capabilities
 from fleet.shared.config import Settings, get_settings
 from fleet.shared.services import EmbeddedPostgres, EmbeddedRedis
 
@@ -40,7 +41,7 @@ def missing_connections(settings: Settings | None = None) -> list[str]:
             "DATABASE_URL is not set: set it to the PostgreSQL this process uses"
             " (postgresql://USER:PASSWORD@HOST:5432/DATABASE)" + _EMBEDDED_HINT
         )
-    if settings.broker == "redis" and settings.redis_url is None:
+    if capabilities(settings).queues_in_redis and settings.redis_url is None:
         missing.append(
             "REDIS_URL is not set, and FLEET_BROKER=redis needs it: set it to the Redis this process"
             " uses (redis://:PASSWORD@HOST:6379/0)" + _EMBEDDED_HINT
@@ -100,7 +101,7 @@ def connections(settings: Settings | None = None) -> dict[str, str | None]:
     redis = None
     if settings.redis_url is not None:
         redis = masked_redis_url(settings.redis_url.get_secret_value())
-    elif settings.broker == "redis":
+    elif capabilities(settings).queues_in_redis:
         redis = embedded
     database = masked_dsn(settings.database_url.get_secret_value()) if settings.database_url is not None else embedded
     return {"database": database, "broker": settings.broker, "redis": redis}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 import psycopg
 from psycopg import sql
 
+from fleet.shared.capabilities import capabilities
 from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import database_dsn, get_pool, redis_url
 
@@ -56,7 +57,7 @@ class FramePublisher:
             self.seq += 1
             self.sent.add(type_)
             frame = {"seq": self.seq, "type": type_, "job_id": self.job_id, "t": time.time()} | fields
-            if self.settings.broker == "redis":
+            if capabilities(self.settings).frames == "stream":
                 self._publish_redis(frame)
             else:
                 self._publish_pg(frame)
@@ -93,14 +94,14 @@ class FrameListener:
         self.job_id = job_id
         self.settings = settings or get_settings()
         self._conn: psycopg.Connection | None = None
-        if self.settings.broker != "redis":
+        if capabilities(self.settings).frames == "notify":
             self._conn = psycopg.connect(database_dsn(self.settings), autocommit=True)
             self._conn.execute(sql.SQL("listen {}").format(sql.Identifier(channel(job_id))))
 
     def frames(self, timeout: float = 300) -> Iterator[dict]:
         """Frames until chat.done or error; from the stored message if the job already ended."""
         try:
-            if self.settings.broker == "redis":
+            if capabilities(self.settings).frames == "stream":
                 yield from self._redis_frames(timeout)
             else:
                 yield from self._pg_frames(timeout)

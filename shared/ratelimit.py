@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from dramatiq.rate_limits import RateLimiterBackend, WindowRateLimiter
 
+from fleet.shared.capabilities import capabilities
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool, one, redis_url
 
@@ -105,7 +106,7 @@ class PostgresBackend(RateLimiterBackend):
 @lru_cache(maxsize=1)
 def backend() -> RateLimiterBackend:
     settings = get_settings()
-    if settings.broker == "redis":
+    if capabilities(settings).rate_limits == "redis":
         from dramatiq.rate_limits.backends import RedisBackend
 
         return RedisBackend(url=redis_url(settings))

@@ -7,6 +7,7 @@ from typing import cast
 
 from dramatiq import Message
 
+from fleet.shared.capabilities import capabilities
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool, redis_url
 
@@ -68,7 +69,7 @@ def _redis_stats() -> list[dict]:
 
 
 def queue_stats(*, with_recent: bool = False) -> list[dict]:
-    stats = _redis_stats() if get_settings().broker == "redis" else _pgmq_stats()
+    stats = _redis_stats() if capabilities().queues_in_redis else _pgmq_stats()
     dead = _dead_letter_counts()
     known = {s["queue"] for s in stats}
     stats += [{"queue": q, "depth": 0, "visible": 0, "in_flight": 0, "oldest_age_s": 0} for q in dead if q not in known]
@@ -85,7 +86,7 @@ def queue_stats(*, with_recent: bool = False) -> list[dict]:
 def check_ready() -> None:
     with get_pool().connection() as conn:
         conn.execute("select 1")
-    if get_settings().broker == "redis":
+    if capabilities().queues_in_redis:
         import redis
 
         client = redis.Redis.from_url(redis_url(get_settings()), socket_timeout=2)

@@ -230,3 +230,39 @@ def test_the_pgmq_brokers_parts_depend_on_interfaces_not_on_the_broker():
             if isinstance(node, ast.ImportFrom) and node.module == "fleet.shared.brokers.pgmq.broker":
                 importers.append(path.name)
     assert importers == []
+
+
+BROKER_CLASSES = {"PgmqBroker", "RedisBroker", "FleetRedisBroker"}
+
+
+def broker_branches(root: Path) -> list[str]:
+    """Code that asks which broker is configured (`settings.broker == "redis"`, isinstance of a broker class)
+    instead of what it can do (fleet.shared.capabilities)."""
+    found = []
+    for name, path in modules(root).items():
+        if name == "fleet.shared.capabilities":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                names_broker = any(isinstance(s, ast.Attribute) and s.attr == "broker" for s in sides)
+                names_kind = any(isinstance(s, ast.Constant) and s.value in ("pgmq", "redis") for s in sides)
+                if names_broker and names_kind:
+                    found.append(f"{name}:{node.lineno}")
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                if any(getattr(c, "id", getattr(c, "attr", None)) in BROKER_CLASSES for c in classes):
+                    found.append(f"{name}:{node.lineno}")
+    return found
+
+
+def test_the_broker_is_a_setting_not_a_code_path():
+    assert broker_branches(ROOT) == []
+
+
+def test_the_broker_check_finds_a_branch(tmp_path):
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / "__init__.py").write_text("")
+    (tmp_path / "fleet" / "a.py").write_text('def f(settings):\n    return settings.broker == "redis"\n')
+    (tmp_path / "fleet" / "b.py").write_text("def g(broker):\n    return isinstance(broker, PgmqBroker)\n")
+    assert broker_branches(tmp_path) == ["fleet.a:2", "fleet.b:2"]

@@ -33,6 +33,7 @@ from fleet.gateway.routes import router
 from fleet.gateway.settings import gateway_settings, require_protection
 from fleet.gateway.state import Gateway
 from fleet.gateway.store import Store
+from fleet.shared.capabilities import capabilities
 from fleet.shared.client import FleetClient
 from fleet.shared.config import get_settings
 from fleet.shared.db import connections
@@ -42,7 +43,7 @@ BLOCKING_THREADS = 32  # enqueues and stored-answer reads run in threads (the SD
 
 
 def chat_hub(settings, gw):
-    if settings.broker == "redis":
+    if capabilities(settings).frames == "stream":
         from fleet.gateway.hub_redis import RedisHub
 
         return RedisHub(gw.keep_frames_s, gw.stream_timeout_s)

@@ -14,6 +14,7 @@ from fleet.ops import queries
 from fleet.ops.demo_families import demo_chats, demo_embeddings, demo_lifecycle, demo_upgrades
 from fleet.ops.processes import start_simulator, stop_process, worker_command, worker_env
 from fleet.ops.terminal import progress_bar
+from fleet.shared.capabilities import capabilities
 from fleet.shared.config import get_settings
 
 SIMULATED = {"latency_ms": 40, "latency_per_input_ms": 0.5, "ttft_ms": 300, "tokens_per_s": 25, "answer_tokens": 30}
@@ -32,7 +33,7 @@ def run_demo(
     from fleet.shared.services import use_embedded
 
     # The demo asks for embedded services: those that DATABASE_URL / REDIS_URL do not name are started here.
-    started = use_embedded(redis=get_settings().broker == "redis")
+    started = use_embedded(redis=capabilities().queues_in_redis)
     settings = get_settings()
     print(f"fleet demo: broker={settings.broker}, {jobs} jobs, {processes} worker process(es) x {threads} threads")
     _migrate()

@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+from fleet.shared.capabilities import capabilities
 from fleet.shared.config import get_settings
 from fleet.shared.services import free_port
 
@@ -48,7 +49,7 @@ def worker_env(queues: list[str] | None, metrics_port: int | None = None) -> dic
     if settings.database_url is None:
         env["DATABASE_URL"] = database_dsn(settings)
         env.setdefault("FLEET_DB_POOLER", "false")
-    if settings.broker == "redis" and settings.redis_url is None:
+    if capabilities(settings).queues_in_redis and settings.redis_url is None:
         env["REDIS_URL"] = redis_url(settings)
     # Wiped at start (prometheus_client's rule): files of processes from an earlier run would count.
     mdir = Path(env.get("PROMETHEUS_MULTIPROC_DIR") or settings.home / "metrics" / str(os.getpid())).resolve()

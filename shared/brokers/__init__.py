@@ -1,13 +1,15 @@
-"""The broker is a setting, not a code path: FLEET_BROKER=pgmq (default) or redis."""
+"""The broker is a setting, not a code path: FLEET_BROKER=pgmq (default) or redis. The broker is built here,
+and what it can do is its `capabilities` (fleet.shared.capabilities), which the rest of the fleet asks."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dramatiq
 
 from fleet.shared.brokers.pgmq import PgmqBroker
 from fleet.shared.brokers.redis import FleetRedisBroker
+from fleet.shared.capabilities import capabilities, capabilities_of
 from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import redis_url
 from fleet.shared.middleware import fleet_middleware
@@ -20,7 +22,7 @@ def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
     settings = settings or get_settings()
     middleware = fleet_middleware(settings)
     broker: dramatiq.Broker
-    if settings.broker == "redis":
+    if capabilities(settings).queues_in_redis:
         broker = FleetRedisBroker(
             url=redis_url(settings),
             middleware=middleware,
@@ -41,8 +43,8 @@ def enqueue_many(
 ) -> None:
     """One round trip per batch where the broker can (pgmq, inside `conn`'s transaction when given), one per
     message otherwise (Redis)."""
-    if isinstance(broker, PgmqBroker):
-        broker.enqueue_many(messages, delay=delay, conn=conn)
+    if capabilities_of(broker).sends_in_transaction:
+        cast(PgmqBroker, broker).enqueue_many(messages, delay=delay, conn=conn)
     else:
         for message in messages:
             broker.enqueue(message, delay=delay)

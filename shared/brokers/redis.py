@@ -30,6 +30,7 @@ from dramatiq.message import Message
 
 from fleet.shared import events
 from fleet.shared.brokers.hooks import ImplementedHooksOnly
+from fleet.shared.capabilities import REDIS
 from fleet.shared.reconnect import DB_CONNECTION_LOST, Reconnects
 from fleet.shared.redact import redact
 
@@ -55,7 +56,13 @@ class HeldAck:
 
 
 class FleetRedisBroker(ImplementedHooksOnly, RedisBroker):
-    events_ride_with_acks = True  # JobEvents leaves the events to the ack writer
+    capabilities = REDIS  # JobEvents leaves the events to the ack writer
+
+    def worker_alive(self, worker_id: str) -> bool:
+        """Alive as dramatiq's RedisBroker decides it: a heartbeat within its heartbeat timeout (its
+        maintenance puts a dead worker's unacknowledged messages back)."""
+        beat = self.client.zscore(f"{self.namespace}:__heartbeats__", worker_id)
+        return beat is not None and beat >= time.time() * 1000 - self.heartbeat_timeout
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -8,6 +8,7 @@ from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Middleware, MiddlewareError
 
 from fleet.shared import events
+from fleet.shared.capabilities import capabilities_of
 from fleet.shared.durable import while_unreachable
 from fleet.shared.middleware.attempts import delivery_of
 from fleet.shared.redact import redact
@@ -73,7 +74,7 @@ class JobEvents(Middleware):
     # a worker killed in between leaves a job that runs again, never one done without a record. (The
     # pgmq consumer commits the events in the same transaction as the acks.)
     def before_ack(self, broker, message):
-        if getattr(broker, "events_ride_with_acks", False):
+        if capabilities_of(broker).events_ride_with_acks:
             return
         try:
             while_unreachable(events.flush, what="bus_events")

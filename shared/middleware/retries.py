@@ -14,6 +14,7 @@ from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Middleware, MiddlewareError
 
 from fleet.shared import events
+from fleet.shared.capabilities import capabilities_of
 from fleet.shared.durable import HOLD_ACK, UNREACHABLE, while_unreachable
 from fleet.shared.errors import classify, describe, retry_after_of
 from fleet.shared.middleware.events import job_fields
@@ -118,7 +119,7 @@ def hold_until_enqueued(broker, message) -> None:
         broker.enqueue(message, delay=held["delay"])
     except UNREACHABLE as e:
         message.options[HOLD_ACK] = held
-        if getattr(broker, "redelivers_held_messages", False):
+        if capabilities_of(broker).redelivers_held_messages:
             return
         raise RetryNotEnqueued(f"the retry is still not enqueued: {redact(str(e))}") from None
     log.info("job.retry_enqueued_late", delay_ms=held["delay"])

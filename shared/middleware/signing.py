@@ -16,10 +16,10 @@ import json
 import time
 from datetime import UTC, datetime
 
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, MiddlewareError
 
 from fleet.shared import claims
+from fleet.shared.capabilities import capabilities_of
 from fleet.shared.db import get_pool
 from fleet.shared.errors import PermanentError
 
@@ -117,12 +117,10 @@ class EnvelopeVerification(EnvelopeSigning):
 
 
 def redis_holder(broker) -> str | None:
-    """The Redis worker process that claims a signature: dramatiq's broker id, which it heartbeats."""
-    return broker.broker_id if isinstance(broker, RedisBroker) else None
+    """The worker process that claims a signature, where the broker can tell whether it lives (Redis:
+    dramatiq's broker id, which it heartbeats)."""
+    return broker.broker_id if capabilities_of(broker).worker_liveness else None
 
 
 def redis_worker_dead(broker, worker_id: str) -> bool:
-    """Dead as dramatiq's RedisBroker decides it: no heartbeat within its heartbeat timeout (its maintenance
-    then puts that worker's unacknowledged messages back, which is how the copy in hand came to us)."""
-    beat = broker.client.zscore(f"{broker.namespace}:__heartbeats__", worker_id)
-    return beat is None or beat < time.time() * 1000 - broker.heartbeat_timeout
+    return not broker.worker_alive(worker_id)

@@ -13,6 +13,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from fleet.shared import events
+from fleet.shared.capabilities import capabilities_of
 from fleet.shared.config import Settings
 from fleet.shared.db import get_pool, one
 from fleet.shared.errors import DeferredError, PermanentError, classify, describe
@@ -75,7 +76,7 @@ def start_run(
     """A new run, its fan-out enqueued: through pgmq in SQL (ams_enqueue_upgrade), or by the SDK on Redis.
     A `run_id` that names a run already started returns it and enqueues nothing."""
     with get_pool().connection() as conn:
-        if client.settings.broker != "redis":
+        if capabilities_of(client.broker).sends_in_transaction:  # fanned out in SQL
             return str(
                 one(
                     conn.execute(

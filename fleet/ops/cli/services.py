@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from fleet.shared.capabilities import capabilities
 from fleet.shared.config import get_settings
 
 
@@ -13,7 +14,7 @@ def cmd_services(args) -> int:
 
     settings = get_settings()
     pg, rd = EmbeddedPostgres(settings.home), EmbeddedRedis(settings.home)
-    want_redis = settings.broker == "redis" or args.redis
+    want_redis = capabilities(settings).queues_in_redis or args.redis
     if args.action == "up":
         if settings.database_url is None:
             print("postgres:", redact(pg.up()))

@@ -21,6 +21,7 @@ from fleet.shared.brokers.pgmq.heartbeat import Heartbeat
 from fleet.shared.brokers.pgmq.notifier import Notifier
 from fleet.shared.brokers.pgmq.sender import SEND_BATCH_SIZE, Chunk, payload_envelopes, send_in_bulk
 from fleet.shared.brokers.pgmq.state import QueueState
+from fleet.shared.capabilities import PGMQ
 from fleet.shared.config import Settings, get_settings
 from fleet.shared.db import connect_kwargs, database_dsn, get_pool
 
@@ -38,8 +39,7 @@ def validate_queue_name(name: str) -> str:
 # Signals reach only the middleware that implement them (ImplementedHooksOnly): enqueue_many's
 # per-message cost stays low.
 class PgmqBroker(ImplementedHooksOnly, Broker):
-    events_ride_with_acks = True  # the consumer inserts the jobs' bus_events in its ack transaction
-    redelivers_held_messages = True  # a message held back from its ack (HOLD_ACK) returns after its vt
+    capabilities = PGMQ  # the consumer inserts the jobs' bus_events in its ack transaction; vt redelivers
 
     def __init__(self, *, settings: Settings | None = None, middleware=None) -> None:
         super().__init__(middleware=middleware)
