@@ -38,6 +38,8 @@ def cfleet(request, services, sim, tmp_path_factory):
         "CHAT_MODELS": ",".join([USAGE, LEARNED, *REPORTED.values()]),
         "HEALTH_RECHECK_S": "600",
     }
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:  # each broker's fleet learns afresh
+        conn.execute("delete from chat_model_facts")
     with started_fleet(services, request.param, tmp_path_factory.mktemp(f"chat-{request.param}"), **env) as f:
         yield f
 

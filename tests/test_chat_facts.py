@@ -1,6 +1,6 @@
-"""A chat model's facts, in this process against the simulator over real HTTP: the context window where
-servers report it or name it when they refuse a prompt, and the chat template's tokens measured against
-the server's usage; the settings override both."""
+"""A chat model's facts, in this process against the simulator over real HTTP and real PostgreSQL: the
+context window where servers report it or name it when they refuse a prompt, and the chat template's tokens
+measured against the server's usage, kept for the other processes; the settings override both."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from fleet.shared.config import Settings
@@ -18,7 +19,7 @@ from fleet.workers.chat import facts
 from .embedding_support import API_KEY
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openai"
-pytestmark = pytest.mark.usefixtures("fresh_sim")
+pytestmark = pytest.mark.usefixtures("services", "fresh_sim")
 
 
 def settings_for(sim, **extra) -> Settings:
@@ -115,3 +116,25 @@ def test_the_template_settings_override_the_measure(sim):
     one = settings_for(sim, CHAT_TEMPLATE_TOKENS=0)
     facts.calibrate_template(one, "facts-half")
     assert facts.template_tokens(one, "facts-half") == (5, 0)
+
+
+def test_what_one_process_learned_another_finds_in_the_database(services, sim):
+    """On llama-cpp-python learning costs a refused prompt and measuring calls that cut running streams: once
+    for the fleet, not once per process."""
+    configure(sim, context_window=4096, models=["facts-shared"], template_tokens_per_message=5, template_tokens=25)
+    settings = settings_for(sim)
+    facts.learn_window(settings, "facts-shared", 1000)
+    facts.calibrate_template(settings, "facts-shared")
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:
+        row = conn.execute(
+            "select context_window, window_source, tokens_per_message, template_tokens from chat_model_facts"
+            " where model = 'facts-shared'"
+        ).fetchone()
+    assert row == (1000, "refusal", 5, 25)
+    httpx.post(f"{sim.url}/_sim/reset")
+    facts._known.clear()  # as in a process that starts now
+    facts.ask_window(settings, "facts-shared")
+    facts.calibrate_template(settings, "facts-shared")
+    assert facts.context_window(settings, "facts-shared") == 1000
+    assert facts.template_tokens(settings, "facts-shared") == (5, 25)
+    assert sim_paths(sim) == []  # the server was asked nothing
