@@ -153,12 +153,10 @@ def template_tokens(settings: Settings, model: str) -> tuple[int, int]:
     return per_message, once
 
 
-def content_tokens(settings: Settings, model: str, messages: list[dict]) -> tuple[int, bool]:
-    """The messages' text in tokens, and whether the server's tokenizer counted it (else an estimate)."""
+def content_tokens(settings: Settings, model: str, messages: list[dict]) -> int:
+    """The messages' text in tokens: the server's tokenizer where it has one, else an estimate."""
     counted = Tokenizer(settings).count("\n".join(m["content"] for m in messages), model)
-    if counted is not None:
-        return counted, True
-    return sum(estimate_tokens(m["content"]) for m in messages), False
+    return counted if counted is not None else sum(estimate_tokens(m["content"]) for m in messages)
 
 
 def calibrate_template(settings: Settings, model: str) -> None:
@@ -188,7 +186,7 @@ def calibrate_template(settings: Settings, model: str) -> None:
     if s1 is None or s3 is None:
         log.info("chat.template_not_measured", model=model)  # the server reports no usage: the defaults stay
         return
-    text = content_tokens(settings, model, one)[0]
+    text = content_tokens(settings, model, one)
     per_message = max(0, round((s3 - s1 - 2 * text) / 2))
     once = max(0, s1 - text - per_message)
     with _lock:

@@ -97,7 +97,7 @@ def usage_of(settings: Settings, model: str, reported: dict | None, messages: li
             "estimated": False,
         }
     calibrate_template(settings, model)  # once per model: this job's stream has ended
-    content, _ = content_tokens(settings, model, messages)
+    content = content_tokens(settings, model, messages)
     answer = Tokenizer(settings).count(text, model) if text else 0
     return {
         "prompt_tokens": content + overhead(settings, model, messages),
