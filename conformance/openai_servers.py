@@ -24,9 +24,6 @@ CHAT_MODEL = "smollm2"
 CHAT_CONTEXT = 2048
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
-# SmolLM2's chat template (ChatML) as its server counts it, measured: each message adds 5 tokens, and
-# the reply's opening with the system prompt the template puts in when there is none adds 25.
-SMOLLM_TEMPLATE = {"CHAT_TEMPLATE_TOKENS_PER_MESSAGE": "5", "CHAT_TEMPLATE_TOKENS": "25"}
 
 
 @dataclass
@@ -101,8 +98,8 @@ def start_llama(cache: Path, log_dir: Path, port: int | None = None) -> Server:
         f"http://127.0.0.1:{port}/v1/models",
         120,
     )
-    env = {"CHAT_MODEL_DEFAULT": CHAT_MODEL, "CHAT_CONTEXT_WINDOWS": f'{{"{CHAT_MODEL}": {CHAT_CONTEXT}}}'}
-    return Server(f"http://127.0.0.1:{port}/v1", CHAT_MODEL, proc, log, env | SMOLLM_TEMPLATE)
+    # The fleet's defaults otherwise: the window and the template's tokens are learned from the server.
+    return Server(f"http://127.0.0.1:{port}/v1", CHAT_MODEL, proc, log, {"CHAT_MODEL_DEFAULT": CHAT_MODEL})
 
 
 def start_infinity(cache: Path, log_dir: Path, port: int | None = None) -> Server:

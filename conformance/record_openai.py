@@ -68,6 +68,7 @@ def record_chat(server: Server) -> dict[str, dict]:
     out = {}
     with httpx.Client(timeout=120, limits=FRESH_CONNECTIONS) as c:
         out["models"] = answer(c.get(f"{server.base}/models"))
+        out["props"] = answer(c.get(f"{root}/props"))  # llama.cpp's own server says its window there
         with c.stream(
             "POST",
             f"{server.base}/chat/completions",

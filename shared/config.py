@@ -251,16 +251,15 @@ class Settings(BaseSettings):
         6000,
         alias="CHAT_CONTEXT_TOKENS",
         ge=100,
-        description=(
-            "The session history's budget, in tokens (within the model's window when CHAT_CONTEXT_WINDOWS has it)."
-        ),
+        description=("The session history's budget, in tokens (within the model's context window when it is known)."),
     )
     chat_context_windows: dict[str, int] = Field(
         default_factory=dict,
         alias="CHAT_CONTEXT_WINDOWS",
         description=(
             'Each model\'s context window ({"model": tokens}); the history is fitted into it, leaving room for the'
-            " answer (max_tokens, else CHAT_ANSWER_RESERVE_TOKENS) and the chat template's own tokens."
+            " answer (max_tokens, else CHAT_ANSWER_RESERVE_TOKENS) and the chat template's own tokens. A model it"
+            " does not name has the window its server reports or names when it refuses a longer prompt."
         ),
     )
     chat_answer_reserve_tokens: int = Field(
@@ -269,22 +268,22 @@ class Settings(BaseSettings):
         ge=1,
         description=("Room left for the answer in the context window when a chat sets no max_tokens."),
     )
-    chat_template_tokens_per_message: int = Field(
-        4,
+    chat_template_tokens_per_message: int | None = Field(
+        None,
         alias="CHAT_TEMPLATE_TOKENS_PER_MESSAGE",
         ge=0,
         description=(
             "Tokens the chat template adds per message (role markers), counted in estimates when the server sends"
-            " no usage."
+            " no usage. Unset: measured against the server's own usage, else 4."
         ),
     )
-    chat_template_tokens: int = Field(
-        3,
+    chat_template_tokens: int | None = Field(
+        None,
         alias="CHAT_TEMPLATE_TOKENS",
         ge=0,
         description=(
             "Tokens the chat template adds once (the reply's opening, a system prompt of its own), counted in"
-            " estimates when the server sends no usage."
+            " estimates when the server sends no usage. Unset: measured against the server's own usage, else 3."
         ),
     )
     chat_keepalive_s: float = Field(

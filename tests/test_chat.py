@@ -20,6 +20,10 @@ from .helpers import dead_letters, events, wait_for
 
 pytestmark = pytest.mark.usefixtures("fresh_chat_sim")
 
+USAGE = "sim-usage"  # its template's tokens are measured in the test of that
+LEARNED = "sim-learned"  # its window is learned from a refusal
+REPORTED = {style: f"sim-reported-{style}" for style in ("vllm", "openrouter", "llama.cpp")}
+
 
 @pytest.fixture(scope="module", params=["pgmq", "redis"])
 def cfleet(request, services, sim, tmp_path_factory):
@@ -30,8 +34,12 @@ def cfleet(request, services, sim, tmp_path_factory):
         "REQUIRE_IDEMPOTENCY": "true",
         "CHAT_MODEL_DEFAULT": "sim-chat",
         "CHAT_CONTEXT_WINDOWS": json.dumps({"sim-windowed": 200}),
+        # models whose facts each test learns afresh (what a process learned of a model, it keeps)
+        "CHAT_MODELS": ",".join([USAGE, LEARNED, *REPORTED.values()]),
         "HEALTH_RECHECK_S": "600",
     }
+    with psycopg.connect(services["dsn"], autocommit=True) as conn:  # each broker's fleet learns afresh
+        conn.execute("delete from chat_model_facts")
     with started_fleet(services, request.param, tmp_path_factory.mktemp(f"chat-{request.param}"), **env) as f:
         yield f
 
@@ -46,7 +54,14 @@ def fresh_chat_sim(fresh_sim):
 
 
 def chat_calls(sim) -> list[dict]:
-    return [r for r in httpx.get(f"{sim.url}/_sim/log").json() if r["path"] == "/v1/chat/completions"]
+    """The streamed chat requests (the answers), without the fleet's short measuring calls."""
+    return [r for r in httpx.get(f"{sim.url}/_sim/log").json() if r["path"] == "/v1/chat/completions" and r["stream"]]
+
+
+def measure_calls(sim) -> list[dict]:
+    """The non-streamed one-token calls the fleet makes to learn a model's facts."""
+    log = httpx.get(f"{sim.url}/_sim/log").json()
+    return [r for r in log if r["path"] == "/v1/chat/completions" and not r["stream"]]
 
 
 def stored_answer(dsn: str, job_id: str) -> dict:
@@ -238,16 +253,24 @@ def test_a_stream_cut_with_done_but_no_finish_reason_is_partial(cfleet, sim):
     assert row["content"] == "".join(received) and 0 < len(row["content"].split()) < 30
 
 
-def test_usage_without_a_usage_chunk_comes_from_the_servers_tokenizer(cfleet, sim):
+def test_usage_without_a_usage_chunk_counts_the_template_tokens_measured_against_the_server(cfleet, sim):
     """A server that ignores stream_options.include_usage (llama.cpp): the prompt is counted with its
-    tokenizer plus the chat template's tokens, and the answer marked estimated."""
-    httpx.post(f"{sim.url}/_sim/config", json={"send_usage": False, "tokenizer": True})
-    stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "how many tokens is this", idempotency_key=key())
+    tokenizer plus the chat template's tokens, measured once against the server's own usage (SmolLM2's
+    template adds a system prompt of its own: 25 tokens once, 5 a message), and the answer marked estimated."""
+    httpx.post(
+        f"{sim.url}/_sim/config",
+        json={"send_usage": False, "tokenizer": True, "template_tokens_per_message": 5, "template_tokens": 25},
+    )
+    session = f"s-{uuid.uuid4()}"
+    stream = cfleet.client.chat(session, "how many tokens is this", model=USAGE, idempotency_key=key())
     row = stored_answer(cfleet.dsn, stream.job_id)
-    # five words, one message of 4 template tokens, 3 for the reply's opening: what the server counts itself
-    assert (row["tokens_in"], row["tokens_out"], row["tokens_estimated"]) == (5 + 4 + 3, 12, True)
-    assert stream.usage == {"prompt_tokens": 12, "completion_tokens": 12, "estimated": True}
-    assert [r["path"] for r in httpx.get(f"{sim.url}/_sim/log").json()].count("/extras/tokenize/count") == 2
+    # five words, one message of 5 template tokens, 25 once: what the server counts itself
+    assert (row["tokens_in"], row["tokens_out"], row["tokens_estimated"]) == (5 + 5 + 25, 12, True)
+    assert stream.usage == {"prompt_tokens": 35, "completion_tokens": 12, "estimated": True}
+    assert [(c["n_messages"], c["max_tokens"]) for c in measure_calls(sim)] == [(1, 1), (3, 1)]
+    again = cfleet.client.chat(session, "and this one", model=USAGE, idempotency_key=key())
+    # user, assistant, user: 5 + 12 + 3 words, 3 messages: the server's count, and measured only once
+    assert again.usage["prompt_tokens"] == 20 + 3 * 5 + 25 and len(measure_calls(sim)) == 2
 
 
 WINDOWED = "sim-windowed"  # CHAT_CONTEXT_WINDOWS gives it 200 tokens
@@ -264,7 +287,8 @@ def test_the_history_is_fitted_into_the_models_context_window(cfleet, sim):
 
 
 def test_a_message_over_the_context_window_is_refused_with_the_reason(cfleet, sim):
-    httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200})
+    """CHAT_CONTEXT_WINDOWS names the model's window: what the server reports does not change it."""
+    httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200, "report_window": "vllm", "models": [WINDOWED]})
     stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "word " * 400, model=WINDOWED, idempotency_key=key())
     assert stream.status == "error" and stream.error["error_class"] == "ContextWindowExceeded"
     assert "exceed the context window of sim-windowed (200 tokens" in stream.error["message"]
@@ -275,14 +299,45 @@ def test_a_message_over_the_context_window_is_refused_with_the_reason(cfleet, si
 
 def test_an_empty_answer_over_the_window_is_a_permanent_error_not_a_retried_fault(cfleet, sim):
     """Short words count less in the fleet's estimate than in the server's tokenizer: the prompt goes,
-    the server answers nothing, and its tokenizer tells why."""
+    the server answers nothing, and its refusal of the same prompt (not streamed) tells why."""
     httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200, "tokenizer": True})
     stream = cfleet.client.chat(f"s-{uuid.uuid4()}", "a " * 250, model=WINDOWED, max_tokens=10, idempotency_key=key())
     assert stream.status == "error" and stream.error["error_class"] == "ContextWindowExceeded"
-    assert "the server answered nothing: the prompt (257 tokens) does not fit" in stream.error["message"]
+    assert "the server refused the prompt (257 tokens): it does not fit" in stream.error["message"]
     assert len(chat_calls(sim)) == 1  # not retried
     (dl,) = dead_letters(cfleet.dsn, stream.trace_id)
     assert dl["attempts"] == 1 and "does not fit the context window of sim-windowed" in dl["reason"]
+
+
+@pytest.mark.parametrize("style", list(REPORTED))
+def test_a_window_the_server_reports_fits_the_history_before_sending(cfleet, sim, style):
+    """vLLM and OpenRouter report the window in /v1/models, llama.cpp's server in /props: no setting needed."""
+    model = REPORTED[style]
+    httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200, "report_window": style, "models": [model]})
+    session, question = f"s-{uuid.uuid4()}", " ".join(f"word{i}" for i in range(90))
+    for _ in range(3):
+        stream = cfleet.client.chat(session, question, model=model, max_tokens=20, idempotency_key=key())
+        assert stream.status == "complete" and len(stream.text.split()) == 20, stream.error
+    assert [c["n_messages"] for c in chat_calls(sim)] == [1, 1, 1]  # never over the window
+    assert measure_calls(sim) == []
+
+
+def test_a_window_reported_nowhere_is_learned_from_the_servers_refusal(cfleet, sim):
+    """llama-cpp-python reports no window: the first prompt over it comes back empty, the server's refusal of
+    the same prompt names the window, and the history fitted into it is sent at once, in the same attempt."""
+    httpx.post(f"{sim.url}/_sim/config", json={"context_window": 200, "models": [LEARNED]})
+    session, question = f"s-{uuid.uuid4()}", " ".join(f"word{i}" for i in range(90))
+    streams = [
+        cfleet.client.chat(session, question, model=LEARNED, max_tokens=20, idempotency_key=key()) for _ in range(3)
+    ]
+    assert [s.status for s in streams] == ["complete"] * 3, [s.error for s in streams]
+    # the second turn is sent whole (3 messages), refused, and sent again fitted; the third fits at once
+    assert [c["n_messages"] for c in chat_calls(sim)] == [1, 3, 1, 1]
+    (refused,) = measure_calls(sim)
+    assert refused["status"] == 400 and refused["n_messages"] == 3
+    for s in streams:
+        assert len(events(cfleet.dsn, trace_id=s.trace_id, type="job.started")) == 1  # no retry
+    assert dead_letters(cfleet.dsn, streams[1].trace_id) == []
 
 
 def test_one_ready_frame_per_job_however_often_it_is_deferred(cfleet, sim):

@@ -5,6 +5,7 @@ When the two disagree, the recording is right."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -101,7 +102,14 @@ def test_a_long_input_is_cut_silently_as_the_model_reads_no_more(sim):
 
 
 # -- llama.cpp (llama-cpp-python's server) ---------------------------------------------------------------------
-LLAMA = {"send_usage": False, "tokenizer": True, "context_window": 2048, "interrupt_streams": True}
+LLAMA = {
+    "send_usage": False,
+    "tokenizer": True,
+    "context_window": 2048,
+    "interrupt_streams": True,
+    "template_tokens_per_message": 5,  # SmolLM2's ChatML, with the system prompt it adds by itself
+    "template_tokens": 25,
+}
 HELLO = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
 
@@ -151,6 +159,31 @@ def test_the_tokenizer_and_the_usage_count_as_llama_cpp_does(sim):
     completion = recorded("llama-cpp", "completion")["body"]
     ours = post(sim, "/v1/chat/completions", HELLO).json()
     assert set(ours["usage"]) == set(completion["usage"])
-    # the template's tokens are counted in the usage, not only the text's
+    # the template's tokens are counted in the usage, not only the text's: as many as the server counts
     assert completion["usage"]["prompt_tokens"] > real["body"]["count"]
-    assert ours["usage"]["prompt_tokens"] > 2
+    assert ours["usage"]["prompt_tokens"] == completion["usage"]["prompt_tokens"] == 32
+
+
+def digits_out(text: str) -> str:
+    return re.sub(r"\d+", "N", text)
+
+
+def test_a_prompt_over_the_context_window_not_streamed_gets_a_400_naming_the_window(sim):
+    configure(sim, **LLAMA)
+    real = recorded("llama-cpp", "completion_over_context")
+    body = {"model": "m", "messages": [{"role": "user", "content": "word " * 2100}]}
+    ours = post(sim, "/v1/chat/completions", body)
+    assert ours.status_code == real["status"] == 400 and shape(ours.json()) == shape(real["body"])
+    assert digits_out(ours.json()["error"]["message"]) == digits_out(real["body"]["error"]["message"])
+    assert ours.json()["error"]["code"] == real["body"]["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 2048 tokens" in ours.json()["error"]["message"]
+
+
+def test_the_model_list_reports_no_window_and_there_is_no_props(sim):
+    """llama-cpp-python says its window nowhere: the fleet learns it from a refusal."""
+    configure(sim, **LLAMA, models=["smollm2"])
+    real = recorded("llama-cpp", "models")
+    ours = httpx.get(f"{sim.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert ours.json() == real["body"]
+    props = recorded("llama-cpp", "props")
+    assert httpx.get(f"{sim.url}/props", timeout=30).status_code == props["status"] == 404

@@ -1,8 +1,11 @@
-"""The OpenAI-compatible chat endpoint (`POST /v1/chat/completions`), streaming or not, and the
-tokenizer endpoint llama.cpp's Python server has (`POST /extras/tokenize/count`).
+"""The OpenAI-compatible chat endpoint (`POST /v1/chat/completions`), streaming or not, the model list
+(`GET /v1/models`), llama.cpp's `/props` and the tokenizer endpoint llama.cpp's Python server has
+(`POST /extras/tokenize/count`).
 
 The simulator's tokens are words. Its usage counts the chat template's tokens as real servers do:
-TEMPLATE_TOKENS_PER_MESSAGE per message and TEMPLATE_TOKENS for the reply's opening.
+`template_tokens_per_message` per message and `template_tokens` once (the reply's opening, and the
+system prompt a template adds by itself). Over
+`context_window` it answers as llama-cpp-python does: an empty stream, or a 400 naming the window.
 """
 
 from __future__ import annotations
@@ -12,21 +15,38 @@ import json
 import time
 
 from fleet.simulator.http import BaseHandler, error_body
-
-TEMPLATE_TOKENS_PER_MESSAGE = 4
-TEMPLATE_TOKENS = 3
+from fleet.simulator.state import SimConfig
 
 
 def words(text: str) -> int:
     return len(text.split())
 
 
-def prompt_tokens(messages: list[dict]) -> int:
+def prompt_tokens(messages: list[dict], config: SimConfig) -> int:
     return (
         sum(words(str(m.get("content", ""))) for m in messages)
-        + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
-        + TEMPLATE_TOKENS
+        + config.template_tokens_per_message * len(messages)
+        + config.template_tokens
     )
+
+
+def over_context_body(prompt: int, window: int, max_tokens: int | None) -> bytes:
+    """llama-cpp-python's 400 for a prompt of at least its window's length (recorded: completion_over_context)."""
+    message = (
+        f"This model's maximum context length is {window} tokens. However, you requested {prompt + (max_tokens or 0)}"
+        f" tokens ({prompt} in the messages, {max_tokens} in the completion). Please reduce the length of the"
+        " messages or completion."
+    )
+    return json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+    ).encode()
 
 
 class ChatRoutes(BaseHandler):
@@ -37,7 +57,29 @@ class ChatRoutes(BaseHandler):
         if method == "POST" and self.path == "/extras/tokenize/count" and self.sim.config.tokenizer:
             self.tokenize_count(body)
             return True
+        if method == "GET" and self.path == "/v1/models":
+            self.models()
+            return True
+        if method == "GET" and self.path == "/props" and self.sim.config.report_window == "llama.cpp":
+            self.sim.record({"path": self.path, "t": time.time(), "status": 200})
+            self._send(
+                200, json.dumps({"default_generation_settings": {"n_ctx": self.sim.config.context_window}}).encode()
+            )
+            return True
         return super().route(method, body)
+
+    def models(self):
+        """llama-cpp-python's shape; vLLM adds `max_model_len`, OpenRouter `context_length`."""
+        c = self.sim.config
+        key = {"vllm": "max_model_len", "openrouter": "context_length"}.get(c.report_window or "")
+        self._take_model()  # llama-cpp-python: listing the models takes the model like a completion
+        self.sim.record({"path": self.path, "t": time.time(), "status": 200})
+        data = [
+            {"id": m, "object": "model", "owned_by": "me", "permissions": []}
+            | ({key: c.context_window} if key and c.context_window else {})
+            for m in c.models
+        ]
+        self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
     # -- chat ------------------------------------------------------------
     def chat(self, body: dict | None):
@@ -83,9 +125,13 @@ class ChatRoutes(BaseHandler):
         entry["fault"] = fault
         self.sim.record(entry)
         turn = self._take_model()
-        usage = {"prompt_tokens": prompt_tokens(body["messages"])}
-        if c.context_window is not None and usage["prompt_tokens"] > c.context_window and body.get("stream"):
-            self._stream(body, [], usage, "over_context", turn)
+        usage = {"prompt_tokens": prompt_tokens(body["messages"], c)}
+        if c.context_window is not None and usage["prompt_tokens"] >= c.context_window:
+            if body.get("stream"):
+                self._stream(body, [], usage, "over_context", turn)
+            else:
+                entry["status"] = 400
+                self._send(400, over_context_body(usage["prompt_tokens"], c.context_window, body.get("max_tokens")))
             return
         words = self._answer_words(body)
         usage["completion_tokens"] = len(words)

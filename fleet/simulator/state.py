@@ -34,6 +34,14 @@ class SimConfig:
     send_usage: bool = True  # False: the usage chunk never comes, whatever stream_options says (llama.cpp)
     tokenizer: bool = False  # POST /extras/tokenize/count, as llama.cpp's Python server has
     context_window: int | None = None  # a longer prompt: 200 and a stream with no token nor finish_reason
+    # (streamed), 400 naming the window (not streamed), as llama-cpp-python answers
+    report_window: str | None = None  # where the window is reported: "vllm" (max_model_len in /v1/models),
+    # "openrouter" (context_length there), "llama.cpp" (/props); None: nowhere, as llama-cpp-python
+    models: list = field(default_factory=list)  # the ids GET /v1/models lists
+    # The chat template's tokens in the usage, per message and once (the reply's opening, and a system prompt
+    # the template adds by itself). SmolLM2's ChatML on llama-cpp-python has 5 and 25 ("hello there" counts 32).
+    template_tokens_per_message: int = 4
+    template_tokens: int = 3
     interrupt_streams: bool = False  # a new request ends a running stream with [DONE], no finish_reason
     # embeddings
     error_style: str = "openai"  # "infinity": 422 with a pydantic `detail` list for oversized inputs/batches

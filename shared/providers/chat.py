@@ -10,11 +10,16 @@ Each carries the text received so far, so the caller can store a partial answer.
 
 Opening the stream (up to the response headers) is retried CHAT_PROVIDER_MAX_RETRIES times within the
 job; every provider fault is reported to the health state (shared/health.py).
+
+What a server says of a model: `reported_window` reads the context window where servers report it, and
+`ChatClient.measure` asks the server's own count of a prompt (a non-streamed call, one token of answer),
+which over the window is a 400 naming the window (`context_limit` reads it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,10 +27,11 @@ import httpx
 import structlog
 
 from fleet.shared.config import Settings, get_settings
-from fleet.shared.errors import TransientError
+from fleet.shared.errors import ProviderError, TransientError
 from fleet.shared.health import check_available, note_failure, note_success
 from fleet.shared.metrics import metrics
 from fleet.shared.providers.http import bearer, call_with_retries, http_client, raise_for_provider
+from fleet.shared.redact import redact
 
 PROVIDER = "chat"
 log = structlog.get_logger(__name__)
@@ -49,6 +55,88 @@ class Finished:
     text: str
     finish_reason: str | None
     usage: dict | None = None  # None when the provider sent no usage chunk
+
+
+@dataclass
+class PromptMeasure:
+    """The server's count of a prompt (its usage, or the count its refusal names) and, when it refused the
+    prompt as too long, the context window it named."""
+
+    prompt_tokens: int | None
+    window: int | None = None
+
+
+# How servers word a refusal over the context window: OpenAI, vLLM and llama-cpp-python ("This model's maximum
+# context length is 2048 tokens. However, you requested 2132 tokens (2131 in the messages, 1 in the
+# completion)"; newer vLLM "... your request has 2131 input tokens"), llama.cpp's server ("request (2131 tokens)
+# exceeds the available context size (2048 tokens)", with n_ctx and n_prompt_tokens beside it).
+_WINDOW = (re.compile(r"maximum context length is (\d+)"), re.compile(r"context size \((\d+) tokens\)"))
+_PROMPT = (
+    re.compile(r"\((\d+) in the messages"),
+    re.compile(r"request has (\d+) input tokens"),
+    re.compile(r"request \((\d+) tokens\)"),
+)
+
+
+def context_limit(error: BaseException | str) -> PromptMeasure | None:
+    """The window (and the prompt's size) a refusal over the context window names; None for any other error."""
+    if not isinstance(error, str) and not (isinstance(error, ProviderError) and error.status == 400):
+        return None
+    text = str(error)
+    window = next((int(m.group(1)) for p in _WINDOW if (m := p.search(text))), None)
+    if window is None:
+        return None
+    return PromptMeasure(next((int(m.group(1)) for p in _PROMPT if (m := p.search(text))), None), window)
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def window_in_models(body, model: str) -> int | None:
+    """A model's window in a `/v1/models` answer: vLLM's `max_model_len`, OpenRouter's `context_length`."""
+    entries = body.get("data") if isinstance(body, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model:
+            return _positive_int(entry.get("max_model_len")) or _positive_int(entry.get("context_length"))
+    return None
+
+
+def window_in_props(body) -> int | None:
+    """llama.cpp's `/props`: `default_generation_settings.n_ctx` (or a top-level `n_ctx` in older builds)."""
+    if not isinstance(body, dict):
+        return None
+    settings = body.get("default_generation_settings")
+    return (_positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None) or _positive_int(
+        body.get("n_ctx")
+    )
+
+
+def reported_window(settings: Settings, model: str) -> tuple[int | None, bool]:
+    """The model's context window as the server reports it, and whether the server answered at all (False: it
+    could not be asked, so ask again later). llama-cpp-python reports it nowhere: (None, True)."""
+    base = settings.chat_api_base.rstrip("/")
+    client = http_client(base, timeout_s=settings.health_probe_timeout_s)
+    headers = bearer(settings.chat_key)
+    answered = False
+    for url in (f"{base}/models", f"{base.removesuffix('/v1')}/props"):
+        try:
+            response = client.get(url, headers=headers)
+        except httpx.HTTPError as e:
+            log.info("chat.model_facts_unreachable", url=url, error=type(e).__name__)
+            continue
+        answered = answered or response.status_code < 500
+        if response.status_code != 200:
+            continue
+        try:
+            body = response.json()
+        except ValueError:
+            log.info("chat.model_facts_not_json", url=url)
+            continue
+        window = window_in_models(body, model) if url.endswith("/models") else window_in_props(body)
+        if window is not None:
+            return window, True
+    return None, answered
 
 
 class ChatClient:
@@ -83,6 +171,42 @@ class ChatClient:
             yield from self._events(response)
         finally:
             response.close()
+
+    def measure(self, messages: list[dict], model: str) -> PromptMeasure | None:
+        """The server's own count of this prompt: a non-streamed call with one token of answer, whose usage
+        counts the prompt, or whose 400 over the window names the window. None when the server tells neither
+        (logged); a failure to reach it is raised, as for any call."""
+        body = {"model": model, "messages": messages, "max_tokens": 1, "stream": False}
+
+        def attempt() -> httpx.Response:
+            # Not timed_post: llama-cpp-python answers 400 with an empty body to an X-Request-Id not a UUID.
+            try:
+                response = self.client.post("/chat/completions", json=body, headers=bearer(self.settings.chat_key))
+            except httpx.TransportError:
+                metrics().provider_requests.labels(PROVIDER, "error").inc()
+                raise
+            metrics().provider_requests.labels(PROVIDER, str(response.status_code)).inc()
+            return response
+
+        # A server that just broke a stream may reset the pooled connection the next call takes: retried.
+        response = call_with_retries(attempt, provider=PROVIDER, max_retries=self.settings.chat_provider_max_retries)
+        if response.status_code == 400:
+            try:
+                raise_for_provider(PROVIDER, response)
+            except ProviderError as e:
+                if (limit := context_limit(e)) is not None:
+                    return limit
+                log.info("chat.measure_refused", model=model, error=redact(str(e))[:300])
+                return None
+        try:
+            raise_for_provider(PROVIDER, response)
+            prompt = _positive_int(response.json()["usage"]["prompt_tokens"])
+        except (ValueError, KeyError, TypeError):
+            prompt = None
+        if prompt is None:
+            log.info("chat.measure_without_usage", model=model)
+            return None
+        return PromptMeasure(prompt)
 
     def _open(self, body: dict) -> httpx.Response:
         """The response, once its status says the stream begins; failures before that are retried here."""

@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import structlog
 from psycopg.rows import dict_row
 
 from fleet.shared import events
@@ -17,9 +18,21 @@ from fleet.shared.metrics import metrics
 from fleet.shared.providers.chat import ChatClient, Delta, Finished, StreamBroken
 from fleet.shared.providers.embeddings import estimate_tokens
 from fleet.shared.redact import redact
-from fleet.workers.chat.tokens import check_fits, empty_answer_error, history_budget, message_tokens, usage_of
+from fleet.workers.chat.facts import ask_window
+from fleet.workers.chat.tokens import (
+    ContextWindowExceeded,
+    check_fits,
+    history_budget,
+    message_tokens,
+    over_window,
+    prompt_estimate,
+    usage_of,
+)
+
+log = structlog.get_logger(__name__)
 
 PERSIST_EVERY_S = 0.25
+REFITS = 3  # how often a prompt refused as over the model's window is fitted again before the job gives up
 
 
 class SessionOwnedByAnother(PermanentError):
@@ -50,7 +63,7 @@ def ensure_session(conn, session_id: str, user_id: str | None) -> None:
         raise SessionOwnedByAnother(f"session {session_id!r} belongs to another user")
 
 
-def history(conn, session_id: str, before_id: int, budget_tokens: int, settings: Settings) -> list[dict]:
+def history(conn, session_id: str, before_id: int, budget_tokens: int, settings: Settings, model: str) -> list[dict]:
     """The newest messages of the session that fit the budget (template overhead included), oldest first."""
     rows = conn.execute(
         "select role, content from messages where session_id = %s and id < %s and status in ('complete', 'partial')"
@@ -59,7 +72,7 @@ def history(conn, session_id: str, before_id: int, budget_tokens: int, settings:
     ).fetchall()
     kept, used = [], 0
     for role, content in rows:
-        used += message_tokens(settings, content)
+        used += message_tokens(settings, model, content)
         if used > budget_tokens:
             break
         kept.append({"role": role, "content": content})
@@ -121,9 +134,12 @@ def publish_failure(publisher: FramePublisher, error: BaseException, *, last_att
         publisher.publish("error", error_class=type(error).__name__, message=redact(describe(error)), status="error")
 
 
-def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> tuple[str | None, list[dict]]:
+def prepare(
+    req: ChatRequest, publisher: FramePublisher, settings: Settings, *, scale: float = 1.0
+) -> tuple[str | None, list[dict]]:
     """In one short transaction (none is held while the provider answers): the replayed status of a stored
-    answer, or None and the conversation to send, the stored history fitted into the model's window."""
+    answer, or None and the conversation to send, the stored history fitted into the model's window (`scale`:
+    server tokens per estimated token, once a refusal told)."""
     with get_pool().connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         ensure_session(conn, req.session_id, req.user_id)
         prior = cur.execute(
@@ -151,12 +167,14 @@ def prepare(req: ChatRequest, publisher: FramePublisher, settings: Settings) -> 
                 ).fetchone()
             )
             # The history's budget leaves room in the model's context window for the new message and the answer.
-            budget = history_budget(settings, req.model, req.max_tokens) - message_tokens(settings, req.content)
+            budget = history_budget(settings, req.model, req.max_tokens, scale=scale) - message_tokens(
+                settings, req.model, req.content
+            )
             context = req.messages or (
-                history(conn, req.session_id, user_row["id"], budget, settings)
+                history(conn, req.session_id, user_row["id"], budget, settings, req.model)
                 + [{"role": "user", "content": req.content}]
             )
-            check_fits(settings, req.model, req.max_tokens, context)
+            check_fits(settings, req.model, req.max_tokens, context, scale=scale)
     # Frames go out after the commit: publishing takes a connection of its own, and holding this one (and
     # its transaction) meanwhile let busy threads exhaust the pool waiting for their second connection.
     if prior is not None:
@@ -169,12 +187,42 @@ def run_chat(
     req: ChatRequest, client: ChatClient, publisher: FramePublisher, settings: Settings, *, rate_limit=None
 ) -> str:
     """Returns the final status. Raises before the first delta (so the job is retried or dead-lettered);
-    after it, never: a broken stream ends `partial` with an `error` frame."""
+    after it, never: a broken stream ends `partial` with an `error` frame. A prompt the server refuses as over
+    the model's window (or answers with nothing, llama.cpp's way) is fitted into the window it names and sent
+    again at once."""
+    ask_window(settings, req.model)  # before this job's stream (on llama-cpp-python any request cuts one)
     replayed, context = prepare(req, publisher, settings)
     if replayed is not None:
         return replayed
     if not req.ready_sent:  # one `ready` per job, however often it is deferred or retried
         publisher.publish("ready", model=req.model, session_id=req.session_id)
+    scale = 1.0
+    for _ in range(REFITS):
+        try:
+            return _stream_answer(req, client, context, publisher, settings, rate_limit)
+        except Exception as e:
+            limit = over_window(settings, req.model, context, e)
+            if limit is None:
+                raise  # before the first delta: retried (transient) or dead-lettered (permanent)
+            size = f" ({limit.prompt_tokens} tokens)" if limit.prompt_tokens else ""
+            refused = ContextWindowExceeded(
+                f"the server refused the prompt{size}: it does not fit the context window of {req.model}"
+                f" ({limit.window} tokens)"
+            )
+            if req.messages is not None or len(context) == 1:
+                raise refused from e  # nothing to leave out
+            if limit.prompt_tokens:  # how far the estimate fell short of the server's count
+                scale = max(scale, limit.prompt_tokens / prompt_estimate(settings, req.model, context))
+            _, refitted = prepare(req, publisher, settings, scale=scale)
+            if len(refitted) >= len(context):
+                raise refused from e
+            log.info("chat.refitted", model=req.model, window=limit.window, messages=len(refitted), was=len(context))
+            context = refitted
+    raise ContextWindowExceeded(f"the prompt still did not fit the context window of {req.model} after {REFITS} tries")
+
+
+def _stream_answer(req: ChatRequest, client: ChatClient, context, publisher, settings, rate_limit) -> str:
+    """One request to the provider. Raises only before the first delta."""
     keepalive = Keepalive(publisher, settings.chat_keepalive_s)
     keepalive.start()
     started = time.monotonic()
@@ -208,12 +256,8 @@ def run_chat(
         raise StreamBroken("the stream ended without an answer")
     except Exception as e:
         keepalive.stop()
-        if answer_id is None and isinstance(e, StreamBroken) and not e.text:
-            cause = empty_answer_error(settings, req.model, context, e)
-            if cause is not e:
-                raise cause from e
         if answer_id is None:
-            raise  # before the first delta: retried (transient) or dead-lettered (permanent)
+            raise
         return _end_partial(req, answer_id, "".join(parts), e, context, publisher, started, first_delta_at, settings)
     finally:
         keepalive.stop()
