@@ -16,6 +16,13 @@ def _redact_processor(_logger, _name, event_dict):
     return redact_value(event_dict)
 
 
+def _pool_discards(record: logging.LogRecord) -> bool:
+    """psycopg_pool warns once per connection it finds closed or broken and discards; the fleet's reconnect
+    rule (fleet.shared.reconnect) already logs the lost connection once per episode, with its SQLSTATE, and
+    counts it. Its other warnings (a failed connect, a rollback) pass."""
+    return not record.getMessage().startswith(("discarding closed connection", "discarding broken connection"))
+
+
 def configure_logging(level: str = "INFO") -> None:
     global _configured
     if _configured:
@@ -57,3 +64,4 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("psycopg.pool").addFilter(_pool_discards)

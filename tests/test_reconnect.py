@@ -298,3 +298,22 @@ def test_short_backend_kill_soak_loses_nothing(tmp_path):
     assert report["lost_count"] == 0 and report["jobs_started"] == report["jobs_sent"] > 0
     assert sum(report["kill"]["backends_killed"].values()) >= 8
     assert report["worker_log"]["connection_lost"] >= 1 and report["worker_log"]["consumer_restarts"] == 0
+
+
+def test_the_pools_own_warning_per_discarded_connection_gives_way_to_the_reconnect_rule():
+    """One warning per episode: psycopg_pool's warning for each closed connection it discards is dropped (the
+    reconnect rule has logged the episode), its other warnings are kept."""
+    import logging
+
+    from fleet.shared.logs import configure_logging
+
+    configure_logging("INFO")
+    pool_logger = logging.getLogger("psycopg.pool")
+
+    def passes(message: str, *args) -> bool:
+        record = pool_logger.makeRecord("psycopg.pool", logging.WARNING, __file__, 1, message, args, None)
+        return all(f(record) if callable(f) else f.filter(record) for f in pool_logger.filters)
+
+    assert not passes("discarding closed connection: %s", "<psycopg.Connection [BAD]>")
+    assert not passes("discarding broken connection: %s", "<psycopg.Connection [BAD]>")
+    assert passes("error connecting in %r: %s", "fleet", "connection refused")
