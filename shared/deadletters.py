@@ -39,6 +39,26 @@ def _stored_message(message: dict | None) -> tuple[Jsonb | None, str | None]:
         return None, storable_text(redact(json.dumps(message, default=str)[:10_000]))
 
 
+def record_refused_input(message, payload: dict, part: str, reason: str) -> int:
+    """One input of a job that the provider refuses even alone (the rest of the job is stored): a dead letter
+    of its own, as a job of the same actor with `payload` (that input only), to retry once fixed. `part` names
+    the input in the letter's id and reason."""
+    letter = message.asdict() | {"args": [payload], "message_id": f"{message.message_id}/{part}"}
+    return record_dead_letter(
+        DeadLetter(
+            queue=message.queue_name,
+            actor=message.actor_name,
+            message_id=letter["message_id"],
+            message=letter,
+            reason=f"permanent error: InputTooLarge: {part}: {reason}",
+            error_class="InputTooLarge",
+            error=reason,
+            attempts=message.options.get("retries", 0) + 1,
+            trace_id=message.options.get("trace_id"),
+        )
+    )
+
+
 def record_dead_letter(dl: DeadLetter) -> int:
     reason, error = storable_text(redact(dl.reason)), storable_text(redact(dl.error or ""))
     message, raw = _stored_message(dl.message)

@@ -297,7 +297,7 @@ def test_cli_runs_the_lifecycle_job_and_reembeds_through_the_workers(services, s
                 db.execute("select embedding_model from memories where id = %s", (needs_vector,)).fetchone()[0]
                 == "BAAI/bge-m3"
             ),
-            30,
+            60,
             what="the memory's embedding",
         )
         # The worker's connections are all new here: the vector must be written on the first attempt.
@@ -348,3 +348,58 @@ def test_dry_run_takes_no_row_locks_so_a_real_run_meanwhile_skips_nothing(db, pr
     assert real.counts == {"expire": len(expiring)}
     assert all(status(db, m) == "expired" for m in expiring)
     assert dry["result"].counts["evict"] >= 1  # the dry run itself ran evict on its copy
+
+
+def test_a_memory_the_provider_refuses_is_dead_lettered_alone_and_the_rest_embedded(
+    services, sim, db, project, tmp_path
+):
+    """embed_memories halves a batch down to the memory the provider refuses even alone (as embed jobs do):
+    every other memory gets its vector, the refused one goes to the dead letters by itself, replayable."""
+    import httpx
+
+    from fleet.shared.deadletters import get_dead_letter, payload_of
+
+    from .conftest import make_client, worker_env
+    from .embedding_support import embed_env, reset_sim
+    from .helpers import WorkerGroup, wait_for
+
+    reset_sim(sim)
+    httpx.post(f"{sim.url}/_sim/config", json={"error_style": "infinity", "max_input_chars": 1000})
+    fine = [add(db, project, text=f"the release checklist, step {i}") for i in range(7)]
+    refused = add(db, project, text="x" * 1001)
+    trace = str(uuid.uuid4())
+    group = WorkerGroup(worker_env(services, "pgmq", **embed_env(sim)), threads=2, log_dir=tmp_path).start()
+    client = make_client("pgmq")
+    try:
+        client.enqueue("embed_memories", {"ids": [*fine[:3], refused, *fine[3:]]}, trace_id=trace)
+
+        def finished():
+            return db.execute(
+                "select 1 from bus_events where trace_id = %s and type in ('job.succeeded', 'job.dead')", (trace,)
+            ).fetchone()
+
+        wait_for(finished, 120, what="the embed_memories job to end")
+        models = dict(
+            db.execute(
+                "select id::text, embedding_model from memories where id = any(%s::uuid[])", ([*fine, refused],)
+            ).fetchall()
+        )
+        assert {m: models[m] for m in fine} == {m: "BAAI/bge-m3" for m in fine}
+        assert models[refused] is None
+        assert (
+            db.execute(
+                "select type from bus_events where trace_id = %s and type like 'job.%%' order by id desc limit 1",
+                (trace,),
+            ).fetchone()[0]
+            == "job.succeeded"
+        )
+        ((letter_id, reason),) = db.execute(
+            "select id, reason from dead_letters where trace_id = %s", (trace,)
+        ).fetchall()
+        assert reason.startswith(f"permanent error: InputTooLarge: memory:{refused}:") and "xxxxxxxxxx" not in reason
+        queue, actor, payload = payload_of(get_dead_letter(letter_id))
+        assert (actor, payload) == ("embed_memories", {"ids": [refused]})  # a retry embeds that memory alone
+    finally:
+        reset_sim(sim)
+        client.broker.close()
+        assert group.terminate() == 0

@@ -7,7 +7,7 @@ from dramatiq.middleware import CurrentMessage
 from fleet import job
 from fleet.shared.config import get_settings
 from fleet.shared.db import get_pool
-from fleet.shared.deadletters import DeadLetter, record_dead_letter
+from fleet.shared.deadletters import record_refused_input
 from fleet.shared.errors import PermanentError
 from fleet.shared.jobs import EmbedJob
 from fleet.shared.middleware.events import job_fields
@@ -70,20 +70,4 @@ def dead_letter_input(message, job: EmbedJob, doc: Doc, reason: str, model: str,
             "table": table,
             "model": model,
         }
-    letter = message.asdict() | {
-        "args": [payload],
-        "message_id": f"{message.message_id}/{doc.source_id}#{doc.chunk_index}",
-    }
-    record_dead_letter(
-        DeadLetter(
-            queue=message.queue_name,
-            actor=message.actor_name,
-            message_id=letter["message_id"],
-            message=letter,
-            reason=f"permanent error: InputTooLarge: {doc.source_id}#{doc.chunk_index}: {reason}",
-            error_class="InputTooLarge",
-            error=reason,
-            attempts=message.options.get("retries", 0) + 1,
-            trace_id=message.options.get("trace_id"),
-        )
-    )
+    record_refused_input(message, payload, f"{doc.source_id}#{doc.chunk_index}", reason)
