@@ -51,6 +51,14 @@ def list_templates(name: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["name"], Version(r["version"])))
 
 
+def is_published(conn: psycopg.Connection[Any], name: str, version: str) -> bool:
+    """On the caller's connection (inside its transaction)."""
+    return (
+        conn.execute("select 1 from agent_templates where name = %s and version = %s", (name, version)).fetchone()
+        is not None
+    )
+
+
 def get(name: str, version: str) -> dict[str, Any]:
     with get_pool().connection() as conn:
         row = conn.execute(

@@ -23,7 +23,7 @@ from fleet.shared.redact import redact
 from fleet.workers.agents.agentfile import parse_agent_file
 from fleet.workers.agents.agentview import changes, patch_body
 from fleet.workers.agents.creation import billing_endpoint
-from fleet.workers.agents.templates import get
+from fleet.workers.agents.templates import get, is_published
 
 FINAL = ("succeeded", "failed", "skipped", "cancelled")
 
@@ -85,9 +85,7 @@ def start_run(
                     ).fetchone()
                 )[0]
             )
-        if not conn.execute(
-            "select 1 from agent_templates where name = %s and version = %s", (template, version)
-        ).fetchone():
+        if not is_published(conn, template, version):
             raise PermanentError(f"template {template}@{version} is not published")
         row = conn.execute(
             "insert into upgrade_runs (id, template_name, to_version, dry_run, cohort,"
