@@ -128,7 +128,7 @@ class FrameListener:
                     return
             if quiet and (stored := stored_answer(self.job_id) or dead_frame(self.job_id)) is not None:
                 # it ended while we were not listening: the stored answer (only its end if we heard the rest)
-                yield from stored[-1:] if heard else stored
+                yield from to_send(stored, has_the_rest=heard)
                 return
         yield {"type": "error", "error_class": "ListenerTimeout", "message": f"no answer within {timeout:.0f}s"}
 
@@ -159,6 +159,13 @@ class FrameListener:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def to_send(stored: list[dict], *, has_the_rest: bool) -> list[dict]:
+    """A stored answer's frames as a listener needs them: only the final frame when it already has the rest
+    (it heard live frames, or it resumes after some), else all of them. The SDK and the gateway both follow
+    this rule."""
+    return stored[-1:] if has_the_rest else stored
 
 
 def stored_message(job_id: str, *, final_only: bool = False) -> dict | None:

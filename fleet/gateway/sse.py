@@ -17,6 +17,7 @@ import structlog
 
 from fleet.gateway.hub import Hub
 from fleet.gateway.metrics import gateway_metrics
+from fleet.shared.frames import to_send
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,7 @@ async def job_stream(
             and ended is not None
             and (stored := await ended(job_id, at_once=True)) is not None
         ):
-            yield b"".join(map(encode, numbered(stored[-1:] if last_seq is not None else stored, sent)))
+            yield b"".join(map(encode, numbered(to_send(stored, has_the_rest=last_seq is not None), sent)))
             return  # after a resume only the final frame
         heard = bool(backlog)
         for frame in _after(backlog, last_seq):
@@ -83,7 +84,7 @@ async def job_stream(
             except (TimeoutError, asyncio.QueueEmpty):
                 if stored is not None:
                     yield b"".join(
-                        map(encode, numbered(stored[-1:] if heard or last_seq is not None else stored, sent))
+                        map(encode, numbered(to_send(stored, has_the_rest=heard or last_seq is not None), sent))
                     )
                     return
                 if time.monotonic() > deadline:
