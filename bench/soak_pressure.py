@@ -10,7 +10,7 @@ records when it started (the reconnect soak's job type, bench.reconnect_jobs). P
    runs VACUUM).
 
     python -m bench.soak_pressure [--rate 100] [--threads 8] [--warmup 180] [--hold 600] [--recovery 300]
-                                  [--interval 10] [--json FILE]
+                                  [--interval 10] [--naptime S] [--json FILE]
 
 Every interval it records the jobs started per second, the pickup latency (send to start) p50/p99 of the jobs
 started in the interval, the queue's depth, the age of the oldest transaction's xmin, and for every table the
@@ -101,7 +101,15 @@ class Sampler(threading.Thread):
         return {"t": t, "depth": depth, "xmin_age": xmin_age, "xid_age": xid_age, "tables": tables}
 
 
-def run(rate: float, threads: int, warmup_s: float, hold_s: float, recovery_s: float, interval: float) -> dict:
+def run(
+    rate: float,
+    threads: int,
+    warmup_s: float,
+    hold_s: float,
+    recovery_s: float,
+    interval: float,
+    naptime_s: float | None = None,
+) -> dict:
     home = Path(tempfile.mkdtemp(prefix="fleet-soak-pressure-"))
     saved_env = dict(os.environ)
     os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": "pgmq"})
@@ -122,6 +130,10 @@ def run(rate: float, threads: int, warmup_s: float, hold_s: float, recovery_s: f
         reset_settings()
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn)
+            if naptime_s is not None:  # a cluster-wide setting: how often autovacuum visits each database
+                conn.execute(f"alter system set autovacuum_naptime = '{naptime_s:g}s'")
+                conn.execute("select pg_reload_conf()")
+                time.sleep(0.5)
             settings = dict(conn.execute(SETTINGS).fetchall())
         logs = home / "logs"
         logs.mkdir()
@@ -136,6 +148,7 @@ def run(rate: float, threads: int, warmup_s: float, hold_s: float, recovery_s: f
         producer, sampler = Producer(dsn, rate), Sampler(dsn, interval)
         sampler.start()
         marks = timeline(dsn, producer, warmup_s, hold_s, recovery_s)
+        marks["producer_alive"] = producer.is_alive()
         producer.stopping.set()
         producer.join()
         sampler.stopping.set()
@@ -331,6 +344,7 @@ def report(
         "phases": {k: phase_summary(first, timeline_rows, lo, hi, k) for k, (lo, hi) in phases.items()},
         "xmin_age_at_hold_end": end_hold["xmin_age"] if end_hold else None,
         "tables": tables_summary(samples, marks) if samples else {},
+        "producer_alive": marks["producer_alive"],
         "producer_errors": dict(producer.errors),
         "worker_log": {"consumer_restarts": logs.count("Restarting consumer"), "critical": logs.count('"critical"')},
         "timeline": [{k: v for k, v in row.items() if k != "sample"} | brief(row["sample"]) for row in timeline_rows],
@@ -359,6 +373,8 @@ def problems(r: dict) -> list[str]:
     found = []
     if r["lost_count"]:
         found.append(f"{r['lost_count']} job(s) sent never started: {r['lost']}")
+    if not r["producer_alive"]:
+        found.append("the producer thread died before the end")
     hold = r["phases"]["hold"]
     if hold["jobs_sent"] and hold["jobs_started"] < THROUGHPUT_FLOOR * hold["jobs_sent"]:
         found.append(
@@ -428,10 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold", type=float, default=600, help="seconds the transaction stays open")
     p.add_argument("--recovery", type=float, default=300, help="seconds of load after it commits")
     p.add_argument("--interval", type=float, default=10, help="seconds per row of the timeline")
+    p.add_argument("--naptime", type=float, help="autovacuum_naptime in seconds (default: PostgreSQL's, 60)")
     p.add_argument("--json", type=Path, help="also write the report to this file")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the workers and PostgreSQL stop by PID
-    r = run(args.rate, args.threads, args.warmup, args.hold, args.recovery, args.interval)
+    r = run(args.rate, args.threads, args.warmup, args.hold, args.recovery, args.interval, args.naptime)
     print_timeline(r)
     print_summary(r)
     if args.json:
