@@ -277,7 +277,7 @@ def written_tables(samples: list[dict]) -> list[str]:
 
 def tables_summary(samples: list[dict], marks: dict) -> dict:
     """Per table: at the start of the hold, its end, the end of the recovery, and the largest; when the
-    first autovacuum after the commit ran, and how much the table grew after it. "Normal" is the warm-up's
+    first autovacuum after the commit ran, and how its size changed from then to the end. "Normal" is the warm-up's
     steady state: its dead rows at most the most the warm-up had (autovacuum visits once a minute), after the
     commit."""
     out = {}
@@ -303,7 +303,7 @@ def tables_summary(samples: list[dict], marks: dict) -> dict:
             "after_that_autovacuum": table_at(cleaned, name),
             "warmup_dead_max": normal_dead,
             "dead_back_to_warmup_s": round(normal["t"] - marks["hold_end"], 1) if normal else None,
-            "grew_after_that_autovacuum_mb": (
+            "change_after_that_autovacuum_mb": (
                 round((get(samples[-1], "total_bytes") - get(cleaned, "total_bytes")) / 2**20, 2) if cleaned else None
             ),
         }
@@ -425,7 +425,7 @@ def print_summary(r: dict) -> None:
         print(
             f"{name}: first autovacuum {t['first_autovacuum_after_commit_s']} s after the commit; dead rows back"
             f" to the warm-up's at most {t['warmup_dead_max']} {t['dead_back_to_warmup_s']} s after it;"
-            f" grew {t['grew_after_that_autovacuum_mb']} MB after that autovacuum"
+            f" size changed by {t['change_after_that_autovacuum_mb']} MB from that autovacuum to the end"
         )
         for when in ("hold_start", "hold_end", "peak", "after_that_autovacuum", "recovery_end"):
             v = t[when]
