@@ -363,6 +363,7 @@ def brief(sample: dict | None) -> dict:
         "depth": sample["depth"],
         "xmin_age": sample["xmin_age"],
         "queue_mb": round(q.get("total_bytes", 0) / 2**20, 2),
+        "queue_heap_mb": round(q.get("heap_bytes", 0) / 2**20, 2),
         "queue_dead": q.get("dead"),
         "queue_autovacuums": q.get("autovacuums"),
         "bus_events_mb": round(ev.get("total_bytes", 0) / 2**20, 2),
