@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-under-load conformance bench soak soak-reconnect system-deps services-down clean
+.PHONY: demo test test-under-load conformance bench soak soak-reconnect soak-pressure system-deps services-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,15 +55,24 @@ bench: $(BENCH_STAMP) system-deps
 
 # The full chaos soak (10,000 jobs per broker, SIGKILLs, PostgreSQL and Redis restarts), then the
 # provider fault storm; each run stops by itself (--time-limit). A short version runs in `make test`.
+# Then the reconnect soak and the pressure soak (about 18 minutes).
 soak: $(STAMP) system-deps
 	@$(PY) -m bench.soak --broker both --jobs 10000 --time-limit 1200
 	@$(PY) -m bench.soak --broker both --jobs 10000 --faults --no-chaos --time-limit 1200
 	@$(MAKE) --no-print-directory soak-reconnect
+	@$(MAKE) --no-print-directory soak-pressure
 
 # Pickup latency at 100 jobs/s (pgmq, 8 threads) while PostgreSQL terminates the worker's backends twice a
 # second for 30 s, and through a PostgreSQL restart; fails on a lost job. A short version runs in `make test`.
 soak-reconnect: $(STAMP)
 	@$(PY) -m bench.soak_reconnect
+
+# Throughput, pickup latency and the queue tables' size and dead rows every 10 s at 100 jobs/s (pgmq, 8 threads):
+# 180 s of load, then a transaction held open for 600 s (vacuum can remove nothing), then 300 s after it commits.
+# Fails on a lost job or a collapse of throughput. `make soak-pressure PRESSURE_HOLD=60` for a short run.
+PRESSURE_HOLD ?= 600
+soak-pressure: $(STAMP)
+	@$(PY) -m bench.soak_pressure --hold $(PRESSURE_HOLD)
 
 services-down: $(STAMP)
 	@$(VENV)/bin/fleet services down

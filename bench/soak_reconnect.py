@@ -56,9 +56,9 @@ class Producer(threading.Thread):
         conn = None
         t0 = time.monotonic()
         while not self.stopping.is_set():
-            due = t0 + self.sent / self.rate
-            if due > time.monotonic():
-                time.sleep(due - time.monotonic())
+            wait = t0 + self.sent / self.rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             try:
                 if conn is None:
                     conn = psycopg.connect(
