@@ -17,18 +17,15 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.isolation import isolated_home
 from bench.soak_checks import SECRET_KEY, Outcome, soak_report
 
 # The provider fault storm (--faults): 30% 5xx, 10% 429 with Retry-After, 5% timeouts, 5% malformed bodies.
@@ -212,27 +209,6 @@ def wait_to_settle(work, chaos: Chaos, mix: Mix, broker: str, t0: float, deadlin
     return upgrade_started
 
 
-@contextmanager
-def isolated_home(broker: str) -> Iterator[Path]:
-    """A FLEET_HOME of its own and no inherited database, Redis, metrics directory or signing key; the
-    environment and settings as they were afterwards."""
-    home = Path(tempfile.mkdtemp(prefix=f"fleet-soak-{broker}-"))
-    saved_env = dict(os.environ)
-    os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": broker})
-    for var in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "FLEET_SIGNING_KEY"):
-        os.environ.pop(var, None)
-    from fleet.shared.config import reset_settings
-
-    reset_settings()
-    try:
-        yield home
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        reset_settings()
-        shutil.rmtree(home, ignore_errors=True)
-
-
 def soak(
     broker: str,
     jobs: int,
@@ -244,7 +220,7 @@ def soak(
     chaos_on: bool = True,
     min_stops: int = 0,
 ) -> dict:
-    with isolated_home(broker) as home:
+    with isolated_home(broker, "soak") as home:
         return _soak(home, broker, jobs, faults, time_limit_s, kill_every_s, seed, chaos_on, min_stops)
 
 

@@ -27,16 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 
+from bench.isolation import isolated_home
 from bench.reconnect_jobs import QUEUE
 from bench.soak_reconnect import Producer, percentiles, started
 
@@ -110,15 +109,31 @@ def run(
     interval: float,
     naptime_s: float | None = None,
 ) -> dict:
-    home = Path(tempfile.mkdtemp(prefix="fleet-soak-pressure-"))
-    saved_env = dict(os.environ)
-    os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": "pgmq"})
-    for var in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "FLEET_SIGNING_KEY"):
-        os.environ.pop(var, None)
-    from fleet.shared.config import reset_settings
+    with isolated_home("pgmq", "soak-pressure") as home:
+        return _run(
+            home,
+            rate=rate,
+            threads=threads,
+            warmup_s=warmup_s,
+            hold_s=hold_s,
+            recovery_s=recovery_s,
+            interval=interval,
+            naptime_s=naptime_s,
+        )
 
-    reset_settings()
+
+def _run(
+    home: Path,
+    rate: float,
+    threads: int,
+    warmup_s: float,
+    hold_s: float,
+    recovery_s: float,
+    interval: float,
+    naptime_s: float | None = None,
+) -> dict:
     from fleet.ops.processes import WorkerGroup, wait_for
+    from fleet.shared.config import reset_settings
     from fleet.shared.migrate import migrate
     from fleet.shared.services import EmbeddedPostgres
 
@@ -174,10 +189,6 @@ def run(
         if group is not None:
             group.terminate(30)
         pg.down()
-        os.environ.clear()
-        os.environ.update(saved_env)
-        reset_settings()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def timeline(dsn: str, producer: Producer, warmup_s: float, hold_s: float, recovery_s: float) -> dict[str, float]:

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench.isolation import isolated_home
 from bench.reconnect_jobs import QUEUE
 
 FLEET_APPS = ("fleet", "fleet-notifier")  # the application_name of every connection a worker process opens
@@ -161,15 +160,33 @@ def run(
     restart: bool,
     down_s: float,
 ) -> dict:
-    home = Path(tempfile.mkdtemp(prefix="fleet-soak-reconnect-"))
-    saved_env = dict(os.environ)
-    os.environ.update({"FLEET_HOME": str(home), "FLEET_BROKER": "pgmq"})
-    for var in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "FLEET_SIGNING_KEY"):
-        os.environ.pop(var, None)
-    from fleet.shared.config import reset_settings
+    with isolated_home("pgmq", "soak-reconnect") as home:
+        return _run(
+            home,
+            rate=rate,
+            threads=threads,
+            clean_s=clean_s,
+            kill_s=kill_s,
+            after_s=after_s,
+            kills_per_s=kills_per_s,
+            restart=restart,
+            down_s=down_s,
+        )
 
-    reset_settings()
+
+def _run(
+    home: Path,
+    rate: float,
+    threads: int,
+    clean_s: float,
+    kill_s: float,
+    after_s: float,
+    kills_per_s: float,
+    restart: bool,
+    down_s: float,
+) -> dict:
     from fleet.ops.processes import WorkerGroup, wait_for
+    from fleet.shared.config import reset_settings
     from fleet.shared.migrate import migrate
     from fleet.shared.services import EmbeddedPostgres
 
@@ -215,10 +232,6 @@ def run(
         if group is not None:
             group.terminate(30)
         pg.down()
-        os.environ.clear()
-        os.environ.update(saved_env)
-        reset_settings()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def timeline(
